@@ -1,0 +1,34 @@
+# Quick start (README): `make book` runs the whole book on the embedded default; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= default
+# The CPU wheel of torch that the set-up pins; GPU users install their own torch into the venv first.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: env book test test-slow bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[book,test]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+env: $(VENV)/.installed
+
+book: env
+	$(PY) -m c2srepro.book run --profile $(PROFILE)
+
+test: env
+	$(PY) -m pytest -q
+
+test-slow: env
+	$(PY) -m pytest -q -m slow
+
+bench: env
+	for f in bench/*.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf results _book
