@@ -2,8 +2,8 @@
 
 ``load_library(name_or_path)`` resolves its argument in this order:
 
-1. A path (an existing file, or a name ending in ``.gmt``) is read as GMT text: one set per line,
-   ``term<TAB>description<TAB>gene<TAB>gene...``.
+1. A path (a ``PathLike``, a name ending in ``.gmt``, or, after the names of steps 2-4, any
+   existing file) is read as GMT text: one set per line, ``term<TAB>description<TAB>gene...``.
 2. ``cellconsensus_L1`` / ``_L2`` / ``_L3`` / ``_full``: the weighted marker pickles shipped in
    the installed ``cellconsensus`` package ({cell type: {gene: weight}}), read through an
    unpickler that builds nothing but builtin containers, strings and numbers. A cell type's set
@@ -498,14 +498,14 @@ def load_library(
     if isinstance(name_or_path, os.PathLike) or str(name_or_path).lower().endswith(".gmt"):
         return read_gmt(name_or_path)
     name = str(name_or_path)
-    if Path(name).is_file():
-        return read_gmt(name)
     if name.startswith("cellconsensus_"):
         return load_cellconsensus(name.removeprefix("cellconsensus_"), top_n=top_n)
     if name == CELLMARKER_NAME:
         return load_cellmarker(min_size=min_size, max_size=max_size)
     if name in pyenrichr_libraries():
         return load_pyenrichr_library(name)
+    if Path(name).is_file():
+        return read_gmt(name)
     _check_enrichr_name(name)
     cached = _load_cached_enrichr(name)
     if cached is not None:

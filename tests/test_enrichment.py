@@ -1,0 +1,200 @@
+"""The vectorised over-representation engine against gseapy.enrich (its own loop over terms)."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import false_discovery_control
+
+from c2srepro.enrichment import (
+    GeneSetLibrary,
+    compare_enrichment,
+    enrich,
+    gseapy_enrich_many,
+    load_library,
+)
+from c2srepro.enrichment.ora import COLUMNS
+
+RTOL = 1e-9
+
+
+@pytest.fixture(scope="module")
+def kegg() -> GeneSetLibrary:
+    return load_library("KEGG_2021_Human")
+
+
+@pytest.fixture(scope="module")
+def markers() -> GeneSetLibrary:
+    return load_library("cellconsensus_L2", top_n=100)
+
+
+@pytest.fixture(scope="module")
+def go_subset() -> GeneSetLibrary:
+    # 250 random GO BP terms: gseapy loops over terms in Python, the full library costs ~1 s/query.
+    go = load_library("GO_Biological_Process_2023")
+    terms = random.Random(3).sample(go.terms, 250)
+    return GeneSetLibrary(
+        name="GO_BP_2023_subset", sets={t: go.sets[t] for t in terms}, source=go.source, version="subset", sha256=""
+    )
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> GeneSetLibrary:
+    rng = random.Random(11)
+    genes = [f"G{i:04d}" for i in range(3000)]
+    sets = {f"S{j:03d}": rng.sample(genes, rng.randint(3, 300)) for j in range(120)}
+    sets["BIG"] = genes[:400]  # a query equal to it drives p below the smallest double
+    return GeneSetLibrary(name="synthetic", sets=sets, source="test", version="test", sha256="")
+
+
+def _assert_matches_gseapy(ours: pd.DataFrame, gene_lists, libraries, background=None):
+    reference = gseapy_enrich_many(gene_lists, libraries, background=background)
+    cmp = compare_enrichment(ours, reference)
+    assert cmp.only_ours == [] and cmp.only_reference == [], "different terms reported"
+    assert cmp.n_ours == cmp.n_reference > 0
+    assert cmp.overlap_mismatches == 0 and cmp.genes_mismatches == 0
+    assert cmp.max_rel_diff["P-value"] <= RTOL
+    assert cmp.max_rel_diff["Adjusted P-value"] <= RTOL
+    # Odds ratio and combined score use gseapy's arithmetic; only float rounding may differ.
+    assert cmp.max_rel_diff["Odds Ratio"] <= 1e-14
+    assert cmp.max_rel_diff["Combined Score"] <= 1e-12
+    return reference
+
+
+def test_random_queries_match_gseapy(kegg, markers):
+    rng = random.Random(0)
+    pool = sorted(kegg.genes | markers.genes)
+    lists = {f"q{i}": rng.sample(pool, rng.randint(5, 60)) for i in range(12)}
+    ours = enrich(lists, [kegg, markers])
+    assert list(ours.columns) == COLUMNS
+    _assert_matches_gseapy(ours, lists, [kegg, markers])
+
+
+def test_go_subset_matches_gseapy(go_subset):
+    rng = random.Random(1)
+    pool = sorted(go_subset.genes)
+    lists = {i: rng.sample(pool, rng.randint(20, 80)) for i in range(4)}
+    _assert_matches_gseapy(enrich(lists, go_subset), lists, [go_subset])
+
+
+def test_tiny_queries_duplicates_and_absent_genes_match_gseapy(kegg):
+    lists = {
+        "one": ["TP53"],
+        "two": ["TP53", "EGFR"],
+        "dupes": ["VWF", "VWF", "EGFR", "EGFR", "EGFR", "KRAS"],
+        "absent_mixed": ["NOT_A_GENE", "ALSO_NOT", "PIK3CA", "AKT1"],
+        "padded": [" TP53 ", "MTOR\t"],
+    }
+    ours = enrich(lists, kegg)
+    _assert_matches_gseapy(ours, lists, [kegg])
+    dupes = ours[ours["query"] == "dupes"]
+    # Duplicates count once: the same rows as the deduplicated query.
+    again = enrich({"dupes": ["VWF", "EGFR", "KRAS"]}, kegg)
+    pd.testing.assert_frame_equal(dupes.reset_index(drop=True), again)
+
+
+def test_empty_and_unmatched_queries_give_no_rows_and_a_warning(kegg, caplog):
+    lists = {"empty": [], "nothing_known": ["NOT_A_GENE", "XYZ1"], "real": ["TP53", "EGFR", "KRAS", "BRAF"]}
+    with caplog.at_level(logging.WARNING, logger="c2srepro.enrichment.ora"):
+        ours = enrich(lists, kegg)
+    assert set(ours["query"]) == {"real"}
+    assert "1 of 3 gene lists are empty" in caplog.text and "'empty'" in caplog.text
+    assert "share no gene with the background of KEGG_2021_Human" in caplog.text
+    assert "'nothing_known'" in caplog.text
+    pd.testing.assert_frame_equal(ours, enrich({"real": lists["real"]}, kegg))
+    none = enrich({"empty": []}, kegg)
+    assert list(none.columns) == COLUMNS and len(none) == 0
+
+
+def test_custom_background_list_matches_gseapy(kegg, markers):
+    rng = random.Random(5)
+    pool = sorted(kegg.genes | markers.genes)
+    # Background: part of the library genes plus genes in no set; queries reach outside it.
+    background = rng.sample(pool, 2500) + [f"EXTRA{i}" for i in range(300)]
+    lists = {f"q{i}": rng.sample(pool, rng.randint(10, 50)) + ["EXTRA1", "EXTRA2"] for i in range(8)}
+    ours = enrich(lists, [kegg, markers], background=background)
+    _assert_matches_gseapy(ours, lists, [kegg, markers], background=background)
+    # Sets are filtered to the background: every reported set size counts background genes only.
+    bg = set(background)
+    for term, overlap in ours.loc[ours["Gene_set"] == "KEGG_2021_Human", ["Term", "Overlap"]].head(50).itertuples(
+        index=False
+    ):
+        assert int(overlap.split("/")[1]) == len(kegg.sets[term] & bg)
+
+
+def test_background_size_number_matches_gseapy(kegg):
+    rng = random.Random(6)
+    lists = {f"q{i}": rng.sample(sorted(kegg.genes), 25) + ["NOT_IN_LIBRARY"] for i in range(4)}
+    ours = enrich(lists, kegg, background=20_000)
+    _assert_matches_gseapy(ours, lists, [kegg], background=20_000)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+def test_underflowing_p_gives_infinite_combined_score_like_gseapy(synthetic):
+    lists = {"big": sorted(synthetic.sets["BIG"]), "small": ["G0001", "G0500", "G2999"]}
+    ours = enrich(lists, synthetic)
+    reference = _assert_matches_gseapy(ours, lists, [synthetic])
+    row = ours[(ours["query"] == "big") & (ours["Term"] == "BIG")].iloc[0]
+    assert row["P-value"] == 0.0 and np.isinf(row["Combined Score"])
+    assert np.isinf(reference.loc[(reference["query"] == "big") & (reference["Term"] == "BIG"), "Combined Score"]).all()
+
+
+def test_fdr_is_benjamini_hochberg_per_query_per_library(kegg, markers):
+    rng = random.Random(8)
+    pool = sorted(kegg.genes | markers.genes)
+    lists = {f"q{i}": rng.sample(pool, 40) for i in range(6)}
+    ours = enrich(lists, [kegg, markers])
+    for _, group in ours.groupby(["query", "Gene_set"]):
+        expected = false_discovery_control(group["P-value"].to_numpy(), method="bh")
+        np.testing.assert_allclose(group["Adjusted P-value"].to_numpy(), expected, rtol=1e-12)
+    # Per library: the same query against both libraries at once equals each library alone.
+    alone = enrich(lists, markers)
+    both = ours[ours["Gene_set"] == markers.name].reset_index(drop=True)
+    pd.testing.assert_frame_equal(both, alone)
+
+
+def test_rows_are_ordered_by_query_library_and_term(kegg, markers):
+    lists = {"z_last_name_first": ["TP53", "CD14", "LYZ", "EGFR"], "a_second": ["VWF", "PECAM1", "CDH5", "KDR"]}
+    ours = enrich(lists, [markers, kegg])
+    assert list(dict.fromkeys(ours["query"])) == ["z_last_name_first", "a_second"]
+    for _, group in ours.groupby("query", sort=False):
+        assert list(dict.fromkeys(group["Gene_set"])) == [markers.name, kegg.name]
+        for _, block in group.groupby("Gene_set", sort=False):
+            assert list(block["Term"]) == sorted(block["Term"])
+    single = enrich(["VWF", "PECAM1", "CDH5", "KDR"], markers)
+    assert set(single["query"]) == {"query"}
+    row = single.sort_values("P-value").iloc[0]
+    assert (row["Term"], row["Overlap"]) == ("other endothelial cell", "4/100")
+    assert row["Genes"] == "CDH5;KDR;PECAM1;VWF"  # sorted symbols
+
+
+def test_without_genes_the_statistics_are_unchanged(kegg):
+    rng = random.Random(9)
+    lists = {f"q{i}": rng.sample(sorted(kegg.genes), 30) for i in range(5)}
+    full = enrich(lists, kegg)
+    bare = enrich(lists, kegg, with_genes=False)
+    pd.testing.assert_frame_equal(full.drop(columns="Genes"), bare.drop(columns="Genes"))
+    assert (bare["Genes"] == "").all()
+
+
+def test_bad_inputs_fail_with_the_fix(kegg, markers):
+    with pytest.raises(ValueError, match="one string; pass a list of genes"):
+        enrich("TP53 EGFR", kegg)
+    with pytest.raises(ValueError, match="non-string entries.*dict \\{name: genes\\}"):
+        enrich([["TP53"], ["EGFR"]], kegg)
+    with pytest.raises(ValueError, match="gene list 'a' is one string"):
+        enrich({"a": "TP53"}, kegg)
+    with pytest.raises(ValueError, match="background gene list is empty"):
+        enrich(["TP53"], kegg, background=[])
+    with pytest.raises(ValueError, match="BioMart"):
+        enrich(["TP53"], kegg, background="hsapiens_gene_ensembl")
+    with pytest.raises(ValueError, match="shares no gene with library 'KEGG_2021_Human'.*Ensembl"):
+        enrich(["TP53"], kegg, background=["ENSG00000141510"])
+    with pytest.raises(ValueError, match="smaller than library 'KEGG_2021_Human'"):
+        enrich(["TP53"], kegg, background=100)
+    with pytest.raises(ValueError, match="library names must be distinct"):
+        enrich(["TP53"], [kegg, kegg])
