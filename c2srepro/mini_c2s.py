@@ -29,11 +29,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from c2srepro._cache import cache_dir, write_json_atomic
-from c2srepro.cells import CellSentence, cell_sentences
+from c2srepro.datasets import PBMC, CellSplit, labelled_split, load_dataset
 from c2srepro.prompts import EncodedPrompts, answer_text, encode_prompts
 from c2srepro.tokenizer import PYTHIA_SHA256, CellTokenizer, load_bpe_tokenizer
 
@@ -80,45 +79,12 @@ class MiniC2SConfig:
         return cls(**data)
 
 
-@dataclass
-class CellSplit:
-    """The cells of one labelled dataset, encoded, and their training/held-out split."""
-
-    sentences: list[CellSentence]
-    train: list[int]  # positions in ``sentences``
-    heldout: list[int]
-
-    @property
-    def labels(self) -> list[str]:
-        return sorted({s.label for s in self.sentences})
-
-
-def pbmc_cells():
-    """scanpy's bundled 700-cell PBMC dataset (no download)."""
-    import scanpy as sc
-
-    return sc.datasets.pbmc68k_reduced()
-
-
-def split_cells(
-    sentences: list[CellSentence], *, heldout_fraction: float, seed: int
-) -> CellSplit:
-    """Stratified, seeded split by cell."""
-    positions = np.arange(len(sentences))
-    labels = [s.label for s in sentences]
-    train, heldout = train_test_split(
-        positions, test_size=heldout_fraction, random_state=seed, stratify=labels
-    )
-    return CellSplit(sentences, sorted(train.tolist()), sorted(heldout.tolist()))
-
-
-def pbmc_split(cfg: MiniC2SConfig, *, seed_offset: int = 0) -> CellSplit:
+def pbmc_split(cfg: MiniC2SConfig, *, seed_offset: int = 0, adata=None) -> CellSplit:
     """PBMC cell sentences (tie shuffle seeded by ``cfg.seed + seed_offset``) and the split."""
-    adata = pbmc_cells()
-    sentences = cell_sentences(
-        adata, top_k=cfg.top_k, seed=cfg.seed + seed_offset, use_raw=True, label_column="bulk_labels"
+    return labelled_split(
+        PBMC, top_k=cfg.top_k, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed,
+        tie_seed=cfg.seed + seed_offset, adata=adata,
     )
-    return split_cells(sentences, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
 
 
 def build_vocabulary(texts: list[str], bpe) -> list[int]:
@@ -224,9 +190,10 @@ def train_mini_c2s(
         return directory
 
     torch.manual_seed(cfg.seed)
-    split = pbmc_split(cfg)
+    adata = load_dataset(PBMC)
+    split = pbmc_split(cfg, adata=adata)
     bpe = load_bpe_tokenizer()
-    genes = sorted({g.upper() for g in pbmc_cells().raw.var_names})
+    genes = sorted({g.upper() for g in adata.raw.var_names})
     tokenizer = CellTokenizer(bpe, build_vocabulary(_vocabulary_texts(genes, split), bpe))
     model = GPTNeoXForCausalLM(gpt_neox_config(cfg, tokenizer.vocab_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -240,7 +207,7 @@ def train_mini_c2s(
     model.train()
     with tqdm(total=total, desc="training mini-C2S") as bar:
         for epoch in range(cfg.epochs):
-            epoch_split = pbmc_split(cfg, seed_offset=epoch) if cfg.augment_ties and epoch else split
+            epoch_split = pbmc_split(cfg, seed_offset=epoch, adata=adata) if cfg.augment_ties and epoch else split
             prompts = encode_prompts([epoch_split.sentences[i] for i in split.train], tokenizer, with_answer=True)
             _check_length(prompts, cfg.max_positions)
             order = torch.randperm(len(prompts), generator=order_rng).tolist()

@@ -36,6 +36,11 @@ def load_c2s_model(
     is_dir = Path(source).is_dir()
     if local_files_only is None:
         local_files_only = is_dir or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if is_dir and not (Path(source) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no model weights found in {source}: it has no config.json; give a directory written "
+            f"by save_pretrained or a Hugging Face id such as {PAPER_MODEL}"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, local_files_only=local_files_only, dtype=dtype or torch.float32

@@ -1,0 +1,97 @@
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from c2srepro import book
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_chapters_come_from_quarto_yml():
+    chapters = book.chapter_files(ROOT)
+    assert chapters[0] == "index.qmd"
+    assert "chapters/01-model.ipynb" in chapters
+    for chapter in chapters:
+        assert (ROOT / chapter).is_file(), chapter
+
+
+def test_every_notebook_has_a_tagged_parameters_cell():
+    import papermill
+
+    for chapter in book.chapter_files(ROOT):
+        if chapter.endswith(".ipynb"):
+            declared = papermill.inspect_notebook(str(ROOT / chapter))
+            assert {"profile", "results_dir"} <= set(declared), chapter
+
+
+def test_part_groups_are_flattened(tmp_path):
+    (tmp_path / "_quarto.yml").write_text(yaml.safe_dump({"book": {"chapters": [
+        "index.qmd", {"part": "Model", "chapters": ["a.ipynb", "b.ipynb"]}, "c.ipynb"]}}))
+    assert book.chapter_files(tmp_path) == ["index.qmd", "a.ipynb", "b.ipynb", "c.ipynb"]
+
+
+def test_parameter_layers_resolve_in_order():
+    profile = {"all": {"seed": 1, "top_k": 32, "other": 5}, "chapters": {"01-model": {"top_k": 48}}}
+    cli = book.parse_overrides(["seed=7", "01-model.mini_epochs=2"], ["chapters/01-model.ipynb"])
+    params = book.resolve_parameters(["seed", "top_k", "mini_epochs"], "01-model", [profile, cli])
+    assert params == {"seed": 7, "top_k": 48, "mini_epochs": 2}
+
+
+def test_unknown_chapter_parameter_is_an_error():
+    layer = {"all": {}, "chapters": {"01-model": {"topk": 3}}}
+    with pytest.raises(ValueError, match="has no parameter.*topk"):
+        book.resolve_parameters(["top_k"], "01-model", [layer])
+
+
+def test_bad_overrides_are_errors():
+    with pytest.raises(ValueError, match="expected key=value"):
+        book.parse_overrides(["seed"], ["chapters/01-model.ipynb"])
+    with pytest.raises(ValueError, match="no chapter '02-nope'"):
+        book.parse_overrides(["02-nope.k=1"], ["chapters/01-model.ipynb"])
+
+
+def test_unknown_profile_is_an_error():
+    with pytest.raises(ValueError, match="no parameter profile 'nope'.*default"):
+        book.load_profile(ROOT, "nope")
+
+
+def _toy_book(tmp_path, body: str) -> Path:
+    (tmp_path / "chapters" / "profiles").mkdir(parents=True)
+    (tmp_path / "chapters" / "profiles" / "default.yml").write_text("all: {}\nchapters: {}\n")
+    (tmp_path / "index.qmd").write_text("# Toy\n\nA toy book.\n")
+    (tmp_path / "_quarto.yml").write_text(yaml.safe_dump(
+        {"project": {"type": "book"}, "book": {"title": "Toy", "chapters": ["index.qmd", "chapters/toy.ipynb"]}}))
+    notebook = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile = "default"\nresults_dir = "results/default"\nx = 1')
+    params.metadata["tags"] = ["parameters"]
+    notebook.cells = [nbformat.v4.new_markdown_cell("# Toy chapter"), params, nbformat.v4.new_code_cell(body)]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, tmp_path / "chapters" / "toy.ipynb")
+    return tmp_path
+
+
+def test_runner_executes_with_overrides_and_renders(tmp_path):
+    root = _toy_book(tmp_path, "import json, pathlib\npathlib.Path(results_dir).mkdir(parents=True, exist_ok=True)\n"
+                               "pathlib.Path(results_dir, 'toy.json').write_text(json.dumps({'x': x}))")
+    out = book.execute_chapters(root, "default", overrides=["x=41"])
+    assert json.loads((root / "results/default/toy.json").read_text()) == {"x": 41}
+    executed = nbformat.read(out / "chapters" / "toy.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    index = book.render(out, renderer="jupyter-book")
+    assert index.is_file()
+    page = re.sub(r"<[^>]+>", "", (index.parent / "chapters" / "toy.html").read_text())
+    assert "Toy chapter" in page and "x = 41" in page  # the injected parameters cell is shown
+
+
+def test_failed_chapter_leaves_no_executed_notebook(tmp_path):
+    root = _toy_book(tmp_path, "raise RuntimeError('boom')")
+    with pytest.raises(RuntimeError, match="chapter chapters/toy.ipynb failed.*failed.ipynb"):
+        book.execute_chapters(root, "default")
+    out = root / "results" / "default" / "book" / "chapters"
+    assert not (out / "toy.ipynb").exists()
+    assert (out / "toy.failed.ipynb").exists()

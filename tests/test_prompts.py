@@ -1,0 +1,66 @@
+import pytest
+
+from c2srepro.cells import CellSentence
+from c2srepro.prompts import build_prompt, encode_prompts, genes_of_tokens
+from c2srepro.tokenizer import PYTHIA_SHA256, pythia_tokenizer_file
+from c2srepro._cache import sha256_file
+
+SPLIT_GENES = ("VWF", "PTPRB", "HSP90AA1", "MT-ND4", "GOLGA4", "PSD3", "RDX")
+
+
+def test_tokenizer_file_is_pinned():
+    assert sha256_file(pythia_tokenizer_file()) == PYTHIA_SHA256
+
+
+def test_pythia_vocabulary_and_specials(tokenizer):
+    assert len(tokenizer.bpe) == 50_277  # the OLMo file's three PII tokens are dropped
+    assert tokenizer.bpe.convert_ids_to_tokens([0, 1]) == ["<|endoftext|>", "<|padding|>"]
+    assert tokenizer.eos_id == 0 and tokenizer.pad_id == 1
+
+
+def test_gene_symbols_split_as_in_the_paper(tokenizer):
+    ids, _ = tokenizer.encode(" VWF PTPRB HSP90AA1 GOLGA4 PSD3")
+    assert tokenizer.tokens(ids) == ["ĠV", "WF", "ĠPT", "PR", "B", "ĠHSP", "90", "AA", "1", "ĠG", "OL", "GA", "4", "ĠPSD", "3"]
+
+
+def test_token_to_gene_map_on_multi_token_genes(tokenizer):
+    sentence = CellSentence(0, "c0", SPLIT_GENES, "endothelial cell")
+    encoded = encode_prompts([sentence], tokenizer, with_answer=True)
+    tokens, genes = tokenizer.tokens(encoded.input_ids[0]), encoded.gene_of_token[0]
+    # every gene's tokens, concatenated, spell the gene (with its leading space)
+    for gene in SPLIT_GENES:
+        pieces = [t for t, g in zip(tokens, genes) if g == gene]
+        assert len(pieces) >= 2, gene
+        assert "".join(pieces).replace("Ġ", " ").strip() == gene
+    # template text and the answer map to no gene
+    answer = encoded.answer_start[0]
+    assert all(g is None for g in genes[answer:])
+    assert tokenizer.decode(encoded.input_ids[0][answer:]) == " endothelial cell."
+    assert genes[:5] == [None] * 5
+    # the period after the last gene is not part of it
+    last = max(i for i, g in enumerate(genes) if g == "RDX")
+    assert tokens[last + 1] == "." and genes[last + 1] is None
+
+
+def test_prompt_template_and_answer():
+    sentence = CellSentence(3, "c3", ("CD14", "LYZ"), "CD14+ Monocyte")
+    prompt = build_prompt(sentence, with_answer=True)
+    assert "list of 2 gene names" in prompt.text
+    assert "Cell sentence: CD14 LYZ.\nThe cell type corresponding to these genes is: CD14+ Monocyte." in prompt.text
+    assert [prompt.text[s:e] for s, e, _ in prompt.gene_spans] == ["CD14", "LYZ"]
+    assert prompt.text[prompt.answer_start_char :] == " CD14+ Monocyte."
+
+
+def test_answer_requires_label():
+    with pytest.raises(ValueError, match="no label"):
+        build_prompt(CellSentence(0, "c0", ("A",), None), with_answer=True)
+
+
+def test_template_needs_the_sentence_field():
+    with pytest.raises(ValueError, match="exactly once"):
+        build_prompt(CellSentence(0, "c0", ("A",), None), template="no field")
+
+
+def test_genes_of_tokens_rejects_a_token_across_two_genes():
+    with pytest.raises(ValueError, match="spans two genes"):
+        genes_of_tokens([(0, 9)], [(0, 3, "AAA"), (4, 7, "BBB")])
