@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -78,3 +79,31 @@ class Transcoder(nn.Module):
         state = load_file(str(weights_path), device=str(device))
         transcoder.load_state_dict(state)
         return transcoder.to(device)
+
+
+LAYER_DIRECTORY = "layer_{layer:02d}"
+
+
+def save_transcoders(transcoders: Mapping[int, Transcoder], directory: str | os.PathLike) -> Path:
+    """Save each layer's transcoder in ``directory/layer_XX`` (the layout ``load_transcoders`` reads)."""
+    directory = Path(directory)
+    for layer, transcoder in sorted(transcoders.items()):
+        if transcoder.cfg.layer != layer:
+            raise ValueError(f"the transcoder stored under layer {layer} says it is for layer {transcoder.cfg.layer}")
+        transcoder.save(directory / LAYER_DIRECTORY.format(layer=layer))
+    return directory
+
+
+def load_transcoders(
+    directory: str | os.PathLike, *, layers: Sequence[int] | None = None, device: str | torch.device = "cpu"
+) -> dict[int, Transcoder]:
+    """{layer: Transcoder} from ``directory/layer_XX`` (all layers found there by default)."""
+    directory = Path(directory)
+    found = {int(p.name.split("_")[1]): p for p in directory.glob("layer_*") if (p / CONFIG_FILENAME).is_file()}
+    if not found:
+        raise FileNotFoundError(f"no transcoders in {directory}: expected layer_XX directories written by save_transcoders")
+    wanted = sorted(found) if layers is None else sorted(set(layers))
+    missing = [layer for layer in wanted if layer not in found]
+    if missing:
+        raise FileNotFoundError(f"no transcoders for layers {missing} in {directory} (it has {sorted(found)})")
+    return {layer: Transcoder.load(found[layer], device=device) for layer in wanted}
