@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny_neox import VOCAB, tiny_model, tiny_setup
+from _tiny_neox import VOCAB, tiny_model, tiny_setup, tiny_transcoders
 
 from c2srepro.attribution import (
     Node,
@@ -45,13 +45,17 @@ def autograd_attribution(rep, target):
     return value.detach(), features, (emb * emb.grad).sum(-1), (err * err.grad).sum(-1), bias
 
 
-def test_run_model_matches_transformers_float32():
+def test_float32_model_matches_transformers_and_attributes_exactly():
     model = tiny_model(dtype=torch.float32)
     ids = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(3))
     run = run_model(NeoXWeights.from_model(model), ids)
     with torch.no_grad():
         reference = model(ids[None]).logits[0]
     torch.testing.assert_close(run.logits, reference, atol=2e-5, rtol=1e-5)
+    rep = build_replacement(model, tiny_transcoders(model, ids), ids)
+    for target in (last_active(rep, 2), rep.logit_node(19, 4)):
+        result = attribute(rep, target)
+        assert result.total() == pytest.approx(result.value, rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.parametrize("freeze", [True, False])
@@ -238,6 +242,10 @@ def test_bad_model_and_prompt_inputs():
         build_replacement(model, transcoders, too_long)
     with pytest.raises(ValueError, match="got 2 transcoders for a model with 3 layers"):
         build_replacement(model, transcoders[:2], [1, 2, 3])
+    with pytest.raises(ValueError, match=r"no transcoder for layers \[1\]"):
+        build_replacement(model, {0: transcoders[0], 2: transcoders[2]}, [1, 2, 3])
+    by_layer = build_replacement(model, dict(enumerate(transcoders)), [1, 2, 3])
+    torch.testing.assert_close(by_layer.errors, build_replacement(model, transcoders, [1, 2, 3]).errors)
     with pytest.raises(ValueError, match=r"transcoders\[1\] was configured for layer 2"):
         build_replacement(model, [transcoders[0], transcoders[2], transcoders[1]], [1, 2, 3])
     with pytest.raises(ValueError, match="must lie in"):

@@ -25,7 +25,7 @@ import networkx as nx
 import torch
 from tqdm.auto import tqdm
 
-from c2srepro.attribution.attribute import attribute
+from c2srepro.attribution.contributions import attribute
 from c2srepro.attribution.circuit import circuit_features, graph_node
 from c2srepro.attribution.linearised import LinearisedReplacement, replacement_forward
 from c2srepro.attribution.nodes import Node
@@ -39,8 +39,9 @@ def candidate_pool(rep: LinearisedReplacement, target: Node) -> list[Node]:
     pool = []
     for layer in range(read_layer):
         act = rep.active[layer]
-        for i in (act.position <= target.position).nonzero().flatten().tolist():
-            pool.append(Node.feature(layer, act.position[i], act.feature[i]))
+        upstream = act.position <= target.position
+        positions, features = act.position[upstream].tolist(), act.feature[upstream].tolist()
+        pool.extend(Node("feature", layer, p, f) for p, f in zip(positions, features))
     return pool
 
 

@@ -1,7 +1,7 @@
 """Greedy computational-path search: the circuit behind one target (paper, "Finding Computational Subgraphs").
 
 A path v_d -> ... -> v_1 -> target carries the share of the target that flows along it. With
-c(v -> u) the exact contribution of source v to u (:mod:`c2srepro.attribution.attribute`) and z_u
+c(v -> u) the exact contribution of source v to u (:mod:`c2srepro.attribution.contributions`) and z_u
 the activation of feature u (which, u firing, equals its pre-activation = sum of its contributions):
 
     w(v_1 -> target)          = c(v_1 -> target)
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import networkx as nx
 
-from c2srepro.attribution.attribute import Attribution, attribute_many
+from c2srepro.attribution.contributions import Attribution, attribute_many
 from c2srepro.attribution.linearised import LinearisedReplacement
 from c2srepro.attribution.nodes import SOURCE_KINDS, Node
 

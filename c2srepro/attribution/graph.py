@@ -157,7 +157,12 @@ def draw_circuit(graph: nx.DiGraph, *, figsize: tuple[float, float] = (12.0, 7.0
     ax.set_xlabel("token position (gene tokens in green)")
     ax.set_ylabel("layer")
     ax.set_title(f"circuit for {target} (value {graph.graph['target_value']:.3g})", fontsize=10)
-    handles = [Line2D([], [], marker="o", linestyle="", color=c, label=FEATURE_TYPES[k]) for k, c in _COLOURS.items()]
+    present = {d["kind"] for _, d in graph.nodes(data=True)}
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=c, label=FEATURE_TYPES[k])
+        for k, c in _COLOURS.items()
+        if k in present
+    ]
     handles += [Line2D([], [], color="#2a6fdb", label="positive edge"), Line2D([], [], color="#d62728", label="negative edge")]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
