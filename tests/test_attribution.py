@@ -217,7 +217,8 @@ def test_target_feature_that_does_not_fire(setup):
     firing = set(rep.active[layer].feature[rep.active[layer].position == position].tolist())
     silent = next(f for f in range(rep.transcoders[layer].d_tc) if f not in firing)
     top_feature, _ = rep.top_features(layer, position, 1)[0]
-    with pytest.raises(ValueError, match=rf"feature {silent} at layer 1, position 4 does not fire.*top-firing.*{top_feature} "):
+    message = rf"feature {silent} at layer 1, position 4 does not fire.*top-firing.*{top_feature} "
+    with pytest.raises(ValueError, match=message):
         attribute(rep, Node.feature(layer, position, silent))
 
 
@@ -238,7 +239,8 @@ def test_out_of_range_targets(setup):
 def test_bad_model_and_prompt_inputs():
     model, transcoders, _ = tiny_setup()
     too_long = torch.zeros(model.config.max_position_embeddings + 1, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"prompt has 65 tokens but the model's context \(max_position_embeddings\) is 64"):
+    message = r"prompt has 65 tokens but the model's context \(max_position_embeddings\) is 64"
+    with pytest.raises(ValueError, match=message):
         build_replacement(model, transcoders, too_long)
     with pytest.raises(ValueError, match="got 2 transcoders for a model with 3 layers"):
         build_replacement(model, transcoders[:2], [1, 2, 3])

@@ -77,11 +77,15 @@ def ablate(
     reachable = set(pool)
     stray = [f.id for f in features if f not in reachable]
     if stray:
-        raise ValueError(f"features {stray[:5]} are not active features upstream of {target.id}; they cannot be ablated")
+        raise ValueError(
+            f"features {stray[:5]} are not active features upstream of {target.id}; they cannot be ablated"
+        )
     if not features:
         raise ValueError(f"no feature nodes to ablate for {target.id} (the circuit has none besides the target)")
     if len(pool) < len(features):
-        raise ValueError(f"only {len(pool)} active features upstream of {target.id}, fewer than the {len(features)} to ablate")
+        raise ValueError(
+            f"only {len(pool)} active features upstream of {target.id}, fewer than the {len(features)} to ablate"
+        )
 
     def measure(value: float) -> float:
         return max(value, 0.0) if target.kind == "feature" else value  # a feature is measured by z = ReLU(pre)

@@ -114,7 +114,9 @@ def _layout(graph: nx.DiGraph) -> dict[str, tuple[float, float]]:
     return xy
 
 
-def draw_circuit(graph: nx.DiGraph, *, figsize: tuple[float, float] = (12.0, 7.0), label_features: bool = True) -> Figure:
+def draw_circuit(
+    graph: nx.DiGraph, *, figsize: tuple[float, float] = (12.0, 7.0), label_features: bool = True
+) -> Figure:
     """Draw a circuit: layers up, positions across, gene tokens labelled, edge width by |attribution|."""
     fig = Figure(figsize=figsize)
     ax = fig.add_subplot()
@@ -124,7 +126,8 @@ def draw_circuit(graph: nx.DiGraph, *, figsize: tuple[float, float] = (12.0, 7.0
     for u, v, d in sorted(graph.edges(data=True), key=lambda e: abs(e[2]["weight"])):
         (x0, y0), (x1, y1) = xy[u], xy[v]
         colour = "#2a6fdb" if d["weight"] >= 0 else "#d62728"
-        ax.plot([x0, x1], [y0, y1], color=colour, alpha=0.6, linewidth=0.3 + 4.0 * abs(d["weight"]) / max_weight, zorder=1)
+        width = 0.3 + 4.0 * abs(d["weight"]) / max_weight
+        ax.plot([x0, x1], [y0, y1], color=colour, alpha=0.6, linewidth=width, zorder=1)
     target = graph.graph["target"]
     for kind, colour in _COLOURS.items():
         ids = [n for n, d in graph.nodes(data=True) if d["kind"] == kind]
@@ -163,7 +166,10 @@ def draw_circuit(graph: nx.DiGraph, *, figsize: tuple[float, float] = (12.0, 7.0
         for k, c in _COLOURS.items()
         if k in present
     ]
-    handles += [Line2D([], [], color="#2a6fdb", label="positive edge"), Line2D([], [], color="#d62728", label="negative edge")]
+    handles += [
+        Line2D([], [], color="#2a6fdb", label="positive edge"),
+        Line2D([], [], color="#d62728", label="negative edge"),
+    ]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig

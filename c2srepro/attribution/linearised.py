@@ -185,12 +185,15 @@ class LinearisedReplacement:
         self.check_layer(node.layer)
         d_tc = self.transcoders[node.layer].d_tc
         if not 0 <= node.index < d_tc:
-            raise ValueError(f"feature {node.index} is out of range: layer {node.layer}'s transcoder has {d_tc} features")
+            raise ValueError(
+                f"feature {node.index} is out of range: layer {node.layer}'s transcoder has {d_tc} features"
+            )
         if self.active_index(node) is None:
             top = ", ".join(f"{f} ({v:.3g})" for f, v in self.top_features(node.layer, node.position))
+            pre = self.pre_activation(node.layer, node.position, node.index)
             raise ValueError(
                 f"feature {node.index} at layer {node.layer}, position {node.position} does not fire on this "
-                f"prompt (activation 0, pre-activation {self.pre_activation(node.layer, node.position, node.index):.4g}); "
+                f"prompt (activation 0, pre-activation {pre:.4g}); "
                 f"attribute an active feature instead, e.g. the top-firing ones there: {top or 'none fire'}"
             )
 
@@ -204,7 +207,8 @@ def _transcoder_weights(tc: Transcoder, weights: NeoXWeights, layer: int) -> Tra
         )
     if tc.cfg.layer != layer:
         raise ValueError(
-            f"transcoders[{layer}] was configured for layer {tc.cfg.layer}; pass one transcoder per layer, in layer order"
+            f"transcoders[{layer}] was configured for layer {tc.cfg.layer}; "
+            "pass one transcoder per layer, in layer order"
         )
     device, dtype = weights.embed.device, weights.dtype
     return TranscoderWeights(
@@ -291,7 +295,9 @@ def replacement_forward(
     """
     weights, run = rep.weights, rep.run
     if feature_acts is not None and len(feature_acts) != rep.n_layers:
-        raise ValueError(f"feature_acts needs one [pos, d_tc] tensor per layer ({rep.n_layers}), got {len(feature_acts)}")
+        raise ValueError(
+            f"feature_acts needs one [pos, d_tc] tensor per layer ({rep.n_layers}), got {len(feature_acts)}"
+        )
     keep = ablation_masks(rep, ablate)
     errors = rep.errors if errors is None else errors
     r = weights.embed[rep.input_ids] if embeddings is None else embeddings

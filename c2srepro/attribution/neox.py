@@ -215,7 +215,9 @@ def check_input_ids(weights: NeoXWeights, input_ids: Tensor | list[int]) -> Int[
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.dim() != 1 or ids.numel() == 0:
-        raise ValueError(f"input_ids must be one non-empty prompt (shape [pos] or [1, pos]), got shape {tuple(ids.shape)}")
+        raise ValueError(
+            f"input_ids must be one non-empty prompt (shape [pos] or [1, pos]), got shape {tuple(ids.shape)}"
+        )
     if ids.numel() > weights.max_positions:
         raise ValueError(
             f"prompt has {ids.numel()} tokens but the model's context (max_position_embeddings) is "
@@ -223,7 +225,9 @@ def check_input_ids(weights: NeoXWeights, input_ids: Tensor | list[int]) -> Int[
         )
     vocab = weights.embed.shape[0]
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise ValueError(f"input_ids must lie in [0, {vocab}) (the model's vocabulary), got {int(ids.min())}..{int(ids.max())}")
+        raise ValueError(
+            f"input_ids must lie in [0, {vocab}) (the model's vocabulary), got {int(ids.min())}..{int(ids.max())}"
+        )
     return ids
 
 
