@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ TRAINING_META_FILENAME = "training.json"
 
 @dataclass
 class MiniC2SConfig:
-    """Architecture and training of the mini-C2S (defaults: about 4 minutes on 2 CPU cores)."""
+    """Architecture and training of the mini-C2S (defaults: about 3.5 minutes on 2 idle CPU cores)."""
 
     n_layers: int = 4
     d_model: int = 128
@@ -51,7 +52,7 @@ class MiniC2SConfig:
     max_positions: int = 512
     top_k: int = 64
     heldout_fraction: float = 0.2
-    epochs: int = 14
+    epochs: int = 24
     batch_size: int = 16
     lr: float = 1e-3
     warmup_fraction: float = 0.05
@@ -233,24 +234,28 @@ def train_mini_c2s(
             history.append({"epoch": epoch, "loss": float(np.mean(losses))})
     wall = time.perf_counter() - started
 
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.eval()
-    model.save_pretrained(staging)
-    tokenizer.save_vocab_map(staging)
-    write_json_atomic(
-        staging / TRAINING_META_FILENAME,
-        {
-            "config": cfg.to_dict(),
-            "train_cells": [split.sentences[i].cell_id for i in split.train],
-            "heldout_cells": [split.sentences[i].cell_id for i in split.heldout],
-            "history": history,
-            "train_seconds": wall,
-            "torch_threads": torch.get_num_threads(),
-        },
-    )
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(staging, directory)
+    # a private staging folder: two processes training the same configuration must not collide
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.eval()
+        model.save_pretrained(staging)
+        tokenizer.save_vocab_map(staging)
+        write_json_atomic(
+            staging / TRAINING_META_FILENAME,
+            {
+                "config": cfg.to_dict(),
+                "train_cells": [split.sentences[i].cell_id for i in split.train],
+                "heldout_cells": [split.sentences[i].cell_id for i in split.heldout],
+                "history": history,
+                "train_seconds": wall,
+                "torch_threads": torch.get_num_threads(),
+            },
+        )
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

@@ -55,3 +55,20 @@ def write_result(
     if "provenance" in data:
         raise ValueError("'provenance' is reserved for the block write_result adds")
     return write_json_atomic(path, {**data, "provenance": provenance(params=params, inputs=inputs)})
+
+
+def write_table(
+    path: str | os.PathLike,
+    table,
+    *,
+    params: Mapping[str, Any],
+    inputs: Mapping[str, str | os.PathLike] | None = None,
+) -> Path:
+    """Write a DataFrame as CSV atomically, its provenance beside it as ``<name>.provenance.json``."""
+    from c2srepro._cache import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+    write_json_atomic(path.with_name(path.name + ".provenance.json"), provenance(params=params, inputs=inputs))
+    return path
