@@ -74,7 +74,8 @@ def _mlp_inputs(model, ids: list[int]) -> dict[int, torch.Tensor]:
     """MLP inputs of one prompt run alone, read at the MLP itself (not the layer norm our code hooks)."""
     record, handles = {}, []
     for layer, block in enumerate(model.gpt_neox.layers):
-        handles.append(block.mlp.register_forward_pre_hook(lambda m, args, layer=layer: record.__setitem__(layer, args[0][0])))
+        hook = lambda module, args, layer=layer: record.__setitem__(layer, args[0][0])  # noqa: E731
+        handles.append(block.mlp.register_forward_pre_hook(hook))
     with torch.no_grad():
         model(input_ids=torch.tensor([ids]))
     for handle in handles:
@@ -194,6 +195,14 @@ def test_gene_counts_match_brute_force(setup, collected):
         np.testing.assert_allclose(stats.gene_act_sum.toarray(), act, rtol=1e-9, atol=1e-12)
         assert fire_occ.sum() > 50, "the fixture should make features fire on genes"
         np.testing.assert_array_equal(stats.features["n_fire_gene_tokens"], fire_tok.sum(axis=1))
+        # Ranking from the brute-force counts: frequency, then firing occurrences, then symbol.
+        ranked = stats.ranked_genes(range(stats.d_tc), top_n=None, min_occurrences=2)
+        for f in range(stats.d_tc):
+            expected = sorted(
+                (g for j, g in enumerate(stats.genes) if occurrences[j] >= 2 and fire_occ[f, j] > 0),
+                key=lambda g: (-fire_occ[f, gene_col[g]] / occurrences[gene_col[g]], -fire_occ[f, gene_col[g]], g),
+            )
+            assert ranked[f] == expected == stats.gene_table(f, min_occurrences=2)["gene"].tolist()
 
 
 def test_top_examples_are_the_largest_activations(setup, collected):
@@ -218,19 +227,53 @@ def test_top_examples_are_the_largest_activations(setup, collected):
 
 def test_padding_never_counted_batch_sizes_agree(setup, collected):
     model, transcoders, prompts, _ = setup
-    for batch_size in (1, 8):
-        other = collect_feature_stats(model, transcoders, prompts, batch_size=batch_size, top_k=TOP_K, context=2, progress=False)
+    # Batch size 1 has no padding at all; 8 pads every prompt but the longest. The last run
+    # also takes the sparse (feature, gene) accumulation path instead of the dense one.
+    for batch_size, dense_limit in ((1, 1 << 24), (8, 1 << 24), (2, 0)):
+        other = collect_feature_stats(
+            model, transcoders, prompts, batch_size=batch_size, top_k=TOP_K, context=2,
+            dense_pairs_limit=dense_limit, progress=False,
+        )
         for layer in range(2):
             a, b = collected[layer], other[layer]
             assert a.n_tokens == b.n_tokens == prompts.n_tokens
             np.testing.assert_array_equal(a.features["n_fire"], b.features["n_fire"])
             np.testing.assert_allclose(a.features["mean_act"], b.features["mean_act"], rtol=1e-10, atol=1e-14)
-            np.testing.assert_array_equal(a.gene_fire_tokens.toarray(), b.gene_fire_tokens.toarray())
+            for name in ("gene_fire_occurrences", "gene_fire_tokens"):
+                np.testing.assert_array_equal(getattr(a, name).toarray(), getattr(b, name).toarray())
+            np.testing.assert_allclose(a.gene_act_sum.toarray(), b.gene_act_sum.toarray(), rtol=1e-10)
             np.testing.assert_array_equal(a.gene_occurrences, b.gene_occurrences)
             # Equal activations (identical prefixes in two prompts) may keep either prompt's token.
             same = ["feature", "rank", "token_id", "token", "gene"]
             pd.testing.assert_frame_equal(a.examples[same], b.examples[same])
             np.testing.assert_allclose(a.examples["activation"], b.examples["activation"], rtol=1e-10)
+
+
+class _PieceTokenizer:
+    """Decodes id i to a fixed piece: " G<i>" for even ids (a leading space), "x<i>" for odd ones."""
+
+    def decode(self, ids):
+        return "".join(f" G{i}" if i % 2 == 0 else f"x{i}" for i in ids)
+
+
+def test_one_layer_alone_and_decoded_examples(setup, collected):
+    model, transcoders, prompts, _ = setup
+    # Only layer 0: the forward pass stops after it, with the same statistics as a full pass.
+    alone = collect_feature_stats(
+        model, {0: transcoders[0]}, prompts, batch_size=3, top_k=TOP_K, context=2, tokenizer=_PieceTokenizer(),
+        progress=False,
+    )
+    assert list(alone) == [0]
+    pd.testing.assert_frame_equal(alone[0].features, collected[0].features)
+    ex = alone[0].examples
+    assert (ex["token_id"] == collected[0].examples["token_id"]).all()
+    for row in ex.head(40).itertuples():
+        ids = prompts.input_ids[row.prompt]
+        piece = _PieceTokenizer().decode([row.token_id])
+        assert row.token == piece.replace(" ", "_")
+        left = _PieceTokenizer().decode(ids[max(0, row.position - 2) : row.position])
+        right = _PieceTokenizer().decode(ids[row.position + 1 : row.position + 3])
+        assert row.context == f"{left}[[{piece}]]{right}"
 
 
 def test_bad_inputs_are_reported(setup):
@@ -312,7 +355,8 @@ def test_save_load_round_trip(tmp_path, collected):
         for name in ("gene_fire_occurrences", "gene_fire_tokens", "gene_act_sum"):
             np.testing.assert_array_equal(getattr(loaded, name).toarray(), getattr(original, name).toarray())
         np.testing.assert_array_equal(loaded.gene_occurrences, original.gene_occurrences)
-        assert (loaded.layer, loaded.positions, loaded.n_tokens) == (original.layer, original.positions, original.n_tokens)
+        for name in ("layer", "positions", "n_tokens", "n_prompts", "live_threshold"):
+            assert getattr(loaded, name) == getattr(original, name)
     assert [p.name for p in tmp_path.iterdir()] == ["stats"], "no temporary directories left behind"
     save_feature_stats(collected, tmp_path / "all")
     again = load_feature_stats(tmp_path / "all")

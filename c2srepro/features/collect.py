@@ -14,11 +14,12 @@
    (float64) and max z_f; E(f) = n_f / N.
 5. Top examples: the batch's own ``top_k`` largest z_f per feature are merged with the running
    ``top_k`` by one ``torch.topk`` over their concatenation; only z_f > 0 are kept in the end.
-6. Genes: an occurrence is a maximal run of tokens of one gene in one prompt. Per batch, the
-   firing (occurrence, feature) pairs are found with ``torch.unique`` over their keys, giving
-   per pair its firing tokens and summed z. Mapped to (feature, gene) they are appended to a
-   COO buffer of int64 keys that is summed by key every ``flush_entries`` entries: a dense
-   [d_tc, n_genes] matrix would hold 8192 x 30k values per layer at the paper's scale.
+6. Genes: an occurrence is a maximal run of tokens of one gene in one prompt. Per batch,
+   firing tokens and summed z per (occurrence, feature) are summed with ``index_add_`` into a
+   [batch occurrences, d_tc] tensor; its nonzero entries are the firing occurrences. Mapped to
+   (feature, gene) they are added to a dense [d_tc * n_genes] sum when that is small (the mini
+   model), else to a COO buffer of int64 keys summed by key from time to time: a dense matrix
+   would hold 8192 x 30k values per layer at the paper's scale.
 7. Token strings and context windows are decoded for the kept examples only, once per distinct
    (prompt, position).
 """
@@ -43,7 +44,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOP_EXAMPLES = 20
 DEFAULT_CONTEXT = 6
-_FLUSH_ENTRIES = 1 << 22
+_MIN_FLUSH = 1 << 22
+# Up to 2**24 (feature, gene) pairs (the mini model's 1024 x ~700) the sums live in a dense
+# tensor; beyond (the paper's 8192 x ~30k = 2.5e8) in the sparse buffer.
+DENSE_PAIRS_LIMIT = 1 << 24
 _NO_GENE = -1
 
 
@@ -72,20 +76,36 @@ def _record_mlp_inputs(model: nn.Module, layers: Sequence[int]) -> Iterator[dict
             handle.remove()
 
 
-class _SparseSum:
-    """Rows of values summed by int64 key, fed in many small pieces (a lazily summed COO)."""
+class _DensePairSums:
+    """Sums per (feature, gene) key in one dense [d_tc * n_genes, width] tensor (small models)."""
 
-    def __init__(self, width: int, flush_entries: int = _FLUSH_ENTRIES):
-        self.width, self.flush_entries = width, flush_entries
+    def __init__(self, size: int, width: int, device: torch.device):
+        self.sums = torch.zeros(size, width, dtype=torch.float64, device=device)
+
+    def add(self, keys: Int[Tensor, " n"], values: Float[Tensor, "n width"]) -> None:
+        self.sums.index_add_(0, keys, values)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        keys = (self.sums[:, 0] > 0).nonzero().squeeze(1)
+        return keys.cpu().numpy(), self.sums[keys].cpu().numpy()
+
+
+class _SparsePairSums:
+    """Sums per int64 key fed in many small pieces: a COO buffer summed by key (np.unique) when
+    it holds as many entries as the sums so far (and at least ``min_flush``), so every entry
+    takes part in O(log) sorts over the whole run."""
+
+    def __init__(self, width: int, min_flush: int = _MIN_FLUSH):
+        self.width, self.min_flush = width, min_flush
         self.keys = np.empty(0, dtype=np.int64)
         self.values = np.empty((0, width), dtype=np.float64)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._n_pending = 0
 
-    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
-        self._pending.append((keys, values))
+    def add(self, keys: Int[Tensor, " n"], values: Float[Tensor, "n width"]) -> None:
+        self._pending.append((keys.cpu().numpy(), values.cpu().numpy()))
         self._n_pending += len(keys)
-        if self._n_pending >= self.flush_entries:
+        if self._n_pending >= max(self.min_flush, len(self.keys)):
             self._consolidate()
 
     def _consolidate(self) -> None:
@@ -107,7 +127,7 @@ class _SparseSum:
 class _LayerAccumulator:
     """Streaming statistics of one layer's features (module docstring, steps 4-6)."""
 
-    def __init__(self, d_tc: int, n_genes: int, top_k: int, device: torch.device):
+    def __init__(self, d_tc: int, n_genes: int, top_k: int, device: torch.device, dense_pairs_limit: int):
         self.d_tc, self.n_genes, self.top_k = d_tc, n_genes, top_k
         self.n_tokens = 0
         self.n_fire = torch.zeros(d_tc, dtype=torch.long, device=device)
@@ -115,7 +135,11 @@ class _LayerAccumulator:
         self.act_max = torch.zeros(d_tc, dtype=torch.float64, device=device)  # z >= 0: 0 is a safe start
         self.top_val = torch.zeros(top_k, d_tc, dtype=torch.float64, device=device)  # 0 marks an empty slot
         self.top_code = torch.full((top_k, d_tc), -1, dtype=torch.long, device=device)
-        self.pairs = _SparseSum(width=3)  # firing occurrences, firing tokens, summed z
+        # Columns: firing occurrences, firing tokens, summed z.
+        if d_tc * n_genes <= dense_pairs_limit:
+            self.pairs = _DensePairSums(d_tc * n_genes, 3, device)
+        else:
+            self.pairs = _SparsePairSums(3)
 
     def add(
         self,
@@ -124,15 +148,14 @@ class _LayerAccumulator:
         occurrence: Int[Tensor, " row"],
         occurrence_gene: Int[Tensor, " occ"],
     ) -> None:
-        z64 = z.double()
         self.n_tokens += z.shape[0]
         self.n_fire += (z > 0).sum(dim=0)
-        self.act_sum += z64.sum(dim=0)
-        self.act_max = torch.maximum(self.act_max, z64.max(dim=0).values)
+        self.act_sum += z.sum(dim=0, dtype=torch.float64)
+        self.act_max = torch.maximum(self.act_max, z.max(dim=0).values.double())
 
         k = min(self.top_k, z.shape[0])
-        batch_val, batch_row = z64.topk(k, dim=0)  # [k, d_tc]
-        merged_val = torch.cat([self.top_val, batch_val])
+        batch_val, batch_row = z.topk(k, dim=0)  # [k, d_tc]
+        merged_val = torch.cat([self.top_val, batch_val.double()])
         merged_code = torch.cat([self.top_code, code[batch_row]])
         self.top_val, pick = merged_val.topk(self.top_k, dim=0)
         self.top_code = merged_code.gather(0, pick)
@@ -140,16 +163,19 @@ class _LayerAccumulator:
         in_gene = occurrence >= 0
         if not in_gene.any():
             return
-        z_gene, occ = z64[in_gene], occurrence[in_gene]
-        token, feature = (z_gene > 0).nonzero(as_tuple=True)
-        if len(token) == 0:
+        z_gene, occ = z[in_gene].double(), occurrence[in_gene]
+        # Per (occurrence, feature): firing tokens and summed z, dense over the batch's
+        # occurrences (a batch of 16 prompts of 64 genes: 1024 x d_tc).
+        n_occ = len(occurrence_gene)
+        fire_tokens = torch.zeros(n_occ, self.d_tc, dtype=torch.float64, device=z.device)
+        fire_tokens.index_add_(0, occ, (z_gene > 0).double())
+        z_sum = torch.zeros_like(fire_tokens).index_add_(0, occ, z_gene)
+        occ_idx, feature = fire_tokens.nonzero(as_tuple=True)
+        if len(occ_idx) == 0:
             return
-        pair, inverse = torch.unique(occ[token] * self.d_tc + feature, return_inverse=True)
-        n_tokens = torch.bincount(inverse, minlength=len(pair)).double()
-        z_sum = torch.zeros(len(pair), dtype=torch.float64, device=z.device).index_add_(0, inverse, z_gene[token, feature])
-        key = (pair % self.d_tc) * self.n_genes + occurrence_gene[pair // self.d_tc]
-        values = torch.stack([torch.ones_like(n_tokens), n_tokens, z_sum], dim=1)
-        self.pairs.add(key.cpu().numpy(), values.cpu().numpy())
+        key = feature * self.n_genes + occurrence_gene[occ_idx]
+        n_tokens = fire_tokens[occ_idx, feature]
+        self.pairs.add(key, torch.stack([torch.ones_like(n_tokens), n_tokens, z_sum[occ_idx, feature]], dim=1))
 
 
 def _check_inputs(model: nn.Module, transcoders, prompts, positions: str) -> dict[int, Transcoder]:
@@ -218,6 +244,7 @@ def collect_feature_stats(
     context: int = DEFAULT_CONTEXT,
     tokenizer=None,
     live_threshold: float = LIVE_THRESHOLD_TABLE4,
+    dense_pairs_limit: int = DENSE_PAIRS_LIMIT,
     progress: bool = True,
 ) -> dict[int, LayerFeatureStats]:
     """{layer: LayerFeatureStats} for every transcoder, from one pass of ``model`` over ``prompts``.
@@ -226,7 +253,9 @@ def collect_feature_stats(
     ``prompts``: ``EncodedPrompts`` (input_ids, answer_start, gene_of_token). ``positions``:
     which real tokens count (module docstring, step 3). ``top_k`` examples are kept per feature
     with ``context`` tokens either side; ``tokenizer`` (a ``CellTokenizer``) decodes them, else
-    tokens are shown as ``<id>``.
+    tokens are shown as ``<id>``. Per (feature, gene) sums are dense up to ``dense_pairs_limit``
+    pairs, sparse beyond (same results). Among equal activations (identical contexts, such as the
+    template prefix every prompt shares) the kept examples are an arbitrary choice.
     """
     by_layer = _check_inputs(model, transcoders, prompts, positions)
     if batch_size < 1 or top_k < 1 or context < 0:
@@ -237,7 +266,8 @@ def collect_feature_stats(
     gene_index = {g: i for i, g in enumerate(genes)}
     stride = max(len(ids) for ids in prompts.input_ids)  # token code = prompt * stride + position
     accumulators = {
-        layer: _LayerAccumulator(tc.cfg.d_tc, len(genes), top_k, device) for layer, tc in by_layer.items()
+        layer: _LayerAccumulator(tc.cfg.d_tc, len(genes), top_k, device, dense_pairs_limit)
+        for layer, tc in by_layer.items()
     }
     gene_occurrences = np.zeros(len(genes), dtype=np.int64)
 

@@ -104,7 +104,9 @@ def sample_live_features(
         raise ValueError(f"n must be >= 1, got {n}")
     live = stats.live_features(live_threshold)
     if len(live) < n:
-        log.warning("layer %d has %d live features (log10 E(f) >= %g), fewer than %d", stats.layer, len(live), live_threshold, n)
+        log.warning(
+            "layer %d has %d live features (log10 E(f) >= %g), fewer than %d", stats.layer, len(live), live_threshold, n
+        )
     return np.random.default_rng(seed).permutation(live)[: min(n, len(live))]
 
 
@@ -218,7 +220,8 @@ def read_human_labels(path: str | os.PathLike, *, layer: int | None = None) -> d
         word = value.strip().lower()
         if word not in _TRUE | _FALSE:
             raise ValueError(
-                f"human label file {path}, row {line}: gene_level_interpretable is {value!r}; use yes/no, true/false or 1/0"
+                f"human label file {path}, row {line}: gene_level_interpretable is {value!r}; "
+                "use yes/no, true/false or 1/0"
             )
         try:
             key = int(feature)
@@ -240,8 +243,9 @@ def table3(
 ) -> pd.DataFrame:
     """The paper's Table 3 for one layer: ``n`` seeded random live features (or ``features``),
     their log10 E(f), activating tokens and gene-level interpretability (rule or human label)."""
-    chosen = sample_live_features(stats, n=n, live_threshold=live_threshold, seed=seed) if features is None else features
-    table = interpret_features(stats, chosen, rule=rule)
+    if features is None:
+        features = sample_live_features(stats, n=n, live_threshold=live_threshold, seed=seed)
+    table = interpret_features(stats, features, rule=rule)
     if human_labels is not None:
         labels = read_human_labels(human_labels, layer=stats.layer)
         named = table["feature"].isin(list(labels))

@@ -25,7 +25,6 @@ What one ``LayerFeatureStats`` holds (``collect_feature_stats`` fills it from a 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -39,8 +38,6 @@ import pandas as pd
 import scipy.sparse as sp
 
 from c2srepro._cache import write_json_atomic
-
-log = logging.getLogger(__name__)
 
 POSITION_MODES = ("all", "genes", "prompt")
 STATS_FORMAT = "c2srepro-feature-stats/1"
@@ -379,7 +376,9 @@ def load_feature_stats(
     directory = Path(directory)
     found = {int(p.name.split("_")[1]): p for p in directory.glob("layer_*") if (p / META_FILENAME).is_file()}
     if not found:
-        raise FileNotFoundError(f"no feature statistics in {directory}: expected layer_XX directories from save_feature_stats")
+        raise FileNotFoundError(
+            f"no feature statistics in {directory}: expected layer_XX directories from save_feature_stats"
+        )
     wanted = sorted(found) if layers is None else sorted(set(layers))
     missing = [layer for layer in wanted if layer not in found]
     if missing:

@@ -207,6 +207,8 @@ def enrich_layer(
     libraries = _libraries(libraries)
     bg = _background(stats, background, min_occurrences)
     live = stats.live_features(live_threshold)
+    if len(live) == 0:
+        log.warning("layer %d has no live features (log10 E(f) >= %g): its fraction is undefined", stats.layer, live_threshold)
     lists = stats.ranked_genes(live, top_n=top_n, min_occurrences=min_occurrences)
 
     def frame(table: pd.DataFrame) -> pd.DataFrame:
@@ -294,7 +296,9 @@ def write_feature_tables(features: pd.DataFrame, directory: str | os.PathLike) -
     term, FDR, library), each file atomically; returns the paths written."""
     missing = [c for c in FEATURE_TABLE_COLUMNS if c not in features.columns]
     if missing:
-        raise ValueError(f"features table lacks columns {missing}: pass Table4.features or enrich_layer()'s first result")
+        raise ValueError(
+            f"features table lacks columns {missing}: pass Table4.features or enrich_layer()'s first result"
+        )
     directory = Path(directory)
     paths = []
     for layer, group in features.groupby("layer", sort=True):
