@@ -403,6 +403,8 @@ def test_table4_counts_planted_features(planted):
     assert table.loc[6, "status"] == "no genes" and not table.loc[6, "interpretable"]
     assert table.loc[6, "n_genes"] == 0 and table.loc[6, "top_term"] == ""
     assert 7 not in table.index  # dead: not live
+    assert result.settings["libraries"] == [{"name": "TOY", "version": "test", "stand_in_for": None}]
+    assert (result.settings["top_n"], result.settings["min_occurrences"], result.settings["nulls"]) == (25, 5, ["random"])
     both = table4({3: stats}, [library, second], min_occurrences=5, nulls=(), progress=False)
     assert both.summary.iloc[0].interpretable == 5
     assert both.features.set_index("feature").loc[4, "library"] == "TOY2"

@@ -14,9 +14,9 @@
    (float64) and max z_f; E(f) = n_f / N.
 5. Top examples: the batch's own ``top_k`` largest z_f per feature are merged with the running
    ``top_k`` by one ``torch.topk`` over their concatenation; only z_f > 0 are kept in the end.
-6. Genes: an occurrence is a maximal run of tokens of one gene in one prompt. Per batch,
-   firing tokens and summed z per (occurrence, feature) are summed with ``index_add_`` into a
-   [batch occurrences, d_tc] tensor; its nonzero entries are the firing occurrences. Mapped to
+6. Genes: an occurrence is a maximal run of tokens of one gene in one prompt. Per batch, the
+   firing entries (z_f > 0 on gene tokens) are counted and their z summed per (occurrence,
+   feature) slot with ``bincount``; the nonzero slots are the firing occurrences. Mapped to
    (feature, gene) they are added to a dense [d_tc * n_genes] sum when that is small (the mini
    model), else to a COO buffer of int64 keys summed by key from time to time: a dense matrix
    would hold 8192 x 30k values per layer at the paper's scale.
@@ -163,19 +163,20 @@ class _LayerAccumulator:
         in_gene = occurrence >= 0
         if not in_gene.any():
             return
-        z_gene, occ = z[in_gene].double(), occurrence[in_gene]
-        # Per (occurrence, feature): firing tokens and summed z, dense over the batch's
-        # occurrences (a batch of 16 prompts of 64 genes: 1024 x d_tc).
-        n_occ = len(occurrence_gene)
-        fire_tokens = torch.zeros(n_occ, self.d_tc, dtype=torch.float64, device=z.device)
-        fire_tokens.index_add_(0, occ, (z_gene > 0).double())
-        z_sum = torch.zeros_like(fire_tokens).index_add_(0, occ, z_gene)
-        occ_idx, feature = fire_tokens.nonzero(as_tuple=True)
-        if len(occ_idx) == 0:
+        z_gene, occ = z[in_gene], occurrence[in_gene]
+        token, feature = (z_gene > 0).nonzero(as_tuple=True)
+        if len(token) == 0:
             return
-        key = feature * self.n_genes + occurrence_gene[occ_idx]
-        n_tokens = fire_tokens[occ_idx, feature]
-        self.pairs.add(key, torch.stack([torch.ones_like(n_tokens), n_tokens, z_sum[occ_idx, feature]], dim=1))
+        # One slot per (batch occurrence, feature): firing tokens and summed z by bincount over
+        # the firing entries only (a batch of 16 prompts of 64 genes has 1024 x d_tc slots).
+        slot = occ[token] * self.d_tc + feature
+        size = len(occurrence_gene) * self.d_tc
+        fire_tokens = torch.bincount(slot, minlength=size)
+        z_sum = torch.bincount(slot, weights=z_gene[token, feature].double(), minlength=size)
+        hit = fire_tokens.nonzero().squeeze(1)  # the firing occurrences
+        key = (hit % self.d_tc) * self.n_genes + occurrence_gene[hit // self.d_tc]
+        n_tokens = fire_tokens[hit].double()
+        self.pairs.add(key, torch.stack([torch.ones_like(n_tokens), n_tokens, z_sum[hit]], dim=1))
 
 
 def _check_inputs(model: nn.Module, transcoders, prompts, positions: str) -> dict[int, Transcoder]:

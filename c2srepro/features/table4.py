@@ -27,7 +27,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -80,11 +80,13 @@ PAPER_TABLE4 = pd.DataFrame(
 @dataclass
 class Table4:
     """``summary``: one row per layer; ``features``: one row per live feature; ``nulls``: one
-    row per (null kind, live feature), same columns as ``features`` plus ``kind``."""
+    row per (null kind, live feature), same columns as ``features`` plus ``kind``; ``settings``:
+    the options and libraries (name, version, stand-in) that produced them, for provenance."""
 
     summary: pd.DataFrame
     features: pd.DataFrame
     nulls: pd.DataFrame
+    settings: dict[str, Any]
 
 
 def _libraries(libraries) -> list[GeneSetLibrary]:
@@ -278,6 +280,8 @@ def table4(
     if not stats:
         raise ValueError("no layers given: pass {layer: LayerFeatureStats}")
     libraries = _libraries(libraries)
+    if not isinstance(background, str):
+        background = list(background)  # read once, used for every layer
     feature_frames, null_frames = [], []
     for layer in tqdm(sorted(stats), desc="Table 4 enrichment", disable=not progress):
         features, null = enrich_layer(
@@ -288,7 +292,19 @@ def table4(
         null_frames.append(null)
     features = pd.concat(feature_frames, ignore_index=True)
     null_table = pd.concat(null_frames, ignore_index=True)
-    return Table4(summarize(features, null_table, layers=sorted(stats)), features, null_table)
+    settings = {
+        "top_n": top_n,
+        "min_occurrences": min_occurrences,
+        "live_threshold": live_threshold,
+        "fdr": fdr,
+        "background": background if isinstance(background, str) else f"{len(background)} given genes",
+        "nulls": list(nulls),
+        "seed": seed,
+        "libraries": [
+            {"name": lib.name, "version": lib.version, "stand_in_for": lib.stand_in_for} for lib in libraries
+        ],
+    }
+    return Table4(summarize(features, null_table, layers=sorted(stats)), features, null_table, settings)
 
 
 def write_feature_tables(features: pd.DataFrame, directory: str | os.PathLike) -> list[Path]:
