@@ -345,7 +345,8 @@ def test_save_load_round_trip(tmp_path, collected):
         }
     )
     synthetic = synthetic_stats({0: {"A": 2}, 1: {"B": 1}}, {"A": 3, "B": 5}, [5, 2], examples=examples)
-    for original in (synthetic, collected[1]):
+    silent = synthetic_stats({}, {"A": 3}, [0, 0])  # nothing fires: empty examples and matrices
+    for original in (synthetic, silent, collected[1]):
         path = original.save(tmp_path / "stats")
         original.save(path)  # replacing an existing directory works
         loaded = LayerFeatureStats.load(path)

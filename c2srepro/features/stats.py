@@ -393,7 +393,9 @@ def _check_min_occurrences(min_occurrences: int) -> None:
 
 def _aligned(matrix: sp.csr_matrix, pattern: sp.coo_matrix) -> np.ndarray:
     """``matrix``'s values at the (row, col) entries of ``pattern`` (zero where absent)."""
-    return np.asarray(matrix[pattern.row, pattern.col]).ravel()
+    if pattern.nnz == 0:
+        return np.empty(0, dtype=matrix.dtype)
+    return np.asarray(matrix[pattern.row, pattern.col], dtype=matrix.dtype).ravel()
 
 
 @contextmanager
