@@ -1,0 +1,394 @@
+"""The biological reading of a circuit: label map, marker-term pick, same-prompt control, own-type rate, summary."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+import pytest
+
+from c2srepro._cache import write_json_atomic
+from c2srepro.casestudy import (
+    LABEL_MAP_PATH,
+    MarkerTerm,
+    circuit_enrichment,
+    dataset_key,
+    label_marker_terms,
+    own_type_rate,
+    prompt_subset_control,
+    read_label_map,
+    summarise_circuit,
+    top_marker_term,
+)
+from c2srepro.enrichment import GeneSetLibrary, enrich, load_library
+
+PBMC_LABELS = [
+    "CD14+ Monocyte", "CD56+ NK", "CD19+ B", "Dendritic", "CD4+/CD25 T Reg", "CD8+ Cytotoxic T",
+    "CD4+/CD45RO+ Memory", "CD8+/CD45RA+ Naive Cytotoxic", "CD4+/CD45RA+/CD25- Naive T", "CD34+",
+]
+HEART_LABELS = [
+    "Adipocyte", "Atrial Cardiomyocyte", "Endothelial", "Fibroblast", "Lymphoid", "Mast", "Mesothelial",
+    "Myeloid", "Neural", "Pericytes", "Smooth Muscle", "Ventricular Cardiomyocyte",
+]
+MARKER_LIBRARIES = ("cellconsensus_L2", "CellMarker_2.0")
+
+
+@pytest.fixture(scope="module")
+def libraries() -> dict[str, GeneSetLibrary]:
+    return {name: load_library(name) for name in MARKER_LIBRARIES}
+
+
+def planted_library() -> tuple[GeneSetLibrary, list[str], list[str]]:
+    """A prompt of 60 genes, a 2,000-gene universe, term PLANT = the 8 circuit genes, 40 random terms."""
+    rng = np.random.default_rng(42)
+    universe = [f"G{i}" for i in range(2000)]
+    prompt = universe[:60]
+    circuit = prompt[3:11]
+    sets = {"PLANT": circuit}
+    for t in range(40):
+        sets[f"T{t:02d}"] = rng.choice(universe, size=int(rng.integers(10, 60)), replace=False).tolist()
+    sets["FILLER"] = universe[1000:]  # puts the whole universe into the library's background
+    return GeneSetLibrary("planted", sets, source="test", version="1", sha256="-"), prompt, circuit
+
+
+# ---------------------------------------------------------------------------------------------
+# Label map
+
+
+def test_label_map_covers_both_datasets_in_both_libraries(libraries):
+    table = read_label_map()
+    for dataset, labels in (("pbmc68k_reduced", PBMC_LABELS), ("heart_cell_atlas_v2", HEART_LABELS)):
+        assert sorted(table.loc[table["dataset"] == dataset, "label"].unique()) == sorted(labels)
+        for name in MARKER_LIBRARIES:
+            for label in labels:
+                terms = label_marker_terms(dataset, label, name)
+                exact = label_marker_terms(dataset, label, libraries[name], strict=True)
+                assert exact and set(exact) <= set(terms), (dataset, label, name)
+
+
+def test_every_mapped_term_exists_in_its_library(libraries):
+    table = read_label_map()
+    assert set(table["library"]) == set(MARKER_LIBRARIES)
+    for name, rows in table.groupby("library"):
+        missing = sorted(set(rows["term"]) - set(libraries[name].terms))
+        assert not missing, f"{name}: terms not in the loaded library (typos?): {missing}"
+
+
+def test_pbmc_labels_match_the_dataset_and_key_choices():
+    import scanpy as sc
+
+    labels = sc.datasets.pbmc68k_reduced().obs["bulk_labels"].cat.categories
+    assert sorted(labels) == sorted(PBMC_LABELS)
+    assert label_marker_terms("pbmc68k_reduced", "CD14+ Monocyte", "cellconsensus_L2") == ["monocyte"]
+    assert "Endothelial cell: Heart" in label_marker_terms("heart_cell_atlas_v2", "Endothelial", "CellMarker_2.0")
+    # A path to the atlas file resolves to the atlas's labels.
+    assert dataset_key("/data/cache/Global_raw.h5ad") == "heart_cell_atlas_v2"
+    assert "muscle cell" in label_marker_terms("data/cache/Global_raw.h5ad", "Atrial Cardiomyocyte", "cellconsensus_L2")
+    # strict drops the enclosing types.
+    treg = label_marker_terms("pbmc68k_reduced", "CD4+/CD25 T Reg", "CellMarker_2.0")
+    assert "T cell: Blood" in treg
+    strict = label_marker_terms("pbmc68k_reduced", "CD4+/CD25 T Reg", "CellMarker_2.0", strict=True)
+    assert "T cell: Blood" not in strict and "Regulatory T(Treg) cell: Blood" in strict
+
+
+def test_label_map_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="label 'Platelet' is unmapped.*mapped labels"):
+        label_marker_terms("pbmc68k_reduced", "Platelet", "cellconsensus_L2")
+    with pytest.raises(ValueError, match="dataset 'pbmc3k' is not in the label map"):
+        label_marker_terms("pbmc3k", "CD14+ Monocyte", "cellconsensus_L2")
+    with pytest.raises(ValueError, match="library 'KEGG_2021_Human' has no label map"):
+        label_marker_terms("pbmc68k_reduced", "CD14+ Monocyte", "KEGG_2021_Human")
+    header = "dataset,label,library,term,level,note\n"
+    bad = tmp_path / "bad.csv"
+    bad.write_text(header + "d,l,lib,t,maybe,\n")
+    with pytest.raises(ValueError, match="level must be one of"):
+        read_label_map(bad)
+    bad.write_text(header + "d,l,lib,t,exact,\nd,l,lib,t,broad,\n")
+    with pytest.raises(ValueError, match="listed twice"):
+        read_label_map(bad)
+    bad.write_text(header + "d,l,lib,,exact,\n")
+    with pytest.raises(ValueError, match="empty 'term'"):
+        read_label_map(bad)
+    good = tmp_path / "good.csv"
+    good.write_text("# a comment line\n" + header + 'd,l,lib,t,exact,"see #3, kept"\n')
+    assert read_label_map(good)["note"].tolist() == ["see #3, kept"]
+    with pytest.raises(FileNotFoundError, match="label map"):
+        read_label_map(tmp_path / "absent.csv")
+    assert LABEL_MAP_PATH.is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Top marker term
+
+
+def synthetic_enrichment() -> pd.DataFrame:
+    rows = [  # term, FDR, combined score, odds ratio, p
+        ("strong but not significant", 0.20, 900.0, 90.0, 0.01),
+        ("significant, high score", 0.01, 300.0, 30.0, 0.001),
+        ("significant, tie, larger p", 0.04, 300.0, 20.0, 0.004),
+        ("significant, low score", 0.001, 50.0, 5.0, 0.0001),
+        ("at the threshold", 0.05, 1000.0, 99.0, 0.02),
+    ]
+    return pd.DataFrame({
+        "query": "query", "Gene_set": "lib", "Term": [r[0] for r in rows], "Overlap": "1/5",
+        "P-value": [r[4] for r in rows], "Adjusted P-value": [r[1] for r in rows],
+        "Odds Ratio": [r[3] for r in rows], "Combined Score": [r[2] for r in rows], "Genes": "A",
+    })
+
+
+def test_top_marker_term_is_the_best_score_with_fdr_below_threshold():
+    df = synthetic_enrichment()
+    top = top_marker_term(df)
+    assert top == MarkerTerm("significant, high score", 0.01, 300.0, 30.0)
+    term, fdr, score, odds = top  # unpacks as the paper's (term, FDR, score, odds ratio)
+    assert (term, fdr) == ("significant, high score", 0.01)
+    # FDR < fdr is strict: 0.05 does not pass 0.05 but passes 0.06.
+    assert top_marker_term(df, fdr=0.06).term == "at the threshold"
+    assert top_marker_term(df, score="Odds Ratio").term == "significant, high score"
+    assert top_marker_term(df, score="P-value").term == "significant, low score"
+    assert top_marker_term(df, fdr=0.0005) is None
+    assert top_marker_term(df.iloc[:0]) is None
+
+
+def test_top_marker_term_libraries_and_errors():
+    df = synthetic_enrichment()
+    other = df.assign(Gene_set="other", **{"Combined Score": df["Combined Score"] * 10})
+    both = pd.concat([df, other], ignore_index=True)
+    with pytest.raises(ValueError, match="several libraries"):
+        top_marker_term(both)
+    assert top_marker_term(both, library="other").combined_score == 3000.0
+    with pytest.raises(ValueError, match="not in the enrichment"):
+        top_marker_term(both, library="nope")
+    with pytest.raises(ValueError, match="lacks columns"):
+        top_marker_term(df.drop(columns="Odds Ratio"))
+    with pytest.raises(ValueError, match="fdr must lie"):
+        top_marker_term(df, fdr=0)
+    with pytest.raises(ValueError, match="score must be one of"):
+        top_marker_term(df, score="Rank")
+
+
+def test_circuit_enrichment_ranks_like_the_paper(libraries):
+    genes = ["VWF", "PTPRB", "ANKRD13C", "KHDRBS1", "LPAR6", "ST6GALNAC3", "ART4", "DIAPH2", "MT-ND4"]
+    lib = libraries["CellMarker_2.0"]
+    ranked = circuit_enrichment(genes, [lib, libraries["cellconsensus_L2"]])
+    raw = enrich(genes, [lib, libraries["cellconsensus_L2"]])
+    assert len(ranked) == len(raw)
+    assert list(dict.fromkeys(ranked["Gene_set"])) == ["CellMarker_2.0", "cellconsensus_L2"]
+    for name, rows in ranked.groupby("Gene_set", sort=False):
+        significant = rows["significant"].to_numpy()
+        assert (significant == (rows["Adjusted P-value"] < 0.05).to_numpy()).all()
+        assert not (np.diff(significant.astype(int)) > 0).any()  # significant rows first
+        scores = rows.loc[rows["significant"], "Combined Score"].to_numpy()
+        assert (np.diff(scores) <= 0).all()
+        # The pick equals a direct filter of the unsorted table (independent of the sort).
+        sub = raw[(raw["Gene_set"] == name) & (raw["Adjusted P-value"] < 0.05)]
+        assert top_marker_term(ranked, library=name).combined_score == sub["Combined Score"].max()
+        assert rows.iloc[0]["Term"] == top_marker_term(ranked, library=name).term
+    with pytest.raises(ValueError, match="gene list is empty"):
+        circuit_enrichment([], lib)
+    with pytest.raises(ValueError, match="one string"):
+        circuit_enrichment("VWF", lib)
+
+
+# ---------------------------------------------------------------------------------------------
+# Same-prompt control
+
+
+def test_control_places_a_planted_circuit_at_the_top():
+    lib, prompt, circuit = planted_library()
+    result = prompt_subset_control(circuit, prompt, lib, n_random=300, seed=0, target_terms=["PLANT"])
+    assert result["circuit_top_term"] == "PLANT"
+    assert result["percentile"] > 99 and result["p_value"] < 0.01
+    assert result["target_percentile"] > 99 and result["circuit_top_is_target"]
+    # Random subsets that happen to share a gene or two with PLANT name it too (what the control
+    # is for), but far from always.
+    assert 0 < result["random_top_is_target_fraction"] < 0.5
+    assert len(result["random_scores"]) == 300 and result["n_genes"] == 8 and result["n_prompt_genes"] == 60
+    json.dumps(result)  # JSON-ready
+    # The percentile is the mid-rank of the circuit's score among the random scores.
+    random = np.array(result["random_scores"])
+    below, tied = (random < result["circuit_score"]).sum(), (random == result["circuit_score"]).sum()
+    assert result["percentile"] == pytest.approx(100 * (below + tied / 2) / 300)
+
+
+def test_control_places_random_circuits_in_the_middle():
+    lib, prompt, _ = planted_library()
+    rng = np.random.default_rng(1)
+    percentiles = [
+        prompt_subset_control(rng.choice(prompt, 8, replace=False).tolist(), prompt, lib, n_random=100, seed=s)[
+            "percentile"
+        ]
+        for s in range(30)
+    ]
+    assert 30 < np.mean(percentiles) < 70
+    assert min(percentiles) < 50 < max(percentiles)
+
+
+def test_control_is_seeded_and_its_scores_are_the_subsets_top_terms():
+    lib, prompt, circuit = planted_library()
+    first = prompt_subset_control(circuit, prompt, lib, n_random=50, seed=3)
+    assert first == prompt_subset_control(circuit, prompt, lib, n_random=50, seed=3)
+    assert first["random_scores"] != prompt_subset_control(circuit, prompt, lib, n_random=50, seed=4)["random_scores"]
+    # With a prompt one gene longer than the circuit, the only subsets leave one gene out: every
+    # random score must be the top-term score of one of them, computed here independently.
+    small_prompt = circuit + ["G500"]
+    control = prompt_subset_control(circuit, small_prompt, lib, n_random=200, seed=0)
+    expected = set()
+    for left_out in small_prompt:
+        subset = [g for g in small_prompt if g != left_out]
+        top = top_marker_term(circuit_enrichment(subset, lib))
+        expected.add(top.combined_score if top else 0.0)
+    assert set(control["random_scores"]) == expected
+    # Genes given per token (None for template text, repeats for multi-token genes) are allowed.
+    per_token = [None] + [g for gene in prompt for g in (gene, gene)] + [None]
+    assert prompt_subset_control(circuit, per_token, lib, n_random=50, seed=3) == first
+
+
+def test_control_errors_name_the_problem():
+    lib, prompt, circuit = planted_library()
+    with pytest.raises(ValueError, match="circuit gene list is empty"):
+        prompt_subset_control([], prompt, lib)
+    with pytest.raises(ValueError, match="not among the prompt's genes"):
+        prompt_subset_control(["G1999"], prompt, lib)
+    with pytest.raises(ValueError, match="no control"):
+        prompt_subset_control(prompt, prompt, lib)
+    with pytest.raises(ValueError, match="target_terms must be non-empty terms"):
+        prompt_subset_control(circuit, prompt, lib, target_terms=["Endothelial cell: Heart"])
+    with pytest.raises(ValueError, match="n_random must be"):
+        prompt_subset_control(circuit, prompt, lib, n_random=0)
+    with pytest.raises(ValueError, match="score must be one of"):
+        prompt_subset_control(circuit, prompt, lib, score="Overlap")
+
+
+# ---------------------------------------------------------------------------------------------
+# Own-type rate
+
+
+def test_own_type_rate_counts_cells_whose_top_term_is_their_type(libraries):
+    lib = libraries["cellconsensus_L2"]
+    others = {t: g for t, g in lib.sets.items()}
+
+    def unique_markers(term: str, n: int = 10) -> list[str]:
+        rest = set().union(*(g for t, g in others.items() if t != term))
+        return sorted(lib.sets[term] - rest)[:n]
+
+    cells = [
+        ("CD14+ Monocyte", unique_markers("monocyte")),
+        ("CD56+ NK", unique_markers("natural killer cell")),
+        ("CD19+ B", unique_markers("monocyte")),  # a B cell whose circuit says monocyte
+        ("Dendritic", []),  # a circuit without genes
+    ]
+    rows, rate = own_type_rate(cells, lib, dataset="pbmc68k_reduced")
+    assert rows["top_term"].tolist()[:3] == ["monocyte", "natural killer cell", "monocyte"]
+    assert rows["own_type"].tolist() == [True, True, False, False]
+    assert rate == 0.5
+    assert rows.loc[0, "own_rank"] == 1 and math.isnan(rows.loc[3, "own_rank"]) and rows.loc[3, "n_genes"] == 0
+    assert rows.loc[3, "top_term"] is None
+    with pytest.raises(ValueError, match="label 'Platelet' is unmapped"):
+        own_type_rate([("Platelet", unique_markers("monocyte"))], lib, dataset="pbmc68k_reduced")
+    with pytest.raises(ValueError, match="no cells"):
+        own_type_rate([], lib, dataset="pbmc68k_reduced")
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+
+SUMMARY_KEYS = {
+    "cell_label": str, "predicted_label": str, "target": str, "n_nodes": int, "n_edges": int,
+    "n_feature_nodes": int, "genes": list, "top_marker_term": (str, type(None)),
+    "top_marker_fdr": (float, type(None)), "top_marker_matches_cell_type": bool,
+    "prompt_subset_percentile": (float, type(None)), "ablation_drop": (float, type(None)),
+    "random_ablation_drop": (float, type(None)),
+}
+
+# Gene symbol per prompt token of the tiny model (11 genes over 12 tokens; VWF spans two).
+TINY_GENES = ["VWF", "VWF", "PTPRB", "PECAM1", "CDH5", "KDR", "ENG", "CLDN5", "EMCN", "PLVAP", "FLT1", "TIE1"]
+
+
+def check_summary_types(summary: dict) -> None:
+    for key, kind in SUMMARY_KEYS.items():
+        assert key in summary, key
+        assert isinstance(summary[key], kind), (key, summary[key])
+
+
+def test_summarise_a_real_circuit_of_a_tiny_gpt_neox(tmp_path, libraries):
+    from _tiny_neox import tiny_setup
+
+    from c2srepro.attribution import Node, ablate, build_replacement, find_circuit
+
+    model, transcoders, input_ids = tiny_setup(n_pos=len(TINY_GENES))
+    rep = build_replacement(model, transcoders, input_ids)
+    feature, _ = rep.top_features(rep.n_layers - 1, rep.n_pos - 1, 1)[0]
+    graph = find_circuit(rep, Node.feature(rep.n_layers - 1, rep.n_pos - 1, feature), k=6, depth=3, genes=TINY_GENES)
+    genes = list(dict.fromkeys(d["gene"] for _, d in graph.nodes(data=True) if d["gene"]))
+    assert genes, "the tiny circuit should touch gene tokens"
+    lib = libraries["cellconsensus_L2"]
+    enrichment = circuit_enrichment(genes, lib)
+    prompt = list(dict.fromkeys(TINY_GENES)) + ["CD14", "LYZ", "MS4A1", "NKG7", "CD3E", "GNLY"]
+    control = prompt_subset_control(genes, prompt, lib, n_random=50)
+    ablation = ablate(rep, graph, n_random=3, propagate=False)
+    summary = summarise_circuit(
+        graph, cell_label="Endothelial", predicted_label="endothelial cell of artery", enrichment=enrichment,
+        control=control, ablation=ablation, dataset="heart_cell_atlas_v2",
+    )
+    check_summary_types(summary)
+    assert summary["n_nodes"] == graph.number_of_nodes() and summary["n_edges"] == graph.number_of_edges()
+    assert sorted(summary["genes"]) == sorted(genes)
+    assert summary["ablation_drop"] == pytest.approx(ablation["circuit_drop"])
+    assert summary["random_ablation_drop"] == pytest.approx(ablation["random_mean"])
+    assert summary["prompt_subset_percentile"] == control["percentile"]
+    top = top_marker_term(enrichment)
+    assert summary["top_marker_term"] == (top.term if top else None)
+    own = label_marker_terms("heart_cell_atlas_v2", "Endothelial", lib)
+    assert summary["top_marker_matches_cell_type"] == (top is not None and top.term in own)
+    path = write_json_atomic(tmp_path / "circuit_summary.json", summary)
+    assert json.loads(path.read_text()) == summary
+
+
+def synthetic_graph(genes_at: dict[int, str]) -> nx.DiGraph:
+    """A circuit as find_circuit builds it: target feature, two features, an embedding, with genes."""
+    graph = nx.DiGraph(target="L2F7@5", target_value=1.5, n_layers=3)
+
+    def node(node_id, kind, layer, position, feature=None):
+        graph.add_node(node_id, kind=kind, layer=layer, position=position, feature=feature, logit_token=None,
+                       token_id=0, token="t", gene=genes_at.get(position), activation=1.0, influence=0.5)
+
+    node("L2F7@5", "feature", 2, 5, 7)
+    node("L1F3@2", "feature", 1, 2, 3)
+    node("L0F9@1", "feature", 0, 1, 9)
+    node("emb@1", "embedding", -1, 1)
+    graph.add_edges_from([("L1F3@2", "L2F7@5"), ("L0F9@1", "L1F3@2"), ("emb@1", "L0F9@1")], weight=0.3)
+    return graph
+
+
+def test_summarise_a_synthetic_graph_and_its_edge_cases(libraries):
+    lib = libraries["CellMarker_2.0"]
+    graph = synthetic_graph({1: "VWF", 2: "PTPRB"})
+    enrichment = circuit_enrichment(["VWF", "PTPRB"], lib)
+    summary = summarise_circuit(
+        graph, cell_label="CD14+ Monocyte", predicted_label="monocyte", enrichment=enrichment,
+        dataset="pbmc68k_reduced",
+    )
+    check_summary_types(summary)
+    assert summary["genes"] == ["VWF", "PTPRB"] and summary["n_feature_nodes"] == 2
+    assert summary["top_marker_matches_cell_type"] is False  # endothelial genes in a monocyte
+    assert summary["prompt_subset_percentile"] is None and summary["ablation_drop"] is None
+    own = summarise_circuit(
+        graph, cell_label="Endothelial", predicted_label="x", enrichment=enrichment,
+        target_terms=[summary["top_marker_term"]],
+    )
+    assert own["top_marker_matches_cell_type"] is True
+    empty = summarise_circuit(
+        synthetic_graph({}), cell_label="Endothelial", predicted_label="x", enrichment=None,
+        dataset="heart_cell_atlas_v2",
+    )
+    assert empty["genes"] == [] and empty["top_marker_term"] is None and empty["top_marker_matches_cell_type"] is False
+    with pytest.raises(ValueError, match="pass dataset="):
+        summarise_circuit(graph, cell_label="Endothelial", predicted_label="x", enrichment=enrichment)
+    with pytest.raises(ValueError, match="label 'Pericyte' is unmapped"):
+        summarise_circuit(graph, cell_label="Pericyte", predicted_label="x", enrichment=enrichment,
+                          dataset="heart_cell_atlas_v2")
