@@ -201,3 +201,47 @@ def test_config_validation_messages():
     with pytest.raises(ValueError, match="all zero"):
         train_transcoders(TensorActivations(x, torch.zeros_like(y)), TranscoderConfig(d_model=16, tokens_per_batch=100),
                           train_config=QUICK, progress=False)
+
+
+def test_hand_written_gradients_match_autograd():
+    from c2srepro.transcoder.train import StackedTranscoders
+
+    torch.manual_seed(0)
+    stack = StackedTranscoders([TranscoderConfig(d_model=8, expansion_factor=4, layer=i) for i in range(3)]).double()
+    with torch.no_grad():
+        stack.b_enc.normal_(0, 0.3)  # some features off, some on
+        stack.b_dec.normal_()
+    x, y = torch.randn(3, 50, 8, dtype=torch.float64), torch.randn(3, 50, 8, dtype=torch.float64)
+    terms = stack.loss_and_grads(x, y, 0.05)
+    mine = {name: p.grad.clone() for name, p in stack.named_parameters()}
+    for p in stack.parameters():
+        p.grad = None
+    z, y_hat = stack(x)
+    loss = (y_hat - y).square().sum(-1).mean(-1) / 8 + 0.05 * z.abs().sum(-1).mean(-1)  # eq. 4, rescaled
+    loss.sum().backward()
+    torch.testing.assert_close(terms["loss"], loss.detach())
+    for name, p in stack.named_parameters():
+        torch.testing.assert_close(mine[name], p.grad, rtol=1e-10, atol=1e-12)
+    assert torch.equal(terms["counts"], (z > 0).sum(1).to(terms["counts"].dtype))
+
+
+@pytest.mark.slow
+def test_pythia_410m_shape_harvest_and_train(tmp_path):
+    """A few harvest + training steps at the paper's shape: a random GPT-NeoX with Pythia-410m's
+    config (24 layers, hidden 1024, 16 heads, MLP 4096, rotary 25%, vocab 50304), expansion 8."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=50304, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                           intermediate_size=4096, rotary_pct=0.25, use_parallel_residual=True,
+                           max_position_embeddings=2048)
+    model = GPTNeoXForCausalLM(config).eval()
+    prompts = [torch.randint(0, 50304, (96,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(2)]
+    source = harvest_activations(model, prompts, directory=tmp_path / "acts", batch_prompts=2, progress=False)
+    assert source.n_rows == 192 and source.layers == tuple(range(24))
+    cfg = TranscoderConfig(d_model=1024, expansion_factor=8, tokens_per_batch=64, training_tokens=64 * 3)
+    result = train_transcoders(source, cfg, train_config=TrainConfig(buffer_tokens=192, log_every_steps=1),
+                               checkpoint_dir=tmp_path / "ckpt", progress=False)
+    assert result.complete and sorted(result.transcoders) == list(range(24))
+    assert result.transcoders[23].W_enc.shape == (1024, 8192)
+    assert len(result.history) == 3 * 24 and result.history[["loss", "fvu", "l0"]].notna().all().all()

@@ -215,8 +215,9 @@ def harvest_batch(
     """Run the prompts ``indices`` as one padded batch; their MLP rows (steps 2-3)."""
     ids, mask = pad_right([prompts.input_ids[i] for i in indices])
     device = model_device(model)
+    body = getattr(model, "gpt_neox", model)  # the transformer without the LM head: no logits needed
     with torch.no_grad(), record_mlp(model, layers) as record:
-        model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        body(input_ids=ids.to(device), attention_mask=mask.to(device))
     keep = mask.bool().to(device)  # [batch, pos]; boolean indexing keeps prompt-major order
     mlp_in = torch.stack([record[layer][0][keep] for layer in layers]).to("cpu", dtype)  # [L, row, d]
     mlp_out = torch.stack([record[layer][1][keep] for layer in layers]).to("cpu", dtype)  # [L, row, d]

@@ -7,6 +7,11 @@ Weight layout, used everywhere in c2srepro (SAELens convention):
     z     = ReLU(x @ W_enc + b_enc)        # paper eq. 1
     y_hat = z @ W_dec + b_dec              # paper eq. 2
     loss  = ||y_hat - MLP(x)||^2 + lambda * ||z||_1   # paper eq. 4
+
+One transcoder per layer is saved as a directory (safetensors weights + json config);
+``save_transcoders`` / ``load_transcoders`` keep a model's set as ``layer_XX`` subdirectories.
+Trained transcoders (``c2srepro.transcoder.train``) take raw MLP inputs, return raw MLP outputs,
+and have unit-norm decoder rows.
 """
 
 from __future__ import annotations
