@@ -1,0 +1,173 @@
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from c2srepro.features import PAPER_TABLE4
+from c2srepro.scorecard import PAPER_CIRCUIT_GENES, PAPER_MODEL, PAPER_VALUES, VERDICTS, build_scorecard
+
+
+def _json(path: Path, data: dict, params: dict | None = None) -> None:
+    path.write_text(json.dumps({**data, "provenance": {"params": params or {}}}))
+
+
+def _table(path: Path, table: pd.DataFrame, params: dict | None = None) -> None:
+    table.to_csv(path, index=False)
+    path.with_name(path.name + ".provenance.json").write_text(json.dumps({"params": params or {}}))
+
+
+def _results(folder: Path, *, model: str = PAPER_MODEL, n_layers: int = 24, d_model: int = 1024, losses=(2.5, 4.6, 12.5),
+             kls=(2.4, 10.5), table3_yes: int = 7, fractions=None, circuit: dict | None = None,
+             library: str = "CellMarker_Augmented_2021", dataset: str = "data/cache/Global_raw.h5ad") -> Path:
+    """A results folder as the chapters write it, with numbers close to the paper's by default."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _json(folder / "model.json", {"model": model, "n_layers": n_layers, "d_model": d_model,
+                                  "heldout_accuracy": 0.9, "baseline_accuracy": 0.3},
+          {"dataset": dataset, "heldout_fraction": 0.1, "top_k": 64})
+    _json(folder / "transcoders.json", {"d_tc": 8 * d_model},
+          {"lr": 1e-4, "tokens_per_batch": 2048, "l1_coefficient": 1.4e-4, "training_tokens": 60_000_000})
+    lo, lt, ln = losses
+    _json(folder / "validation.json", {
+        "loss_original": lo, "loss_transcoder": lt, "loss_no_mlp": ln, "kl_transcoder": kls[0], "kl_no_mlp": kls[1],
+        "fraction_loss_recovered": (ln - lt) / (ln - lo), "mean_l0": 40.0, "d_tc": 8 * d_model,
+        "accuracy_original": 0.9, "accuracy_transcoder": 0.8})
+    _table(folder / "layers.csv", pd.DataFrame({"layer": range(n_layers), "l0": [30.0 + i for i in range(n_layers)]}))
+    _table(folder / "table3.csv", pd.DataFrame({"feature": range(20), "gene_level_interpretable": ["Yes"] * table3_yes
+                                                + ["No"] * (20 - table3_yes), "source": "human"}),
+           {"layer": n_layers // 2, "live_threshold_figure3": -4.0})
+    fractions = list(PAPER_TABLE4["fraction"]) if fractions is None else fractions
+    _table(folder / "table4.csv", pd.DataFrame({"layer": range(len(fractions)), "fraction": fractions,
+                                                "null_fraction": 0.1}), {"live_threshold": -3.0, "fdr": 0.05})
+    _json(folder / "circuit_summary.json", {
+        "cell_label": "endothelial cell", "genes": list(PAPER_CIRCUIT_GENES), "top_marker_library": library,
+        "top_marker_term": "Endothelial cell: heart", "top_marker_fdr": 0.002, "top_marker_combined_score": 300.0,
+        "top_marker_matches_cell_type": True, "prompt_subset_percentile": 97.0, "prompt_subset_p_value": 0.03,
+        "ablation_drop": 1.0, "random_ablation_drop": 0.1, "own_type_rate": 0.6, "own_type_rate_cells": 20,
+        **(circuit or {})})
+    return folder
+
+
+def _by_key(table: pd.DataFrame) -> dict[str, dict]:
+    return {row["key"]: row for row in table.to_dict("records")}
+
+
+def test_paper_values_hold_the_papers_numbers():
+    assert PAPER_VALUES["loss_original"].value == 2.48 and PAPER_VALUES["loss_no_mlp"].value == 12.67
+    assert PAPER_VALUES["fraction_loss_recovered"].value == pytest.approx(0.789, abs=5e-4)
+    assert PAPER_VALUES["kl_transcoder"].value == 2.406 and PAPER_VALUES["kl_no_mlp"].value == 10.52
+    assert PAPER_VALUES["mean_l0"].value is None  # Figure 2 gives no number
+    assert PAPER_VALUES["table3_interpretable"].value == pytest.approx(0.35)
+    layers = [PAPER_VALUES[f"table4_fraction_layer_{i}"].value for i in range(24)]
+    assert layers[0] == pytest.approx(78 / 116) and layers[14] == pytest.approx(802 / 880)
+    assert PAPER_VALUES["table4_mean_fraction"].value == pytest.approx(sum(layers) / 24)
+    assert PAPER_VALUES["top_marker_fdr"].value == 0.0013 and PAPER_VALUES["top_marker_combined_score"].value == 315.17
+    assert PAPER_VALUES["circuit_n_genes"].value == 9
+
+
+def test_paper_like_results_are_reproduced(tmp_path):
+    folder = _results(tmp_path / "results" / "paper")
+    before = sorted(p.name for p in folder.iterdir())
+    table = build_scorecard(folder, profile="paper")
+    assert sorted(p.name for p in folder.iterdir()) == before  # writes nothing
+    assert {"quantity", "paper", "reproduced", "difference", "verdict", "note"} <= set(table.columns)
+    assert set(table["verdict"]) <= set(VERDICTS)
+    rows = _by_key(table)
+    for key in ("loss_original", "loss_transcoder", "loss_no_mlp", "kl_transcoder", "kl_no_mlp", "loss_ordering",
+                "kl_ordering", "fraction_loss_recovered", "table3_interpretable", "table4_mean_fraction",
+                "table4_most_layers_over_80", "table4_layer0_dip", "top_marker_own_type", "top_marker_fdr",
+                "top_marker_combined_score", "circuit_n_genes", "circuit_paper_genes", "d_tc", "lr", "model_layers"):
+        assert rows[key]["verdict"] == "reproduced", (key, rows[key])
+    assert all(rows[f"table4_fraction_layer_{i}"]["verdict"] == "reproduced" for i in range(24))
+    assert rows["loss_original"]["difference"] == pytest.approx(2.5 - 2.48)
+    assert rows["mean_l0"]["verdict"] == "not comparable" and "no number" in rows["mean_l0"]["note"]
+    assert rows["own_type_rate"]["kind"] == "control" and rows["own_type_rate"]["verdict"] == "not comparable"
+    assert (table["model"] == "same as the paper").all()
+
+
+def test_tolerances_and_orderings_decide_differs(tmp_path):
+    # Loss 3.0 is 21% above 2.48 (tolerance 10%); transcoders worse than no MLP breaks the ordering.
+    folder = _results(tmp_path / "r", losses=(3.0, 13.0, 12.5), kls=(11.0, 10.5),
+                      fractions=[0.9] + [0.6] * 23, circuit={"genes": ["VWF", "A", "B"]})
+    rows = _by_key(build_scorecard(folder, profile="paper"))
+    assert rows["loss_original"]["verdict"] == "differs" and "higher" in rows["loss_original"]["note"]
+    assert rows["loss_no_mlp"]["verdict"] == "reproduced"  # 12.5 is within 10% of 12.67
+    assert rows["loss_ordering"]["verdict"] == "differs"
+    assert rows["kl_ordering"]["verdict"] == "differs"
+    assert rows["fraction_loss_recovered"]["verdict"] == "differs"
+    assert rows["table4_most_layers_over_80"]["verdict"] == "differs"
+    assert rows["table4_layer0_dip"]["verdict"] == "differs"  # layer 0 is the highest here
+    assert rows["table4_fraction_layer_0"]["verdict"] == "differs"
+    assert rows["circuit_n_genes"]["verdict"] == "differs"  # 3 genes against 9, beyond 50%
+    assert rows["circuit_paper_genes"]["verdict"] == "differs" and "1 of 9 shared: VWF" in rows["circuit_paper_genes"]["note"]
+
+
+def test_table3_uses_fishers_exact_test(tmp_path):
+    rows = _by_key(build_scorecard(_results(tmp_path / "a", table3_yes=0), profile="paper"))
+    # Independent reference: two-sided Fisher p of [[7, 13], [0, 20]] by the hypergeometric sum.
+    def hyper(a):  # P(top-left = a) with margins 20/20 rows, 7 Yes in all
+        return math.comb(20, a) * math.comb(20, 7 - a) / math.comb(40, 7)
+    observed = hyper(7)
+    p = sum(hyper(a) for a in range(8) if hyper(a) <= observed * (1 + 1e-9))
+    assert f"p = {p:.3g}" in rows["table3_interpretable"]["note"]
+    assert rows["table3_interpretable"]["verdict"] == "differs" and p < 0.05
+    rows = _by_key(build_scorecard(_results(tmp_path / "b", table3_yes=4), profile="paper"))
+    assert rows["table3_interpretable"]["verdict"] == "reproduced"  # 4 of 20 is compatible with 7 of 20
+
+
+def test_other_model_makes_absolute_scales_not_comparable(tmp_path):
+    folder = _results(tmp_path / "results" / "default", model="mini-C2S", n_layers=4, d_model=128,
+                      fractions=[0.9, 0.92, 0.95, 0.94], library="cellconsensus_L2", dataset="pbmc68k_reduced")
+    table = build_scorecard(folder, profile="default")
+    rows = _by_key(table)
+    for key in ("loss_original", "loss_transcoder", "loss_no_mlp", "kl_transcoder", "kl_no_mlp", "d_tc", "model_layers",
+                "top_marker_combined_score", "circuit_paper_genes"):
+        assert rows[key]["verdict"] == "not comparable", key
+        assert "different model" in rows[key]["note"] and "mini-C2S on pbmc68k_reduced" in rows[key]["note"], key
+    # Orderings and dimensionless claims are still compared.
+    assert rows["loss_ordering"]["verdict"] == "reproduced"
+    assert rows["expansion_factor"]["verdict"] == "reproduced"
+    assert rows["table4_per_layer"]["verdict"] == "not comparable" and "4 layers" in rows["table4_per_layer"]["note"]
+    assert not any(k.startswith("table4_fraction_layer_") for k in rows)
+    assert (table["model"] == "differs: mini-C2S on pbmc68k_reduced").all()
+
+
+def test_paper_profile_with_another_model_or_library_is_not_the_paper(tmp_path):
+    rows = _by_key(build_scorecard(_results(tmp_path / "a", model="EleutherAI/pythia-70m"), profile="paper"))
+    assert rows["loss_original"]["verdict"] == "not comparable"
+    rows = _by_key(build_scorecard(_results(tmp_path / "b", library="cellconsensus_L2"), profile="paper"))
+    assert rows["top_marker_combined_score"]["verdict"] == "not comparable"
+    assert "stands in for CellMarker_Augmented_2021" in rows["top_marker_combined_score"]["note"]
+    assert rows["top_marker_fdr"]["verdict"] == "reproduced"  # significance is compared whatever the library
+
+
+def test_no_significant_marker_term_fails_the_claims(tmp_path):
+    folder = _results(tmp_path / "r", circuit={"top_marker_term": None, "top_marker_fdr": None,
+                                               "top_marker_combined_score": None, "top_marker_matches_cell_type": False})
+    rows = _by_key(build_scorecard(folder, profile="paper"))
+    assert rows["top_marker_fdr"]["verdict"] == "differs"
+    assert rows["top_marker_own_type"]["verdict"] == "differs"
+    assert rows["top_marker_combined_score"]["verdict"] == "differs"
+
+
+def test_missing_results_name_the_chapter_to_run(tmp_path):
+    folder = _results(tmp_path / "r")
+    (folder / "validation.json").unlink()
+    (folder / "circuit_summary.json").unlink()
+    (folder / "table4.csv").unlink()
+    rows = _by_key(build_scorecard(folder, profile="paper"))
+    assert rows["loss_original"]["verdict"] == "not comparable"
+    assert rows["loss_original"]["note"] == "result missing: run chapter 03-validation (validation.json)"
+    assert "run chapter 06-circuit" in rows["top_marker_fdr"]["note"]
+    assert "run chapter 06-circuit" in rows["own_type_rate"]["note"]
+    assert "run chapter 05-enrichment" in rows["table4_mean_fraction"]["note"]
+    assert rows["table4_per_layer"]["verdict"] == "not comparable"
+    assert rows["lr"]["verdict"] == "reproduced"  # what is there is still compared
+
+
+def test_bad_arguments_are_errors(tmp_path):
+    with pytest.raises(ValueError, match="no results folder .*make book"):
+        build_scorecard(tmp_path / "nope", profile="default")
+    with pytest.raises(ValueError, match="profile must be a profile name"):
+        build_scorecard(tmp_path, profile="")
