@@ -30,7 +30,8 @@ sequential-residual model it is the layer norm of resid + attention; the hook is
    remainder smaller than a batch is dropped). Its position is three integers, so a resumed
    run rebuilds the same buffer from the source, bit for bit, without storing the buffer.
    Memory is one buffer (``buffer_tokens * n_layers * 2 * d_model`` values) whatever the token
-   count.
+   count. The two modes hold the same rows per epoch, but in blocks of different sizes (shards
+   vs prompt batches), so their buffers, and hence the trained weights, differ slightly.
 """
 
 from __future__ import annotations
