@@ -2,7 +2,7 @@
 
 1. Scoring: for each cell and each candidate label, the summed log-probability of the answer
    tokens `` {label}.`` after the prompt; the prediction is the best-scoring label. The prompt
-   is run once per cell; the candidates reuse its key/value cache.
+   is run once per cell and every candidate continues from its key/value cache.
 2. Generation: greedy decoding from the prompt until the answer's closing ``.`` (or a token
    budget), as a user of the hub model would query it.
 """
@@ -28,24 +28,28 @@ def score_labels(
     if not candidates:
         raise ValueError("give at least one candidate label")
     prompts = encode_prompts(sentences, tokenizer, **prompt_options)
+    # Prompt and answer are tokenised apart, as the answer is appended after the prompt's last
+    # token; BPE never merges across the space that starts the answer.
     answers = [tokenizer.encode(answer_text(label))[0] for label in candidates]
     device = next(model.parameters()).device
+    width = max(len(a) for a in answers)
+    answer_ids = torch.full((len(answers), width), tokenizer.pad_id, device=device)  # [candidate, pos]
+    answer_mask = torch.zeros_like(answer_ids)
+    for row, answer in enumerate(answers):
+        answer_ids[row, : len(answer)] = torch.tensor(answer)
+        answer_mask[row, : len(answer)] = 1
     scores = np.zeros((len(prompts), len(candidates)))
     for row in tqdm(range(len(prompts)), desc="scoring labels", disable=len(prompts) < 50):
-        # Prompt and answer are tokenised apart, as the answer is appended after the prompt's last
-        # token; BPE never merges across the space that starts the answer.
-        prompt = torch.tensor(prompts.input_ids[row], device=device)
-        width = max(len(a) for a in answers)
-        batch = torch.full((len(answers), len(prompt) + width), tokenizer.pad_id, device=device)
-        mask = torch.zeros_like(batch)
-        for column, answer in enumerate(answers):
-            batch[column, : len(prompt)] = prompt
-            batch[column, len(prompt) : len(prompt) + len(answer)] = torch.tensor(answer)
-            mask[column, : len(prompt) + len(answer)] = 1
-        log_probs = torch.log_softmax(model(input_ids=batch, attention_mask=mask).logits.float(), dim=-1)
-        for column, answer in enumerate(answers):
-            positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(answer), device=device)
-            scores[row, column] = log_probs[column, positions, torch.tensor(answer, device=device)].sum().item()
+        prompt = torch.tensor([prompts.input_ids[row]], device=device)  # [1, pos]
+        out = model(input_ids=prompt, use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each answer's first token
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(answers))  # the prompt is run once, shared by every candidate
+        mask = torch.cat([torch.ones(len(answers), prompt.shape[1], dtype=answer_mask.dtype, device=device), answer_mask], 1)
+        rest = torch.log_softmax(model(input_ids=answer_ids, attention_mask=mask, past_key_values=cache).logits.float(), -1)
+        # rest[c, j] predicts answer token j + 1
+        following = rest[:, :-1].gather(-1, answer_ids[:, 1:, None])[..., 0] * answer_mask[:, 1:]
+        scores[row] = (first[answer_ids[:, 0]] + following.sum(1)).cpu().numpy()
     return scores
 
 

@@ -107,3 +107,19 @@ def test_config_validation():
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         MiniC2SConfig(epochs=0)
     assert MiniC2SConfig.from_dict(json.loads(json.dumps(MiniC2SConfig().to_dict()))) == MiniC2SConfig()
+
+
+def test_label_scores_equal_a_full_forward_per_candidate(tiny_model):
+    model, tokenizer = load_c2s_model(tiny_model)
+    split = pbmc_split(MiniC2SConfig(**TINY))
+    cell = split.cells("heldout")[0]
+    scores = score_labels(model, tokenizer, [cell], split.labels)[0]
+    from c2srepro.prompts import answer_text, build_prompt
+
+    prompt = tokenizer.encode(build_prompt(cell).text)[0]
+    for label, score in zip(split.labels, scores):
+        answer = tokenizer.encode(answer_text(label))[0]
+        ids = torch.tensor([prompt + answer])
+        log_probs = torch.log_softmax(model(ids).logits[0].double(), -1)
+        expected = sum(log_probs[len(prompt) - 1 + j, token].item() for j, token in enumerate(answer))
+        assert score == pytest.approx(expected, abs=1e-4), label
