@@ -98,7 +98,7 @@ def _paper_values() -> dict[str, PaperValue]:
         "loss_no_mlp": PaperValue("validation loss, no MLP", 12.67, "Table 1", "result"),
         "loss_ordering": PaperValue("loss: original < transcoders < no MLP", "2.48 < 4.63 < 12.67", "Table 1", "claim"),
         "fraction_loss_recovered": PaperValue(
-            "fraction of loss recovered (derived)", (12.67 - 4.63) / (12.67 - 2.48), "Table 1 (derived)", "result"),
+            "fraction of loss recovered (derived)", (12.67 - 4.63) / (12.67 - 2.48), "Table 1, derived", "result"),
         "kl_transcoder": PaperValue("KL(original || transcoders)", 2.406, "Table 2", "result"),
         "kl_no_mlp": PaperValue("KL(original || no MLP)", 10.52, "Table 2", "result"),
         "kl_ordering": PaperValue("KL: transcoders < no MLP", "2.406 < 10.52", "Table 2", "claim"),
@@ -116,10 +116,10 @@ def _paper_values() -> dict[str, PaperValue]:
             "Table 4 mean interpretable fraction", float(PAPER_TABLE4["fraction"].mean()), "Table 4", "result"),
         "table4_most_layers_over_80": PaperValue(
             "Table 4: over 80% interpretable in most layers",
-            f"{int((PAPER_TABLE4['fraction'] > 0.8).sum())} of 24 layers", "Table 4 (text)", "claim"),
+            f"{int((PAPER_TABLE4['fraction'] > 0.8).sum())} of 24 layers", "Table 4, text", "claim"),
         "table4_layer0_dip": PaperValue(
             "Table 4: layer 0 has the lowest fraction", f"layer 0: {PAPER_TABLE4['fraction'].iloc[0]:.3f}",
-            "Table 4 (text)", "claim"),
+            "Table 4, text", "claim"),
         # Case study (Figures 4-5).
         "prompt_genes": PaperValue("genes per prompt", 64, "Figure 4", "setting"),
         "circuit_n_genes": PaperValue("circuit gene-token nodes", len(PAPER_CIRCUIT_GENES), "Case study", "result"),
