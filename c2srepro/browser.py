@@ -18,7 +18,9 @@ sound:
    renderer other than Quarto passed through as text.
 5. Contents: every local link target (in the navigation and the text) must exist; every content
    page must be listed in the navigation of ``index.html`` (Sphinx's ``genindex``/``search`` pages
-   excepted); the linked pages load as part of step 1.
+   excepted); the linked pages load as part of step 1. With ``chapters`` (the book's chapter list,
+   e.g. :func:`c2srepro.book.chapter_files`), each chapter must have its page: a stale or partial
+   render is a problem.
 6. With ``screenshot``: a full-page PNG of the first page showing a figure (else of index.html).
 
 Chromium is found at ``$C2SREPRO_CHROMIUM``, else as ``chromium`` / ``chromium-browser`` on PATH
@@ -33,6 +35,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -100,11 +103,12 @@ def _local_path(url: str) -> Path | None:
 
 
 def check_book(html_dir: str | os.PathLike, *, screenshot: str | os.PathLike | None = None,
-               timeout_ms: int = 30_000) -> list[str]:
+               chapters: Sequence[str] | None = None, timeout_ms: int = 30_000) -> list[str]:
     """Open every page of the rendered book in headless Chromium; return the problems found.
 
     html_dir: the folder holding the book's ``index.html``. screenshot: where to write a PNG of a
-    page (step 6 of the module docstring). Raises FileNotFoundError when the folder has no
+    page (step 6 of the module docstring). chapters: source paths relative to the book
+    (``index.qmd``, ``chapters/01-model.ipynb``); each must have rendered to its ``.html``. Raises FileNotFoundError when the folder has no
     index.html or Chromium is missing, ImportError when Playwright is not installed.
     """
     html_dir = Path(html_dir).resolve()
@@ -187,6 +191,10 @@ def check_book(html_dir: str | os.PathLike, *, screenshot: str | os.PathLike | N
             continue
         if page_path.resolve() not in nav_of_index:
             problems.append(f"{page_path.relative_to(html_dir)}: not listed in the table of contents of index.html")
+    for chapter in chapters or ():
+        page_path = (html_dir / chapter).with_suffix(".html")
+        if not page_path.is_file():
+            problems.append(f"{page_path.relative_to(html_dir)}: chapter {chapter} has no rendered page")
     return list(dict.fromkeys(problems))  # a heading repeated in the page's header is one problem
 
 
@@ -196,8 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--screenshot", help="write a PNG of a page here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from c2srepro import book
+
     try:
-        problems = check_book(args.html_dir, screenshot=args.screenshot)
+        # The rendered book sits below its _quarto.yml (results/<profile>/book/): check every chapter has a page.
+        chapters = book.chapter_files(book.project_root(args.html_dir))
+    except FileNotFoundError:
+        chapters = None
+    try:
+        problems = check_book(args.html_dir, screenshot=args.screenshot, chapters=chapters)
     except (FileNotFoundError, ImportError, ValueError) as error:
         log.error("%s", error)
         return 2

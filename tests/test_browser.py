@@ -91,7 +91,7 @@ def test_missing_book_is_an_error(tmp_path):
 
 def test_rendered_book_in_chromium(toy_html, tmp_path):
     shot = tmp_path / "book.png"
-    problems = check_book(toy_html, screenshot=shot)
+    problems = check_book(toy_html, screenshot=shot, chapters=book.chapter_files(toy_html.parents[1]))
     # Only the deliberately broken chapter's two error outputs: the figure page, the contents and
     # the links are sound.
     assert sorted(problems) == [
@@ -118,8 +118,9 @@ def test_broken_figures_links_and_contents_are_found(toy_html, tmp_path):
     page.write_text(page.read_text().replace("<h1>", "<h1>Heading {.unnumbered} ", 1))
     orphan = html / "orphan.html"
     orphan.write_text("<html><body><h1>Not in the contents</h1></body></html>")
-    problems = check_book(html)
+    problems = check_book(html, chapters=["index.qmd", "chapters/figures.ipynb", "chapters/broken.ipynb"])
     text = "\n".join(problems)
+    assert "chapters/broken.html: chapter chapters/broken.ipynb has no rendered page" in text
     assert "chapters/figures.html: image" in text and "did not load (naturalWidth 0)" in text
     assert "link to missing file" in text and "broken.html" in text
     assert "chapters/figures.html: heading shows raw Quarto attributes" in text
