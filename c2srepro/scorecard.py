@@ -55,7 +55,6 @@ PAPER_MARKER_LIBRARY = "CellMarker_Augmented_2021"
 PAPER_CIRCUIT_GENES = ("VWF", "PTPRB", "ANKRD13C", "KHDRBS1", "LPAR6", "ST6GALNAC3", "ART4", "DIAPH2", "MT-ND4")
 VERDICTS = ("reproduced", "differs", "not comparable")
 COLUMNS = ["quantity", "source", "kind", "paper", "reproduced", "difference", "verdict", "tolerance", "note", "model"]
-KINDS = ("setting", "result", "claim", "control")
 
 # Which chapter writes which file, for "result missing: run chapter X".
 CHAPTER_OF = {
