@@ -6,7 +6,7 @@ PROFILE ?= default
 # The CPU wheel of torch that the set-up pins; GPU users install their own torch into the venv first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: env book test test-slow bench clean
+.PHONY: env chromium book test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ env: $(VENV)/.installed
 book: env
 	$(PY) -m c2srepro.book run --profile $(PROFILE)
 
-test: env
+# The browser test drives the system Chromium (Playwright's own browser download needs the internet).
+chromium:
+	@command -v chromium >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
+	  (echo "the browser test needs Chromium: sudo apt-get install -y chromium" >&2; exit 1)
+
+test: env chromium
 	$(PY) -m pytest -q
 
 test-slow: env

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ log = logging.getLogger("c2srepro.book")
 QUARTO_FILE = "_quarto.yml"
 PROFILE_DIR = Path("chapters") / "profiles"
 RUNNER_PARAMETERS = ("profile", "results_dir")
+QUARTO_HEADING_ATTRIBUTES = re.compile(r"[ \t]*\{[.#][^}\n]*\}[ \t]*$", re.MULTILINE)
 
 
 def project_root(start: str | os.PathLike = ".") -> Path:
@@ -127,6 +129,8 @@ def execute_chapters(
             raise ValueError(f"no notebook chapter(s) {sorted(missing)}; chapters: {[chapter_name(c) for c in notebooks]}")
         notebooks = [c for c in notebooks if chapter_name(c) in only]
     declared_anywhere: set[str] = set()
+    # Progress bars would fill the rendered pages with stderr blocks; the runner logs each cell.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     for chapter in notebooks:
         source = root / chapter
         declared = papermill.inspect_notebook(str(source)).keys()
@@ -180,8 +184,9 @@ def _render_jupyter_book(book_dir: Path) -> Path:
     for chapter in chapters:
         path = Path(chapter)
         if path.suffix == ".qmd":
-            # Jupyter Book reads Markdown, not .qmd; our .qmd pages are plain Markdown.
-            shutil.copy2(book_dir / path, book_dir / path.with_suffix(".md"))
+            # Jupyter Book reads Markdown, not .qmd: drop Quarto's heading attributes ({.unnumbered}).
+            text = (book_dir / path).read_text()
+            (book_dir / path.with_suffix(".md")).write_text(QUARTO_HEADING_ATTRIBUTES.sub("", text))
         toc_files.append(str(path.with_suffix("")))
     toc = {"format": "jb-book", "root": toc_files[0], "chapters": [{"file": f} for f in toc_files[1:]]}
     jb_config = {
