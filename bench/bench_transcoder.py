@@ -4,18 +4,20 @@ For each shape, every figure is measured in one run, side by side:
 1. harvest: tokens/s of a streaming harvest of every layer (model forward + hooks + gathering the
    real rows) and of a cached harvest into shards on disk, on a randomly initialised
    ``GPTNeoXForCausalLM`` of that shape and random prompts of ~270 tokens (a C2S prompt's length).
-2. train: seconds per training step of all layers at once (time in the step loop of a run of K
-   steps minus that of a run of 1 step, so set-up and the first step are excluded), tokens/s.
+2. train: seconds per training step of all layers at once (drawing the batch from the shuffle
+   buffer, loss, gradients, Adam, decoder renormalisation, metrics), median of K steps after a
+   warm-up step, and tokens/s.
 3. matmul: the five dense products of one step (forward x@W_enc and z@W_dec; backward g@W_dec^T,
-   z^T@g and x^T@g_pre), with the step's shapes batched over layers, timed alone. Their FLOP
+   z^T@g and x^T@g_pre), with the step's shapes batched over layers, timed alone, alternating
+   with the training steps so that both see the same machine load (medians). Their FLOP
    count (10 * tokens * d_model * d_tc * layers) over their time is the attainable dense rate;
    ``fraction_of_matmul_rate`` = matmul time / step time (1 = the step costs only its matmuls).
 4. peak memory: each phase runs in its own process; ``peak_rss_mb`` is its peak resident set.
 
 Shapes: ``mini`` = the embedded mini-C2S (hidden 128, 4 layers, expansion 8, 2048 tokens per
 batch) and ``410m`` = Pythia-410m / C2S-Pythia-410m (hidden 1024, 24 layers, 16 heads, MLP 4096,
-rotary 25%, vocab 50304, expansion 8; on CPU with 256 tokens per batch so a step fits in memory
-and minutes, GPUs take the paper's 2048).
+rotary 25%, vocab 50304, expansion 8), trained here with 256 tokens per batch so that a CPU step
+takes seconds and under 9 GB (the paper's 2048 adds about 1.6 GB per [layer, batch, d_tc] tensor).
 
     python bench/bench_transcoder.py [--shapes mini 410m] [--steps K]
 """
@@ -87,25 +89,33 @@ def phase_harvest(shape: dict) -> dict:
 
 
 def phase_train(shape: dict, steps: int) -> dict:
-    from c2srepro.transcoder import TensorActivations, TrainConfig, TranscoderConfig, train_transcoders
+    from c2srepro.transcoder import ShuffleBuffer, TensorActivations, TrainConfig, TranscoderConfig
+    from c2srepro.transcoder.train import _Trainer
 
     n_layers, d_model, batch = shape["layers"], shape["d_model"], shape["tokens_per_batch"]
+    d_tc = d_model * EXPANSION
     rows = 4 * batch
     g = torch.Generator().manual_seed(0)
     source = TensorActivations(torch.randn(n_layers, rows, d_model, generator=g),
                                torch.randn(n_layers, rows, d_model, generator=g))
     cfg = TranscoderConfig(d_model=d_model, expansion_factor=EXPANSION, tokens_per_batch=batch,
-                           training_tokens=batch * steps)
-    tcfg = TrainConfig(buffer_tokens=rows, log_every_steps=steps, resample_every_steps=0, device="cpu")
-    # Matmuls timed before and after the training runs, so that both see the same machine load.
-    matmul = [matmul_step_seconds(n_layers, batch, d_model, d_model * EXPANSION)]
-    timings = {}
-    for k in (1, steps):
-        timings[k] = train_transcoders(source, cfg, train_config=tcfg, max_steps=k, progress=False).loop_seconds
-    matmul.append(matmul_step_seconds(n_layers, batch, d_model, d_model * EXPANSION))
-    step_seconds = (timings[steps] - timings[1]) / (steps - 1)
-    matmul_seconds = statistics.mean(matmul)
-    flops = 10 * batch * d_model * d_model * EXPANSION * n_layers
+                           training_tokens=batch * (steps + 1))
+    tcfg = TrainConfig(buffer_tokens=rows, resample_every_steps=0, device="cpu")
+    trainer = _Trainer(cfg, tcfg, tuple(range(n_layers)), torch.device("cpu"), steps + 1)
+    buffer = ShuffleBuffer(source, batch_tokens=batch, buffer_tokens=rows)
+    trainer.initialise(*buffer.current_rows())
+    trainer.train_step(*buffer.next_batch())  # warm-up
+    operands = matmul_operands(n_layers, batch, d_model, d_tc)
+    step_times, matmul_times = [], []
+    for _ in range(steps):  # alternate, so that both see the same machine load
+        started = time.perf_counter()
+        trainer.train_step(*buffer.next_batch())
+        step_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        matmul_once(*operands)
+        matmul_times.append(time.perf_counter() - started)
+    step_seconds, matmul_seconds = statistics.median(step_times), statistics.median(matmul_times)
+    flops = 10 * batch * d_model * d_tc * n_layers
     return {
         "tokens_per_batch": batch,
         "train_step_s": round(step_seconds, 4),
@@ -118,26 +128,19 @@ def phase_train(shape: dict, steps: int) -> dict:
     }
 
 
-def matmul_step_seconds(n_layers: int, batch: int, d_model: int, d_tc: int, repeats: int = 3) -> float:
-    """Median time of the five products of one step, batched over layers (step 3)."""
-    x = torch.randn(n_layers, batch, d_model)
+def matmul_operands(n_layers: int, batch: int, d_model: int, d_tc: int) -> tuple[torch.Tensor, ...]:
+    x, g = torch.randn(n_layers, batch, d_model), torch.randn(n_layers, batch, d_model)
     w_enc, w_dec = torch.randn(n_layers, d_model, d_tc), torch.randn(n_layers, d_tc, d_model)
-    z, g = torch.randn(n_layers, batch, d_tc), torch.randn(n_layers, batch, d_model)
+    return x, g, w_enc, w_dec, torch.randn(n_layers, batch, d_tc)
 
-    def once() -> None:
-        torch.bmm(x, w_enc)  # forward: pre-activations
-        torch.bmm(z, w_dec)  # forward: reconstruction
-        torch.bmm(g, w_dec.transpose(1, 2))  # backward: gradient of z
-        torch.bmm(z.transpose(1, 2), g)  # backward: gradient of W_dec
-        torch.bmm(x.transpose(1, 2), z)  # backward: gradient of W_enc
 
-    once()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def matmul_once(x, g, w_enc, w_dec, z) -> None:
+    """The five products of one step, batched over layers (step 3)."""
+    torch.bmm(x, w_enc)  # forward: pre-activations
+    torch.bmm(z, w_dec)  # forward: reconstruction
+    torch.bmm(g, w_dec.transpose(1, 2))  # backward: gradient of z
+    torch.bmm(z.transpose(1, 2), g)  # backward: gradient of W_dec
+    torch.bmm(x.transpose(1, 2), z)  # backward: gradient of W_enc
 
 
 def run_phase(name: str, shape: str, steps: int) -> dict:
