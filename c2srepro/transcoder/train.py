@@ -41,8 +41,8 @@ chose as follows (``TrainConfig`` holds every knob, and is recorded in each save
    normalised), b_enc = 0 and b_dec = the mean of y' over the first buffer; then each encoder is
    scaled so that the features' initial output has mean norm 0.1 (the target's is 1). Why:
    unscaled, the initial output is several times the target and the first hundreds of steps
-   only shrink it (on a small random model, FVU after 200 steps at lr 1e-4: 0.36 unscaled, 0.08
-   scaled).
+   only shrink it (a small random model, 200 steps: FVU 2.8 unscaled vs 0.002 scaled at lr 1e-3;
+   at lr 1e-4, 0.36 with initial norm 1 vs 0.08 with 0.1).
 7. Optimiser: Adam (betas 0.9, 0.999). The layers' weights are stacked, [layer, ...], and trained
    with batched matrix products; Adam acts element by element and the loss is a sum of per-layer
    terms, so this is exactly one independent transcoder and optimiser per layer.
