@@ -61,3 +61,9 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def short_hash(data: Any) -> str:
+    """12 hex digits naming a JSON-able value, e.g. the parameters behind a cached artifact."""
+    text = json.dumps(data, sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
