@@ -269,6 +269,24 @@ def top_marker_term(
     )
 
 
+def top_marker_ties(
+    enrichment_df: pd.DataFrame, *, fdr: float = DEFAULT_FDR, score: str = "Combined Score"
+) -> list[str]:
+    """Every term tied with the top term (same score and p-value, FDR < ``fdr``), in rank order.
+
+    Terms with identical overlap and set size tie exactly; which one ``top_marker_term`` names
+    first is then only the alphabet, so "the top term is the cell's own type" asks whether any of
+    them is.
+    """
+    rows = enrichment_df[enrichment_df["Adjusted P-value"].to_numpy() < fdr]
+    if rows.empty:
+        return []
+    ranked = _rank_terms(rows, fdr=fdr, score=score, by=[])
+    values = _score_values(ranked, score)
+    tied = (values == values[0]) & (ranked["P-value"].to_numpy() == ranked["P-value"].iloc[0])
+    return ranked.loc[tied, "Term"].astype(str).tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. The same-prompt random-subset control
 
@@ -276,16 +294,20 @@ def top_marker_term(
 def _query_summaries(
     table: pd.DataFrame, n_queries: int, *, score: str, fdr: float, target_terms: frozenset[str] | None
 ) -> tuple[np.ndarray, list[str | None], np.ndarray | None]:
-    """Per query (names 0..n-1): top-term score (0 if none significant), top term, best target score."""
+    """Per query (names 0..n-1): top-term score (0 if none significant), the terms tied at the top, best target score."""
     best = np.zeros(n_queries)
-    top: list[str | None] = [None] * n_queries
+    top: list[list[str]] = [[] for _ in range(n_queries)]  # each query's terms tied at the top
     significant = table[table["Adjusted P-value"].to_numpy() < fdr]
     if len(significant):
-        firsts = _rank_terms(significant, fdr=fdr, score=score, by=["query"]).groupby("query", sort=False).head(1)
-        queries = firsts["query"].to_numpy(dtype=np.int64)
-        best[queries] = _score_values(firsts, score)
-        for q, term in zip(queries.tolist(), firsts["Term"].tolist()):
-            top[q] = term
+        ranked = _rank_terms(significant, fdr=fdr, score=score, by=["query"])
+        values = _score_values(ranked, score)
+        first = ranked.groupby("query", sort=False).cumcount().to_numpy() == 0
+        queries = ranked["query"].to_numpy(dtype=np.int64)
+        best[queries[first]] = values[first]
+        lead_p = ranked["P-value"].where(first).groupby(ranked["query"]).transform("first").to_numpy()
+        tied = (values == best[queries]) & (ranked["P-value"].to_numpy() == lead_p)
+        for q, term in zip(queries[tied].tolist(), ranked.loc[tied, "Term"].tolist()):
+            top[q].append(term)
     target = None
     if target_terms is not None:
         target = np.zeros(n_queries)
@@ -375,7 +397,8 @@ def prompt_subset_control(
         "n_prompt_genes": len(prompt),
         "n_random": n_random,
         "seed": seed,
-        "circuit_top_term": top[0],
+        "circuit_top_term": top[0][0] if top[0] else None,
+        "circuit_top_tied_terms": top[0],
         "circuit_score": float(best[0]),
         "random_scores": best[1:].tolist(),
         "random_mean": float(best[1:].mean()),
@@ -390,8 +413,8 @@ def prompt_subset_control(
             "random_target_scores": target[1:].tolist(),
             "target_percentile": target_percentile,
             "target_p_value": target_p,
-            "circuit_top_is_target": top[0] in targets,
-            "random_top_is_target_fraction": float(np.mean([t in targets for t in top[1:]])),
+            "circuit_top_is_target": bool(targets.intersection(top[0])),
+            "random_top_is_target_fraction": float(np.mean([bool(targets.intersection(t)) for t in top[1:]])),
         }
     logger.info(
         "prompt-subset control (%s, %d genes of %d): circuit %s %.4g at percentile %.1f of %d random subsets",
@@ -443,7 +466,7 @@ def own_type_rate(
             "top_term": top.term if top else None,
             "top_fdr": top.fdr if top else math.nan,
             "top_combined_score": top.combined_score if top else math.nan,
-            "own_type": bool(top is not None and top.term in own_terms[label]),
+            "own_type": bool(set(top_marker_ties(terms, fdr=fdr)) & set(own_terms[label])),
             "own_rank": float(own_hits.min()) if len(own_hits) else math.nan,
         })
     frame = pd.DataFrame(rows)
@@ -492,13 +515,14 @@ def summarise_circuit(
         raise ValueError("summarise_circuit: graph has no 'target'; pass a graph from find_circuit")
     if enrichment is None:
         library_name = _library_name(library) if library is not None else None
-        top = None
+        top, ties = None, []
     else:
         rows = _library_rows(enrichment, library)
         library_name = _library_name(library) if library is not None else (
             str(rows["Gene_set"].iloc[0]) if len(rows) else None
         )
         top = top_marker_term(rows, fdr=fdr)
+        ties = top_marker_ties(rows, fdr=fdr)
     if target_terms is not None:
         own = set(target_terms)
     elif library_name is None:
@@ -520,7 +544,8 @@ def summarise_circuit(
         "top_marker_fdr": top.fdr if top else None,
         "top_marker_combined_score": top.combined_score if top else None,
         "top_marker_odds_ratio": top.odds_ratio if top else None,
-        "top_marker_matches_cell_type": bool(top is not None and top.term in own),
+        "top_marker_tied_terms": ties,
+        "top_marker_matches_cell_type": bool(set(ties) & own),
     }
     control = control or {}
     summary |= {

@@ -392,3 +392,16 @@ def test_summarise_a_synthetic_graph_and_its_edge_cases(libraries):
     with pytest.raises(ValueError, match="label 'Pericyte' is unmapped"):
         summarise_circuit(graph, cell_label="Pericyte", predicted_label="x", enrichment=enrichment,
                           dataset="heart_cell_atlas_v2")
+
+
+def test_exactly_tied_top_terms_all_count_as_the_top():
+    from c2srepro.casestudy import top_marker_ties
+
+    table = pd.DataFrame({
+        "Gene_set": ["L"] * 3, "Term": ["macrophage", "monocyte", "B cell"],
+        "P-value": [1e-9, 1e-9, 1e-3], "Adjusted P-value": [1e-8, 1e-8, 1e-3],
+        "Odds Ratio": [50.0, 50.0, 5.0], "Combined Score": [900.0, 900.0, 30.0],
+    })
+    assert top_marker_ties(table) == ["macrophage", "monocyte"]
+    assert top_marker_ties(table.iloc[[1, 2]]) == ["monocyte"]
+    assert top_marker_ties(table.assign(**{"Adjusted P-value": 0.5})) == []
