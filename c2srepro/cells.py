@@ -22,7 +22,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from c2srepro._cache import cache_dir, write_json_atomic
 from c2srepro.datasets import PBMC, CellSplit, labelled_split, load_dataset

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from c2srepro.cells import CellSentence
 from c2srepro.prompts import answer_text, encode_prompts

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import networkx as nx
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from c2srepro.attribution.contributions import attribute
 from c2srepro.attribution.circuit import circuit_features, graph_node

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from c2srepro.features.stats import EXAMPLE_COLUMNS, LIVE_THRESHOLD_TABLE4, POSITION_MODES, LayerFeatureStats
 from c2srepro.transcoder.model import Transcoder

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from c2srepro._cache import atomic_path
 from c2srepro.enrichment import GeneSetLibrary, enrich, load_library

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from c2srepro.transcoder.harvest import as_prompt_set, check_layers, decoder_layers, model_device, pad_right, record_mlp
 from c2srepro.transcoder.model import Transcoder
