@@ -55,7 +55,7 @@ LABEL_MAP_PATH = Path(__file__).resolve().parent.parent / "data" / "label_to_mar
 LABEL_MAP_COLUMNS = ("dataset", "label", "library", "term", "level", "note")
 LEVELS = ("exact", "broad")
 # A dataset given as a path is known by its file name: the paper's atlas file.
-DATASET_ALIASES = {"Global_raw.h5ad": "heart_cell_atlas_v2"}
+DATASET_ALIASES = {"Global_raw.h5ad": "heart_cell_atlas_v2", "smoke-atlas": "heart_cell_atlas_v2"}
 SCORES = ("Combined Score", "Odds Ratio", "P-value", "Adjusted P-value")
 _P_SCORES = ("P-value", "Adjusted P-value")
 DEFAULT_FDR = 0.05

@@ -1,7 +1,8 @@
 """Labelled cells as cell sentences, split by cell into training and held-out sets.
 
 1. ``pbmc68k_reduced`` is scanpy's bundled PBMC set (700 cells, ``.raw`` log-normalised, labels
-   ``bulk_labels``); any other value is a path to an ``.h5ad`` (large files read backed).
+   ``bulk_labels``); ``smoke-atlas`` a synthetic file shaped like the Heart Cell Atlas v2
+   (``c2srepro.smoke``); any other value is a path to an ``.h5ad`` (large files read backed).
 2. Cells are encoded with the C2S gene-rank encoding (``c2srepro.cells``).
 3. The split is stratified by label and seeded; labels with a single cell stay in training.
 """
@@ -37,11 +38,16 @@ class CellSplit:
 
 
 def load_dataset(dataset: str):
-    """The AnnData of ``dataset``: ``pbmc68k_reduced`` (bundled) or an ``.h5ad`` path."""
+    """The AnnData of ``dataset``: ``pbmc68k_reduced`` (bundled), ``smoke-atlas`` (a synthetic
+    Heart-Cell-Atlas-shaped file, read backed as the real atlas is) or an ``.h5ad`` path."""
+    from c2srepro.smoke import SMOKE_ATLAS, smoke_atlas_path
+
     if dataset == PBMC:
         import scanpy as sc
 
         return sc.datasets.pbmc68k_reduced()
+    if dataset == SMOKE_ATLAS:
+        return read_cells(smoke_atlas_path(), backed=True)
     return read_cells(dataset)
 
 
