@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from c2srepro._cache import cache_dir, write_json_atomic
+from c2srepro._config import config_from_dict
 from c2srepro.datasets import PBMC, CellSplit, labelled_split, load_dataset
 from c2srepro.prompts import EncodedPrompts, answer_text, encode_prompts
 from c2srepro.tokenizer import PYTHIA_SHA256, CellTokenizer, load_bpe_tokenizer
@@ -77,7 +78,7 @@ class MiniC2SConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MiniC2SConfig":
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 def pbmc_split(cfg: MiniC2SConfig, *, seed_offset: int = 0, adata=None) -> CellSplit:

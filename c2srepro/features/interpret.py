@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from c2srepro.features.stats import LIVE_THRESHOLD_FIGURE3, LayerFeatureStats
+from c2srepro._config import config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,7 @@ class InterpretRule:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InterpretRule":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown InterpretRule fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 def sample_live_features(

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from c2srepro._config import config_from_dict
+
 
 @dataclass
 class TranscoderConfig:
@@ -48,8 +50,4 @@ class TranscoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TranscoderConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TranscoderConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
