@@ -5,8 +5,8 @@
    parameters resolved in order: the notebook's own defaults (the ``default`` profile), then
    ``chapters/profiles/<profile>.yml`` (``all:`` then ``chapters: {name: ...}``), then
    ``--set key=value`` / ``--set chapter.key=value``. Unknown parameter names are an error.
-   An executed notebook is moved into place only when it ran to the end; a failed one is kept
-   beside it as ``*.failed.ipynb``.
+   An executed notebook is moved into place only when it ran to the end, without its progress
+   bars (they stay in the runner's log); a failed one is kept beside it as ``*.failed.ipynb``.
 3. Rendering: ``quarto render`` of that folder when Quarto is on PATH (notebooks are not
    re-executed), otherwise a static HTML book built by Jupyter Book 1 from the same executed
    notebooks, with its table of contents generated from ``_quarto.yml``.
@@ -31,6 +31,7 @@ log = logging.getLogger("c2srepro.book")
 QUARTO_FILE = "_quarto.yml"
 PROFILE_DIR = Path("chapters") / "profiles"
 RUNNER_PARAMETERS = ("profile", "results_dir")
+PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+")
 QUARTO_HEADING_ATTRIBUTES = re.compile(r"[ \t]*\{[.#][^}\n]*\}[ \t]*$", re.MULTILINE)
 
 
@@ -129,8 +130,6 @@ def execute_chapters(
             raise ValueError(f"no notebook chapter(s) {sorted(missing)}; chapters: {[chapter_name(c) for c in notebooks]}")
         notebooks = [c for c in notebooks if chapter_name(c) in only]
     declared_anywhere: set[str] = set()
-    # Progress bars would fill the rendered pages with stderr blocks; the runner logs each cell.
-    os.environ.setdefault("TQDM_DISABLE", "1")
     for chapter in notebooks:
         source = root / chapter
         declared = papermill.inspect_notebook(str(source)).keys()
@@ -153,6 +152,7 @@ def execute_chapters(
                 f"chapter {chapter} failed under profile {profile!r}; the executed notebook with the "
                 f"error is {target.with_suffix('.failed.ipynb')}"
             ) from error
+        drop_progress_bars(partial)
         os.replace(partial, target)
         target.with_suffix(".failed.ipynb").unlink(missing_ok=True)
     unused = all_keys - declared_anywhere - set(RUNNER_PARAMETERS)
@@ -164,6 +164,21 @@ def execute_chapters(
             shutil.copy2(root / chapter, out_root / chapter)
     shutil.copy2(root / QUARTO_FILE, out_root / QUARTO_FILE)
     return out_root
+
+
+def drop_progress_bars(notebook_path: Path) -> None:
+    """Remove progress-bar output (tqdm's stderr lines) from an executed notebook: the runner's log
+    shows the bars while chapters run; on the book's pages they would be noise."""
+    import nbformat
+
+    notebook = nbformat.read(notebook_path, as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [
+                o for o in cell.outputs
+                if not (o.get("output_type") == "stream" and o.get("name") == "stderr" and PROGRESS_BAR.search(o.get("text", "")))
+            ]
+    nbformat.write(notebook, notebook_path)
 
 
 def render(book_dir: Path, *, renderer: str = "auto") -> Path:

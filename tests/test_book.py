@@ -76,7 +76,9 @@ def _toy_book(tmp_path, body: str) -> Path:
 
 
 def test_runner_executes_with_overrides_and_renders(tmp_path):
-    root = _toy_book(tmp_path, "import json, pathlib\npathlib.Path(results_dir).mkdir(parents=True, exist_ok=True)\n"
+    root = _toy_book(tmp_path, "import json, pathlib\nfrom tqdm import tqdm\n"
+                               "for _ in tqdm(range(3), desc='looping'): pass\n"
+                               "pathlib.Path(results_dir).mkdir(parents=True, exist_ok=True)\n"
                                "pathlib.Path(results_dir, 'toy.json').write_text(json.dumps({'x': x}))")
     out = book.execute_chapters(root, "default", overrides=["x=41"])
     assert json.loads((root / "results/default/toy.json").read_text()) == {"x": 41}
@@ -86,6 +88,7 @@ def test_runner_executes_with_overrides_and_renders(tmp_path):
     assert index.is_file()
     page = re.sub(r"<[^>]+>", "", (index.parent / "chapters" / "toy.html").read_text())
     assert "Toy chapter" in page and "x = 41" in page  # the injected parameters cell is shown
+    assert "3/3" not in page and "100%" not in page  # progress bars are dropped from the pages
 
 
 def test_failed_chapter_leaves_no_executed_notebook(tmp_path):
