@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -93,6 +94,44 @@ def test_layers_train_independently():
     assert list(both) == [0, 4] and list(alone) == [4] and both[4].cfg.layer == 4
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(both[4], name), getattr(alone[4], name), atol=1e-5, rtol=1e-4)
+
+
+def test_a_layer_trained_alone_is_bit_identical_with_resampling(caplog):
+    # Each layer resamples from its own generator, so neither the resampled tokens nor anything
+    # else depends on the layers trained beside it (what c2srepro.transcoder.distributed needs).
+    rows = harvest_activations(small_model(n_layers=3), random_prompts(30), progress=False).read_all()
+    source = TensorActivations(rows.mlp_in, rows.mlp_out, block_rows=200)
+    cfg = TranscoderConfig(d_model=64, expansion_factor=2, lr=2e-3, tokens_per_batch=64, training_tokens=64 * 16)
+    tcfg = dataclasses.replace(QUICK, buffer_tokens=256, resample_every_steps=4, resample_until_fraction=1.0)
+    with caplog.at_level(logging.INFO, logger="c2srepro.transcoder.train"):
+        together = train_transcoders(source, cfg, train_config=tcfg, progress=False).transcoders
+    assert len({r.getMessage().split()[1] for r in caplog.records if "resampled" in r.getMessage()}) >= 2
+    for layers in ([2], [0, 2], [1]):
+        apart = train_transcoders(source, cfg, train_config=tcfg, layers=layers, progress=False).transcoders
+        _assert_same_weights({layer: together[layer] for layer in layers}, apart)
+
+
+def test_checkpoints_of_the_first_format_load_only_when_finished(tmp_path):
+    # Format 1 had one resampling generator for all layers: a finished run still loads, an
+    # unfinished one cannot be continued exactly and is refused.
+    x, y = relu_mlp_data(2000)
+    cfg = TranscoderConfig(d_model=16, expansion_factor=2, tokens_per_batch=128, training_tokens=128 * 4)
+    done = train_transcoders(TensorActivations(x, y), cfg, train_config=QUICK, checkpoint_dir=tmp_path / "done",
+                             progress=False)
+    train_transcoders(TensorActivations(x, y), cfg, train_config=QUICK, checkpoint_dir=tmp_path / "half",
+                      max_steps=2, progress=False)
+    for name in ("done", "half"):
+        path = tmp_path / name / CHECKPOINT_FILENAME
+        state = torch.load(path, weights_only=True)
+        state["format"] = "c2srepro-transcoder-training/1"
+        state["generator"] = state.pop("generators")[0]
+        torch.save(state, path)
+    again = train_transcoders(TensorActivations(x, y), cfg, train_config=QUICK, checkpoint_dir=tmp_path / "done",
+                              progress=False)
+    _assert_same_weights(done.transcoders, again.transcoders)
+    with pytest.raises(ValueError, match="unfinished checkpoint of an older c2srepro"):
+        train_transcoders(TensorActivations(x, y), cfg, train_config=QUICK, checkpoint_dir=tmp_path / "half",
+                          progress=False)
 
 
 def _assert_same_weights(a: dict[int, Transcoder], b: dict[int, Transcoder]) -> None:

@@ -18,9 +18,13 @@ sequential-residual model it is the layer norm of resid + attention; the hook is
    padded positions are dropped, leaving rows in prompt-major order. Each row keeps the prompt
    it came from, its position, the source cell and the token id.
 4. Cached mode (``harvest_activations(..., directory=...)``): rows gather into shards of about ``shard_mb``
-   megabytes. Each shard is written atomically (safetensors), then the json manifest is
-   rewritten atomically, so an interrupted harvest resumes after its last complete shard and a
-   finished one is reused by any later call with the same model, prompts and settings.
+   megabytes, each a run of consecutive batches. Which batches go into which shard follows
+   from the prompt lengths alone (``shard_plan``), so it is known before the model runs and
+   several processes can write different shards of one harvest
+   (``c2srepro.transcoder.distributed``). Each shard is written atomically (safetensors),
+   then the json manifest is rewritten atomically, so an interrupted harvest resumes after its
+   last complete shard and a finished one is reused by any later call with the same model,
+   prompts and settings.
 5. Streaming mode (``harvest_activations(...)`` without a directory): nothing is stored; the model runs on
    a batch of prompts when a consumer asks for that block of rows.
 6. Both modes are an ``ActivationSource``: per epoch, a deterministic sequence of blocks with
@@ -48,9 +52,10 @@ from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from c2srepro._cache import atomic_path, write_json_atomic
 
@@ -168,10 +173,14 @@ def pad_right(sequences: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+def derived_seed(*keys: int) -> int:
+    """A 63-bit generator seed determined by the integer ``keys`` alone."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
+
+
 def seeded_permutation(n: int, *keys: int) -> Tensor:
     """A permutation of range(n) determined by the integer ``keys`` alone."""
-    seed = int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(*keys)))
 
 
 # --------------------------------------------------------------------------- blocks of rows
@@ -335,22 +344,35 @@ class StreamingActivations(ActivationSource):
     def prompt_order(self, epoch: int) -> list[int]:
         return seeded_permutation(len(self.prompts), self.seed, epoch).tolist()
 
-    def block(self, epoch: int, index: int) -> ActivationBlock:
+    def chunks(self, epoch: int) -> list[list[int]]:
+        """The prompt indices of each block of ``epoch``."""
         order = self.prompt_order(epoch)
-        chunk = order[index * self.batch_prompts : (index + 1) * self.batch_prompts]
+        return [order[start : start + self.batch_prompts] for start in range(0, len(order), self.batch_prompts)]
+
+    def block_rows(self, epoch: int) -> list[int]:
+        """Rows (tokens) of each block of ``epoch``, known without running the model."""
+        return [sum(len(self.prompts.input_ids[i]) for i in chunk) for chunk in self.chunks(epoch)]
+
+    def run_chunk(self, chunk: Sequence[int]) -> ActivationBlock:
         return harvest_batch(self.model, self.prompts, chunk, self.layers, dtype=self.dtype)
 
+    def block(self, epoch: int, index: int) -> ActivationBlock:
+        return self.run_chunk(self.chunks(epoch)[index])
+
     def blocks(self, epoch: int = 0, start: int = 0) -> Iterator[ActivationBlock]:
-        order = self.prompt_order(epoch)  # computed once per pass, not once per block
+        chunks = self.chunks(epoch)  # computed once per pass, not once per block
         for index in range(start, self.n_blocks()):
-            chunk = order[index * self.batch_prompts : (index + 1) * self.batch_prompts]
-            yield harvest_batch(self.model, self.prompts, chunk, self.layers, dtype=self.dtype)
+            yield self.run_chunk(chunks[index])
 
 
 class CachedActivations(ActivationSource):
-    """A finished harvest directory: shards of rows plus ``manifest.json``."""
+    """A finished harvest directory: shards of rows plus ``manifest.json``.
 
-    def __init__(self, directory: str | Path):
+    ``layers`` (default: all harvested) reads only those layers' rows from each shard, so a
+    process that trains some layers reads and holds only their share of the data.
+    """
+
+    def __init__(self, directory: str | Path, *, layers: Sequence[int] | None = None):
         self.directory = Path(directory)
         manifest_path = self.directory / MANIFEST_FILENAME
         if not manifest_path.is_file():
@@ -363,7 +385,16 @@ class CachedActivations(ActivationSource):
                 f"the harvest in {self.directory} is incomplete: call harvest_activations() with this "
                 "directory again to finish it"
             )
-        self.layers = tuple(self.manifest["layers"])
+        harvested = tuple(self.manifest["layers"])
+        self.layers = harvested if layers is None else tuple(sorted({int(layer) for layer in layers}))
+        missing = sorted(set(self.layers) - set(harvested))
+        if missing or not self.layers:
+            raise ValueError(
+                f"layers {missing or '[]'} are not in the harvest in {self.directory}, which holds "
+                f"layers {list(harvested)}"
+            )
+        # Rows of the stored [layer, row, d_model] tensors to read; None reads them whole.
+        self._stored = None if self.layers == harvested else [harvested.index(layer) for layer in self.layers]
         self.d_model = int(self.manifest["d_model"])
         self.seed = int(self.manifest["seed"])
 
@@ -383,7 +414,14 @@ class CachedActivations(ActivationSource):
 
     def block(self, epoch: int, index: int) -> ActivationBlock:
         shard = self.manifest["shards"][self.shard_order(epoch)[index]]
-        tensors = load_file(str(self.directory / shard["file"]))
+        path = str(self.directory / shard["file"])
+        if self._stored is None:
+            return ActivationBlock(**load_file(path))
+        with safe_open(path, framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in _ROW_FIELDS}
+            for name in ("mlp_in", "mlp_out"):
+                stored = f.get_slice(name)  # reads only the requested layers from the file
+                tensors[name] = torch.stack([stored[i] for i in self._stored])
         return ActivationBlock(**tensors)
 
 
@@ -421,51 +459,78 @@ def harvest_activations(
     which runs the model only when its blocks are read. ``dtype`` is the stored precision.
     """
     model.eval()
-    if directory is None:
-        return StreamingActivations(
-            model, prompts, layers=layers, batch_prompts=batch_prompts, dtype=dtype, seed=seed
-        )
-    if shard_mb <= 0:
-        raise ValueError(f"shard_mb must be positive, got {shard_mb}")
     stream = StreamingActivations(model, prompts, layers=layers, batch_prompts=batch_prompts, dtype=dtype, seed=seed)
+    if directory is None:
+        return stream
     directory = Path(directory)
-    identity = {
-        "format": MANIFEST_FORMAT,
-        "model_fingerprint": model_fingerprint(model),
-        "prompts_fingerprint": stream.prompts.fingerprint(),
-        "layers": list(stream.layers),
-        "d_model": stream.d_model,
-        "dtype": str(dtype).removeprefix("torch."),
-        "batch_prompts": batch_prompts,
-        "seed": seed,
-    }
-    manifest = _start_manifest(directory, identity, stream)
+    rows_per_shard = shard_rows(stream, shard_mb)
+    manifest = start_manifest(directory, harvest_identity(stream), stream)
     if manifest["complete"]:
         log.info("reusing the finished harvest in %s", directory)
         return CachedActivations(directory)
+    if manifest.pop(DISTRIBUTED_PLAN_KEY, None) is not None:
+        # Files an interrupted distributed harvest left past the listed shards are rewritten
+        # here, perhaps with other boundaries: a later distributed run must not trust them.
+        write_json_atomic(directory / MANIFEST_FILENAME, manifest)
 
-    bytes_per_row = len(stream.layers) * 2 * stream.d_model * torch.empty((), dtype=dtype).element_size()
-    rows_per_shard = max(1, int(shard_mb * 2**20 / bytes_per_row))
-    done_blocks = manifest["blocks_done"]
-    pending: list[ActivationBlock] = []
+    chunks = stream.chunks(0)
+    plan = shard_plan(stream.block_rows(0), rows_per_shard, start=manifest["blocks_done"])
     bar = tqdm(
         total=stream.n_rows, initial=manifest["n_rows"], unit="tok", desc="harvesting MLP activations",
         disable=not progress,
     )
     with bar:
-        for index, block in enumerate(stream.blocks(0, start=done_blocks), start=done_blocks):
-            pending.append(block)
-            bar.update(len(block))
-            last = index == stream.n_blocks() - 1
-            if sum(len(b) for b in pending) >= rows_per_shard or last:
-                _write_shard(directory, manifest, ActivationBlock.concat(pending), blocks_done=index + 1)
-                pending = []
+        for blocks in plan:
+            pending = []
+            for index in blocks:
+                pending.append(stream.run_chunk(chunks[index]))
+                bar.update(len(pending[-1]))
+            _write_shard(directory, manifest, ActivationBlock.concat(pending), blocks_done=blocks.stop)
     manifest["complete"] = True
     write_json_atomic(directory / MANIFEST_FILENAME, manifest)
     return CachedActivations(directory)
 
 
-def _start_manifest(directory: Path, identity: dict, stream: StreamingActivations) -> dict:
+DISTRIBUTED_PLAN_KEY = "distributed_plan"
+
+
+def harvest_identity(stream: StreamingActivations) -> dict:
+    """What a harvest directory must agree on to be resumed or reused."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "model_fingerprint": model_fingerprint(stream.model),
+        "prompts_fingerprint": stream.prompts.fingerprint(),
+        "layers": list(stream.layers),
+        "d_model": stream.d_model,
+        "dtype": str(stream.dtype).removeprefix("torch."),
+        "batch_prompts": stream.batch_prompts,
+        "seed": stream.seed,
+    }
+
+
+def shard_rows(stream: StreamingActivations, shard_mb: float) -> int:
+    """Rows in a shard of about ``shard_mb`` megabytes."""
+    if shard_mb <= 0:
+        raise ValueError(f"shard_mb must be positive, got {shard_mb}")
+    bytes_per_row = len(stream.layers) * 2 * stream.d_model * torch.empty((), dtype=stream.dtype).element_size()
+    return max(1, int(shard_mb * 2**20 / bytes_per_row))
+
+
+def shard_plan(block_rows: Sequence[int], rows_per_shard: int, *, start: int = 0) -> list[range]:
+    """Blocks ``start``.. grouped into shards of consecutive blocks: a shard closes as soon as it
+    holds ``rows_per_shard`` rows or more, the last one takes what is left (step 4)."""
+    plan, first, rows = [], start, 0
+    for index in range(start, len(block_rows)):
+        rows += block_rows[index]
+        if rows >= rows_per_shard or index == len(block_rows) - 1:
+            plan.append(range(first, index + 1))
+            first, rows = index + 1, 0
+    return plan
+
+
+def start_manifest(directory: Path, identity: dict, stream: StreamingActivations) -> dict:
+    """The manifest in ``directory``, created (incomplete, no shards) when there is none;
+    ``ValueError`` when it belongs to a harvest with another identity."""
     path = directory / MANIFEST_FILENAME
     if path.is_file():
         manifest = json.loads(path.read_text())
@@ -500,10 +565,18 @@ def _start_manifest(directory: Path, identity: dict, stream: StreamingActivation
     return manifest
 
 
-def _write_shard(directory: Path, manifest: dict, block: ActivationBlock, *, blocks_done: int) -> None:
-    name = f"shard_{len(manifest['shards']):05d}.safetensors"
-    with atomic_path(directory / name) as tmp:
+def shard_filename(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def write_shard_file(path: Path, block: ActivationBlock) -> None:
+    with atomic_path(path) as tmp:
         save_file(block.tensors(), str(tmp))
+
+
+def _write_shard(directory: Path, manifest: dict, block: ActivationBlock, *, blocks_done: int) -> None:
+    name = shard_filename(len(manifest["shards"]))
+    write_shard_file(directory / name, block)
     manifest["shards"].append({"file": name, "n_rows": len(block)})
     manifest["n_rows"] += len(block)
     manifest["blocks_done"] = blocks_done

@@ -36,7 +36,10 @@ chose as follows (``TrainConfig`` holds every knob, and is recorded in each save
    direction scaled to 0.2 x the mean live encoder norm, encoder bias 0, Adam moments of those
    entries zeroed. Why: a dead feature is wasted capacity, and short runs (the embedded profile
    trains for a few hundred steps) do not give features time to revive on their own; 0 turns it
-   off (the paper reports many dead features, Table 4's live counts).
+   off (the paper reports many dead features, Table 4's live counts). Each layer draws its
+   tokens from its own generator, seeded by (seed, layer), so that a layer's transcoder does
+   not depend on which other layers train beside it (``c2srepro.transcoder.distributed``
+   trains the layers on several processes and relies on this).
 6. Initialisation: ``Transcoder(cfg)`` (encoder Kaiming-uniform, decoder rows the encoder columns
    normalised), b_enc = 0 and b_dec = the mean of y' over the first buffer; then each encoder is
    scaled so that the features' initial output has mean norm 0.1 (the target's is 1). Why:
@@ -45,9 +48,10 @@ chose as follows (``TrainConfig`` holds every knob, and is recorded in each save
    at lr 1e-4, 0.36 with initial norm 1 vs 0.08 with 0.1).
 7. Optimiser: Adam (betas 0.9, 0.999). The layers' weights are stacked, [layer, ...], and trained
    with batched matrix products; Adam acts element by element and the loss is a sum of per-layer
-   terms, so this is exactly one independent transcoder and optimiser per layer.
+   terms, so this is exactly one independent transcoder and optimiser per layer (on CPU,
+   training a subset of the layers gives those layers' weights bit for bit).
 8. Checkpoints every ``checkpoint_every_steps`` steps (one atomic file: weights, Adam state,
-   step, data position, dead-feature counters, resampling generator, unlogged metric sums,
+   step, data position, dead-feature counters, resampling generators, unlogged metric sums,
    history). Training again with the same ``checkpoint_dir`` resumes, and gives the same
    weights, bit for bit, as an uninterrupted run. ``max_steps`` pauses a run on purpose.
 9. A non-finite loss stops training with ``FloatingPointError`` naming the layer, the step and
@@ -73,17 +77,20 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from c2srepro._cache import atomic_path
 from c2srepro.transcoder.config import TranscoderConfig
-from c2srepro.transcoder.harvest import HOOK_POINT, ActivationSource, BufferPosition, ShuffleBuffer
+from c2srepro.transcoder.harvest import HOOK_POINT, ActivationSource, BufferPosition, ShuffleBuffer, derived_seed
 from c2srepro.transcoder.model import Transcoder, save_transcoders
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILENAME = "trainer_state.pt"
-CHECKPOINT_FORMAT = "c2srepro-transcoder-training/1"
+CHECKPOINT_FORMAT = "c2srepro-transcoder-training/2"
+# Format 1 kept one resampling generator for all layers; its finished runs still load (their
+# generator is never used again), an unfinished one cannot be continued exactly.
+_FINISHED_ONLY_FORMAT = "c2srepro-transcoder-training/1"
 # TrainConfig fields that do not change the trained weights, so a resumed run may change them.
 _RESUMABLE_CHANGES = {"checkpoint_every_steps", "device"}
 INIT_OUTPUT_NORM = 0.1
@@ -315,7 +322,7 @@ class _Trainer:
         self.scale_in = torch.ones(self.n_layers, device=device)
         self.scale_out = torch.ones(self.n_layers, device=device)
         self.since_fired = torch.zeros(self.n_layers, self.d_tc, dtype=torch.long, device=device)
-        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.generators = [torch.Generator(device=device).manual_seed(derived_seed(config.seed, layer)) for layer in layers]
         self.sums = self._zero_sums()
         self.history: list[dict[str, Any]] = []
 
@@ -384,7 +391,7 @@ class _Trainer:
             weights = sq_error[i].clamp_min(0)
             if float(weights.sum()) <= 0:
                 continue
-            tokens = torch.multinomial(weights, index.numel(), replacement=True, generator=self.generator)
+            tokens = torch.multinomial(weights, index.numel(), replacement=True, generator=self.generators[i])
             live = ~dead[i]
             enc_norm = self.stack.W_enc[i][:, live].norm(dim=0).mean() if live.any() else torch.tensor(1.0, device=self.device)
             direction_in = x[i, tokens]  # [n_dead, d_model]
@@ -476,7 +483,7 @@ class _Trainer:
             "scale_in": self.scale_in.cpu(),
             "scale_out": self.scale_out.cpu(),
             "since_fired": self.since_fired.cpu(),
-            "generator": self.generator.get_state(),
+            "generators": [generator.get_state() for generator in self.generators],
             "sums": {name: t.cpu() for name, t in self.sums.items()},
             "last_lr": getattr(self, "_last_lr", self.config.lr),
             "last_l1": getattr(self, "_last_l1", 0.0),
@@ -487,8 +494,14 @@ class _Trainer:
 
     def load(self, path: Path, *, source_rows: int) -> BufferPosition:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
+        if state.get("format") not in (CHECKPOINT_FORMAT, _FINISHED_ONLY_FORMAT):
             raise ValueError(f"{path} is not a transcoder training checkpoint ({CHECKPOINT_FORMAT})")
+        if state["format"] == _FINISHED_ONLY_FORMAT and state["step"] < state["total_steps"]:
+            raise ValueError(
+                f"{path} is an unfinished checkpoint of an older c2srepro, which drew resampled "
+                "features from one generator shared by all layers, so it cannot be continued "
+                "exactly: delete it (or use a fresh checkpoint_dir) to train afresh"
+            )
         mine = {"transcoder_config": self.config.to_dict(), "layers": list(self.layers), "source_rows": source_rows}
         differs = sorted(key for key, value in mine.items() if state[key] != value)
         saved_train = state["train_config"]
@@ -509,7 +522,8 @@ class _Trainer:
         self.scale_in = state["scale_in"].to(self.device)
         self.scale_out = state["scale_out"].to(self.device)
         self.since_fired = state["since_fired"].to(self.device)
-        self.generator.set_state(state["generator"])
+        for generator, generator_state in zip(self.generators, state.get("generators", [])):
+            generator.set_state(generator_state)
         self.sums = {name: t.to(self.device) for name, t in state["sums"].items()}
         self._last_lr, self._last_l1 = state["last_lr"], state["last_l1"]
         self.history = list(state["history"])
