@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +105,17 @@ def test_two_gloo_processes_equal_the_single_process_run(tmp_path, caplog):
     mp.spawn(_worker, args=(str(tmp_path / "store"), runs, failing, str(tmp_path / "other_prompts.json"),
                             str(tmp_path)), nprocs=WORLD, join=True)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    # The real entry point: torchrun on loopback, reusing the finished harvest.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
+                f"--master_port={port}", "-m", "c2srepro.transcoder.distributed"]
+    argv = common + ["--activations", str(tmp_path / "acts"), "--out", str(tmp_path / "out_torchrun")]
+    launched = subprocess.run(torchrun + argv, env=env, capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).parent.parent)
+    assert launched.returncode == 0, launched.stderr[-3000:]
     # The model as the workers loaded it (the harvest manifest fingerprints the saved config too).
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
 
@@ -139,6 +153,8 @@ def test_two_gloo_processes_equal_the_single_process_run(tmp_path, caplog):
     # Training: every layer bit for bit, cached and streamed; each rank checkpointed its layers.
     assert_same_transcoders(load_transcoders(tmp_path / "out"), reference.transcoders)
     assert_same_transcoders(load_transcoders(tmp_path / "out_streamed"), streamed.transcoders)
+    assert_same_transcoders(load_transcoders(tmp_path / "out_torchrun"), reference.transcoders)
+    assert "reusing the finished harvest" in launched.stderr
     for rank, layers in ((0, [0, 2]), (1, [1])):
         state = torch.load(tmp_path / "ckpt" / f"rank{rank}-of-{WORLD}" / CHECKPOINT_FILENAME, weights_only=True)
         assert state["layers"] == layers and state["step"] == 16

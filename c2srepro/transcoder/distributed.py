@@ -70,7 +70,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from c2srepro._cache import atomic_path, write_json_atomic
 from c2srepro.transcoder.config import TranscoderConfig
@@ -221,7 +221,8 @@ def harvest_distributed(
             "directory on a filesystem every rank shares"
         )
     if manifest["complete"]:
-        log.info("reusing the finished harvest in %s", directory)
+        if rank == 0:
+            log.info("reusing the finished harvest in %s", directory)
         return CachedActivations(directory)
 
     plan = manifest[DISTRIBUTED_PLAN_KEY]
