@@ -98,3 +98,17 @@ def test_failed_chapter_leaves_no_executed_notebook(tmp_path):
     out = root / "results" / "default" / "book" / "chapters"
     assert not (out / "toy.ipynb").exists()
     assert (out / "toy.failed.ipynb").exists()
+
+
+def test_papermill_sees_every_parameter_the_cell_assigns():
+    import ast
+
+    import papermill
+
+    for chapter in book.chapter_files(ROOT):
+        if not chapter.endswith(".ipynb"):
+            continue
+        notebook = nbformat.read(ROOT / chapter, as_version=4)
+        (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+        assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
+        assert assigned == set(papermill.inspect_notebook(str(ROOT / chapter))), chapter
