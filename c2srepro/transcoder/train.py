@@ -80,6 +80,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from c2srepro._cache import atomic_path
+from c2srepro._config import config_from_dict
 from c2srepro.transcoder.config import TranscoderConfig
 from c2srepro.transcoder.harvest import HOOK_POINT, ActivationSource, BufferPosition, ShuffleBuffer, derived_seed
 from c2srepro.transcoder.model import Transcoder, save_transcoders
@@ -133,11 +134,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 @dataclass
