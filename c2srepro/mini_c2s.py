@@ -35,7 +35,7 @@ from tqdm import tqdm
 from c2srepro._cache import cache_dir, write_json_atomic
 from c2srepro._config import config_from_dict
 from c2srepro.datasets import PBMC, CellSplit, labelled_split, load_dataset
-from c2srepro.prompts import EncodedPrompts, answer_text, encode_prompts
+from c2srepro.prompts import EncodedPrompts, answer_text, encode_prompts, pad_right
 from c2srepro.tokenizer import PYTHIA_SHA256, CellTokenizer, load_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -141,17 +141,6 @@ def cache_key(cfg: MiniC2SConfig) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [batch, pos] and attention mask [batch, pos]."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-        mask[row, : len(sequence)] = 1
-    return ids, mask
-
-
 def weighted_lm_loss(
     logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, answer_start: list[int], answer_weight: float
 ) -> torch.Tensor:
@@ -216,7 +205,7 @@ def train_mini_c2s(
             losses = []
             for start in range(0, len(order), cfg.batch_size):
                 batch = order[start : start + cfg.batch_size]
-                ids, mask = pad_batch([prompts.input_ids[i] for i in batch], tokenizer.pad_id)
+                ids, mask = pad_right([prompts.input_ids[i] for i in batch], pad_id=tokenizer.pad_id)
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 loss = weighted_lm_loss(logits, ids, mask, [prompts.answer_start[i] for i in batch], cfg.answer_weight)
                 if not torch.isfinite(loss):

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import torch
+
 from c2srepro.cells import CellSentence
 from c2srepro.tokenizer import CellTokenizer
 
@@ -122,3 +124,14 @@ def encode_prompts(
         encoded.labels.append(sentence.label)
         encoded.texts.append(prompt.text)
     return encoded
+
+
+def pad_right(sequences: Sequence[Sequence[int]], *, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [batch, pos] and the attention mask [batch, pos] (1 on real tokens)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+        mask[row, : len(sequence)] = 1
+    return ids, mask

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from c2srepro._cache import atomic_path, write_json_atomic
+from c2srepro.prompts import pad_right
 
 log = logging.getLogger(__name__)
 
@@ -160,17 +161,6 @@ def as_prompt_set(prompts) -> PromptSet:
     if empty:
         raise ValueError(f"prompts {empty[:5]} have no tokens: drop them before harvesting")
     return PromptSet(input_ids, cells)
-
-
-def pad_right(sequences: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
-    """Right-padded ids [batch, pos] (pad id 0, never seen by real tokens) and the mask."""
-    width = max(len(s) for s in sequences)
-    ids = torch.zeros((len(sequences), width), dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-        mask[row, : len(sequence)] = 1
-    return ids, mask
 
 
 def derived_seed(*keys: int) -> int:
