@@ -24,7 +24,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from c2srepro.features import collect_feature_stats
-from c2srepro.prompts import EncodedPrompts
+from c2srepro.data.prompts import EncodedPrompts
 from c2srepro.transcoder import Transcoder, TranscoderConfig
 
 

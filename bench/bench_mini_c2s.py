@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from c2srepro.evaluate import baseline_accuracy, heldout_predictions
-from c2srepro.mini_c2s import MiniC2SConfig, pbmc_split, train_mini_c2s, training_meta
-from c2srepro.models import load_c2s_model
+from c2srepro.models.evaluate import baseline_accuracy, heldout_predictions
+from c2srepro.models.mini_c2s import MiniC2SConfig, pbmc_split, train_mini_c2s, training_meta
+from c2srepro.models.load import load_c2s_model
 
 
 def main() -> None:

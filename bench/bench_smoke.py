@@ -38,11 +38,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from c2srepro.cells import cell_sentences, read_cells
-    from c2srepro.models import load_c2s_model
-    from c2srepro.prompts import encode_prompts
-    from c2srepro.smoke import LABEL_COLUMN, SYMBOL_COLUMN, build_smoke_atlas, smoke_model_dir
-    from c2srepro.tokenizer import pythia_tokenizer_file
+    from c2srepro.data.cells import cell_sentences, read_cells
+    from c2srepro.models.load import load_c2s_model
+    from c2srepro.data.prompts import encode_prompts
+    from c2srepro.book.smoke import LABEL_COLUMN, SYMBOL_COLUMN, build_smoke_atlas, smoke_model_dir
+    from c2srepro.data.tokenizer import pythia_tokenizer_file
 
     pythia_tokenizer_file()  # a download on a fresh cache: keep it out of the timed build
     with tempfile.TemporaryDirectory() as scratch:

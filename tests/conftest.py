@@ -7,7 +7,7 @@ import scipy.sparse as sp
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from c2srepro.tokenizer import CellTokenizer
+    from c2srepro.data.tokenizer import CellTokenizer
 
     return CellTokenizer.load()
 

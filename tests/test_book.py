@@ -7,7 +7,7 @@ import nbformat
 import pytest
 import yaml
 
-from c2srepro import book
+from c2srepro.book import runner as book
 
 ROOT = Path(__file__).resolve().parents[1]
 

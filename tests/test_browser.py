@@ -8,8 +8,8 @@ import nbformat
 import pytest
 import yaml
 
-from c2srepro import book
-from c2srepro.browser import check_book, find_chromium
+from c2srepro.book import runner as book
+from c2srepro.book.browser import check_book, find_chromium
 
 FIGURE_CELL = """\
 import matplotlib

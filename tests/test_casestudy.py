@@ -11,8 +11,7 @@ import pandas as pd
 import pytest
 
 from c2srepro._cache import write_json_atomic
-from c2srepro.casestudy import (
-    LABEL_MAP_PATH,
+from c2srepro.biology.casestudy import (
     MarkerTerm,
     circuit_enrichment,
     dataset_key,
@@ -117,7 +116,6 @@ def test_label_map_errors_name_the_problem(tmp_path):
     assert read_label_map(good)["note"].tolist() == ["see #3, kept"]
     with pytest.raises(FileNotFoundError, match="label map"):
         read_label_map(tmp_path / "absent.csv")
-    assert LABEL_MAP_PATH.is_file()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +393,7 @@ def test_summarise_a_synthetic_graph_and_its_edge_cases(libraries):
 
 
 def test_exactly_tied_top_terms_all_count_as_the_top():
-    from c2srepro.casestudy import top_marker_ties
+    from c2srepro.biology.casestudy import top_marker_ties
 
     table = pd.DataFrame({
         "Gene_set": ["L"] * 3, "Term": ["macrophage", "monocyte", "B cell"],

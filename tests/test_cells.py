@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from c2srepro.cells import cell_sentences, read_cells
+from c2srepro.data.cells import cell_sentences, read_cells
 from tests.conftest import make_adata
 
 

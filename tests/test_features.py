@@ -34,7 +34,7 @@ from c2srepro.features import (
     table4,
     write_feature_tables,
 )
-from c2srepro.prompts import EncodedPrompts
+from c2srepro.data.prompts import EncodedPrompts
 from c2srepro.transcoder import Transcoder, TranscoderConfig
 
 VOCAB = 80

@@ -20,7 +20,7 @@ def test_installed_package_files_match_the_manifest():
 
 
 def test_tokenizer_entry_matches_the_code():
-    from c2srepro import tokenizer
+    from c2srepro.data import tokenizer
 
     (entry,) = [e for e in yaml.safe_load(MANIFEST.read_text())["inputs"] if e["name"] == "pythia-tokenizer"]
     assert entry["sha256"] == tokenizer.PYTHIA_SHA256

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from c2srepro.datasets import labelled_split, split_cells
-from c2srepro.mini_c2s import MiniC2SConfig, pbmc_split, train_mini_c2s, training_meta, weighted_lm_loss
-from c2srepro.models import load_c2s_model
-from c2srepro.predict import generate_labels, predict_labels, score_labels
+from c2srepro.data.datasets import labelled_split, split_cells
+from c2srepro.models.mini_c2s import MiniC2SConfig, pbmc_split, train_mini_c2s, training_meta, weighted_lm_loss
+from c2srepro.models.load import load_c2s_model
+from c2srepro.models.predict import generate_labels, predict_labels, score_labels
 
 TINY = dict(n_layers=1, d_model=32, n_heads=2, epochs=1, top_k=16, batch_size=32)
 
@@ -114,7 +114,7 @@ def test_label_scores_equal_a_full_forward_per_candidate(tiny_model):
     split = pbmc_split(MiniC2SConfig(**TINY))
     cell = split.cells("heldout")[0]
     scores = score_labels(model, tokenizer, [cell], split.labels)[0]
-    from c2srepro.prompts import answer_text, build_prompt
+    from c2srepro.data.prompts import answer_text, build_prompt
 
     prompt = tokenizer.encode(build_prompt(cell).text)[0]
     for label, score in zip(split.labels, scores):

@@ -1,8 +1,8 @@
 import pytest
 
-from c2srepro.cells import CellSentence
-from c2srepro.prompts import build_prompt, encode_prompts, genes_of_tokens
-from c2srepro.tokenizer import PYTHIA_SHA256, pythia_tokenizer_file
+from c2srepro.data.cells import CellSentence
+from c2srepro.data.prompts import build_prompt, encode_prompts, genes_of_tokens
+from c2srepro.data.tokenizer import PYTHIA_SHA256, pythia_tokenizer_file
 from c2srepro._cache import sha256_file
 
 SPLIT_GENES = ("VWF", "PTPRB", "HSP90AA1", "MT-ND4", "GOLGA4", "PSD3", "RDX")

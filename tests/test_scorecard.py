@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from c2srepro.features import PAPER_TABLE4
-from c2srepro.scorecard import PAPER_CIRCUIT_GENES, PAPER_MODEL, PAPER_VALUES, VERDICTS, build_scorecard
+from c2srepro.book.scorecard import PAPER_CIRCUIT_GENES, PAPER_MODEL, PAPER_VALUES, VERDICTS, build_scorecard
 
 
 def _json(path: Path, data: dict, params: dict | None = None) -> None:

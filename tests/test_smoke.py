@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from c2srepro import smoke
-from c2srepro.cells import cell_sentences, gene_symbols, read_cells
-from c2srepro.models import load_c2s_model
+from c2srepro.book import smoke
+from c2srepro.data.cells import cell_sentences, gene_symbols, read_cells
+from c2srepro.models.load import load_c2s_model
 
 ATLAS_LABELS = [
     "Adipocyte", "Atrial Cardiomyocyte", "Endothelial", "Fibroblast", "Lymphoid", "Mast", "Mesothelial",
@@ -109,7 +109,7 @@ def test_type_markers_lead_each_sentence(atlas, markers):
 
 def test_type_markers_give_the_mapped_top_term(atlas, markers):
     # the book's enrichment check on a cell's top genes finds the label-map term of its own type
-    from c2srepro.casestudy import label_marker_terms
+    from c2srepro.biology.casestudy import label_marker_terms
     from c2srepro.enrichment import enrich, load_library
 
     library = load_library("cellconsensus_L2")
@@ -187,7 +187,7 @@ def test_model_dir_refuses_a_foreign_directory(tmp_path):
 
 @pytest.mark.slow
 def test_pythia_410m_directory_runs_a_64_gene_prompt(atlas, tmp_path, monkeypatch):
-    from c2srepro.prompts import encode_prompts
+    from c2srepro.data.prompts import encode_prompts
 
     monkeypatch.setenv("C2SREPRO_CACHE", str(tmp_path))
     directory = smoke.smoke_model_dir()

@@ -4,10 +4,10 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from c2srepro.attribution import circuit_genes
 from c2srepro.attribution.trace import pick_cell, trace_cell
-from c2srepro.cells import CellSentence
-from c2srepro.mini_c2s import build_vocabulary
-from c2srepro.prompts import answer_text, build_prompt
-from c2srepro.tokenizer import CellTokenizer
+from c2srepro.data.cells import CellSentence
+from c2srepro.models.mini_c2s import build_vocabulary
+from c2srepro.data.prompts import answer_text, build_prompt
+from c2srepro.data.tokenizer import CellTokenizer
 from tests._tiny_neox import tiny_transcoders
 
 CELLS = [

@@ -22,9 +22,9 @@ import networkx as nx
 from c2srepro.attribution.circuit import find_circuit
 from c2srepro.attribution.linearised import LinearisedReplacement, build_replacement
 from c2srepro.attribution.nodes import Node
-from c2srepro.cells import CellSentence
-from c2srepro.prompts import EncodedPrompts, answer_text, encode_prompts
-from c2srepro.tokenizer import CellTokenizer
+from c2srepro.data.cells import CellSentence
+from c2srepro.data.prompts import EncodedPrompts, answer_text, encode_prompts
+from c2srepro.data.tokenizer import CellTokenizer
 from c2srepro.transcoder.model import Transcoder
 
 TARGETS = ("feature", "logit")

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from c2srepro._cache import atomic_path, write_json_atomic
-from c2srepro.prompts import pad_right
+from c2srepro.data.prompts import pad_right
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from c2srepro.prompts import pad_right
+from c2srepro.data.prompts import pad_right
 from c2srepro.transcoder.harvest import as_prompt_set, check_layers, decoder_layers, model_device, record_mlp
 from c2srepro.transcoder.model import Transcoder
 

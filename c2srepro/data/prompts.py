@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from c2srepro.cells import CellSentence
-from c2srepro.tokenizer import CellTokenizer
+from c2srepro.data.cells import CellSentence
+from c2srepro.data.tokenizer import CellTokenizer
 
 # One of the C2S cell-type prediction prompts (the answer follows as " {cell_type}.").
 C2S_CELL_TYPE_TEMPLATE = (

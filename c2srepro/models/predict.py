@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from c2srepro.cells import CellSentence
-from c2srepro.prompts import answer_text, encode_prompts
-from c2srepro.tokenizer import CellTokenizer
+from c2srepro.data.cells import CellSentence
+from c2srepro.data.prompts import answer_text, encode_prompts
+from c2srepro.data.tokenizer import CellTokenizer
 
 
 @torch.no_grad()

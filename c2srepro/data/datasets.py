@@ -1,20 +1,21 @@
 """Labelled cells as cell sentences, split by cell into training and held-out sets.
 
 1. ``pbmc68k_reduced`` is scanpy's bundled PBMC set (700 cells, ``.raw`` log-normalised, labels
-   ``bulk_labels``); ``smoke-atlas`` a synthetic file shaped like the Heart Cell Atlas v2
-   (``c2srepro.smoke``); any other value is a path to an ``.h5ad`` (large files read backed).
-2. Cells are encoded with the C2S gene-rank encoding (``c2srepro.cells``).
+   ``bulk_labels``); any other string is a path to an ``.h5ad`` (large files read backed); an
+   AnnData is used as it is.
+2. Cells are encoded with the C2S gene-rank encoding (``c2srepro.data.cells``).
 3. The split is stratified by label and seeded; labels with a single cell stay in training.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from c2srepro.cells import CellSentence, cell_sentences, read_cells
+from c2srepro.data.cells import CellSentence, cell_sentences, read_cells
 
 PBMC = "pbmc68k_reduced"
 
@@ -37,17 +38,15 @@ class CellSplit:
         return [self.sentences[i] for i in getattr(self, part)]
 
 
-def load_dataset(dataset: str):
-    """The AnnData of ``dataset``: ``pbmc68k_reduced`` (bundled), ``smoke-atlas`` (a synthetic
-    Heart-Cell-Atlas-shaped file, read backed as the real atlas is) or an ``.h5ad`` path."""
-    from c2srepro.smoke import SMOKE_ATLAS, smoke_atlas_path
-
-    if dataset == PBMC:
+def load_dataset(dataset):
+    """The AnnData of ``dataset``: ``pbmc68k_reduced`` (scanpy's bundled cells), an ``.h5ad``
+    path, or an AnnData (returned as it is)."""
+    if not isinstance(dataset, (str, os.PathLike)):
+        return dataset
+    if str(dataset) == PBMC:
         import scanpy as sc
 
         return sc.datasets.pbmc68k_reduced()
-    if dataset == SMOKE_ATLAS:
-        return read_cells(smoke_atlas_path(), backed=True)
     return read_cells(dataset)
 
 

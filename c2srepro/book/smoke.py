@@ -11,7 +11,7 @@ Synthetic atlas (``smoke_atlas_path``):
    named in the atlas's style; ``n_cells_per_type`` cells per type, in shuffled order, with
    10x-style barcodes as the obs index.
 2. Each type's markers are the top genes by consensus weight of the cellconsensus L2 terms that
-   the label map (``data/label_to_marker_terms.csv``) lists as its own type (``exact`` level),
+   the label map (``c2srepro/biology/label_to_marker_terms.csv``) lists as its own type (``exact`` level),
    taken evenly across the terms; the two cardiomyocyte types (which map to the same L2 term)
    and the mesothelial type also get a few textbook genes (``EXTRA_MARKERS``), which are
    removed from the other types' markers (atrial MYL7 is not a ventricular marker).
@@ -164,7 +164,7 @@ def type_markers(*, n_markers: int = N_MARKERS) -> dict[str, list[str]]:
     A label with ``t`` exact L2 terms takes the top ``d`` genes of each, ``d`` starting at
     ``ceil(n_markers / t)`` and growing until the union holds ``n_markers`` genes (terms overlap).
     """
-    from c2srepro.casestudy import label_marker_terms
+    from c2srepro.biology.casestudy import label_marker_terms
     from c2srepro.enrichment import load_cellconsensus
     from c2srepro.enrichment.libraries import DEFAULT_TOP_N
 
@@ -347,7 +347,7 @@ def smoke_model_dir(
 def _write_random_model(directory: Path, config, *, seed: int) -> None:
     from transformers import GPTNeoXForCausalLM
 
-    from c2srepro.tokenizer import PYTHIA_SHA256, load_bpe_tokenizer
+    from c2srepro.data.tokenizer import PYTHIA_SHA256, load_bpe_tokenizer
 
     tokenizer = load_bpe_tokenizer()
     torch.manual_seed(seed)

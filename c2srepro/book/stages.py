@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from c2srepro.datasets import CellSplit, labelled_split
-from c2srepro.models import load_c2s_model
-from c2srepro.prompts import EncodedPrompts, encode_prompts
-from c2srepro.tokenizer import CellTokenizer
+from c2srepro.book.sources import resolve_dataset
+from c2srepro.data.datasets import CellSplit, labelled_split
+from c2srepro.models.load import load_c2s_model
+from c2srepro.data.prompts import EncodedPrompts, encode_prompts
+from c2srepro.data.tokenizer import CellTokenizer
 
 MODEL_RESULT = "model.json"
 TRANSCODER_DIRECTORY = "transcoders"
@@ -53,6 +54,7 @@ def model_stage(results_dir: str | os.PathLike, *, device: str = "cpu") -> Model
     summary = read_result(results_dir, MODEL_RESULT, made_by="01-model")
     model, tokenizer = load_c2s_model(summary["model_source"], device=device)
     split_params = {k: summary["provenance"]["params"][k] for k in SPLIT_PARAMETERS}
+    split_params["dataset"] = resolve_dataset(split_params["dataset"])
     return ModelStage(model, tokenizer, labelled_split(**split_params), summary)
 
 

@@ -224,7 +224,7 @@ def _render_jupyter_book(book_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m c2srepro.book", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m c2srepro.book.runner", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the chapters and render the book")
     run.add_argument("--profile", default="default")
@@ -244,6 +244,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from c2srepro._cache import cache_dir, write_json_atomic
 from c2srepro._config import config_from_dict
-from c2srepro.datasets import PBMC, CellSplit, labelled_split, load_dataset
-from c2srepro.prompts import EncodedPrompts, answer_text, encode_prompts, pad_right
-from c2srepro.tokenizer import PYTHIA_SHA256, CellTokenizer, load_bpe_tokenizer
+from c2srepro.data.datasets import PBMC, CellSplit, labelled_split, load_dataset
+from c2srepro.data.prompts import EncodedPrompts, answer_text, encode_prompts, pad_right
+from c2srepro.data.tokenizer import PYTHIA_SHA256, CellTokenizer, load_bpe_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def build_vocabulary(texts: list[str], bpe) -> list[int]:
 
 
 def _vocabulary_texts(adata_genes: list[str], split: CellSplit) -> list[str]:
-    from c2srepro.prompts import build_prompt
+    from c2srepro.data.prompts import build_prompt
 
     texts = [build_prompt(s, with_answer=True).text for s in split.sentences]
     texts += [" " + gene for gene in adata_genes]

@@ -11,8 +11,8 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix
 
-from c2srepro.datasets import CellSplit
-from c2srepro.predict import predict_labels
+from c2srepro.data.datasets import CellSplit
+from c2srepro.models.predict import predict_labels
 
 
 def bag_of_genes(split: CellSplit) -> np.ndarray:

@@ -8,29 +8,11 @@ from pathlib import Path
 
 import torch
 
-from c2srepro.tokenizer import BUNDLED, VOCAB_MAP_FILENAME, CellTokenizer
+from c2srepro.data.tokenizer import BUNDLED, VOCAB_MAP_FILENAME, CellTokenizer
 
 log = logging.getLogger(__name__)
 
 PAPER_MODEL = "vandijklab/C2S-Pythia-410m-cell-type-prediction"
-MINI = "mini"
-
-
-def resolve_model_source(model: str, *, mini_config=None) -> str | Path:
-    """Where the model named ``model`` lives: ``mini`` trains (or reuses) the embedded mini-C2S,
-    ``smoke-pythia-410m`` builds (or reuses) a random Pythia-410m-shaped model; any other value is
-    a Hugging Face id or a local directory, returned as is."""
-    from c2srepro.smoke import SMOKE_MODEL, smoke_model_dir
-
-    if model == MINI:
-        from c2srepro.mini_c2s import train_mini_c2s
-
-        return train_mini_c2s(mini_config)
-    if model == SMOKE_MODEL:
-        return smoke_model_dir()
-    return model
-
-
 def load_c2s_model(
     source: str | os.PathLike,
     *,

@@ -48,8 +48,8 @@ import pandas as pd
 from scipy.stats import fisher_exact
 
 from c2srepro.features.table4 import PAPER_TABLE4
+from c2srepro.models.load import PAPER_MODEL
 
-PAPER_MODEL = "vandijklab/C2S-Pythia-410m-cell-type-prediction"
 PAPER_DATA = "Heart Cell Atlas v2"
 PAPER_MARKER_LIBRARY = "CellMarker_Augmented_2021"
 PAPER_CIRCUIT_GENES = ("VWF", "PTPRB", "ANKRD13C", "KHDRBS1", "LPAR6", "ST6GALNAC3", "ART4", "DIAPH2", "MT-ND4")

@@ -4,7 +4,7 @@ The paper (case study, Figures 4-5) takes the genes of a circuit's gene-token no
 over-representation test against a cell-type marker library and reports the term with the highest
 combined score among those with FDR < 0.05 ("Endothelial cell: heart", FDR 0.0013, score 315.17).
 
-1. Label map. ``data/label_to_marker_terms.csv`` lists, for each (dataset, label, library), the
+1. Label map. ``label_to_marker_terms.csv`` (package data) lists, for each (dataset, label, library), the
    marker terms that count as the label's own type: ``exact`` terms (the finest term of the library
    that contains the labelled population) and ``broad`` ones (an enclosing or overlapping type, or the
    same type recorded for another tissue; left out with ``strict=True``). The ``note`` column says why
@@ -34,6 +34,7 @@ P-value" (taken as -log10 so that higher is better, as for the others).
 
 from __future__ import annotations
 
+import importlib.resources
 import io
 import logging
 import math
@@ -51,7 +52,7 @@ from c2srepro.enrichment import GeneSetLibrary, enrich, load_library
 
 logger = logging.getLogger(__name__)
 
-LABEL_MAP_PATH = Path(__file__).resolve().parent.parent / "data" / "label_to_marker_terms.csv"
+LABEL_MAP_NAME = "label_to_marker_terms.csv"  # package data of c2srepro.biology
 LABEL_MAP_COLUMNS = ("dataset", "label", "library", "term", "level", "note")
 LEVELS = ("exact", "broad")
 # A dataset given as a path is known by its file name: the paper's atlas file.
@@ -76,14 +77,16 @@ class MarkerTerm(NamedTuple):
 
 def read_label_map(path: str | os.PathLike | None = None) -> pd.DataFrame:
     """The label map table (``LABEL_MAP_COLUMNS``), checked for missing values, levels and duplicates."""
-    path = Path(path) if path is not None else LABEL_MAP_PATH
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"label map {path} not found; it ships in the repository's data/ folder "
-            "(pass path= to point at a copy)"
-        )
+    if path is None:
+        resource = importlib.resources.files("c2srepro.biology") / LABEL_MAP_NAME
+        path, text = Path(LABEL_MAP_NAME), resource.read_text(encoding="utf-8")
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"label map {path} not found (omit path= to read the one c2srepro ships)")
+        text = path.read_text(encoding="utf-8")
     # Only whole lines starting with "#" are comments: a "#" inside a note or term is kept.
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if not line.startswith("#")]
+    lines = [line for line in text.splitlines(keepends=True) if not line.startswith("#")]
     table = pd.read_csv(io.StringIO("".join(lines)), dtype=str, keep_default_na=False)
     missing = [c for c in LABEL_MAP_COLUMNS if c not in table.columns]
     if missing:
@@ -135,7 +138,7 @@ def label_marker_terms(
     if rows.empty:
         raise ValueError(
             f"dataset {str(dataset)!r} is not in the label map; mapped datasets: "
-            f"{sorted(table['dataset'].unique())} (add rows to {LABEL_MAP_PATH.name})"
+            f"{sorted(table['dataset'].unique())} (add rows to {LABEL_MAP_NAME})"
         )
     rows = rows[rows["library"] == library]
     if rows.empty:
@@ -147,7 +150,7 @@ def label_marker_terms(
     if chosen.empty:
         raise ValueError(
             f"label {label!r} is unmapped for ({key}, {library}); mapped labels: {sorted(rows['label'].unique())} "
-            f"(add rows to {LABEL_MAP_PATH.name})"
+            f"(add rows to {LABEL_MAP_NAME})"
         )
     if strict:
         chosen = chosen[chosen["level"] == "exact"]

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-log = logging.getLogger("c2srepro.browser")
+log = logging.getLogger("c2srepro.book.browser")
 
 CHROMIUM_ARGS = (
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -199,12 +199,12 @@ def check_book(html_dir: str | os.PathLike, *, screenshot: str | os.PathLike | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m c2srepro.browser", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m c2srepro.book.browser", description=__doc__.splitlines()[0])
     parser.add_argument("html_dir", help="the rendered book: results/<profile>/book/_build/html or .../_book")
     parser.add_argument("--screenshot", help="write a PNG of a page here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from c2srepro import book
+    from c2srepro.book import runner as book
 
     try:
         # The rendered book sits below its _quarto.yml (results/<profile>/book/): check every chapter has a page.
