@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 env: $(VENV)/.installed
 
 book: env
-	$(PY) -m c2srepro.book.runner run --profile $(PROFILE)
+	$(PY) -m c2srepro.book run --profile $(PROFILE)
 
 # The browser test drives the system Chromium (Playwright's own browser download needs the internet).
 chromium:
