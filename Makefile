@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 PROFILE ?= default
 # The CPU wheel of torch that the set-up pins; GPU users install their own torch into the venv first.
 TORCH_SPEC ?= torch==2.13.0
+# A Quarto assembled by `make quarto` lives in .cache/quarto; one already on PATH is used as it is.
+QUARTO_INSTALLER ?= ../shared/tools/quarto/install.sh
+export PATH := $(CURDIR)/.cache/quarto/bin:$(PATH)
 
-.PHONY: env chromium book test test-slow bench clean
+.PHONY: env chromium quarto book test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +30,13 @@ chromium:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
 	  (echo "the browser test needs Chromium: sudo apt-get install -y chromium" >&2; exit 1)
 
-test: env chromium
+# The book renders with Quarto (the tests render a toy book with it and with the Jupyter Book fallback).
+quarto:
+	@command -v quarto >/dev/null || \
+	  (test -f $(QUARTO_INSTALLER) && bash $(QUARTO_INSTALLER) $(CURDIR)/.cache/quarto | tail -n 1) || \
+	  (echo "the book renders with Quarto: install it (https://quarto.org/docs/get-started/)" >&2; exit 1)
+
+test: env chromium quarto
 	$(PY) -m pytest -q
 
 test-slow: env

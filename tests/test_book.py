@@ -76,14 +76,29 @@ def _toy_book(tmp_path, body: str) -> Path:
 
 
 def test_runner_executes_with_overrides_and_renders(tmp_path):
-    root = _toy_book(tmp_path, "import json, pathlib\nfrom tqdm import tqdm\n"
+    root = _toy_book(tmp_path, "import json, logging, pathlib, warnings\nfrom tqdm import tqdm\n"
                                "for _ in tqdm(range(3), desc='looping'): pass\n"
+                               "warnings.warn('a deprecation nobody should read')\n"
+                               "logging.getLogger('toy').warning('a log line')\n"
+                               "print('')\n"
                                "pathlib.Path(results_dir).mkdir(parents=True, exist_ok=True)\n"
                                "pathlib.Path(results_dir, 'toy.json').write_text(json.dumps({'x': x}))")
+    (root / "references.bib").write_text("@misc{toy, title = {Toy}}\n")
     out = book.execute_chapters(root, "default", overrides=["x=41"])
     assert json.loads((root / "results/default/toy.json").read_text()) == {"x": 41}
     executed = nbformat.read(out / "chapters" / "toy.ipynb", as_version=4)
-    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1
+    # Shown unfolded, explained, and with the checkout-relative results folder only.
+    assert injected[0].source.startswith("#| code-fold: false\n# This run's values")
+    assert 'results_dir = "results/default"' in injected[0].source and str(root) not in injected[0].source
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.get("name") == "stderr"], outputs  # warnings, logging, bars moved out
+    assert not [o for o in outputs if o.get("output_type") == "stream" and not o.get("text", "").strip()]
+    chapter_log = (out / "chapters" / "toy.log").read_text()
+    assert "a deprecation nobody should read" in chapter_log and "looping" in chapter_log
+    assert (out / "references.bib").is_file()
+    assert yaml.safe_load((out / "_variables.yml").read_text())["profile"] == "default"
     index = book.render(out, renderer="jupyter-book")
     assert index.is_file()
     page = re.sub(r"<[^>]+>", "", (index.parent / "chapters" / "toy.html").read_text())
@@ -93,8 +108,12 @@ def test_runner_executes_with_overrides_and_renders(tmp_path):
 
 def test_failed_chapter_leaves_no_executed_notebook(tmp_path):
     root = _toy_book(tmp_path, "raise RuntimeError('boom')")
-    with pytest.raises(RuntimeError, match="chapter chapters/toy.ipynb failed.*failed.ipynb"):
+    with pytest.raises(RuntimeError, match="chapter chapters/toy.ipynb failed") as raised:
         book.execute_chapters(root, "default")
+    # The terminal shows the failing cell's exception and source line, and where the notebook is.
+    message = str(raised.value)
+    assert "RuntimeError: boom" in message and "raise RuntimeError('boom')" in message
+    assert message.rstrip().endswith("toy.failed.ipynb")
     out = root / "results" / "default" / "book" / "chapters"
     assert not (out / "toy.ipynb").exists()
     assert (out / "toy.failed.ipynb").exists()
@@ -112,3 +131,11 @@ def test_papermill_sees_every_parameter_the_cell_assigns():
         (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
         assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
         assert assigned == set(papermill.inspect_notebook(str(ROOT / chapter))), chapter
+
+
+def test_front_page_variables_are_filled_for_the_fallback(tmp_path):
+    (tmp_path / "_variables.yml").write_text("profile: smoke\ntorch: 2.13.0\n")
+    text = book.substitute_variables("Rendered with {{< var profile >}} (torch {{< var torch >}}).", tmp_path)
+    assert text == "Rendered with smoke (torch 2.13.0)."
+    with pytest.raises(ValueError, match=r"var python >}} is not in .*_variables.yml; known: \['profile', 'torch'\]"):
+        book.substitute_variables("{{< var python >}}", tmp_path)

@@ -1,6 +1,7 @@
 """The rendered book in real headless Chromium (Playwright): figures load, no error cells, contents resolve."""
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -42,11 +43,11 @@ def _notebook(path: Path, title: str, cells: list[tuple[str, list[str]]]) -> Non
     nbformat.write(notebook, path)
 
 
-def _render(root: Path, chapters: dict[str, tuple[str, list]]) -> Path:
-    """A toy book executed by the book runner and rendered by Jupyter Book; returns its HTML folder."""
+def _execute(root: Path, chapters: dict[str, tuple[str, list]]) -> Path:
+    """A toy book executed by the book runner; returns the executed book's folder."""
     (root / "chapters" / "profiles").mkdir(parents=True)
     (root / "chapters" / "profiles" / "default.yml").write_text("all: {}\nchapters: {}\n")
-    (root / "index.qmd").write_text("# Toy book\n\nA toy book for the browser check.\n")
+    (root / "index.qmd").write_text("# Toy book\n\nA toy book for the browser check, profile {{< var profile >}}.\n")
     (root / "_quarto.yml").write_text(yaml.safe_dump({"project": {"type": "book"}, "book": {
         "title": "Toy", "chapters": ["index.qmd", *(f"chapters/{name}.ipynb" for name in chapters)]}}))
     for name, (title, cells) in chapters.items():
@@ -59,17 +60,33 @@ def _render(root: Path, chapters: dict[str, tuple[str, list]]) -> Path:
         executed.cells[-1].outputs.append(nbformat.v4.new_output(
             "error", ename="RuntimeError", evalue="an uncaught error",
             traceback=["Traceback (most recent call last):", "RuntimeError: an uncaught error"]))
+        executed.cells[-1].outputs.append(nbformat.v4.new_output(
+            "stream", name="stdout", text="Traceback (most recent call last):\nValueError: caught and printed\n"))
         nbformat.write(executed, out / "chapters" / "broken.ipynb")
-    return book.render(out, renderer="jupyter-book").parent
+    return out
 
 
 @pytest.fixture(scope="module")
-def toy_html(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("toybook")
-    return _render(root, {
+def toy_book(tmp_path_factory) -> Path:
+    return _execute(tmp_path_factory.mktemp("toybook"), {
         "figures": ("Figures and tables", [(FIGURE_CELL, []), (TABLE_CELL, [])]),
         "broken": ("A chapter with errors", [(STDERR_TRACEBACK_CELL, [])]),
     })
+
+
+@pytest.fixture(scope="module", params=["jupyter-book", "quarto"])
+def rendered(request, toy_book, tmp_path_factory) -> tuple[str, Path]:
+    """The toy book rendered by the fallback (Jupyter Book) and by the real Quarto."""
+    if request.param == "quarto" and shutil.which("quarto") is None:
+        raise FileNotFoundError("quarto is not on PATH: `make quarto` (or install Quarto) before the tests")
+    copy = tmp_path_factory.mktemp(request.param) / "book"
+    shutil.copytree(toy_book, copy)
+    return request.param, book.render(copy, renderer=request.param).parent
+
+
+@pytest.fixture(scope="module")
+def toy_html(rendered) -> Path:
+    return rendered[1]
 
 
 def test_chromium_is_installed():
@@ -89,33 +106,65 @@ def test_missing_book_is_an_error(tmp_path):
         check_book(tmp_path)
 
 
-def test_rendered_book_in_chromium(toy_html, tmp_path):
-    shot = tmp_path / "book.png"
-    problems = check_book(toy_html, screenshot=shot, chapters=book.chapter_files(toy_html.parents[1]))
-    # Only the deliberately broken chapter's two error outputs: the figure page, the contents and
-    # the links are sound.
-    assert sorted(problems) == [
-        "chapters/broken.html: error output: RuntimeError: an uncaught error",
-        "chapters/broken.html: error output: ValueError: caught and printed",
-    ], problems
-    figures = list((toy_html / "_images").glob("*.png"))
+def test_rendered_book_in_chromium(rendered, tmp_path):
+    renderer, html = rendered
+    shot, shots = tmp_path / "book.png", tmp_path / "pages"
+    problems = check_book(html, screenshot=shot, screenshot_dir=shots, chapters=book.chapter_files(book.project_root(html)))
+    # Only the deliberately broken chapter's error outputs: the figure page, the contents, the
+    # links, the layout and the offline scripts (Quarto's jquery and requirejs) are sound.
+    assert sorted(problems)[0] == "chapters/broken.html: error output: RuntimeError: an uncaught error", problems
+    assert sorted(problems)[1].startswith("chapters/broken.html: shows 'Traceback' to the reader"), problems
+    assert len(problems) == 2, problems
+    figures = [p for p in html.rglob("*.png") if "site_libs" not in p.parts]
     assert figures, "the figure chapter rendered no image: the image check would be vacuous"
-    assert figures[0].name in (toy_html / "chapters" / "figures.html").read_text()
+    assert any(f.name in (html / "chapters" / "figures.html").read_text() for f in figures)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    assert {"chapters-broken.png", "chapters-figures.png", "index.png"} <= {p.name for p in shots.iterdir()}
+    front = (html / "index.html").read_text()
+    assert "profile default" in re.sub(r"<[^>]+>", "", front)  # {{< var profile >}} filled in
     if os.environ.get("C2SREPRO_SCREENSHOT_DIR"):
         target = Path(os.environ["C2SREPRO_SCREENSHOT_DIR"])
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(shot, target / "toy-book.png")
+        shutil.copy2(shot, target / f"toy-book-{renderer}.png")
+
+
+def test_text_layout_and_anchor_problems_are_found(toy_html, tmp_path):
+    html = tmp_path / "html"
+    shutil.copytree(toy_html, html)
+    page = html / "chapters" / "figures.html"
+    text = page.read_text()
+    leaks = ('<p>UserWarning: a warning shown to the reader</p><p>looping: 3/3 [00:00, 9.1it/s]</p>'
+             f'<p>read from {tmp_path}/checkout/results</p>'
+             '<div style="width: 3000px">a table too wide for the page</div>'
+             '<a href="figures.html#fig-nowhere">a broken cross-reference</a>')
+    page.write_text(text.replace("</main>", leaks + "</main>", 1) if "</main>" in text
+                    else text.replace("</body>", leaks + "</body>", 1))
+    problems = "\n".join(check_book(html, forbidden_paths=[tmp_path / "checkout"]))
+    assert "chapters/figures.html: shows 'Warning' to the reader" in problems
+    assert "chapters/figures.html: shows 'it/s]' to the reader" in problems
+    assert f"chapters/figures.html: shows the absolute path {tmp_path / 'checkout'}" in problems
+    assert "chapters/figures.html: is wider than the viewport" in problems
+    assert "link to figures.html#fig-nowhere, which has no such anchor" in problems
+    assert "index.html" not in problems  # the untouched pages stay sound
+
+
+def test_an_image_wider_than_its_column_is_found(toy_html, tmp_path):
+    html = tmp_path / "html"
+    shutil.copytree(toy_html, html)
+    page = html / "chapters" / "figures.html"
+    page.write_text(re.sub(r"<img ", '<img style="width: 1100px; max-width: none" ', page.read_text(), count=1))
+    problems = "\n".join(check_book(html))
+    assert "chapters/figures.html: image" in problems and "is wider than its column" in problems
 
 
 def test_broken_figures_links_and_contents_are_found(toy_html, tmp_path):
     html = tmp_path / "html"
     shutil.copytree(toy_html, html)
-    for figure in (html / "_images").glob("*.png"):
+    for figure in [p for p in html.rglob("*.png") if "site_libs" not in p.parts]:
         figure.write_bytes(b"not a png")  # present but undecodable: naturalWidth stays 0
     (html / "chapters" / "broken.html").unlink()  # its contents entry now points nowhere
     page = html / "chapters" / "figures.html"
-    page.write_text(page.read_text().replace("<h1>", "<h1>Heading {.unnumbered} ", 1))
+    page.write_text(re.sub(r"(<h1[^>]*>)", r"\1Heading {.unnumbered} ", page.read_text(), count=1))
     orphan = html / "orphan.html"
     orphan.write_text("<html><body><h1>Not in the contents</h1></body></html>")
     problems = check_book(html, chapters=["index.qmd", "chapters/figures.ipynb", "chapters/broken.ipynb"])

@@ -5,11 +5,20 @@
    parameters resolved in order: the notebook's own defaults (the ``default`` profile), then
    ``chapters/profiles/<profile>.yml`` (``all:`` then ``chapters: {name: ...}``), then
    ``--set key=value`` / ``--set chapter.key=value``. Unknown parameter names are an error.
-   An executed notebook is moved into place only when it ran to the end, without its progress
-   bars (they stay in the runner's log); a failed one is kept beside it as ``*.failed.ipynb``.
-3. Rendering: ``quarto render`` of that folder when Quarto is on PATH (notebooks are not
+   ``results_dir`` is passed relative to the checkout (chapters run there), so no page shows
+   the machine's paths.
+3. An executed notebook is cleaned for reading (``clean_executed_notebook``): every stderr
+   output (warnings, logging, progress bars) moves to ``<chapter>.log`` beside it, empty outputs
+   are dropped, and papermill's injected parameters cell is labelled and shown unfolded. It is
+   moved into place only when it ran to the end; a failed one is kept as ``*.failed.ipynb`` and
+   its error (exception, message, last frames) is raised with the notebook's path.
+4. The book's front matter: ``_quarto.yml``, the bibliography and stylesheets of the checkout's
+   root, and ``_variables.yml`` (profile, package versions, commit) that ``index.qmd`` reads
+   with Quarto's ``{{< var name >}}``.
+5. Rendering: ``quarto render`` of that folder when Quarto is on PATH (notebooks are not
    re-executed), otherwise a static HTML book built by Jupyter Book 1 from the same executed
-   notebooks, with its table of contents generated from ``_quarto.yml``.
+   notebooks, with its table of contents generated from ``_quarto.yml`` and the variables
+   substituted into the Markdown.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,7 +41,12 @@ log = logging.getLogger("c2srepro.book")
 QUARTO_FILE = "_quarto.yml"
 PROFILE_DIR = Path("chapters") / "profiles"
 RUNNER_PARAMETERS = ("profile", "results_dir")
-PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+")
+VARIABLES_FILE = "_variables.yml"
+FRONT_MATTER_SUFFIXES = {".bib", ".css", ".scss"}
+VERSIONED_PACKAGES = ("c2srepro", "torch", "transformers", "scanpy", "anndata", "gseapy", "papermill")
+INJECTED_COMMENT = "# This run's values: the profile and --set overrides (the book runner's)"
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+QUARTO_VARIABLE = re.compile(r"\{\{<\s*var\s+([\w.-]+)\s*>\}\}")
 QUARTO_HEADING_ATTRIBUTES = re.compile(r"[ \t]*\{[.#][^}\n]*\}[ \t]*$", re.MULTILINE)
 
 
@@ -135,11 +150,12 @@ def execute_chapters(
         declared = papermill.inspect_notebook(str(source)).keys()
         declared_anywhere |= set(declared)
         params = resolve_parameters(declared, chapter_name(chapter), layers)
-        params.update({"profile": profile, "results_dir": str(root / "results" / profile)})
+        params.update({"profile": profile, "results_dir": f"results/{profile}"})
         params = {k: v for k, v in params.items() if k in declared}
         target = out_root / chapter
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial.ipynb")
+        failed = target.with_suffix(".failed.ipynb")
         log.info("executing %s with %s", chapter, params)
         try:
             papermill.execute_notebook(
@@ -147,14 +163,15 @@ def execute_chapters(
                 progress_bar=False, log_output=True,
             )
         except Exception as error:  # papermill raises its own types and the kernel's
-            os.replace(partial, target.with_suffix(".failed.ipynb"))
+            if partial.exists():
+                os.replace(partial, failed)
             raise RuntimeError(
-                f"chapter {chapter} failed under profile {profile!r}; the executed notebook with the "
-                f"error is {target.with_suffix('.failed.ipynb')}"
+                f"chapter {chapter} failed under profile {profile!r}:\n{chapter_error(error)}\n"
+                f"the executed notebook with the error is {failed}"
             ) from error
-        drop_progress_bars(partial)
+        clean_executed_notebook(partial, log_path=target.with_suffix(".log"))
         os.replace(partial, target)
-        target.with_suffix(".failed.ipynb").unlink(missing_ok=True)
+        failed.unlink(missing_ok=True)
     unused = all_keys - declared_anywhere - set(RUNNER_PARAMETERS)
     if unused and not only:
         raise ValueError(f"parameter(s) {sorted(unused)} are declared by no chapter")
@@ -162,23 +179,71 @@ def execute_chapters(
         if not chapter.endswith(".ipynb"):
             (out_root / chapter).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / chapter, out_root / chapter)
-    shutil.copy2(root / QUARTO_FILE, out_root / QUARTO_FILE)
+    for extra in [QUARTO_FILE, *sorted(p.name for p in root.iterdir() if p.suffix in FRONT_MATTER_SUFFIXES)]:
+        shutil.copy2(root / extra, out_root / extra)
+    (out_root / VARIABLES_FILE).write_text(yaml.safe_dump(book_variables(root, profile), sort_keys=False))
     return out_root
 
 
-def drop_progress_bars(notebook_path: Path) -> None:
-    """Remove progress-bar output (tqdm's stderr lines) from an executed notebook: the runner's log
-    shows the bars while chapters run; on the book's pages they would be noise."""
+def chapter_error(error: BaseException, *, frames: int = 6) -> str:
+    """The failing cell's exception type, message and last traceback lines, as the terminal shows them."""
+    ename, evalue = getattr(error, "ename", type(error).__name__), getattr(error, "evalue", str(error))
+    traceback = [ANSI_ESCAPE.sub("", line) for line in getattr(error, "traceback", None) or []]
+    lines = [line for chunk in traceback for line in chunk.splitlines() if line.strip(" -")]
+    last = f"{ename}: {evalue}"
+    if lines and lines[-1].strip() == last:
+        lines.pop()
+    return "\n".join([*("  " + line for line in lines[-frames:]), last])
+
+
+def clean_executed_notebook(notebook_path: Path, *, log_path: Path) -> None:
+    """Make an executed chapter fit for reading (step 3 of the module docstring).
+
+    stderr carries what a reader should not see (warnings, logging, progress bars); it is kept in
+    ``log_path``, cell by cell, since papermill already streamed it to the runner's log."""
     import nbformat
 
     notebook = nbformat.read(notebook_path, as_version=4)
-    for cell in notebook.cells:
-        if cell.cell_type == "code":
-            cell.outputs = [
-                o for o in cell.outputs
-                if not (o.get("output_type") == "stream" and o.get("name") == "stderr" and PROGRESS_BAR.search(o.get("text", "")))
-            ]
+    log_lines: list[str] = []
+    for number, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for output in cell.outputs:
+            if output.get("output_type") == "stream":
+                if output.get("name") == "stderr":
+                    log_lines.append(f"--- cell {number}\n{output.get('text', '')}")
+                    continue
+                if not output.get("text", "").strip():
+                    continue
+            if output.get("output_type") in ("display_data", "execute_result") and not output.get("data"):
+                continue
+            kept.append(output)
+        cell.outputs = kept
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            body = "\n".join(line for line in cell.source.splitlines() if line.strip() != "# Parameters")
+            cell.source = f"#| code-fold: false\n{INJECTED_COMMENT}\n{body.strip()}\n"
     nbformat.write(notebook, notebook_path)
+    log_path.write_text("".join(log_lines))
+
+
+def book_variables(root: Path, profile: str) -> dict[str, str]:
+    """What the front page says about this build: the profile, the versions, the commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    variables = {"profile": profile, "python": sys.version.split()[0]}
+    for package in VERSIONED_PACKAGES:
+        try:
+            variables[package] = version(package)
+        except PackageNotFoundError:
+            variables[package] = "not installed"
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    variables["commit"] = commit
+    return variables
 
 
 def render(book_dir: Path, *, renderer: str = "auto") -> Path:
@@ -186,10 +251,26 @@ def render(book_dir: Path, *, renderer: str = "auto") -> Path:
     quarto = shutil.which("quarto")
     if renderer == "quarto" or (renderer == "auto" and quarto):
         if not quarto:
-            raise FileNotFoundError("quarto is not on PATH: install Quarto or use --renderer jupyter-book")
+            raise FileNotFoundError("quarto is not on PATH: install Quarto (https://quarto.org/docs/get-started/) "
+                                    "or use --renderer jupyter-book")
+        started = time.perf_counter()
         subprocess.run([quarto, "render", str(book_dir)], check=True)
+        log.info("quarto rendered %s in %.0f s", book_dir, time.perf_counter() - started)
         return book_dir / book_config(book_dir)["project"].get("output-dir", "_book") / "index.html"
     return _render_jupyter_book(book_dir)
+
+
+def substitute_variables(text: str, book_dir: Path) -> str:
+    """Quarto's ``{{< var name >}}`` shortcodes, filled from the book's ``_variables.yml``."""
+    path = book_dir / VARIABLES_FILE
+    variables = yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+    def value(match: re.Match) -> str:
+        if match.group(1) not in variables:
+            raise ValueError(f"{{{{< var {match.group(1)} >}}}} is not in {path}; known: {sorted(variables)}")
+        return str(variables[match.group(1)])
+
+    return QUARTO_VARIABLE.sub(value, text)
 
 
 def _render_jupyter_book(book_dir: Path) -> Path:
@@ -200,8 +281,8 @@ def _render_jupyter_book(book_dir: Path) -> Path:
         path = Path(chapter)
         if path.suffix == ".qmd":
             # Jupyter Book reads Markdown, not .qmd: drop Quarto's heading attributes ({.unnumbered}).
-            text = (book_dir / path).read_text()
-            (book_dir / path.with_suffix(".md")).write_text(QUARTO_HEADING_ATTRIBUTES.sub("", text))
+            text = substitute_variables(QUARTO_HEADING_ATTRIBUTES.sub("", (book_dir / path).read_text()), book_dir)
+            (book_dir / path.with_suffix(".md")).write_text(text)
         toc_files.append(str(path.with_suffix("")))
     toc = {"format": "jb-book", "root": toc_files[0], "chapters": [{"file": f} for f in toc_files[1:]]}
     jb_config = {
@@ -224,7 +305,7 @@ def _render_jupyter_book(book_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m c2srepro.book.runner", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m c2srepro.book", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the chapters and render the book")
     run.add_argument("--profile", default="default")
@@ -239,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.renderer != "none":
             index = render(book_dir, renderer=args.renderer)
             log.info("book rendered: %s", index)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as error:
         log.error("%s", error)
         return 1
     return 0
