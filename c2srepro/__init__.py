@@ -1,10 +1,62 @@
 """c2srepro: transcoder circuit analysis for single-cell foundation models (cell2sentence).
 
-The pieces, one module or folder each: ``cells`` / ``prompts`` / ``tokenizer`` (cells to tokenised
-C2S prompts with a token-to-gene map), ``mini_c2s`` / ``models`` / ``predict`` (the models),
-``transcoder`` (harvesting, training, replacement), ``features`` and ``enrichment`` (what features
-fire on, and gene set enrichment), ``attribution`` / ``casestudy`` (circuits and their biology),
-``book`` (the chapter runner) and ``scorecard``.
+The package is laid out as its data flow, and the front door names one function per step::
+
+    import c2srepro as c2s
+
+    cells = c2s.cell_sentences(adata, label_column="cell_type")        # data/: AnnData -> cell sentences
+    model, tokenizer = c2s.load_c2s_model("vandijklab/C2S-Pythia-410m-cell-type-prediction")  # models/
+    prompts = c2s.encode_prompts(cells, tokenizer)                       # data/: tokens with a gene map
+    result = c2s.train_transcoders(model, prompts)                       # transcoder/
+    stats = c2s.collect_feature_stats(model, result.transcoders, prompts)  # features/
+    table = c2s.enrich(genes, "KEGG_2021_Human")                         # enrichment/
+    traced = c2s.trace_cell(model, result.transcoders, tokenizer, cells[0], label)  # attribution/
+    c2s.ablate(traced.replacement, traced.graph, traced.target)
+
+``biology/`` reads circuits as biology (marker terms, controls); ``book/`` is the reproduction of
+the paper built on top, and nothing in the library imports it. Names load on first use, so
+``import c2srepro`` stays cheap.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+# front-door name -> the module that defines it
+_FRONT_DOOR = {
+    "cell_sentences": "c2srepro.data.cells",
+    "read_cells": "c2srepro.data.cells",
+    "CellSentence": "c2srepro.data.cells",
+    "build_prompt": "c2srepro.data.prompts",
+    "encode_prompts": "c2srepro.data.prompts",
+    "load_c2s_model": "c2srepro.models.load",
+    "predict_labels": "c2srepro.models.predict",
+    "harvest_activations": "c2srepro.transcoder.harvest",
+    "train_transcoders": "c2srepro.transcoder.train",
+    "load_transcoders": "c2srepro.transcoder.model",
+    "save_transcoders": "c2srepro.transcoder.model",
+    "collect_feature_stats": "c2srepro.features.collect",
+    "enrich": "c2srepro.enrichment.ora",
+    "trace_cell": "c2srepro.attribution.trace",
+    "find_circuit": "c2srepro.attribution.circuit",
+    "circuit_genes": "c2srepro.attribution.circuit",
+    "ablate": "c2srepro.attribution.ablation",
+}
+
+__all__ = sorted(_FRONT_DOOR)
+
+
+def __getattr__(name: str) -> Any:
+    module = _FRONT_DOOR.get(name)
+    if module is None:
+        raise AttributeError(f"module 'c2srepro' has no attribute {name!r}; the front door has {__all__}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

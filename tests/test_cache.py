@@ -25,3 +25,26 @@ def test_a_failed_write_leaves_nothing(tmp_path):
             tmp.write_text("half a table")
             raise RuntimeError("interrupted")
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_replaces_the_old_one_whole(tmp_path):
+    from c2srepro._cache import atomic_directory
+
+    target = tmp_path / "layers"
+    target.mkdir()
+    (target / "layer_03").mkdir()  # a stale layer from an earlier, larger run
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(target) as staging:
+            (staging / "layer_00").mkdir()
+            assert (target / "layer_03").exists()  # readers still see the old directory meanwhile
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in target.iterdir()) == ["layer_00"]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as staging:
+            (staging / "half").mkdir()
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layers"]
+    assert sorted(p.name for p in target.iterdir()) == ["layer_00"]

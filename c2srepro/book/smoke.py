@@ -48,8 +48,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +56,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from c2srepro._cache import atomic_path, cache_dir, short_hash, write_json_atomic
+from c2srepro._cache import atomic_directory, atomic_path, cache_dir, short_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -353,10 +351,8 @@ def _write_random_model(directory: Path, config, *, seed: int) -> None:
     torch.manual_seed(seed)
     model = GPTNeoXForCausalLM(config).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    directory.parent.mkdir(parents=True, exist_ok=True)
     # a private staging folder, moved into place whole: a reader never sees half a model
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / SMOKE_META_FILENAME, {
@@ -369,9 +365,4 @@ def _write_random_model(directory: Path, config, *, seed: int) -> None:
             "torch": torch.__version__,
             "transformers": importlib.metadata.version("transformers"),
         })
-        if directory.exists():
-            directory.rmdir()  # empty (checked by the caller); os.replace cannot replace a folder
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote a random %d-parameter Pythia-shaped model to %s", n_params, directory)

@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from c2srepro._cache import write_json_atomic
+from c2srepro._cache import atomic_directory, write_json_atomic
 
 POSITION_MODES = ("all", "genes", "prompt")
 STATS_FORMAT = "c2srepro-feature-stats/1"
@@ -290,7 +287,7 @@ class LayerFeatureStats:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the statistics into ``directory`` (replaced as a whole, atomically)."""
         directory = Path(directory)
-        with _atomic_directory(directory) as tmp:
+        with atomic_directory(directory) as tmp:
             self.features.to_csv(tmp / FEATURES_FILENAME, index=False)
             self.examples.to_csv(tmp / EXAMPLES_FILENAME, index=False)
             coo = self.gene_fire_occurrences.tocoo()
@@ -396,22 +393,3 @@ def _aligned(matrix: sp.csr_matrix, pattern: sp.coo_matrix) -> np.ndarray:
     if pattern.nnz == 0:
         return np.empty(0, dtype=matrix.dtype)
     return np.asarray(matrix[pattern.row, pattern.col], dtype=matrix.dtype).ravel()
-
-
-@contextmanager
-def _atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield an empty directory beside ``path``; on success it replaces ``path`` as a whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

@@ -21,8 +21,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from c2srepro._cache import cache_dir, write_json_atomic
+from c2srepro._cache import atomic_directory, cache_dir, write_json_atomic
 from c2srepro._config import config_from_dict
 from c2srepro.data.datasets import PBMC, CellSplit, labelled_split, load_dataset
 from c2srepro.data.prompts import EncodedPrompts, answer_text, encode_prompts, pad_right
@@ -225,9 +223,7 @@ def train_mini_c2s(
     wall = time.perf_counter() - started
 
     # a private staging folder: two processes training the same configuration must not collide
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         model.eval()
         model.save_pretrained(staging)
         tokenizer.save_vocab_map(staging)
@@ -242,10 +238,6 @@ def train_mini_c2s(
                 "torch_threads": torch.get_num_threads(),
             },
         )
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

@@ -1,0 +1,252 @@
+"""Exact attribution of a target to every source node of the linearised replacement model.
+
+A target reads the residual stream r_m at position t through a frozen layer norm (m = l' for a
+transcoder feature of layer l', m = n_layers for a logit):
+
+    pre = LN(r_m)[t] . w + b_w = r_m[t] . v + c,   v = sigma^-1[t] * C (g ⊙ w),   c = b . w + b_w
+
+with w = f_enc^(l',j) (and b_w = b_enc^(l',j)) for a feature, w = W_U[token] (b_w = 0) for a logit,
+g, b the layer norm's weight and bias, and C = I - 11^T/d its mean-centering (symmetric). ``c`` is the
+target's *reading bias*.
+
+1. Backward pass through the frozen model (a vector-Jacobian product, written out): let
+   G_l = d pre / d r_l, a [pos, d_model] field. Then G_m = v at t (0 elsewhere) and, for l < m,
+       G_l = G_{l+1} + Attn_l^T(G_{l+1})                                   (residual + attention)
+       Attn_l^T(G)[s] = C (g1 ⊙ sigma^-1[s] sum_h W_V^h sum_t A^(l,h)[t,s] (W_O^h G[t]))
+   i.e. the transposed OV circuit of each head, carrying a destination position's gradient back to
+   the source positions it attended to with the frozen pattern A. MLPs do not appear: features and
+   error terms are the sources, not functions of r_l.
+2. A source that writes vector u into r_{l+1} at position s contributes u . G_{l+1}[s]:
+       feature (l, s, i):  z^(l,i)[s] * (f_dec^(l,i) . G_{l+1}[s])                      # eq. 5
+   which, for a target at the same position with no attention in between, is exactly the paper's
+   z^(l,i) (f_dec^(l,i) . f_enc^(l',j)) with the frozen layer norm applied to f_enc. Likewise
+   error (l, s): e_l[s] . G_{l+1}[s]; bias (l, s): written_bias_l . G_{l+1}[s];
+   embedding s: r_0[s] . G_0[s].
+3. The model is affine in its sources, so reading bias + all contributions = pre exactly (up to
+   float rounding); :meth:`Attribution.total` checks that. Many targets share one backward pass:
+   G gets a leading target axis and each target is seeded when the pass reaches its read layer.
+
+Attention paths (:func:`head_contributions`): unrolling step 1 for a single target gives
+G_{l+1} = G_m + sum_{j=l+1}^{m-1} Attn_j^T(G_{j+1}), so a source's contribution splits exactly into
+its residual path (same position only: u . v) plus one term per head (j, h), the part that leaves
+the source position first through head h of layer j (later hops through any heads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from c2srepro.attribution.linearised import LinearisedReplacement
+from c2srepro.attribution.neox import center
+from c2srepro.attribution.nodes import SOURCE_KINDS, Node
+
+@dataclass(frozen=True)
+class Attribution:
+    """Contributions of every source node to one target; they sum (with the reading bias) to ``value``."""
+
+    replacement: LinearisedReplacement
+    target: Node
+    value: float  # the target's pre-activation (feature) or logit, from the real forward pass
+    reading_bias: float  # c: LN bias . w (+ b_enc) for a feature, final LN bias . W_U[token] for a logit
+    embedding: Float[Tensor, "pos"]
+    features: list[Float[Tensor, "active"]]  # aligned with replacement.active[layer]
+    error: Float[Tensor, "layer pos"]
+    bias: Float[Tensor, "layer pos"]
+
+    def total(self) -> float:
+        """reading bias + every contribution: equals ``value`` (the exactness of the decomposition)."""
+        parts = [self.embedding.sum(), self.error.sum(), self.bias.sum()] + [f.sum() for f in self.features]
+        return self.reading_bias + float(torch.stack(parts).sum())
+
+    def contribution(self, node: Node) -> float:
+        """The contribution of one source node (0 for a feature that does not fire)."""
+        if node.kind == "embedding":
+            return float(self.embedding[node.position])
+        if node.kind == "error":
+            return float(self.error[node.layer, node.position])
+        if node.kind == "bias":
+            return float(self.bias[node.layer, node.position])
+        if node.kind == "feature":
+            i = self.replacement.active_index(node)
+            return 0.0 if i is None else float(self.features[node.layer][i])
+        raise ValueError(f"a {node.kind} node is not a source")
+
+    def top(self, k: int, *, kinds: Sequence[str] = ("feature", "error", "embedding")) -> list[tuple[Node, float]]:
+        """The ``k`` nonzero contributions of largest magnitude among source nodes of ``kinds``."""
+        unknown = set(kinds) - set(SOURCE_KINDS)
+        if unknown:
+            raise ValueError(f"unknown source kinds {sorted(unknown)}; choose from {SOURCE_KINDS}")
+        candidates: list[tuple[Node, float]] = []
+
+        def take(values: Tensor, to_node) -> None:
+            flat = values.reshape(-1)
+            magnitudes, order = flat.abs().topk(min(k, flat.numel()))
+            candidates.extend((to_node(int(i)), float(flat[i])) for m, i in zip(magnitudes, order) if m > 0)
+
+        n_pos = self.replacement.n_pos
+        if "feature" in kinds:
+            for layer, (values, act) in enumerate(zip(self.features, self.replacement.active)):
+                take(values, lambda i, layer=layer, act=act: Node.feature(layer, act.position[i], act.feature[i]))
+        if "error" in kinds:
+            take(self.error, lambda i: Node.error(i // n_pos, i % n_pos))
+        if "bias" in kinds:
+            take(self.bias, lambda i: Node.bias(i // n_pos, i % n_pos))
+        if "embedding" in kinds:
+            take(self.embedding, Node.embedding)
+        candidates.sort(key=lambda item: -abs(item[1]))
+        return candidates[:k]
+
+
+@dataclass(frozen=True)
+class HeadPaths:
+    """One source's contribution to one target, split by the first attention head it travels through."""
+
+    residual: float  # the direct residual path (nonzero only if source and target share a position)
+    heads: Float[Tensor, "layer head"]  # heads[j, h]: the part leaving the source first through head h of layer j
+
+    def total(self) -> float:
+        return self.residual + float(self.heads.sum())
+
+
+def _read_layer(rep: LinearisedReplacement, target: Node) -> int:
+    return rep.n_layers if target.kind == "logit" else target.layer
+
+
+def _reading(rep: LinearisedReplacement, target: Node) -> tuple[Float[Tensor, "d_model"], float]:
+    """The target's reading vector v and reading bias c (module docstring, first equation)."""
+    if target.kind == "logit":
+        w = rep.weights.W_U[target.index]
+        g, b, scale = rep.weights.lnf_weight, rep.weights.lnf_bias, rep.run.lnf_scale[target.position]
+        b_w = 0.0
+    else:
+        tc, lw = rep.transcoders[target.layer], rep.weights.layers[target.layer]
+        w = tc.W_enc[:, target.index]  # f_enc^(l',j)
+        g, b, scale = lw.ln2_weight, lw.ln2_bias, rep.run.ln_scale[target.layer, target.position]
+        b_w = float(tc.b_enc[target.index])
+    return scale * center(g * w), float(b @ w) + b_w
+
+
+def _attention_transpose(
+    rep: LinearisedReplacement, layer: int, grad: Float[Tensor, "target pos d_model"]
+) -> Float[Tensor, "target pos d_model"]:
+    """Attn_l^T(G): the gradient the frozen attention of ``layer`` carries back to its source positions."""
+    lw = rep.weights.layers[layer]
+    n_pos = grad.shape[1]
+    pattern = rep.run.pattern[layer, :, :n_pos, :n_pos]  # A[h, destination t, source s]
+    u = torch.einsum("ntd,hed->nhte", grad, lw.W_O)  # back through W_O^h
+    u = torch.einsum("hts,nhte->nhse", pattern, u)  # back through the pattern, t -> s
+    x = torch.einsum("nhse,hde->nsd", u, lw.W_V)  # back through W_V^h
+    x = x * lw.ln1_weight * rep.run.ln_scale[layer, :n_pos, None]  # frozen LN1: g1 ⊙ sigma^-1[s]
+    return center(x)  # the LN1 mean-centering C
+
+
+def _feature_contributions(
+    rep: LinearisedReplacement, layer: int, grad: Float[Tensor, "target pos d_model"]
+) -> Float[Tensor, "target active"]:
+    """z^(l,i)[s] * (f_dec^(l,i) . G_{l+1}[s]) for every active feature of ``layer`` (eq. 5)."""
+    act = rep.active[layer]
+    n_pos = grad.shape[1]
+    # f_dec . G for every feature and position as one dense matmul: on CPU this is much faster
+    # than gathering the decoder row of each active (position, feature) pair.
+    projected = grad @ rep.transcoders[layer].W_dec.T  # [target, pos, d_tc]
+    out = grad.new_zeros(grad.shape[0], len(act))
+    visible = act.position < n_pos  # features after every target contribute 0
+    out[:, visible] = act.activation[visible] * projected[:, act.position[visible], act.feature[visible]]
+    return out
+
+
+@torch.no_grad()
+def attribute_many(rep: LinearisedReplacement, targets: Sequence[Node]) -> list[Attribution]:
+    """Attributions of several targets with one shared backward pass (steps 1-3 of the module docstring)."""
+    if not targets:
+        return []
+    for target in targets:
+        rep.check_target(target)
+    weights = rep.weights
+    n_targets, n_layers = len(targets), rep.n_layers
+    # Causality: nothing after the last target position can contribute, so the pass stops there.
+    n_pos = max(t.position for t in targets) + 1
+    readings = [_reading(rep, t) for t in targets]
+    read_layers = torch.tensor([_read_layer(rep, t) for t in targets])
+    grad = weights.embed.new_zeros(n_targets, n_pos, weights.d_model)
+    error = grad.new_zeros(n_targets, n_layers, rep.n_pos)
+    bias = grad.new_zeros(n_targets, n_layers, rep.n_pos)
+    features = [grad.new_zeros(n_targets, len(a)) for a in rep.active]
+    for m in range(int(read_layers.max()), -1, -1):  # grad holds G_m = d pre / d r_m
+        for i in (read_layers == m).nonzero().flatten().tolist():
+            grad[i, targets[i].position] += readings[i][0]
+        if m == 0:
+            break
+        layer = m - 1  # sources written by this layer land in r_m
+        features[layer] = _feature_contributions(rep, layer, grad)
+        error[:, layer, :n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
+        bias[:, layer, :n_pos] = grad @ rep.written_bias[layer]
+        grad = grad + _attention_transpose(rep, layer, grad)  # G_{m-1} = G_m + Attn^T(G_m)
+    embedding = grad.new_zeros(n_targets, rep.n_pos)
+    embedding[:, :n_pos] = torch.einsum("ntd,td->nt", grad, weights.embed[rep.input_ids[:n_pos]])
+    return [
+        Attribution(
+            replacement=rep,
+            target=target,
+            value=rep.value(target),
+            reading_bias=readings[i][1],
+            embedding=embedding[i],
+            features=[f[i] for f in features],
+            error=error[i],
+            bias=bias[i],
+        )
+        for i, target in enumerate(targets)
+    ]
+
+
+def attribute(rep: LinearisedReplacement, target: Node) -> Attribution:
+    """Contributions of every source node to ``target`` (an active feature or a logit)."""
+    return attribute_many(rep, [target])[0]
+
+
+def _source_vector(rep: LinearisedReplacement, source: Node) -> Float[Tensor, "d_model"]:
+    """The vector u a source writes into the residual stream."""
+    if source.kind == "embedding":
+        return rep.weights.embed[rep.input_ids[source.position]]
+    if source.kind == "error":
+        return rep.errors[source.layer, source.position]
+    if source.kind == "bias":
+        return rep.written_bias[source.layer]
+    if source.kind == "feature":
+        i = rep.active_index(source)
+        if i is None:
+            raise ValueError(f"source feature {source.id} does not fire on this prompt: it contributes nothing")
+        return rep.active[source.layer].activation[i] * rep.transcoders[source.layer].W_dec[source.index]
+    raise ValueError(f"a {source.kind} node is not a source")
+
+
+@torch.no_grad()
+def head_contributions(rep: LinearisedReplacement, source: Node, target: Node) -> HeadPaths:
+    """Split one edge (source -> target) into its residual path and its first-hop attention heads."""
+    rep.check_target(target)
+    if source.kind != "embedding":
+        rep.check_layer(source.layer)
+    rep.check_position(source.position)
+    u = _source_vector(rep, source)
+    v, _ = _reading(rep, target)
+    m, s = _read_layer(rep, target), source.position
+    heads = u.new_zeros(rep.n_layers, rep.weights.n_heads)
+    if source.layer >= m or s > target.position:
+        return HeadPaths(residual=0.0, heads=heads)  # the source cannot reach the target
+    n_pos = target.position + 1
+    grad = u.new_zeros(1, n_pos, rep.weights.d_model)
+    grad[0, target.position] = v
+    for j in range(m - 1, source.layer, -1):  # grad holds G_{j+1}
+        lw = rep.weights.layers[j]
+        # Per head, Attn_{j,h}^T(G)[s] (the transposed OV circuit, evaluated at the source position only).
+        carried = torch.einsum("ht,td->hd", rep.run.pattern[j, :, :n_pos, s], grad[0])  # sum_t A[t,s] G[t]
+        x = torch.einsum("hd,hed,hfe->hf", carried, lw.W_O, lw.W_V)
+        x = center(x * lw.ln1_weight * rep.run.ln_scale[j, s])
+        heads[j] = x @ u
+        grad = grad + _attention_transpose(rep, j, grad)
+    return HeadPaths(residual=float(u @ v) if s == target.position else 0.0, heads=heads)

@@ -1,0 +1,321 @@
+"""The linearised replacement model of one prompt: the object every attribution is computed on.
+
+1. Run the original GPT-NeoX model on the prompt (:func:`c2srepro.attribution.neox.run_model`),
+   recording each residual stream r_l, the layer-norm scales sigma^-1 (of r_l, shared by LN1 and LN2
+   under Pythia's parallel residual, and of the final residual), the attention patterns A^(l,h) and
+   each MLP's input x_l = LN2_l(r_l) and output MLP_l(x_l).
+2. Replace each MLP by its transcoder plus an error term:
+       z_l   = ReLU(x_l @ W_enc + b_enc)                        # eq. 1
+       out_l = z_l @ W_dec + b_dec + e_l,  e_l = MLP_l(x_l) - (z_l @ W_dec + b_dec)   # eq. 2 + error
+   so the replacement reproduces the model's logits exactly on this prompt.
+3. Freeze A^(l,h) and every sigma^-1. With the feature activations z and the errors e treated as
+   inputs, the model is then affine: r_{l+1} = r_l + Attn_l(r_l) + z_l W_dec + b_dec + e_l with
+       Attn_l(r)[t] = sum_h sum_s A^(l,h)[t,s] (LN1(r)[s] W_V^h + b_V^h) W_O^h + b_O,
+       LN(r)[s]     = (r[s] - mean r[s]) * sigma^-1[s] * g + b,
+   and every residual stream, feature pre-activation and logit is a sum of contributions of the
+   source nodes (:mod:`c2srepro.attribution.nodes`): embeddings, features, errors and biases.
+   Because each row of a causal attention pattern sums to 1, the LN1 bias and value bias reach the
+   residual stream as the per-layer constant sum_h (b1 W_V^h + b_V^h) W_O^h, folded into the layer's
+   bias node together with b_O and b_dec (``written_bias``).
+4. :func:`replacement_forward` runs this model forward: frozen (linear in the sources) or with the
+   patterns and layer-norm scales recomputed from the current residual (the replacement model proper,
+   errors still fixed); with the features given as inputs (leaves for autograd) or recomputed by the
+   transcoder encoders from the current residual, optionally with a set of features ablated (zeroed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from c2srepro.attribution.neox import (
+    ModelRun,
+    NeoXWeights,
+    attention_output,
+    attention_pattern,
+    check_input_ids,
+    layer_norm,
+    ln_scale,
+    rotary_cos_sin,
+    run_model,
+)
+from c2srepro.attribution.nodes import Node
+from c2srepro.transcoder.model import Transcoder
+
+
+@dataclass(frozen=True)
+class TranscoderWeights:
+    """Detached transcoder parameters in the model's dtype (layout of :class:`Transcoder`)."""
+
+    W_enc: Float[Tensor, "d_model d_tc"]  # column i is f_enc^(l,i)
+    b_enc: Float[Tensor, "d_tc"]
+    W_dec: Float[Tensor, "d_tc d_model"]  # row i is f_dec^(l,i)
+    b_dec: Float[Tensor, "d_model"]
+
+    @property
+    def d_tc(self) -> int:
+        return self.W_enc.shape[1]
+
+
+@dataclass(frozen=True)
+class ActiveFeatures:
+    """The features of one layer with z > 0 on this prompt, sorted by (position, feature)."""
+
+    position: Int[Tensor, "active"]
+    feature: Int[Tensor, "active"]
+    activation: Float[Tensor, "active"]
+
+    def __len__(self) -> int:
+        return self.position.numel()
+
+
+@dataclass(frozen=True)
+class ReplacementOutput:
+    """One forward pass of the replacement model."""
+
+    resid: Float[Tensor, "layer_plus_1 pos d_model"]
+    pre_activations: list[Float[Tensor, "pos d_tc"]]  # x_l @ W_enc + b_enc, per layer
+    activations: list[Float[Tensor, "pos d_tc"]]  # the z_l actually used, per layer
+    logits: Float[Tensor, "pos vocab"]
+
+    def value(self, node: Node) -> Tensor:
+        """A target's value: a feature's pre-activation, or a logit."""
+        if node.kind == "feature":
+            return self.pre_activations[node.layer][node.position, node.index]
+        if node.kind == "logit":
+            return self.logits[node.position, node.index]
+        raise ValueError(f"only feature and logit nodes have a value, got a {node.kind} node")
+
+
+@dataclass(frozen=True)
+class LinearisedReplacement:
+    """Model, transcoders and the frozen quantities of one prompt (steps 1-3 of the module docstring)."""
+
+    weights: NeoXWeights
+    transcoders: list[TranscoderWeights]
+    input_ids: Int[Tensor, "pos"]
+    run: ModelRun
+    errors: Float[Tensor, "layer pos d_model"]  # e_l = MLP_l(x_l) - transcoder_l(x_l)
+    active: list[ActiveFeatures]
+    written_bias: Float[Tensor, "layer d_model"]  # constants layer l adds to r_{l+1} at every position
+
+    @property
+    def n_layers(self) -> int:
+        return self.weights.n_layers
+
+    @property
+    def n_pos(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def n_active(self) -> int:
+        return sum(len(a) for a in self.active)
+
+    def check_position(self, position: int) -> None:
+        if not 0 <= position < self.n_pos:
+            raise ValueError(
+                f"position {position} is out of range for a prompt of {self.n_pos} tokens "
+                f"(valid positions 0..{self.n_pos - 1})"
+            )
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} is out of range: the model has layers 0..{self.n_layers - 1}")
+
+    def logit_node(self, position: int, token: int) -> Node:
+        """The target 'logit of ``token`` read at ``position``' (layer = n_layers)."""
+        return Node("logit", self.n_layers, int(position), int(token))
+
+    def answer_node(self, answer_start: int) -> Node:
+        """The logit of the answer's first token, read at the position before it."""
+        if not 1 <= answer_start < self.n_pos:
+            raise ValueError(
+                f"answer_start {answer_start} must be in 1..{self.n_pos - 1}: the prompt must include "
+                "at least the answer's first token, preceded by the question"
+            )
+        return self.logit_node(answer_start - 1, int(self.input_ids[answer_start]))
+
+    def pre_activation(self, layer: int, position: int, feature: int) -> float:
+        """x @ W_enc + b_enc of one feature on the real MLP input (eq. 1 before the ReLU)."""
+        tc = self.transcoders[layer]
+        return float(self.run.mlp_in[layer, position] @ tc.W_enc[:, feature] + tc.b_enc[feature])
+
+    def top_features(self, layer: int, position: int, n: int = 5) -> list[tuple[int, float]]:
+        """The ``n`` most active features at (layer, position) as (feature, activation)."""
+        self.check_layer(layer)
+        self.check_position(position)
+        act = self.active[layer]
+        here = act.position == position
+        values, order = act.activation[here].sort(descending=True)
+        return [(int(f), float(v)) for f, v in zip(act.feature[here][order[:n]], values[:n])]
+
+    def active_index(self, node: Node) -> int | None:
+        """Index of a feature node in ``active[node.layer]``, or None if it does not fire."""
+        act = self.active[node.layer]
+        key = act.position * self.transcoders[node.layer].d_tc + act.feature
+        wanted = node.position * self.transcoders[node.layer].d_tc + node.index
+        i = int(torch.searchsorted(key, torch.tensor(wanted, device=key.device)))
+        return i if i < len(act) and int(key[i]) == wanted else None
+
+    def value(self, node: Node) -> float:
+        """A target's value on the real prompt: feature pre-activation, or logit."""
+        if node.kind == "feature":
+            return self.pre_activation(node.layer, node.position, node.index)
+        if node.kind == "logit":
+            return float(self.run.logits[node.position, node.index])
+        raise ValueError(f"only feature and logit nodes can be targets, got a {node.kind} node")
+
+    def check_target(self, node: Node) -> None:
+        """Raise ValueError unless ``node`` is a valid target: an active feature or a logit in range."""
+        if node.kind not in ("feature", "logit"):
+            raise ValueError(f"a target must be a feature or logit node, got a {node.kind} node ({node.id})")
+        self.check_position(node.position)
+        if node.kind == "logit":
+            vocab = self.weights.W_U.shape[0]
+            if not 0 <= node.index < vocab or node.layer != self.n_layers:
+                raise ValueError(
+                    f"logit target {node.id}: token must be in [0, {vocab}) and layer {self.n_layers}; "
+                    "build it with LinearisedReplacement.logit_node(position, token)"
+                )
+            return
+        self.check_layer(node.layer)
+        d_tc = self.transcoders[node.layer].d_tc
+        if not 0 <= node.index < d_tc:
+            raise ValueError(
+                f"feature {node.index} is out of range: layer {node.layer}'s transcoder has {d_tc} features"
+            )
+        if self.active_index(node) is None:
+            top = ", ".join(f"{f} ({v:.3g})" for f, v in self.top_features(node.layer, node.position))
+            pre = self.pre_activation(node.layer, node.position, node.index)
+            raise ValueError(
+                f"feature {node.index} at layer {node.layer}, position {node.position} does not fire on this "
+                f"prompt (activation 0, pre-activation {pre:.4g}); "
+                f"attribute an active feature instead, e.g. the top-firing ones there: {top or 'none fire'}"
+            )
+
+
+def _transcoder_weights(tc: Transcoder, weights: NeoXWeights, layer: int) -> TranscoderWeights:
+    if not isinstance(tc, Transcoder):
+        raise ValueError(f"transcoders[{layer}] must be a c2srepro Transcoder, got {type(tc).__name__}")
+    if tc.cfg.d_model != weights.d_model:
+        raise ValueError(
+            f"transcoders[{layer}] has d_model {tc.cfg.d_model} but the model's hidden size is {weights.d_model}"
+        )
+    if tc.cfg.layer != layer:
+        raise ValueError(
+            f"transcoders[{layer}] was configured for layer {tc.cfg.layer}; "
+            "pass one transcoder per layer, in layer order"
+        )
+    device, dtype = weights.embed.device, weights.dtype
+    return TranscoderWeights(
+        *(p.detach().to(device=device, dtype=dtype) for p in (tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec))
+    )
+
+
+@torch.no_grad()
+def build_replacement(
+    model: nn.Module,
+    transcoders: Sequence[Transcoder] | Mapping[int, Transcoder],
+    input_ids: Tensor | list[int],
+) -> LinearisedReplacement:
+    """Steps 1-3 of the module docstring for one prompt (``input_ids``: [pos] or [1, pos]).
+
+    transcoders: one per MLP layer, as a list in layer order or a {layer: Transcoder} mapping
+    (what ``c2srepro.transcoder.load_transcoders`` returns).
+    """
+    weights = NeoXWeights.from_model(model)
+    if isinstance(transcoders, Mapping):
+        missing = sorted(set(range(weights.n_layers)) - set(transcoders))
+        if missing:
+            raise ValueError(f"no transcoder for layers {missing}; attribution needs one for every MLP layer")
+        transcoders = [transcoders[layer] for layer in range(weights.n_layers)]
+    if len(transcoders) != weights.n_layers:
+        raise ValueError(
+            f"got {len(transcoders)} transcoders for a model with {weights.n_layers} layers; pass one per MLP layer"
+        )
+    tcs = [_transcoder_weights(tc, weights, layer) for layer, tc in enumerate(transcoders)]
+    ids = check_input_ids(weights, input_ids)
+    run = run_model(weights, ids)
+    errors, active, written = [], [], []
+    for layer, (lw, tc) in enumerate(zip(weights.layers, tcs)):
+        z = torch.relu(run.mlp_in[layer] @ tc.W_enc + tc.b_enc)  # eq. 1
+        errors.append(run.mlp_out[layer] - (z @ tc.W_dec + tc.b_dec))  # MLP(x) - eq. 2
+        position, feature = z.nonzero(as_tuple=True)  # row-major: sorted by (position, feature)
+        active.append(ActiveFeatures(position, feature, z[position, feature]))
+        value_bias = torch.einsum("d,hde->he", lw.ln1_bias, lw.W_V) + lw.b_V  # [head, d_head]
+        written.append(torch.einsum("he,hed->d", value_bias, lw.W_O) + lw.b_O + tc.b_dec)
+    return LinearisedReplacement(
+        weights=weights,
+        transcoders=tcs,
+        input_ids=ids,
+        run=run,
+        errors=torch.stack(errors),
+        active=active,
+        written_bias=torch.stack(written),
+    )
+
+
+def ablation_masks(rep: LinearisedReplacement, features: Iterable[Node]) -> list[Tensor | None]:
+    """Per layer, a [pos, d_tc] 0/1 keep-mask zeroing the given feature nodes (None: keep all)."""
+    masks: list[Tensor | None] = [None] * rep.n_layers
+    for node in features:
+        if node.kind != "feature":
+            raise ValueError(f"only feature nodes can be ablated, got a {node.kind} node ({node.id})")
+        rep.check_layer(node.layer)
+        rep.check_position(node.position)
+        if masks[node.layer] is None:
+            masks[node.layer] = torch.ones(
+                rep.n_pos, rep.transcoders[node.layer].d_tc, dtype=rep.weights.dtype, device=rep.input_ids.device
+            )
+        masks[node.layer][node.position, node.index] = 0.0
+    return masks
+
+
+def replacement_forward(
+    rep: LinearisedReplacement,
+    *,
+    freeze: bool = True,
+    feature_acts: list[Float[Tensor, "pos d_tc"]] | None = None,
+    ablate: Iterable[Node] = (),
+    embeddings: Float[Tensor, "pos d_model"] | None = None,
+    errors: Float[Tensor, "layer pos d_model"] | None = None,
+) -> ReplacementOutput:
+    """Run the replacement model (step 4 of the module docstring).
+
+    freeze: keep the clean run's attention patterns and layer-norm scales (the linear model);
+        False recomputes both from the current residual stream (errors stay fixed either way).
+    feature_acts: per-layer activations used as given (inputs, e.g. leaves for autograd);
+        None recomputes z_l = ReLU(x_l W_enc + b_enc) from the current residual.
+    ablate: feature nodes whose activation is set to zero (after recomputation, if any).
+    embeddings, errors: the r_0 and e_l inputs (default: the prompt's).
+    """
+    weights, run = rep.weights, rep.run
+    if feature_acts is not None and len(feature_acts) != rep.n_layers:
+        raise ValueError(
+            f"feature_acts needs one [pos, d_tc] tensor per layer ({rep.n_layers}), got {len(feature_acts)}"
+        )
+    keep = ablation_masks(rep, ablate)
+    errors = rep.errors if errors is None else errors
+    r = weights.embed[rep.input_ids] if embeddings is None else embeddings
+    cos, sin = (None, None) if freeze else rotary_cos_sin(weights, rep.n_pos)
+    resid, pre_acts, acts = [r], [], []
+    for layer, (lw, tc) in enumerate(zip(weights.layers, rep.transcoders)):
+        scale = run.ln_scale[layer] if freeze else ln_scale(r, weights.eps)
+        x_attn = layer_norm(r, scale, lw.ln1_weight, lw.ln1_bias)
+        pattern = run.pattern[layer] if freeze else attention_pattern(lw, x_attn, cos, sin)
+        x_mlp = layer_norm(r, scale, lw.ln2_weight, lw.ln2_bias)
+        pre = x_mlp @ tc.W_enc + tc.b_enc  # eq. 1 before the ReLU
+        z = torch.relu(pre) if feature_acts is None else feature_acts[layer]
+        if keep[layer] is not None:
+            z = z * keep[layer]
+        r = r + attention_output(lw, x_attn, pattern) + (z @ tc.W_dec + tc.b_dec) + errors[layer]  # eq. 2 + e_l
+        resid.append(r)
+        pre_acts.append(pre)
+        acts.append(z)
+    scale_f = run.lnf_scale if freeze else ln_scale(r, weights.eps)
+    logits = layer_norm(r, scale_f, weights.lnf_weight, weights.lnf_bias) @ weights.W_U.T
+    return ReplacementOutput(resid=torch.stack(resid), pre_activations=pre_acts, activations=acts, logits=logits)

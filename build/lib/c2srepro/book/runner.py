@@ -1,0 +1,327 @@
+"""The book runner: execute the chapters under a parameter profile, then render the book.
+
+1. The chapter list is read from ``_quarto.yml`` (``book.chapters``), the one table of contents.
+2. Each notebook chapter is executed with papermill into ``results/<profile>/book/`` with its
+   parameters resolved in order: the notebook's own defaults (the ``default`` profile), then
+   ``chapters/profiles/<profile>.yml`` (``all:`` then ``chapters: {name: ...}``), then
+   ``--set key=value`` / ``--set chapter.key=value``. Unknown parameter names are an error.
+   ``results_dir`` is passed relative to the checkout (chapters run there), so no page shows
+   the machine's paths.
+3. An executed notebook is cleaned for reading (``clean_executed_notebook``): every stderr
+   output (warnings, logging, progress bars) moves to ``<chapter>.log`` beside it, empty outputs
+   are dropped, and papermill's injected parameters cell is labelled and shown unfolded. It is
+   moved into place only when it ran to the end; a failed one is kept as ``*.failed.ipynb`` and
+   its error (exception, message, last frames) is raised with the notebook's path.
+4. The book's front matter: ``_quarto.yml``, the bibliography and stylesheets of the checkout's
+   root, and ``_variables.yml`` (profile, package versions, commit) that ``index.qmd`` reads
+   with Quarto's ``{{< var name >}}``.
+5. Rendering: ``quarto render`` of that folder when Quarto is on PATH (notebooks are not
+   re-executed), otherwise a static HTML book built by Jupyter Book 1 from the same executed
+   notebooks, with its table of contents generated from ``_quarto.yml`` and the variables
+   substituted into the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+log = logging.getLogger("c2srepro.book")
+
+QUARTO_FILE = "_quarto.yml"
+PROFILE_DIR = Path("chapters") / "profiles"
+RUNNER_PARAMETERS = ("profile", "results_dir")
+VARIABLES_FILE = "_variables.yml"
+FRONT_MATTER_SUFFIXES = {".bib", ".css", ".scss"}
+VERSIONED_PACKAGES = ("c2srepro", "torch", "transformers", "scanpy", "anndata", "gseapy", "papermill")
+INJECTED_COMMENT = "# This run's values: the profile and --set overrides (the book runner's)"
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+QUARTO_VARIABLE = re.compile(r"\{\{<\s*var\s+([\w.-]+)\s*>\}\}")
+QUARTO_HEADING_ATTRIBUTES = re.compile(r"[ \t]*\{[.#][^}\n]*\}[ \t]*$", re.MULTILINE)
+
+
+def project_root(start: str | os.PathLike = ".") -> Path:
+    for folder in [Path(start).resolve(), *Path(start).resolve().parents]:
+        if (folder / QUARTO_FILE).is_file():
+            return folder
+    raise FileNotFoundError(f"no {QUARTO_FILE} in {Path(start).resolve()} or above: run from the c2srepro checkout")
+
+
+def book_config(root: Path) -> dict[str, Any]:
+    return yaml.safe_load((root / QUARTO_FILE).read_text())
+
+
+def chapter_files(root: Path) -> list[str]:
+    """Chapter paths in book order, flattening Quarto ``part:`` groups."""
+
+    def walk(entries: Iterable[Any]) -> Iterable[str]:
+        for entry in entries:
+            if isinstance(entry, str):
+                yield entry
+            elif isinstance(entry, dict):
+                if "part" in entry and isinstance(entry["part"], str) and entry["part"].endswith((".qmd", ".md")):
+                    yield entry["part"]
+                yield from walk(entry.get("chapters", []))
+
+    return list(walk(book_config(root)["book"]["chapters"]))
+
+
+def chapter_name(path: str) -> str:
+    return Path(path).stem
+
+
+def load_profile(root: Path, profile: str) -> dict[str, Any]:
+    path = root / PROFILE_DIR / f"{profile}.yml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / PROFILE_DIR).glob("*.yml"))
+        raise ValueError(f"no parameter profile {profile!r} ({path}); known profiles: {known}")
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = set(data) - {"all", "chapters"}
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; use 'all' and 'chapters'")
+    return {"all": data.get("all") or {}, "chapters": data.get("chapters") or {}}
+
+
+def parse_overrides(items: Iterable[str], chapters: list[str]) -> dict[str, Any]:
+    """``key=value`` (every chapter) or ``chapter.key=value``; values parsed as YAML."""
+    names = {chapter_name(c) for c in chapters}
+    overrides: dict[str, Any] = {"all": {}, "chapters": {}}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value or chapter.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        chapter, _, param = key.rpartition(".")
+        if chapter:
+            if chapter not in names:
+                raise ValueError(f"--set {item!r}: no chapter {chapter!r}; chapters: {sorted(names)}")
+            overrides["chapters"].setdefault(chapter, {})[param] = value
+        else:
+            overrides["all"][param] = value
+    return overrides
+
+
+def resolve_parameters(
+    declared: Iterable[str], name: str, layers: list[dict[str, Any]], *, strict_chapter: bool = True
+) -> dict[str, Any]:
+    """Merge parameter layers for one chapter, keeping only parameters the chapter declares."""
+    declared = set(declared)
+    params: dict[str, Any] = {}
+    for layer in layers:
+        params.update({k: v for k, v in layer["all"].items() if k in declared})
+        own = layer["chapters"].get(name, {})
+        unknown = set(own) - declared
+        if unknown and strict_chapter:
+            raise ValueError(
+                f"chapter {name!r} has no parameter(s) {sorted(unknown)}; it declares {sorted(declared)}"
+            )
+        params.update(own)
+    return params
+
+
+def execute_chapters(
+    root: Path, profile: str, *, overrides: list[str] = (), only: list[str] | None = None
+) -> Path:
+    import papermill
+
+    chapters = chapter_files(root)
+    layers = [load_profile(root, profile), parse_overrides(overrides, chapters)]
+    all_keys = {k for layer in layers for k in layer["all"]}
+    out_root = root / "results" / profile / "book"
+    notebooks = [c for c in chapters if c.endswith(".ipynb")]
+    if only:
+        missing = set(only) - {chapter_name(c) for c in notebooks}
+        if missing:
+            raise ValueError(f"no notebook chapter(s) {sorted(missing)}; chapters: {[chapter_name(c) for c in notebooks]}")
+        notebooks = [c for c in notebooks if chapter_name(c) in only]
+    declared_anywhere: set[str] = set()
+    for chapter in notebooks:
+        source = root / chapter
+        declared = papermill.inspect_notebook(str(source)).keys()
+        declared_anywhere |= set(declared)
+        params = resolve_parameters(declared, chapter_name(chapter), layers)
+        params.update({"profile": profile, "results_dir": f"results/{profile}"})
+        params = {k: v for k, v in params.items() if k in declared}
+        target = out_root / chapter
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial.ipynb")
+        failed = target.with_suffix(".failed.ipynb")
+        log.info("executing %s with %s", chapter, params)
+        try:
+            papermill.execute_notebook(
+                str(source), str(partial), parameters=params, cwd=str(root), kernel_name="python3",
+                progress_bar=False, log_output=True,
+            )
+        except Exception as error:  # papermill raises its own types and the kernel's
+            if partial.exists():
+                os.replace(partial, failed)
+            raise RuntimeError(
+                f"chapter {chapter} failed under profile {profile!r}:\n{chapter_error(error)}\n"
+                f"the executed notebook with the error is {failed}"
+            ) from error
+        clean_executed_notebook(partial, log_path=target.with_suffix(".log"))
+        os.replace(partial, target)
+        failed.unlink(missing_ok=True)
+    unused = all_keys - declared_anywhere - set(RUNNER_PARAMETERS)
+    if unused and not only:
+        raise ValueError(f"parameter(s) {sorted(unused)} are declared by no chapter")
+    for chapter in chapters:
+        if not chapter.endswith(".ipynb"):
+            (out_root / chapter).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / chapter, out_root / chapter)
+    for extra in [QUARTO_FILE, *sorted(p.name for p in root.iterdir() if p.suffix in FRONT_MATTER_SUFFIXES)]:
+        shutil.copy2(root / extra, out_root / extra)
+    (out_root / VARIABLES_FILE).write_text(yaml.safe_dump(book_variables(root, profile), sort_keys=False))
+    return out_root
+
+
+def chapter_error(error: BaseException, *, frames: int = 6) -> str:
+    """The failing cell's exception type, message and last traceback lines, as the terminal shows them."""
+    ename, evalue = getattr(error, "ename", type(error).__name__), getattr(error, "evalue", str(error))
+    traceback = [ANSI_ESCAPE.sub("", line) for line in getattr(error, "traceback", None) or []]
+    lines = [line for chunk in traceback for line in chunk.splitlines() if line.strip(" -")]
+    last = f"{ename}: {evalue}"
+    if lines and lines[-1].strip() == last:
+        lines.pop()
+    return "\n".join([*("  " + line for line in lines[-frames:]), last])
+
+
+def clean_executed_notebook(notebook_path: Path, *, log_path: Path) -> None:
+    """Make an executed chapter fit for reading (step 3 of the module docstring).
+
+    stderr carries what a reader should not see (warnings, logging, progress bars); it is kept in
+    ``log_path``, cell by cell, since papermill already streamed it to the runner's log."""
+    import nbformat
+
+    notebook = nbformat.read(notebook_path, as_version=4)
+    log_lines: list[str] = []
+    for number, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for output in cell.outputs:
+            if output.get("output_type") == "stream":
+                if output.get("name") == "stderr":
+                    log_lines.append(f"--- cell {number}\n{output.get('text', '')}")
+                    continue
+                if not output.get("text", "").strip():
+                    continue
+            if output.get("output_type") in ("display_data", "execute_result") and not output.get("data"):
+                continue
+            kept.append(output)
+        cell.outputs = kept
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            body = "\n".join(line for line in cell.source.splitlines() if line.strip() != "# Parameters")
+            cell.source = f"#| code-fold: false\n{INJECTED_COMMENT}\n{body.strip()}\n"
+    nbformat.write(notebook, notebook_path)
+    log_path.write_text("".join(log_lines))
+
+
+def book_variables(root: Path, profile: str) -> dict[str, str]:
+    """What the front page says about this build: the profile, the versions, the commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    variables = {"profile": profile, "python": sys.version.split()[0]}
+    for package in VERSIONED_PACKAGES:
+        try:
+            variables[package] = version(package)
+        except PackageNotFoundError:
+            variables[package] = "not installed"
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    variables["commit"] = commit
+    return variables
+
+
+def render(book_dir: Path, *, renderer: str = "auto") -> Path:
+    """Render executed chapters: Quarto when available, else Jupyter Book 1. Returns index.html."""
+    quarto = shutil.which("quarto")
+    if renderer == "quarto" or (renderer == "auto" and quarto):
+        if not quarto:
+            raise FileNotFoundError("quarto is not on PATH: install Quarto (https://quarto.org/docs/get-started/) "
+                                    "or use --renderer jupyter-book")
+        started = time.perf_counter()
+        subprocess.run([quarto, "render", str(book_dir)], check=True)
+        log.info("quarto rendered %s in %.0f s", book_dir, time.perf_counter() - started)
+        return book_dir / book_config(book_dir)["project"].get("output-dir", "_book") / "index.html"
+    return _render_jupyter_book(book_dir)
+
+
+def substitute_variables(text: str, book_dir: Path) -> str:
+    """Quarto's ``{{< var name >}}`` shortcodes, filled from the book's ``_variables.yml``."""
+    path = book_dir / VARIABLES_FILE
+    variables = yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+    def value(match: re.Match) -> str:
+        if match.group(1) not in variables:
+            raise ValueError(f"{{{{< var {match.group(1)} >}}}} is not in {path}; known: {sorted(variables)}")
+        return str(variables[match.group(1)])
+
+    return QUARTO_VARIABLE.sub(value, text)
+
+
+def _render_jupyter_book(book_dir: Path) -> Path:
+    config = book_config(book_dir)
+    chapters = chapter_files(book_dir)
+    toc_files = []
+    for chapter in chapters:
+        path = Path(chapter)
+        if path.suffix == ".qmd":
+            # Jupyter Book reads Markdown, not .qmd: drop Quarto's heading attributes ({.unnumbered}).
+            text = substitute_variables(QUARTO_HEADING_ATTRIBUTES.sub("", (book_dir / path).read_text()), book_dir)
+            (book_dir / path.with_suffix(".md")).write_text(text)
+        toc_files.append(str(path.with_suffix("")))
+    toc = {"format": "jb-book", "root": toc_files[0], "chapters": [{"file": f} for f in toc_files[1:]]}
+    jb_config = {
+        "title": config["book"].get("title", "c2srepro"),
+        "author": config["book"].get("author", ""),
+        "only_build_toc_files": True,
+        "execute": {"execute_notebooks": "off"},
+        "sphinx": {"config": {"html_show_copyright": False, "suppress_warnings": ["myst.header"]}},
+    }
+    (book_dir / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+    (book_dir / "_config.yml").write_text(yaml.safe_dump(jb_config, sort_keys=False))
+    executable = Path(sys.executable).parent / "jupyter-book"
+    if not executable.exists():
+        raise FileNotFoundError(
+            "neither quarto nor jupyter-book is installed: `pip install 'jupyter-book<2'` "
+            "(or install Quarto) to render the executed chapters"
+        )
+    subprocess.run([str(executable), "build", "--quiet", str(book_dir)], check=True)
+    return book_dir / "_build" / "html" / "index.html"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m c2srepro.book", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute the chapters and render the book")
+    run.add_argument("--profile", default="default")
+    run.add_argument("--chapters", nargs="*", help="chapter names to execute (default: all)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="[CHAPTER.]KEY=VALUE")
+    run.add_argument("--renderer", choices=["auto", "quarto", "jupyter-book", "none"], default="auto")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    root = project_root()
+    try:
+        book_dir = execute_chapters(root, args.profile, overrides=args.overrides, only=args.chapters)
+        if args.renderer != "none":
+            index = render(book_dir, renderer=args.renderer)
+            log.info("book rendered: %s", index)
+    except (ValueError, FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as error:
+        log.error("%s", error)
+        return 1
+    return 0
+

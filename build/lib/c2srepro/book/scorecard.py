@@ -1,0 +1,564 @@
+"""The scorecard: every number the paper reports beside the one this run reproduced, with a verdict.
+
+1. ``PAPER_VALUES`` holds what the paper states: its settings (hyperparameters, thresholds,
+   sample sizes), its results (Tables 1-4, the case study) and its claims (orderings, "over 80% in
+   most layers", "the top marker term is the cell's own type"). Figure 2's L0 values are shown only as
+   a plot, so the paper states no number for them (``value=None``).
+2. :func:`build_scorecard` reads a profile's results (``results/<profile>/``: model.json,
+   transcoders.json, validation.json, layers.csv, table3.csv, table4.csv, circuit_summary.json and
+   the ``*.provenance.json`` beside the tables) and gives one row per quantity, plus the controls
+   this project adds (null fractions, the prompt-subset control, ablation, the own-type rate), which
+   have no paper value.
+3. Each row gets a verdict in ``VERDICTS`` by the first rule that applies:
+
+   a. the result file or key is missing: "not comparable", note "result missing: run chapter X";
+   b. the paper states no number (Figure 2, the controls beyond the paper): "not comparable";
+   c. a quantity on a model-specific scale (losses and KL in nats, the transcoder width, the number of
+      layers, the case study's combined score) measured on another model than the paper's:
+      "not comparable", note "different model and data (<model> on <data>)". The model is the
+      paper's when the profile is "paper" and model.json names the paper's model. The combined
+      score is also not comparable when the marker library is not the paper's;
+   d. a claim (an ordering such as original < transcoder < no MLP, a threshold such as FDR < 0.05,
+      a yes/no statement): "reproduced" when it holds in this run, "differs" otherwise. For the
+      case study FDR, the claim compared is significance (FDR < 0.05): the exact value depends on
+      the gene list and the library;
+   e. a proportion from a small sample (Table 3's 7 of 20): Fisher's exact test of the two 2x2
+      counts, "reproduced" when p >= 0.05, i.e. the counts are compatible;
+   f. a setting: "reproduced" when equal (relative 1e-9), "differs" otherwise;
+   g. a number with a tolerance (``tolerance`` column): "reproduced" when
+      |reproduced - paper| <= abs, or <= rel * |paper|; "differs" otherwise. Tolerances: losses and
+      KL rel 10%; fraction of loss recovered abs 0.05; Table 4 fractions (per layer and mean) abs
+      0.05; the case study's combined score rel 25%; the number of circuit genes rel 50% (it follows
+      the pruning parameters k and depth); at least half of the paper's 9 circuit genes recovered.
+
+``difference`` is reproduced - paper where both are numbers. Nothing is written here: the
+scorecard chapter writes ``scorecard.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+from scipy.stats import fisher_exact
+
+from c2srepro.features.table4 import PAPER_TABLE4
+from c2srepro.models.load import PAPER_MODEL
+
+PAPER_DATA = "Heart Cell Atlas v2"
+PAPER_MARKER_LIBRARY = "CellMarker_Augmented_2021"
+PAPER_CIRCUIT_GENES = ("VWF", "PTPRB", "ANKRD13C", "KHDRBS1", "LPAR6", "ST6GALNAC3", "ART4", "DIAPH2", "MT-ND4")
+VERDICTS = ("reproduced", "differs", "not comparable")
+COLUMNS = ["quantity", "source", "kind", "paper", "reproduced", "difference", "verdict", "tolerance", "note", "model"]
+
+# Which chapter writes which file, for "result missing: run chapter X".
+CHAPTER_OF = {
+    "model.json": "01-model",
+    "transcoders.json": "02-transcoders",
+    "validation.json": "03-validation",
+    "layers.csv": "03-validation",
+    "table3.csv": "04-features",
+    "table3.csv.provenance.json": "04-features",
+    "table4.csv": "05-enrichment",
+    "table4.csv.provenance.json": "05-enrichment",
+    "circuit_summary.json": "06-circuit",
+}
+
+
+@dataclass(frozen=True)
+class PaperValue:
+    """One number or statement of the paper. ``value`` None: shown only in a figure, no number."""
+
+    quantity: str
+    value: float | int | str | None
+    source: str
+    kind: str
+
+
+def _paper_values() -> dict[str, PaperValue]:
+    v = {
+        # Experiments, "Training Hyperparameters" and setup.
+        "model_layers": PaperValue("model layers", 24, "Experiments", "setting"),
+        "heldout_fraction": PaperValue("held-out fraction of the data (90/10 split)", 0.1, "Experiments", "setting"),
+        "lr": PaperValue("transcoder max learning rate", 1e-4, "Training hyperparameters", "setting"),
+        "tokens_per_batch": PaperValue("transcoder tokens per batch", 2048, "Training hyperparameters", "setting"),
+        "l1_coefficient": PaperValue("transcoder L1 coefficient", 1.4e-4, "Training hyperparameters", "setting"),
+        "d_tc": PaperValue("transcoder width (features)", 8192, "Training hyperparameters", "setting"),
+        "expansion_factor": PaperValue("transcoder expansion factor", 8, "Training hyperparameters", "setting"),
+        "training_tokens": PaperValue("transcoder training tokens", 60_000_000, "Training hyperparameters", "setting"),
+        # Tables 1-2 and the fraction of loss recovered they imply.
+        "loss_original": PaperValue("validation loss, original", 2.48, "Table 1", "result"),
+        "loss_transcoder": PaperValue("validation loss, transcoders", 4.63, "Table 1", "result"),
+        "loss_no_mlp": PaperValue("validation loss, no MLP", 12.67, "Table 1", "result"),
+        "loss_ordering": PaperValue("loss: original < transcoders < no MLP", "2.48 < 4.63 < 12.67", "Table 1", "claim"),
+        "fraction_loss_recovered": PaperValue(
+            "fraction of loss recovered (derived)", (12.67 - 4.63) / (12.67 - 2.48), "Table 1, derived", "result"),
+        "kl_transcoder": PaperValue("KL(original || transcoders)", 2.406, "Table 2", "result"),
+        "kl_no_mlp": PaperValue("KL(original || no MLP)", 10.52, "Table 2", "result"),
+        "kl_ordering": PaperValue("KL: transcoders < no MLP", "2.406 < 10.52", "Table 2", "claim"),
+        # Figure 2: a bar plot of L0 per layer; the text gives no number.
+        "mean_l0": PaperValue("mean L0 (active features per token)", None, "Figure 2", "result"),
+        # Figure 3 / Table 3.
+        "table3_layer": PaperValue("Table 3 layer (middle layer)", "12 of 24", "Table 3", "setting"),
+        "live_threshold_table3": PaperValue("live threshold log10 E(f), Figure 3 / Table 3", -4.0, "Figure 3", "setting"),
+        "table3_n": PaperValue("Table 3 features sampled", 20, "Table 3", "setting"),
+        "table3_interpretable": PaperValue("Table 3 gene-level interpretable (7 of 20)", 7 / 20, "Table 3", "result"),
+        # Table 4.
+        "live_threshold_table4": PaperValue("live threshold log10 E(f), Table 4", -3.0, "Table 4", "setting"),
+        "table4_fdr": PaperValue("Table 4 FDR threshold", 0.05, "Table 4", "setting"),
+        "table4_mean_fraction": PaperValue(
+            "Table 4 mean interpretable fraction", float(PAPER_TABLE4["fraction"].mean()), "Table 4", "result"),
+        "table4_most_layers_over_80": PaperValue(
+            "Table 4: over 80% interpretable in most layers",
+            f"{int((PAPER_TABLE4['fraction'] > 0.8).sum())} of 24 layers", "Table 4, text", "claim"),
+        "table4_layer0_dip": PaperValue(
+            "Table 4: layer 0 has the lowest fraction", f"layer 0: {PAPER_TABLE4['fraction'].iloc[0]:.3f}",
+            "Table 4, text", "claim"),
+        # Case study (Figures 4-5).
+        "prompt_genes": PaperValue("genes per prompt", 64, "Figure 4", "setting"),
+        "circuit_n_genes": PaperValue("circuit gene-token nodes", len(PAPER_CIRCUIT_GENES), "Case study", "result"),
+        "circuit_paper_genes": PaperValue(
+            "paper's circuit genes recovered", ", ".join(PAPER_CIRCUIT_GENES), "Case study", "result"),
+        "top_marker_own_type": PaperValue(
+            "top marker term is the cell's own type", "Endothelial cell: heart (cell: endothelial cell)", "Case study", "claim"),
+        "top_marker_fdr": PaperValue("top marker term FDR (< 0.05)", 0.0013, "Case study", "claim"),
+        "top_marker_combined_score": PaperValue("top marker term combined score", 315.17, "Case study", "result"),
+    }
+    for row in PAPER_TABLE4.itertuples():
+        v[f"table4_fraction_layer_{row.layer}"] = PaperValue(
+            f"Table 4 fraction, layer {row.layer}", float(row.fraction), "Table 4", "result")
+    return v
+
+
+PAPER_VALUES: dict[str, PaperValue] = _paper_values()
+
+# Quantities whose scale is the model's own (nats, widths, layer counts).
+_MODEL_SCALE = {"loss_original", "loss_transcoder", "loss_no_mlp", "kl_transcoder", "kl_no_mlp", "d_tc", "model_layers"}
+_TOLERANCES = {
+    "loss_original": ("rel", 0.10), "loss_transcoder": ("rel", 0.10), "loss_no_mlp": ("rel", 0.10),
+    "kl_transcoder": ("rel", 0.10), "kl_no_mlp": ("rel", 0.10),
+    "fraction_loss_recovered": ("abs", 0.05),
+    "table4_mean_fraction": ("abs", 0.05),
+    "top_marker_combined_score": ("rel", 0.25),
+    "circuit_n_genes": ("rel", 0.50),
+}
+_LAYER_TOLERANCE = ("abs", 0.05)
+_PER_LAYER = "table4_per_layer"
+# (row key, function giving the row or rows; it raises _Missing when a result is absent)
+_Builder = tuple[str, Callable[[], "dict[str, Any] | list[dict[str, Any]]"]]
+
+
+class _Missing(Exception):
+    """A result file or key this row needs is absent."""
+
+    def __init__(self, file: str, key: str | None = None):
+        self.file, self.key = file, key
+        super().__init__(file)
+
+
+class _Results:
+    """Lazy, cached reads of ``results/<profile>/``; absent files and keys raise :class:`_Missing`."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._cache: dict[str, Any] = {}
+
+    def _read(self, name: str):
+        if name not in self._cache:
+            path = self.folder / name
+            if not path.is_file():
+                self._cache[name] = None
+            elif name.endswith(".csv"):
+                self._cache[name] = pd.read_csv(path)
+            else:
+                self._cache[name] = json.loads(path.read_text())
+        if self._cache[name] is None:
+            raise _Missing(name)
+        return self._cache[name]
+
+    def json(self, name: str, key: str):
+        data = self._read(name)
+        if data.get(key) is None:
+            raise _Missing(name, key)
+        return data[key]
+
+    def param(self, name: str, key: str):
+        """A parameter from a JSON result's ``provenance`` block or a table's ``.provenance.json``."""
+        data = self._read(name)
+        params = (data.get("provenance") or {}).get("params", {}) if "provenance" in data else data.get("params", {})
+        if params.get(key) is None:
+            raise _Missing(name, f"params.{key}")
+        return params[key]
+
+    def table(self, name: str, columns: tuple[str, ...]) -> pd.DataFrame:
+        table = self._read(name)
+        for column in columns:
+            if column not in table.columns:
+                raise _Missing(name, column)
+        if table.empty:
+            raise _Missing(name, "rows")
+        return table
+
+    def optional(self, name: str, key: str):
+        """A key that may be None by design (e.g. no marker term passed); the file must exist."""
+        return self._read(name).get(key)
+
+    def document(self, name: str) -> dict[str, Any]:
+        return self._read(name)
+
+
+@dataclass
+class _Context:
+    profile: str
+    same_model: bool
+    model_label: str  # "<model> on <data>"
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _row(key: str, reproduced, verdict: str, note: str = "", tolerance: str = "") -> dict[str, Any]:
+    paper = PAPER_VALUES[key]
+    difference = float(reproduced) - float(paper.value) if _is_number(reproduced) and _is_number(paper.value) else None
+    return {
+        "key": key, "quantity": paper.quantity, "source": paper.source, "kind": paper.kind,
+        "paper": paper.value, "reproduced": reproduced, "difference": difference,
+        "verdict": verdict, "tolerance": tolerance, "note": note,
+    }
+
+
+def _tolerance_text(tol: tuple[str, float]) -> str:
+    kind, amount = tol
+    return f"±{amount:.0%} relative" if kind == "rel" else f"±{amount:g} absolute"
+
+
+def _numeric(key: str, reproduced: float, ctx: _Context, tol: tuple[str, float], note: str = "") -> dict[str, Any]:
+    """Rules c and g: model-scale quantities on another model are not comparable; else a tolerance."""
+    if key in _MODEL_SCALE and not ctx.same_model:
+        return _row(key, reproduced, "not comparable", _join(f"different model and data ({ctx.model_label})", note),
+                    _tolerance_text(tol))
+    paper = float(PAPER_VALUES[key].value)
+    kind, amount = tol
+    bound = amount * abs(paper) if kind == "rel" else amount
+    within = abs(float(reproduced) - paper) <= bound + 1e-12
+    if not within:
+        note = _join("higher than the paper's" if reproduced > paper else "lower than the paper's", note)
+    return _row(key, reproduced, "reproduced" if within else "differs", note, _tolerance_text(tol))
+
+
+def _setting(key: str, reproduced, ctx: _Context, note: str = "") -> dict[str, Any]:
+    """Rule f (and c for the model's own scale)."""
+    if key in _MODEL_SCALE and not ctx.same_model:
+        return _row(key, reproduced, "not comparable", _join(f"different model and data ({ctx.model_label})", note), "equal")
+    paper = PAPER_VALUES[key].value
+    if _is_number(paper) and _is_number(reproduced):
+        same = math.isclose(float(reproduced), float(paper), rel_tol=1e-9)
+    else:
+        same = str(reproduced) == str(paper)
+    return _row(key, reproduced, "reproduced" if same else "differs", note, "equal")
+
+
+def _claim(key: str, reproduced, holds: bool, note: str = "") -> dict[str, Any]:
+    """Rule d."""
+    return _row(key, reproduced, "reproduced" if holds else "differs", note, "claim holds")
+
+
+def _fmt(x) -> str:
+    return f"{x:.3g}" if _is_number(x) else str(x)
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row builders, one per result file; each returns rows or raises _Missing for the whole group.
+
+
+def _settings_rows(r: _Results, ctx: _Context) -> list[_Builder]:
+    return [
+        ("model_layers", lambda: _setting("model_layers", int(r.json("model.json", "n_layers")), ctx)),
+        ("heldout_fraction", lambda: _setting(
+            "heldout_fraction", float(r.param("model.json", "heldout_fraction")), ctx,
+            "ours splits cells for the classifier; the paper's split is for transcoder training")),
+        ("prompt_genes", lambda: _setting("prompt_genes", int(r.param("model.json", "top_k")), ctx)),
+        ("lr", lambda: _setting("lr", float(r.param("transcoders.json", "lr")), ctx)),
+        ("tokens_per_batch", lambda: _setting(
+            "tokens_per_batch", int(r.param("transcoders.json", "tokens_per_batch")), ctx)),
+        ("l1_coefficient", lambda: _setting("l1_coefficient", float(r.param("transcoders.json", "l1_coefficient")), ctx)),
+        ("training_tokens", lambda: _setting(
+            "training_tokens", int(r.param("transcoders.json", "training_tokens")), ctx)),
+        ("d_tc", lambda: _setting("d_tc", int(r.json("transcoders.json", "d_tc")), ctx)),
+        ("expansion_factor", lambda: _setting(
+            "expansion_factor", int(r.json("transcoders.json", "d_tc")) / int(r.json("model.json", "d_model")),
+            ctx, "width / d_model")),
+    ]
+
+
+def _validation_rows(r: _Results, ctx: _Context) -> list[_Builder]:
+    def loss(key):
+        return lambda: _numeric(key, float(r.json("validation.json", key)), ctx, _TOLERANCES[key],
+                                "mean next-token cross-entropy over held-out prompts" if key.startswith("loss") else "")
+
+    def loss_ordering():
+        a, b, c = (float(r.json("validation.json", k)) for k in ("loss_original", "loss_transcoder", "loss_no_mlp"))
+        return _claim("loss_ordering", f"{a:.3g} < {b:.3g} < {c:.3g}" if a < b < c else f"{a:.3g}, {b:.3g}, {c:.3g}",
+                      a < b < c)
+
+    def kl_ordering():
+        a, b = (float(r.json("validation.json", k)) for k in ("kl_transcoder", "kl_no_mlp"))
+        return _claim("kl_ordering", f"{a:.3g} < {b:.3g}" if a < b else f"{a:.3g}, {b:.3g}", a < b)
+
+    def recovered():
+        value = float(r.json("validation.json", "fraction_loss_recovered"))
+        note = ""
+        if not ctx.same_model:
+            note = f"dimensionless, compared although the model differs ({ctx.model_label})"
+        return _numeric("fraction_loss_recovered", value, ctx, _TOLERANCES["fraction_loss_recovered"], note)
+
+    def l0():
+        mean = float(r.json("validation.json", "mean_l0"))
+        layers = r.table("layers.csv", ("layer", "l0"))
+        d_tc = r.json("validation.json", "d_tc")
+        return _row("mean_l0", mean, "not comparable",
+                    f"the paper shows L0 only as a figure, no number; ours per layer {layers['l0'].min():.1f}"
+                    f"-{layers['l0'].max():.1f} of {d_tc} features ({mean / float(d_tc):.1%} of the width on average)")
+
+    return [("loss_original", loss("loss_original")), ("loss_transcoder", loss("loss_transcoder")),
+            ("loss_no_mlp", loss("loss_no_mlp")), ("loss_ordering", loss_ordering),
+            ("fraction_loss_recovered", recovered), ("kl_transcoder", loss("kl_transcoder")),
+            ("kl_no_mlp", loss("kl_no_mlp")), ("kl_ordering", kl_ordering), ("mean_l0", l0)]
+
+
+def _table3_rows(r: _Results, ctx: _Context) -> list[_Builder]:
+    def layer():
+        chosen = int(r.param("table3.csv.provenance.json", "layer"))
+        n_layers = int(r.json("model.json", "n_layers"))
+        value = f"{chosen} of {n_layers}"
+        return _row("table3_layer", value, "reproduced" if chosen == n_layers // 2 else "differs",
+                    "compared as the middle layer", "middle layer")
+
+    def interpretable():
+        table = r.table("table3.csv", ("gene_level_interpretable",))
+        yes = int((table["gene_level_interpretable"].astype(str) == "Yes").sum())
+        n = len(table)
+        paper_yes, paper_n = 7, 20
+        _, p = fisher_exact([[paper_yes, paper_n - paper_yes], [yes, n - yes]])
+        sources = set(table["source"].astype(str)) if "source" in table else set()
+        by = {frozenset({"rule"}): "an automatic rule", frozenset({"human"}): "human labels",
+              frozenset({"rule", "human"}): "human labels and an automatic rule"}.get(frozenset(sources), "unrecorded labels")
+        row = _row("table3_interpretable", yes / n, "reproduced" if p >= 0.05 else "differs",
+                   f"{yes} of {n}, judged by {by} (the paper: human evaluation); Fisher's exact p = {p:.3g}",
+                   "Fisher's exact p >= 0.05")
+        return row
+
+    return [
+        ("table3_layer", layer),
+        ("live_threshold_table3", lambda: _setting(
+            "live_threshold_table3", float(r.param("table3.csv.provenance.json", "live_threshold_figure3")), ctx)),
+        ("table3_n", lambda: _setting("table3_n", len(r.table("table3.csv", ("feature",))), ctx)),
+        ("table3_interpretable", interpretable),
+    ]
+
+
+def _table4_rows(r: _Results, ctx: _Context) -> list[_Builder]:
+    def summary() -> pd.DataFrame:
+        return r.table("table4.csv", ("layer", "fraction"))
+
+    def mean():
+        t = summary()
+        note = f"{len(t)} layers"
+        if "null_fraction" in t:
+            note += f"; random same-size gene lists reach {t['null_fraction'].mean():.3f} (the paper reports no null)"
+        return _numeric("table4_mean_fraction", float(t["fraction"].mean()), ctx, _TOLERANCES["table4_mean_fraction"], note)
+
+    def most_over_80():
+        t = summary()
+        over = int((t["fraction"] > 0.8).sum())
+        return _claim("table4_most_layers_over_80", f"{over} of {len(t)} layers", over > len(t) / 2)
+
+    def layer0_dip():
+        t = summary().sort_values("layer")
+        lowest = int(t.loc[t["fraction"].idxmin(), "layer"])
+        return _claim("table4_layer0_dip", f"layer {lowest}: {t['fraction'].min():.3f} is the lowest",
+                      lowest == int(t["layer"].iloc[0]))
+
+    def per_layer() -> list[dict]:
+        t = summary().set_index("layer")
+        if len(t) != len(PAPER_TABLE4):
+            paper = PAPER_TABLE4["fraction"]
+            return [{
+                **_per_layer_row(None, "not comparable", f"{len(t)} layers against the paper's 24: layers do not correspond"),
+                "paper": f"24 layers, {paper.min():.3f}-{paper.max():.3f}",
+                "reproduced": f"{len(t)} layers, {t['fraction'].min():.3f}-{t['fraction'].max():.3f}",
+            }]
+        return [_numeric(f"table4_fraction_layer_{layer}", float(t.loc[layer, "fraction"]), ctx, _LAYER_TOLERANCE)
+                if layer in t.index else _missing_row(f"table4_fraction_layer_{layer}", _Missing("table4.csv", f"layer {layer}"))
+                for layer in PAPER_TABLE4["layer"]]
+
+    return [
+        ("live_threshold_table4", lambda: _setting(
+            "live_threshold_table4", float(r.param("table4.csv.provenance.json", "live_threshold")), ctx)),
+        ("table4_fdr", lambda: _setting("table4_fdr", float(r.param("table4.csv.provenance.json", "fdr")), ctx)),
+        ("table4_mean_fraction", mean), ("table4_most_layers_over_80", most_over_80),
+        ("table4_layer0_dip", layer0_dip), (_PER_LAYER, per_layer),
+    ]
+
+
+def _circuit_rows(r: _Results, ctx: _Context) -> list[_Builder]:
+    name = "circuit_summary.json"
+
+    def genes() -> list[str]:
+        return list(r.json(name, "genes"))
+
+    def n_genes():
+        return _numeric("circuit_n_genes", len(genes()), ctx, _TOLERANCES["circuit_n_genes"],
+                        "the count follows the pruning parameters k and depth")
+
+    def paper_genes():
+        shared = sorted(set(genes()) & set(PAPER_CIRCUIT_GENES))
+        if not ctx.same_model:
+            return _row("circuit_paper_genes", ", ".join(genes()) or "(none)", "not comparable",
+                        f"different model, data and cell ({ctx.model_label}); {len(shared)} shared")
+        half = len(PAPER_CIRCUIT_GENES) / 2
+        return _row("circuit_paper_genes", ", ".join(genes()) or "(none)",
+                    "reproduced" if len(shared) >= half else "differs",
+                    f"{len(shared)} of {len(PAPER_CIRCUIT_GENES)} shared: {', '.join(shared) or 'none'}",
+                    "at least half shared")
+
+    def own_type():
+        matches = r.json(name, "top_marker_matches_cell_type")
+        label = r.json(name, "cell_label")
+        term = r.optional(name, "top_marker_term")
+        shown = f"{term or 'no term at FDR < 0.05'} (cell: {label})"
+        return _claim("top_marker_own_type", shown, bool(matches),
+                      f"library {r.optional(name, 'top_marker_library')}")
+
+    def fdr():
+        library = r.optional(name, "top_marker_library")
+        term = r.optional(name, "top_marker_term")
+        if term is None:
+            # No term passed FDR < 0.05: the claim of a significant marker term fails.
+            return _claim("top_marker_fdr", "no term at FDR < 0.05", False, f"library {library}")
+        value = float(r.json(name, "top_marker_fdr"))
+        return _claim("top_marker_fdr", value, value < 0.05,
+                      f"library {library}; the exact FDR follows the gene list and the library")
+
+    def score():
+        library = r.optional(name, "top_marker_library")
+        term = r.optional(name, "top_marker_term")
+        value = None if term is None else float(r.json(name, "top_marker_combined_score"))
+        shown = "no term at FDR < 0.05" if term is None else ""
+        if not ctx.same_model:
+            return _row("top_marker_combined_score", value, "not comparable",
+                        _join(f"different model and data ({ctx.model_label}); library {library}", shown))
+        if library != PAPER_MARKER_LIBRARY:
+            return _row("top_marker_combined_score", value, "not comparable",
+                        _join(f"library {library} stands in for {PAPER_MARKER_LIBRARY}", shown))
+        if term is None:
+            return _row("top_marker_combined_score", None, "differs", shown)
+        return _numeric("top_marker_combined_score", value, ctx, _TOLERANCES["top_marker_combined_score"])
+
+    return [("circuit_n_genes", n_genes), ("circuit_paper_genes", paper_genes), ("top_marker_own_type", own_type),
+            ("top_marker_fdr", fdr), ("top_marker_combined_score", score)]
+
+
+def _missing_row(key: str, missing: _Missing) -> dict[str, Any]:
+    """Rule a."""
+    note = _missing_note(missing)
+    if key == _PER_LAYER:
+        return _per_layer_row(None, "not comparable", note)
+    return _row(key, None, "not comparable", note)
+
+
+def _missing_note(missing: _Missing) -> str:
+    chapter = CHAPTER_OF[missing.file]
+    if missing.key is None:
+        return f"result missing: run chapter {chapter} ({missing.file})"
+    # The file is there but this value is absent or empty (e.g. a circuit without genes has no control).
+    return f"result missing: {missing.key} is absent or empty in {missing.file} (chapter {chapter})"
+
+
+def _per_layer_row(reproduced, verdict: str, note: str) -> dict[str, Any]:
+    """The one row standing for Table 4's 24 per-layer rows when they cannot be compared one by one."""
+    return {"key": _PER_LAYER, "quantity": "Table 4 fractions per layer", "source": "Table 4", "kind": "result",
+            "paper": "24 layers", "reproduced": reproduced, "difference": None, "verdict": verdict,
+            "tolerance": _tolerance_text(_LAYER_TOLERANCE), "note": note}
+
+
+def _controls(r: _Results) -> list[dict[str, Any]]:
+    """Rows beyond the paper (rule b): shown with no paper value, for the reader's judgement."""
+    specs = [
+        ("accuracy_original", "held-out cell-type accuracy, original", "model.json", "heldout_accuracy",
+         "the paper reports one prediction, no accuracy", lambda d: f"majority-class baseline {_fmt(d.get('baseline_accuracy'))}"),
+        ("accuracy_transcoder", "held-out cell-type accuracy, transcoders in place", "validation.json",
+         "accuracy_transcoder", "", lambda d: f"original {_fmt(d.get('accuracy_original'))}"),
+        ("prompt_subset_percentile", "circuit marker score, percentile among random prompt-gene subsets",
+         "circuit_summary.json", "prompt_subset_percentile", "", lambda d: f"p = {_fmt(d.get('prompt_subset_p_value'))}"),
+        ("ablation_drop", "target drop when the circuit's features are ablated", "circuit_summary.json",
+         "ablation_drop", "", lambda d: f"random feature sets of the same size: {_fmt(d.get('random_ablation_drop'))}"),
+        ("own_type_rate", "rate at which the top marker term is the cell's own type", "circuit_summary.json",
+         "own_type_rate", "", lambda d: f"over {_fmt(d.get('own_type_rate_cells'))} correctly classified cells"),
+    ]
+    rows = []
+    for key, quantity, file, field, why, detail in specs:
+        base = {"key": key, "quantity": quantity, "source": "beyond the paper", "kind": "control", "paper": None,
+                "difference": None, "verdict": "not comparable", "tolerance": ""}
+        try:
+            value = r.json(file, field)
+        except _Missing as missing:
+            rows.append({**base, "reproduced": None, "note": _missing_note(missing)})
+            continue
+        rows.append({**base, "reproduced": value, "note": _join(why or "the paper reports no such control",
+                                                               detail(r.document(file)))})
+    return rows
+
+
+def _context(r: _Results, profile: str) -> _Context:
+    try:
+        model = str(r.json("model.json", "model"))
+    except _Missing:
+        model = PAPER_MODEL if profile == "paper" else f"the {profile!r} profile's model"
+    try:
+        data = str(r.param("model.json", "dataset"))
+    except _Missing:
+        data = PAPER_DATA if profile == "paper" else "its data"
+    same = profile == "paper" and model == PAPER_MODEL
+    return _Context(profile=profile, same_model=same, model_label=f"{model} on {Path(data).name}")
+
+
+def build_scorecard(results_dir: str | os.PathLike, *, profile: str) -> pd.DataFrame:
+    """One row per paper quantity (and per control of ours) for ``results_dir`` of ``profile``.
+
+    Columns: quantity, source (table/section of the paper), kind (setting/result/claim/control),
+    paper, reproduced, difference (reproduced - paper, numbers only), verdict (one of
+    ``VERDICTS``), tolerance (the rule applied), note, model ("same as the paper" or the model and
+    data of this run), key (a stable identifier). Reads only; writes nothing.
+    """
+    folder = Path(results_dir)
+    if not isinstance(profile, str) or not profile:
+        raise ValueError(f"profile must be a profile name such as 'default' or 'paper', got {profile!r}")
+    if not folder.is_dir():
+        raise ValueError(f"no results folder {folder}: run the book for profile {profile!r} first (make book)")
+    r = _Results(folder)
+    ctx = _context(r, profile)
+    rows: list[dict[str, Any]] = []
+    builders = [b for group in (_settings_rows, _validation_rows, _table3_rows, _table4_rows, _circuit_rows)
+                for b in group(r, ctx)]
+    for key, builder in builders:
+        try:
+            out = builder()
+        except _Missing as missing:
+            out = _missing_row(key, missing)
+        rows.extend(out if isinstance(out, list) else [out])
+    rows.extend(_controls(r))
+    table = pd.DataFrame(rows)
+    table["model"] = "same as the paper" if ctx.same_model else f"differs: {ctx.model_label}"
+    return table[COLUMNS + ["key"]]
+

@@ -1,0 +1,377 @@
+"""Inputs of the ``smoke`` profile: the paper's code path at the paper's shapes, on CPU, in minutes.
+
+The paper's inputs (Heart Cell Atlas v2 ``Global_raw.h5ad``, 9 GB, and the trained
+``vandijklab/C2S-Pythia-410m-cell-type-prediction``) cannot be had offline. The smoke profile
+replaces each with a stand-in that has the same structure, so every loader, tokeniser and hook
+runs as it would on the real inputs; the numbers it produces mean nothing biologically.
+
+Synthetic atlas (``smoke_atlas_path``):
+
+1. Cell types are the atlas's 12 ``cell_type`` labels, each with two ``cell_state`` values
+   named in the atlas's style; ``n_cells_per_type`` cells per type, in shuffled order, with
+   10x-style barcodes as the obs index.
+2. Each type's markers are the top genes by consensus weight of the cellconsensus L2 terms that
+   the label map (``c2srepro/biology/label_to_marker_terms.csv``) lists as its own type (``exact`` level),
+   taken evenly across the terms; the two cardiomyocyte types (which map to the same L2 term)
+   and the mesothelial type also get a few textbook genes (``EXTRA_MARKERS``), which are
+   removed from the other types' markers (atrial MYL7 is not a ventricular marker).
+3. The gene universe holds those markers, the 64 genes of the paper's endothelial prompt
+   (its Figure 4), housekeeping genes, and other genes of the L2 library up to ``N_GENES``; var
+   rows get Ensembl-style ids (``ENSG000009xxxxx``, a range Ensembl does not use) in shuffled
+   order, and ``var['gene_name-new']`` holds the symbols, with a few symbols on two ids (as in
+   the atlas) and a few ids without a symbol (missing or empty).
+4. Counts: every gene has a low background rate (log-normal across genes), housekeeping genes a
+   moderate one, the cell's type markers a high one (jittered per state), and endothelial cells
+   express the paper's Figure 4 genes moderately; each cell scales all rates by its own size
+   factor and draws Poisson counts. X is a CSR matrix of integer counts in float32.
+5. Everything is drawn from one ``numpy`` generator seeded by ``seed``, so a seed fixes the
+   matrix and the obs/var tables; the file is written once into ``cache_dir("smoke")``
+   atomically and reused.
+
+Random Pythia-410m (``smoke_model_dir``):
+
+1. ``pythia_410m_config`` is the published Pythia-410m architecture: 24 layers, hidden 1024,
+   16 heads, MLP 4096, GELU, rotary on 25% of each head (base 10000), parallel residual,
+   untied embeddings, vocab 50,304, 2,048 positions. Keyword overrides shrink it for tests.
+2. ``GPTNeoXForCausalLM`` is built from it after ``torch.manual_seed(seed)`` (the library's own
+   initialisation), and saved with ``save_pretrained`` next to the real Pythia BPE tokenizer
+   files and a ``smoke.json`` that records what the directory is.
+3. The directory is written into a private staging folder and moved into place with
+   ``os.replace``, so a half-written model is never found; an existing one is reused.
+   ``c2srepro.models.load_c2s_model(directory)`` then loads model and tokenizer offline.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from c2srepro._cache import atomic_path, cache_dir, short_hash, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SMOKE_ATLAS = "smoke-atlas"
+SMOKE_MODEL = "smoke-pythia-410m"
+ATLAS_KEY = "heart_cell_atlas_v2"  # the label map's name for the atlas the smoke atlas mimics
+LABEL_COLUMN = "cell_type"
+STATE_COLUMN = "cell_state"
+SYMBOL_COLUMN = "gene_name-new"
+MARKER_LIBRARY = "cellconsensus_L2"
+GENERATOR_VERSION = 1  # bump when the generator changes, so cached atlases are rebuilt
+N_GENES = 2000
+N_MARKERS = 40  # high-expression genes per type
+
+# label -> its two cell states (names in the style of the atlas's cell_state column)
+CELL_STATES = {
+    "Adipocyte": ("Adip1", "Adip2"),
+    "Atrial Cardiomyocyte": ("aCM1", "aCM2"),
+    "Endothelial": ("EC1_cap", "EC5_art"),
+    "Fibroblast": ("FB1", "FB2"),
+    "Lymphoid": ("CD4+T_naive", "NK_CD16hi"),
+    "Mast": ("Mast", "Mast_activated"),
+    "Mesothelial": ("Meso", "Meso_epicardial"),
+    "Myeloid": ("LYVE1+IGF1+MP", "Mo_classic"),
+    "Neural": ("NC1_glial", "NC2_glial_NGF+"),
+    "Pericytes": ("PC1_vent", "PC2_atria"),
+    "Smooth Muscle": ("SMC1_basic", "SMC2_art"),
+    "Ventricular Cardiomyocyte": ("vCM1", "vCM2"),
+}
+# Textbook genes added to the L2 markers: both cardiomyocyte labels map to the one L2 "muscle cell"
+# term, and the top of L2's "other epithelial cell" is epithelial rather than mesothelial.
+EXTRA_MARKERS = {
+    "Atrial Cardiomyocyte": ("NPPA", "MYL7", "MYL4", "SLN", "PITX2"),
+    "Ventricular Cardiomyocyte": ("MYL2", "MYL3", "MYH7", "IRX4", "HEY2"),
+    "Mesothelial": ("MSLN", "UPK3B", "WT1", "ITLN1", "KRT19"),
+}
+# The 64 genes of the paper's endothelial cell prompt (its Figure 4), in the paper's order.
+PAPER_PROMPT_GENES = tuple((
+    "KIAA1217 VWF MT-CO1 FOXN3 MT-CO2 ENG MGLL MT-ND4 MAGI1 MT-CO3 MT-CYB IQGAP1 SYNE1 CD36 RASAL2 "
+    "SPARCL1 ST6GALNAC3 LINC00486 RAPGEF1 ID1 RBMS3 NFIB PTPRB LRMDA ARID2 MT-ATP6 SMAD2 ZBTB20 RGCC "
+    "PLAA SLC48A1 TACC1 MECOM RB1 TSPAN14 FRMD4A AFDN ANO2 SHOC2 CDC42BPA RASGRF2 CCDC85A ESR2 SLC1A1 "
+    "FRYL MALAT1 FAM241A DIAPH2 TSPAN15 LPAR6 HIF3A ITGA6 PARP14 NSD3 WNT2B FTX ART4 FBXW11 MTHFR AFF1 "
+    "KHDRBS1 ZBTB46 ANKRD13C RDX"
+).split())
+HOUSEKEEPING = (
+    "MALAT1", "NEAT1", "MT-CO1", "MT-CO2", "MT-CO3", "MT-ND1", "MT-ND2", "MT-ND3", "MT-ND4", "MT-ND5",
+    "MT-CYB", "MT-ATP6", "ACTB", "GAPDH", "B2M", "FTL", "FTH1", "TMSB4X", "EEF1A1", "RPLP1", "RPL13",
+    "RPS27", "RPS12", "RPL41", "UBC", "HSP90AA1", "TPT1", "MYL6",
+)
+# Symbols that the atlas's reference annotation gives to two Ensembl ids; both copies are expressed.
+DUPLICATED_SYMBOLS = ("MATR3", "TBCE", "HSPA14", "POLR2J3", "ABCF2", "COG8")
+N_MISSING_SYMBOLS = 3  # ids whose symbol is missing (NaN) and as many whose symbol is ""
+ENSEMBL_BASE = 900_000  # ENSG00000900000 onwards: Ensembl-shaped, not real ids
+
+# Poisson rates (counts per cell before the size factor)
+MARKER_RATE = 20.0  # median rate of a type marker in its own type
+MARKER_SPREAD = 0.5  # sd of the log rate across a type's markers
+STATE_JITTER = 0.3  # sd of the log rate multiplier of a marker between the two states
+HOUSEKEEPING_RATE = (1.5, 6.0)  # uniform range
+PAPER_PROMPT_RATE = 3.0  # median rate of the Figure 4 genes in endothelial cells
+PAPER_PROMPT_SPREAD = 0.4
+BACKGROUND_RATE = 0.12  # median background rate; log-normal across genes
+BACKGROUND_SPREAD = 1.0  # sd of the log background rate
+BACKGROUND_CAP = 1.5
+SIZE_FACTOR_SPREAD = 0.25  # sd of each cell's log size factor
+
+# The published Pythia-410m architecture (EleutherAI/pythia-410m config.json)
+PYTHIA_410M = {
+    "n_layers": 24,
+    "hidden": 1024,
+    "n_heads": 16,
+    "vocab_size": 50_304,
+    "max_positions": 2048,
+}
+SMOKE_META_FILENAME = "smoke.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic atlas
+
+
+def smoke_atlas_path(*, n_cells_per_type: int = 4, seed: int = 0) -> Path:
+    """The synthetic Heart-Cell-Atlas-shaped ``.h5ad``, written into the cache on first use."""
+    if not isinstance(n_cells_per_type, int) or n_cells_per_type < 1:
+        raise ValueError(f"n_cells_per_type must be an integer >= 1, got {n_cells_per_type!r}")
+    key = short_hash({
+        "version": GENERATOR_VERSION, "n_cells_per_type": n_cells_per_type, "seed": seed,
+        "cellconsensus": importlib.metadata.version("cellconsensus"),
+    })
+    path = cache_dir("smoke") / f"{SMOKE_ATLAS}-n{n_cells_per_type}-seed{seed}-{key}.h5ad"
+    if path.is_file():
+        return path
+    adata = build_smoke_atlas(n_cells_per_type=n_cells_per_type, seed=seed)
+    with atomic_path(path, suffix=".h5ad") as tmp:
+        adata.write_h5ad(tmp)
+    log.info("wrote the smoke atlas (%d cells x %d genes) to %s", adata.n_obs, adata.n_vars, path)
+    return path
+
+
+def type_markers(*, n_markers: int = N_MARKERS) -> dict[str, list[str]]:
+    """Each atlas label's marker genes (step 2), sorted: about ``n_markers`` per label.
+
+    A label with ``t`` exact L2 terms takes the top ``d`` genes of each, ``d`` starting at
+    ``ceil(n_markers / t)`` and growing until the union holds ``n_markers`` genes (terms overlap).
+    """
+    from c2srepro.biology.casestudy import label_marker_terms
+    from c2srepro.enrichment import load_cellconsensus
+    from c2srepro.enrichment.libraries import DEFAULT_TOP_N
+
+    if n_markers < 1:
+        raise ValueError(f"n_markers must be >= 1, got {n_markers}")
+    libraries: dict[int, Any] = {}  # depth -> library (each read of the L2 pickle takes ~40 ms)
+    markers: dict[str, list[str]] = {}
+    for label in CELL_STATES:
+        terms = label_marker_terms(ATLAS_KEY, label, MARKER_LIBRARY, strict=True)
+        depth, genes = math.ceil(n_markers / len(terms)), set()
+        while len(genes) < n_markers:
+            if depth > DEFAULT_TOP_N:
+                raise ValueError(
+                    f"the L2 terms of {label!r} ({terms}) hold fewer than {n_markers} genes; lower n_markers"
+                )
+            if depth not in libraries:
+                libraries[depth] = load_cellconsensus("L2", top_n=depth)
+            genes = set().union(*(libraries[depth].sets[term] for term in terms))
+            depth += 1
+        # one type's textbook genes are not another's markers (MYL7 is in L2's muscle cell top 40)
+        foreign = {g for other, extra in EXTRA_MARKERS.items() if other != label for g in extra}
+        markers[label] = sorted((genes - foreign) | set(EXTRA_MARKERS.get(label, ())))
+    return markers
+
+
+def build_smoke_atlas(*, n_cells_per_type: int, seed: int):
+    """The synthetic atlas as an in-memory ``AnnData`` (steps 1-4); ``smoke_atlas_path`` caches it."""
+    import anndata as ad
+
+    from c2srepro.enrichment import load_cellconsensus
+
+    rng = np.random.default_rng(seed)
+    markers = type_markers()
+    fixed = list(dict.fromkeys(
+        [g for genes in markers.values() for g in genes] + list(PAPER_PROMPT_GENES + HOUSEKEEPING)
+        + list(DUPLICATED_SYMBOLS)
+    ))
+    others = sorted(load_cellconsensus("L2").genes - set(fixed))
+    n_fill = N_GENES - len(fixed) - len(DUPLICATED_SYMBOLS) - 2 * N_MISSING_SYMBOLS
+    if n_fill < 0:
+        raise ValueError(f"N_GENES={N_GENES} is smaller than the {len(fixed)} genes the atlas must hold")
+    symbols = fixed + sorted(rng.choice(others, size=n_fill, replace=False).tolist())
+    # second copies of duplicated symbols, then the ids without a symbol
+    columns = symbols + list(DUPLICATED_SYMBOLS) + [None] * N_MISSING_SYMBOLS + [""] * N_MISSING_SYMBOLS
+    n_vars = len(columns)
+    first = {symbol: i for i, symbol in reversed(list(enumerate(columns))) if symbol}  # symbol -> first id
+
+    base_rates = np.minimum(
+        np.exp(np.log(BACKGROUND_RATE) + BACKGROUND_SPREAD * rng.standard_normal(n_vars)), BACKGROUND_CAP
+    )
+    # housekeeping genes and both ids of each duplicated symbol are expressed in every cell
+    moderate = [first[g] for g in HOUSEKEEPING + DUPLICATED_SYMBOLS]
+    moderate += list(range(len(symbols), len(symbols) + len(DUPLICATED_SYMBOLS)))
+    base_rates[moderate] = rng.uniform(*HOUSEKEEPING_RATE, size=len(moderate))
+
+    labels = sorted(CELL_STATES)
+    cell_labels, cell_states, blocks = [], [], []
+    for label in labels:
+        marker_columns = [first[g] for g in markers[label]]
+        type_rates = MARKER_RATE * np.exp(MARKER_SPREAD * rng.standard_normal(len(marker_columns)))
+        state_rates = []
+        for _ in CELL_STATES[label]:
+            rates = base_rates.copy()
+            rates[marker_columns] = type_rates * np.exp(STATE_JITTER * rng.standard_normal(len(marker_columns)))
+            if label == "Endothelial":
+                paper = [first[g] for g in PAPER_PROMPT_GENES if first[g] not in marker_columns]
+                paper_rates = PAPER_PROMPT_RATE * np.exp(PAPER_PROMPT_SPREAD * rng.standard_normal(len(paper)))
+                rates[paper] = np.maximum(rates[paper], paper_rates)
+            state_rates.append(rates)
+        states = np.arange(n_cells_per_type) % 2
+        size_factor = np.exp(SIZE_FACTOR_SPREAD * rng.standard_normal((n_cells_per_type, 1)))
+        # one label at a time, so memory grows with the cells of one label, not of the atlas
+        counts = rng.poisson(np.stack(state_rates)[states] * size_factor)  # [n_cells_per_type, n_vars]
+        blocks.append(sp.csr_matrix(counts.astype(np.float32)))
+        cell_labels += [label] * n_cells_per_type
+        cell_states += [CELL_STATES[label][state] for state in states]
+    counts = sp.vstack(blocks, format="csr")
+
+    order = rng.permutation(counts.shape[0])  # cells of one type are not stored together in the atlas
+    var_order = rng.permutation(n_vars)  # nor are a symbol's two ids
+    matrix = sp.csr_matrix(counts[order][:, var_order])
+    barcodes = _barcodes(rng, counts.shape[0])
+    obs = pd.DataFrame(
+        {
+            LABEL_COLUMN: pd.Categorical(np.asarray(cell_labels)[order], categories=labels),
+            STATE_COLUMN: pd.Categorical(np.asarray(cell_states)[order]),
+        },
+        index=pd.Index(barcodes, name=None),
+    )
+    var = pd.DataFrame(
+        {SYMBOL_COLUMN: pd.array([columns[i] for i in var_order], dtype=object)},
+        index=pd.Index([f"ENSG{ENSEMBL_BASE + i:011d}" for i in range(n_vars)]),
+    )
+    adata = ad.AnnData(X=matrix, obs=obs, var=var)
+    adata.uns["smoke"] = {
+        "description": "synthetic stand-in for Heart Cell Atlas v2 Global_raw.h5ad (c2srepro smoke profile)",
+        "seed": seed,
+        "generator_version": GENERATOR_VERSION,
+        "marker_library": MARKER_LIBRARY,
+    }
+    return adata
+
+
+def _barcodes(rng: np.random.Generator, n: int) -> list[str]:
+    """``SmokeHeart<sample>_<16 bases>`` names, unique (drawn without replacement)."""
+    codes = rng.choice(4**16, size=n, replace=False)
+    bases = np.array(list("ACGT"))
+    digits = (codes[:, None] // 4 ** np.arange(15, -1, -1)) % 4
+    samples = rng.integers(1, 4, size=n)
+    return [f"SmokeHeart{7600000 + s}_{''.join(bases[d])}" for s, d in zip(samples, digits)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Random Pythia-410m
+
+
+def pythia_410m_config(
+    *, n_layers: int = 24, hidden: int = 1024, n_heads: int = 16, vocab_size: int = 50_304,
+    max_positions: int = 2048,
+):
+    """A ``GPTNeoXConfig`` of Pythia-410m's architecture; the keywords shrink it (tests)."""
+    from transformers import GPTNeoXConfig
+
+    for name, value in (("n_layers", n_layers), ("hidden", hidden), ("n_heads", n_heads),
+                        ("vocab_size", vocab_size), ("max_positions", max_positions)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if hidden % n_heads:
+        raise ValueError(f"hidden ({hidden}) must be a multiple of n_heads ({n_heads})")
+    if (hidden // n_heads) % 4:
+        # rotary acts on 25% of each head's dimensions, in pairs
+        raise ValueError(f"hidden / n_heads ({hidden // n_heads}) must be a multiple of 4 for rotary_pct 0.25")
+    return GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        intermediate_size=4 * hidden,
+        hidden_act="gelu",
+        rotary_pct=0.25,
+        rotary_emb_base=10_000,
+        use_parallel_residual=True,
+        max_position_embeddings=max_positions,
+        layer_norm_eps=1e-5,
+        initializer_range=0.02,
+        attention_bias=True,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+def smoke_model_dir(
+    *, directory: str | os.PathLike | None = None, seed: int = 0, n_layers: int = PYTHIA_410M["n_layers"],
+    hidden: int = PYTHIA_410M["hidden"], n_heads: int = PYTHIA_410M["n_heads"],
+) -> Path:
+    """A randomly initialised Pythia-410m-shaped model and the Pythia tokenizer, saved once.
+
+    ``directory`` defaults to ``cache_dir("smoke")/smoke-pythia-410m-seed<seed>`` (the shape is
+    added to the name when overridden). An existing directory holding ``smoke.json`` is reused.
+    """
+    config = pythia_410m_config(n_layers=n_layers, hidden=hidden, n_heads=n_heads)
+    shape = {"n_layers": n_layers, "hidden": hidden, "n_heads": n_heads}
+    if directory is None:
+        is_410m = all(PYTHIA_410M[k] == v for k, v in shape.items())
+        suffix = "" if is_410m else f"-L{n_layers}-d{hidden}-h{n_heads}"
+        directory = cache_dir("smoke") / f"{SMOKE_MODEL}{suffix}-seed{seed}"
+    directory = Path(directory)
+    if (directory / SMOKE_META_FILENAME).is_file():
+        return directory
+    if directory.exists() and any(directory.iterdir()):
+        raise ValueError(
+            f"{directory} exists and is not a smoke model directory (no {SMOKE_META_FILENAME}); "
+            "give an empty or new directory"
+        )
+    _write_random_model(directory, config, seed=seed)
+    return directory
+
+
+def _write_random_model(directory: Path, config, *, seed: int) -> None:
+    from transformers import GPTNeoXForCausalLM
+
+    from c2srepro.data.tokenizer import PYTHIA_SHA256, load_bpe_tokenizer
+
+    tokenizer = load_bpe_tokenizer()
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(config).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # a private staging folder, moved into place whole: a reader never sees half a model
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / SMOKE_META_FILENAME, {
+            "description": "randomly initialised GPT-NeoX of the Pythia-410m architecture, untrained "
+                           "(c2srepro smoke profile); stands in for vandijklab/C2S-Pythia-410m-cell-type-prediction",
+            "seed": seed,
+            "n_parameters": n_params,
+            "config": json.loads(config.to_json_string()),
+            "tokenizer_sha256": PYTHIA_SHA256,
+            "torch": torch.__version__,
+            "transformers": importlib.metadata.version("transformers"),
+        })
+        if directory.exists():
+            directory.rmdir()  # empty (checked by the caller); os.replace cannot replace a folder
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote a random %d-parameter Pythia-shaped model to %s", n_params, directory)

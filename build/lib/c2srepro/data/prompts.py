@@ -1,0 +1,137 @@
+"""The C2S cell-type prompt, its tokens, and the gene each token lies in.
+
+1. Fill the C2S template with a cell sentence; for training, append the answer `` {label}.``.
+2. Tokenise with the real BPE tokenizer, keeping each token's character span.
+3. A token belongs to a gene when its span overlaps that gene's span in the prompt. Gene spans
+   are known exactly because the sentence is the genes joined by single spaces at a known
+   offset, so the map is exact even when a symbol splits into several tokens (V|WF, ĠPT|PR|B).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from c2srepro.data.cells import CellSentence
+from c2srepro.data.tokenizer import CellTokenizer
+
+# One of the C2S cell-type prediction prompts (the answer follows as " {cell_type}.").
+C2S_CELL_TYPE_TEMPLATE = (
+    "The following is a list of {num_genes} gene names ordered by descending expression level in "
+    "a {organism} cell. Your task is to give the cell type which this cell belongs to based on "
+    "its gene expression.\nCell sentence: {cell_sentence}.\nThe cell type corresponding to these "
+    "genes is:"
+)
+SENTENCE_FIELD = "{cell_sentence}"
+
+
+def answer_text(label: str) -> str:
+    return f" {label}."
+
+
+@dataclass
+class Prompt:
+    text: str
+    gene_spans: list[tuple[int, int, str]]  # (start, end, symbol) of each gene in ``text``
+    answer_start_char: int  # len(text) of the bare prompt; the answer, if any, follows
+
+
+def build_prompt(
+    sentence: CellSentence,
+    *,
+    organism: str = "Homo sapiens",
+    template: str = C2S_CELL_TYPE_TEMPLATE,
+    with_answer: bool = False,
+) -> Prompt:
+    """The prompt for one cell; ``with_answer`` appends the cell's label (training)."""
+    if template.count(SENTENCE_FIELD) != 1:
+        raise ValueError(f"the prompt template must contain {SENTENCE_FIELD} exactly once")
+    head, tail = template.split(SENTENCE_FIELD)
+    head = head.format(num_genes=len(sentence.genes), organism=organism)
+    tail = tail.format(num_genes=len(sentence.genes), organism=organism)
+    spans, cursor = [], len(head)
+    for gene in sentence.genes:
+        spans.append((cursor, cursor + len(gene), gene))
+        cursor += len(gene) + 1
+    text = head + sentence.text + tail
+    answer_start_char = len(text)
+    if with_answer:
+        if sentence.label is None:
+            raise ValueError(f"cell {sentence.cell_id!r} has no label to append as the answer")
+        text += answer_text(sentence.label)
+    return Prompt(text, spans, answer_start_char)
+
+
+def genes_of_tokens(offsets: Sequence[tuple[int, int]], gene_spans: Sequence[tuple[int, int, str]]) -> list[str | None]:
+    """For each token span, the gene whose span it overlaps (None for template text)."""
+    genes: list[str | None] = []
+    span_index = 0
+    for start, end in offsets:
+        while span_index < len(gene_spans) and gene_spans[span_index][1] <= start:
+            span_index += 1
+        inside = span_index < len(gene_spans) and gene_spans[span_index][0] < end
+        if inside and span_index + 1 < len(gene_spans) and gene_spans[span_index + 1][0] < end:
+            raise ValueError(f"token at characters {start}-{end} spans two genes")
+        genes.append(gene_spans[span_index][2] if inside else None)
+    return genes
+
+
+@dataclass
+class EncodedPrompts:
+    """Tokenised prompts with, per token, the gene it lies in."""
+
+    input_ids: list[list[int]] = field(default_factory=list)  # model token ids of each prompt
+    answer_start: list[int] = field(default_factory=list)  # first answer token (== len if none)
+    cell_index: list[int] = field(default_factory=list)  # row of the source cell in the AnnData
+    gene_of_token: list[list[str | None]] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, indices: Sequence[int]) -> "EncodedPrompts":
+        pick = lambda values: [values[i] for i in indices]  # noqa: E731
+        return EncodedPrompts(*(pick(getattr(self, name)) for name in self.__dataclass_fields__))
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(ids) for ids in self.input_ids)
+
+
+def encode_prompts(
+    sentences: Sequence[CellSentence],
+    tokenizer: CellTokenizer,
+    *,
+    with_answer: bool = False,
+    organism: str = "Homo sapiens",
+    template: str = C2S_CELL_TYPE_TEMPLATE,
+) -> EncodedPrompts:
+    """Tokenise the prompts of ``sentences`` and map each token to its gene."""
+    encoded = EncodedPrompts()
+    for sentence in sentences:
+        prompt = build_prompt(sentence, organism=organism, template=template, with_answer=with_answer)
+        ids, offsets = tokenizer.encode(prompt.text)
+        answer_start = next(
+            (i for i, (start, _) in enumerate(offsets) if start >= prompt.answer_start_char), len(ids)
+        )
+        encoded.input_ids.append(ids)
+        encoded.answer_start.append(answer_start)
+        encoded.cell_index.append(sentence.cell_index)
+        encoded.gene_of_token.append(genes_of_tokens(offsets, prompt.gene_spans))
+        encoded.labels.append(sentence.label)
+        encoded.texts.append(prompt.text)
+    return encoded
+
+
+def pad_right(sequences: Sequence[Sequence[int]], *, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [batch, pos] and the attention mask [batch, pos] (1 on real tokens)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+        mask[row, : len(sequence)] = 1
+    return ids, mask

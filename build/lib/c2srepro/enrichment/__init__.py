@@ -1,0 +1,50 @@
+"""Gene set enrichment: libraries (offline stand-ins for the paper's Enrichr libraries) and a
+vectorised over-representation test with gseapy.enrich's statistics."""
+
+from c2srepro.enrichment.libraries import (
+    CELLMARKER_NAME,
+    STAND_INS,
+    GeneSetLibrary,
+    download_enrichr_library,
+    load_builtin_pickle,
+    load_cellconsensus,
+    load_cellmarker,
+    load_library,
+    load_pyenrichr_library,
+    offline_libraries,
+    parse_gmt_text,
+    pyenrichr_libraries,
+    read_gmt,
+    union_genes,
+    write_gmt,
+)
+from c2srepro.enrichment.ora import enrich
+from c2srepro.enrichment.reference import (
+    EnrichmentComparison,
+    compare_enrichment,
+    gseapy_enrich,
+    gseapy_enrich_many,
+)
+
+__all__ = [
+    "CELLMARKER_NAME",
+    "STAND_INS",
+    "EnrichmentComparison",
+    "GeneSetLibrary",
+    "compare_enrichment",
+    "download_enrichr_library",
+    "enrich",
+    "gseapy_enrich",
+    "gseapy_enrich_many",
+    "load_builtin_pickle",
+    "load_cellconsensus",
+    "load_cellmarker",
+    "load_library",
+    "load_pyenrichr_library",
+    "offline_libraries",
+    "parse_gmt_text",
+    "pyenrichr_libraries",
+    "read_gmt",
+    "union_genes",
+    "write_gmt",
+]

@@ -1,0 +1,60 @@
+"""Interpretation of transcoder features: corpus statistics, Table 3, Table 4 and Figure 3."""
+
+from c2srepro.features.collect import collect_feature_stats
+from c2srepro.features.interpret import (
+    InterpretRule,
+    activating_tokens,
+    interpret_features,
+    read_human_labels,
+    sample_live_features,
+    symbol_family,
+    table3,
+)
+from c2srepro.features.plots import plot_feature_frequency, plot_interpretable_fraction
+from c2srepro.features.stats import (
+    LIVE_THRESHOLD_FIGURE3,
+    LIVE_THRESHOLD_TABLE4,
+    POSITION_MODES,
+    LayerFeatureStats,
+    feature_key,
+    load_feature_stats,
+    save_feature_stats,
+)
+from c2srepro.features.table4 import (
+    PAPER_TABLE4,
+    Table4,
+    best_terms,
+    enrich_layer,
+    null_gene_lists,
+    summarize,
+    table4,
+    write_feature_tables,
+)
+
+__all__ = [
+    "LIVE_THRESHOLD_FIGURE3",
+    "LIVE_THRESHOLD_TABLE4",
+    "PAPER_TABLE4",
+    "POSITION_MODES",
+    "InterpretRule",
+    "LayerFeatureStats",
+    "Table4",
+    "activating_tokens",
+    "best_terms",
+    "collect_feature_stats",
+    "enrich_layer",
+    "feature_key",
+    "interpret_features",
+    "load_feature_stats",
+    "null_gene_lists",
+    "plot_feature_frequency",
+    "plot_interpretable_fraction",
+    "read_human_labels",
+    "sample_live_features",
+    "save_feature_stats",
+    "summarize",
+    "symbol_family",
+    "table3",
+    "table4",
+    "write_feature_tables",
+]

@@ -1,0 +1,552 @@
+"""Train one transcoder per MLP layer, every layer in one batched loop (paper eq. 4).
+
+The paper gives max lr 1e-4, 2048 tokens per batch, L1 coefficient 1.4e-4, expansion 8 and 60M
+tokens (``TranscoderConfig`` defaults). Those values are the defaults of the reference transcoder
+implementation of Dunefsky et al. (2024), which the paper cites; where the paper is silent we
+chose as follows (``TrainConfig`` holds every knob, and is recorded in each saved transcoder):
+
+1. Normalisation. Per layer, two fixed scalars are estimated from the first buffer of training
+   rows: s_in = sqrt(E||x||^2 / d_model) and s_out = E||y||, where x is the MLP input and
+   y = MLP(x). Training sees x' = x / s_in (unit RMS per coordinate, so one encoder
+   initialisation suits every layer) and y' = y / s_out (mean norm 1). When training ends the
+   scalars are folded into the weights, so a saved ``Transcoder`` maps raw MLP inputs to raw MLP
+   outputs, and its activations z are in the units of the MLP output (a feature's z is the
+   length of what it writes along its unit-norm decoder row).
+2. Loss, per token and averaged over the batch:
+       L = (1/d_model) ||y_hat' - y'||^2 + lambda_t ||z'||_1
+   This is eq. 4 times the constant 1 / (d_model s_out^2), with the eq. 4 coefficient
+   lambda_eq4 = lambda * d_model * s_out. Why: the reference implementation's reconstruction
+   term is the squared error averaged over coordinates and divided by the target's norm, and
+   the paper's lambda = 1.4e-4 has its meaning there. Dividing by one dataset-wide norm instead
+   of each token's own keeps eq. 4 exactly (a per-token divisor would reweight tokens) while
+   lambda keeps that meaning, for every layer and model whatever its activation scale.
+3. Decoder rows have unit norm: before each step the gradient component along each row is
+   removed, after it each row is rescaled to norm 1. Why: otherwise the L1 term is dodged by
+   shrinking z and growing the decoder; unit rows also make z comparable across features.
+4. Schedule: the lr rises linearly over ``warmup_fraction`` of the steps to the maximum, then
+   decays along a cosine to ``min_lr_fraction`` of it; lambda rises linearly from 0 over
+   ``l1_warmup_fraction``. Why: a "maximum" learning rate implies a schedule; warm-up keeps the
+   first Adam steps on a large error from pushing features dead; the decay lowers the noise in
+   the final weights, which matters most for short runs; the lambda ramp lets features find
+   their directions before sparsity pressure sets in.
+5. Dead features: every ``resample_every_steps`` steps, up to ``resample_until_fraction`` of
+   training, features that did not fire during the last ``resample_every_steps`` steps are
+   re-initialised on tokens of the current batch drawn with probability proportional to their
+   squared error: decoder row = that token's error direction, encoder column = its input
+   direction scaled to 0.2 x the mean live encoder norm, encoder bias 0, Adam moments of those
+   entries zeroed. Why: a dead feature is wasted capacity, and short runs (the embedded profile
+   trains for a few hundred steps) do not give features time to revive on their own; 0 turns it
+   off (the paper reports many dead features, Table 4's live counts). Each layer draws its
+   tokens from its own generator, seeded by (seed, layer), so that a layer's transcoder does
+   not depend on which other layers train beside it (``c2srepro.transcoder.distributed``
+   trains the layers on several processes and relies on this).
+6. Initialisation: ``Transcoder(cfg)`` (encoder Kaiming-uniform, decoder rows the encoder columns
+   normalised), b_enc = 0 and b_dec = the mean of y' over the first buffer; then each encoder is
+   scaled so that the features' initial output has mean norm 0.1 (the target's is 1). Why:
+   unscaled, the initial output is several times the target and the first hundreds of steps
+   only shrink it (a small random model, 200 steps: FVU 2.8 unscaled vs 0.002 scaled at lr 1e-3;
+   at lr 1e-4, 0.36 with initial norm 1 vs 0.08 with 0.1).
+7. Optimiser: Adam (betas 0.9, 0.999). The layers' weights are stacked, [layer, ...], and trained
+   with batched matrix products; Adam acts element by element and the loss is a sum of per-layer
+   terms, so this is exactly one independent transcoder and optimiser per layer (on CPU,
+   training a subset of the layers gives those layers' weights bit for bit).
+8. Checkpoints every ``checkpoint_every_steps`` steps (one atomic file: weights, Adam state,
+   step, data position, dead-feature counters, resampling generators, unlogged metric sums,
+   history). Training again with the same ``checkpoint_dir`` resumes, and gives the same
+   weights, bit for bit, as an uninterrupted run. ``max_steps`` pauses a run on purpose.
+9. A non-finite loss stops training with ``FloatingPointError`` naming the layer, the step and
+   whether the batch or the weights were at fault; nothing is saved for that step.
+
+Logged per layer every ``log_every_steps`` steps (means over the steps since the last log):
+loss, mse = (1/d)||y_hat' - y'||^2, fvu = sum ||y_hat - y||^2 / sum ||y - mean y||^2 per batch,
+l1 = ||z'||_1, l0 = number of active features per token, dead_fraction = features that have not
+fired for ``dead_window_tokens`` tokens (or since the start, early on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from c2srepro._cache import atomic_path
+from c2srepro._config import config_from_dict
+from c2srepro.transcoder.config import TranscoderConfig
+from c2srepro.transcoder.harvest import HOOK_POINT, ActivationSource, BufferPosition, ShuffleBuffer, derived_seed
+from c2srepro.transcoder.model import Transcoder, save_transcoders
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILENAME = "trainer_state.pt"
+CHECKPOINT_FORMAT = "c2srepro-transcoder-training/2"
+# Format 1 kept one resampling generator for all layers; its finished runs still load (their
+# generator is never used again), an unfinished one cannot be continued exactly.
+_FINISHED_ONLY_FORMAT = "c2srepro-transcoder-training/1"
+# TrainConfig fields that do not change the trained weights, so a resumed run may change them.
+_RESUMABLE_CHANGES = {"checkpoint_every_steps", "device"}
+INIT_OUTPUT_NORM = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """How transcoders are trained, beyond the paper's hyperparameters in ``TranscoderConfig``."""
+
+    warmup_fraction: float = 0.05
+    min_lr_fraction: float = 0.1
+    l1_warmup_fraction: float = 0.05
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    resample_every_steps: int = 2500
+    resample_until_fraction: float = 0.5
+    dead_window_tokens: int = 10_000_000
+    buffer_tokens: int = 32_768
+    log_every_steps: int = 50
+    checkpoint_every_steps: int = 1000
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        for name in ("warmup_fraction", "l1_warmup_fraction", "resample_until_fraction", "min_lr_fraction"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        if self.resample_every_steps < 0:
+            raise ValueError(f"resample_every_steps must be >= 0 (0 turns resampling off), got {self.resample_every_steps}")
+        for name in ("dead_window_tokens", "buffer_tokens", "log_every_steps", "checkpoint_every_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["adam_betas"] = list(self.adam_betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return config_from_dict(cls, data)
+
+
+@dataclass
+class TrainingResult:
+    transcoders: dict[int, Transcoder]  # layer -> transcoder in raw model units
+    history: pd.DataFrame  # one row per (logged step, layer)
+    step: int
+    total_steps: int
+    complete: bool  # False when paused by max_steps
+    seconds: float  # wall time of this call
+    loop_seconds: float  # of which in the step loop (steps, buffer refills, logging, checkpoints)
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Fraction of the max lr at 0-based ``step`` of ``total`` (choice 4)."""
+    warmup = max(1, round(cfg.warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def l1_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    warmup = round(cfg.l1_warmup_fraction * total)
+    return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
+
+
+class StackedTranscoders(nn.Module):
+    """The transcoders of ``n_layers`` layers, weights stacked on a leading layer axis."""
+
+    def __init__(self, configs: Sequence[TranscoderConfig]):
+        super().__init__()
+        n, d_model, d_tc = len(configs), configs[0].d_model, configs[0].d_tc
+        self.W_enc = nn.Parameter(torch.empty(n, d_model, d_tc))  # [L, d_model, d_tc]
+        self.b_enc = nn.Parameter(torch.empty(n, d_tc))  # [L, d_tc]
+        self.W_dec = nn.Parameter(torch.empty(n, d_tc, d_model))  # [L, d_tc, d_model]
+        self.b_dec = nn.Parameter(torch.empty(n, d_model))  # [L, d_model]
+        with torch.no_grad():
+            for i, cfg in enumerate(configs):  # one Transcoder at a time: peak memory of one layer
+                init = Transcoder(cfg)
+                for name, param in init.named_parameters():
+                    getattr(self, name)[i] = param
+
+    def forward(
+        self, x: Float[Tensor, "layer batch d_model"]
+    ) -> tuple[Float[Tensor, "layer batch d_tc"], Float[Tensor, "layer batch d_model"]]:
+        z = torch.relu(torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc))  # eq. 1
+        y_hat = torch.baddbmm(self.b_dec.unsqueeze(1), z, self.W_dec)  # eq. 2
+        return z, y_hat
+
+    @torch.no_grad()
+    def loss_and_grads(
+        self, x: Float[Tensor, "layer batch d_model"], y: Float[Tensor, "layer batch d_model"], l1_coefficient: float
+    ) -> dict[str, Tensor]:
+        """Loss terms per layer (choice 2) and their gradients, written to each ``.grad``.
+
+        Written out by hand rather than by autograd so that each [layer, batch, d_tc] tensor
+        is touched as few times as possible (the tests check these against autograd):
+            dL/dy_hat = 2 (y_hat - y) / (d B)
+            dL/dW_dec = z^T dL/dy_hat,          dL/db_dec = sum_b dL/dy_hat
+            dL/dpre   = (dL/dy_hat W_dec^T + lambda / B) * [z > 0]
+            dL/dW_enc = x^T dL/dpre,            dL/db_enc = sum_b dL/dpre
+        """
+        batch, d_model = x.shape[1], x.shape[2]
+        z = torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc).clamp_min_(0)  # eq. 1, [L, B, d_tc]
+        error = torch.baddbmm(self.b_dec.unsqueeze(1), z, self.W_dec).sub_(y)  # eq. 2 minus target, [L, B, d]
+        sq_error = error.square().sum(-1)  # [L, B]
+        l1 = z.sum(dim=(1, 2)) / batch  # [L]; z >= 0, so this is the mean ||z||_1
+        grad_y = error * (2.0 / (d_model * batch))  # [L, B, d]
+        self.W_dec.grad = torch.bmm(z.transpose(1, 2), grad_y)
+        self.b_dec.grad = grad_y.sum(1)
+        # [z > 0] as 0/1 floats: on CPU, boolean masks multiply and sum ~10x slower than floats.
+        active = torch.sign(z)  # [L, B, d_tc]
+        penalty = torch.full((1, 1, 1), l1_coefficient / batch, dtype=z.dtype, device=z.device)
+        grad_pre = torch.baddbmm(penalty, grad_y, self.W_dec.transpose(1, 2)).mul_(active)  # [L, B, d_tc]
+        self.W_enc.grad = torch.bmm(x.transpose(1, 2), grad_pre)
+        self.b_enc.grad = grad_pre.sum(1)
+        mse = sq_error.mean(-1) / d_model  # [L]
+        return {
+            "loss": mse + l1_coefficient * l1, "mse": mse, "l1": l1, "sq_error": sq_error, "error": error,
+            "counts": active.sum(1),  # [L, d_tc] tokens on which each feature fired (float)
+        }
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        # Remove the gradient along each unit decoder row: that direction only changes its norm.
+        W, g = self.W_dec, self.W_dec.grad
+        g.sub_((g * W).sum(-1, keepdim=True) * W)
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+
+def train_transcoders(
+    source: ActivationSource,
+    config: TranscoderConfig,
+    *,
+    train_config: TrainConfig | None = None,
+    layers: Sequence[int] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> TrainingResult:
+    """Train a transcoder for each of ``layers`` (default: every layer of ``source``).
+
+    ``config`` is shared by all layers (its ``layer`` is set per transcoder); its
+    ``training_tokens`` / ``tokens_per_batch`` fix the number of steps, looping over the source
+    in fresh orders as often as needed. With ``checkpoint_dir`` the run checkpoints there and a
+    later call resumes from it. ``max_steps`` stops this call after that many steps (the
+    schedule still spans the whole run). With ``output_dir`` a finished run saves one
+    ``Transcoder`` per layer in ``output_dir/layer_XX``.
+    """
+    started = time.perf_counter()
+    tcfg = train_config or TrainConfig()
+    if config.d_model != source.d_model:
+        raise ValueError(
+            f"config.d_model is {config.d_model} but the activations have d_model {source.d_model}"
+        )
+    if max_steps is not None and max_steps < 0:
+        raise ValueError(f"max_steps must be >= 0 or None, got {max_steps}")
+    chosen = tuple(source.layers) if layers is None else tuple(sorted(set(layers)))
+    missing = sorted(set(chosen) - set(source.layers))
+    if missing or not chosen:
+        raise ValueError(f"layers {missing or '[]'} are not among the harvested layers {list(source.layers)}")
+    select = torch.as_tensor([source.layers.index(layer) for layer in chosen])
+    device = torch.device(tcfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch_tokens = config.tokens_per_batch
+    total = math.ceil(config.training_tokens / batch_tokens)
+
+    trainer = _Trainer(config, tcfg, chosen, device, total)
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILENAME if checkpoint_dir is not None else None
+    buffer_args = dict(batch_tokens=batch_tokens, buffer_tokens=max(tcfg.buffer_tokens, batch_tokens), seed=config.seed, device=device)
+    if checkpoint is not None and checkpoint.is_file():
+        position = trainer.load(checkpoint, source_rows=source.n_rows)
+        buffer = ShuffleBuffer(source, position=position, **buffer_args)
+        log.info("resuming transcoder training at step %d of %d from %s", trainer.step, total, checkpoint)
+    else:
+        buffer = ShuffleBuffer(source, **buffer_args)
+        first_in, first_out = buffer.current_rows()
+        trainer.initialise(first_in[select], first_out[select])
+
+    stop = total if max_steps is None else min(total, trainer.step + max_steps)
+    loop_started = time.perf_counter()
+    bar = tqdm(total=total, initial=trainer.step, unit="step", desc="training transcoders", disable=not progress)
+    with bar:
+        while trainer.step < stop:
+            x, y = buffer.next_batch()
+            if len(select) != x.shape[0]:
+                x, y = x[select.to(x.device)], y[select.to(x.device)]
+            trainer.train_step(x, y)
+            if trainer.step % tcfg.log_every_steps == 0 or trainer.step == total:
+                trainer.log_metrics()
+                bar.set_postfix(trainer.postfix())
+            if checkpoint is not None and (trainer.step % tcfg.checkpoint_every_steps == 0 or trainer.step == stop):
+                trainer.save(checkpoint, buffer.position, source_rows=source.n_rows)
+            bar.update(1)
+    loop_seconds = time.perf_counter() - loop_started
+
+    transcoders = trainer.export()
+    if output_dir is not None and trainer.step == total:
+        save_transcoders(transcoders, output_dir)
+    return TrainingResult(
+        transcoders, pd.DataFrame(trainer.history), trainer.step, total, trainer.step == total,
+        time.perf_counter() - started, loop_seconds,
+    )
+
+
+class _Trainer:
+    """State and arithmetic of one multi-layer training run."""
+
+    def __init__(self, config: TranscoderConfig, tcfg: TrainConfig, layers: tuple[int, ...], device, total: int):
+        self.config, self.tcfg, self.layers, self.device, self.total = config, tcfg, layers, device, total
+        self.n_layers, self.d_model, self.d_tc = len(layers), config.d_model, config.d_tc
+        self.batch_tokens = config.tokens_per_batch
+        self.stack = StackedTranscoders([dataclasses.replace(config, layer=layer) for layer in layers]).to(device)
+        self.optimizer = torch.optim.Adam(
+            self.stack.parameters(), lr=config.lr, betas=tcfg.adam_betas, fused=device.type in ("cpu", "cuda") or None
+        )
+        self.step = 0
+        self.scale_in = torch.ones(self.n_layers, device=device)
+        self.scale_out = torch.ones(self.n_layers, device=device)
+        self.since_fired = torch.zeros(self.n_layers, self.d_tc, dtype=torch.long, device=device)
+        self.generators = [torch.Generator(device=device).manual_seed(derived_seed(config.seed, layer)) for layer in layers]
+        self.sums = self._zero_sums()
+        self.history: list[dict[str, Any]] = []
+
+    def _zero_sums(self) -> dict[str, Tensor]:
+        names = ("loss", "mse", "fvu", "l1", "l0")
+        return {name: torch.zeros(self.n_layers, dtype=torch.float64, device=self.device) for name in names} | {
+            "steps": torch.zeros((), dtype=torch.long, device=self.device)
+        }
+
+    @torch.no_grad()
+    def initialise(self, x: Float[Tensor, "layer rows d_model"], y: Float[Tensor, "layer rows d_model"]) -> None:
+        """Normalisation scalars and b_dec from the first buffer (choices 1 and 6)."""
+        self._check_finite_rows(x, y, "the first buffer of activations")
+        self.scale_in = (x.square().sum(-1).mean(-1) / self.d_model).sqrt()  # [L]
+        self.scale_out = y.norm(dim=-1).mean(-1)  # [L]
+        flat = [self.layers[i] for i in range(self.n_layers) if self.scale_in[i] == 0 or self.scale_out[i] == 0]
+        if flat:
+            raise ValueError(f"the MLP inputs or outputs of layers {flat} are all zero: nothing to learn there")
+        self.stack.b_dec.copy_(y.mean(1) / self.scale_out[:, None])
+        # Scale each encoder so the features' initial output has mean norm INIT_OUTPUT_NORM
+        # (the target y' has mean norm 1); ReLU is positively homogeneous, so this is exact.
+        sample = x[:, :4096] / self.scale_in[:, None, None]
+        z = torch.relu(torch.baddbmm(self.stack.b_enc.unsqueeze(1), sample, self.stack.W_enc))
+        norm = torch.bmm(z, self.stack.W_dec).norm(dim=-1).mean(-1).clamp_min(1e-8)  # [L]
+        self.stack.W_enc.mul_((INIT_OUTPUT_NORM / norm)[:, None, None])
+
+    def train_step(self, x_raw: Float[Tensor, "layer batch d_model"], y_raw: Float[Tensor, "layer batch d_model"]) -> None:
+        x = x_raw / self.scale_in[:, None, None]  # x' (choice 1)
+        y = y_raw / self.scale_out[:, None, None]  # y'
+        lr = self.config.lr * lr_factor(self.step, self.total, self.tcfg)
+        l1_coefficient = self.config.l1_coefficient * l1_factor(self.step, self.total, self.tcfg)
+        terms = self.stack.loss_and_grads(x, y, l1_coefficient)
+        loss, counts = terms["loss"], terms["counts"]
+        if not bool(torch.isfinite(loss).all()):
+            self._raise_non_finite(loss, x_raw, y_raw)
+        self.stack.project_decoder_grad()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.stack.normalise_decoder()
+        self.step += 1
+
+        with torch.no_grad():
+            self.since_fired = torch.where(counts > 0, 0, self.since_fired + 1)
+            variance = (y - y.mean(1, keepdim=True)).square().sum(-1).sum(-1)  # [L]
+            self.sums["loss"] += loss
+            self.sums["mse"] += terms["mse"]
+            self.sums["fvu"] += terms["sq_error"].sum(-1) / variance.clamp_min(1e-30)
+            self.sums["l1"] += terms["l1"]
+            self.sums["l0"] += counts.sum(-1).double() / x.shape[1]
+            self.sums["steps"] += 1
+            every = self.tcfg.resample_every_steps
+            if every and self.step % every == 0 and self.step <= self.tcfg.resample_until_fraction * self.total:
+                self._resample(x, terms["error"].neg_(), terms["sq_error"], every)
+        self._last_lr, self._last_l1 = lr, l1_coefficient
+
+    @torch.no_grad()
+    def _resample(self, x: Tensor, residual: Tensor, sq_error: Tensor, window: int) -> None:
+        """Choice 5: re-initialise features silent for ``window`` steps on high-error tokens."""
+        dead = self.since_fired >= window  # [L, d_tc]
+        state = self.optimizer.state
+        for i in range(self.n_layers):
+            index = dead[i].nonzero().squeeze(1)
+            if index.numel() == 0:
+                continue
+            weights = sq_error[i].clamp_min(0)
+            if float(weights.sum()) <= 0:
+                continue
+            tokens = torch.multinomial(weights, index.numel(), replacement=True, generator=self.generators[i])
+            live = ~dead[i]
+            enc_norm = self.stack.W_enc[i][:, live].norm(dim=0).mean() if live.any() else torch.tensor(1.0, device=self.device)
+            direction_in = x[i, tokens]  # [n_dead, d_model]
+            direction_in = direction_in / direction_in.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            direction_out = residual[i, tokens]
+            direction_out = direction_out / direction_out.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            self.stack.W_enc[i][:, index] = (direction_in * 0.2 * enc_norm).T
+            self.stack.b_enc[i][index] = 0.0
+            self.stack.W_dec[i][index] = direction_out
+            for param, rows in ((self.stack.W_enc, (i, slice(None), index)), (self.stack.b_enc, (i, index)), (self.stack.W_dec, (i, index))):
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    if param in state:
+                        state[param][moment][rows] = 0.0
+            self.since_fired[i, index] = 0
+            log.info("layer %d step %d: resampled %d dead features", self.layers[i], self.step, index.numel())
+
+    def _raise_non_finite(self, loss: Tensor, x: Tensor, y: Tensor) -> None:
+        bad = [i for i in range(self.n_layers) if not bool(torch.isfinite(loss[i]))]
+        i = bad[0]
+        layer = self.layers[i]
+        if not bool(torch.isfinite(x[i]).all()) or not bool(torch.isfinite(y[i]).all()):
+            cause = (
+                "the training batch holds non-finite MLP activations: check the harvested "
+                "activations (model dtype, overflow in float16)"
+            )
+        else:
+            cause = f"the transcoder diverged: lower the learning rate (now {self.config.lr})"
+        raise FloatingPointError(
+            f"non-finite transcoder loss ({loss[i].item()}) in layer {layer} at step {self.step} "
+            f"(layers affected: {[self.layers[j] for j in bad]}); {cause}. Nothing was saved for "
+            "this step; a checkpoint, if any, holds the last good state"
+        )
+
+    def _check_finite_rows(self, x: Tensor, y: Tensor, what: str) -> None:
+        for i in range(self.n_layers):
+            if not bool(torch.isfinite(x[i]).all()) or not bool(torch.isfinite(y[i]).all()):
+                raise FloatingPointError(
+                    f"non-finite MLP activations of layer {self.layers[i]} in {what} (step "
+                    f"{self.step}): check the harvested activations (model dtype, float16 overflow)"
+                )
+
+    def log_metrics(self) -> None:
+        steps = int(self.sums["steps"])
+        if steps == 0:
+            return
+        window = max(1, math.ceil(self.tcfg.dead_window_tokens / self.batch_tokens))
+        dead = (self.since_fired >= min(window, self.step)).double().mean(-1)  # [L]
+        means = {name: (self.sums[name] / steps).tolist() for name in ("loss", "mse", "fvu", "l1", "l0")}
+        for i, layer in enumerate(self.layers):
+            row = {
+                "step": self.step, "tokens": self.step * self.batch_tokens, "layer": layer,
+                "lr": self._last_lr, "l1_coefficient": self._last_l1,
+            }
+            row.update({name: values[i] for name, values in means.items()})
+            row["dead_fraction"] = float(dead[i])
+            self.history.append(row)
+        self.sums = self._zero_sums()
+
+    def postfix(self) -> dict[str, str]:
+        recent = self.history[-self.n_layers :]
+        return {
+            "fvu": f"{sum(r['fvu'] for r in recent) / len(recent):.3f}",
+            "l0": f"{sum(r['l0'] for r in recent) / len(recent):.1f}",
+        }
+
+    def _check_finite_weights(self) -> None:
+        for name, param in self.stack.named_parameters():
+            finite = torch.isfinite(param).flatten(1).all(-1)
+            if not bool(finite.all()):
+                layer = self.layers[int((~finite).nonzero()[0])]
+                raise FloatingPointError(
+                    f"{name} of layer {layer} is non-finite after step {self.step}: the transcoder "
+                    f"diverged (lower the learning rate, now {self.config.lr}); not checkpointed"
+                )
+
+    def save(self, path: Path, position: BufferPosition, *, source_rows: int) -> None:
+        self._check_finite_weights()
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "transcoder_config": self.config.to_dict(),
+            "train_config": self.tcfg.to_dict(),
+            "layers": list(self.layers),
+            "source_rows": source_rows,
+            "step": self.step,
+            "total_steps": self.total,
+            "position": position.to_dict(),
+            "params": {name: p.detach().cpu() for name, p in self.stack.named_parameters()},
+            "optimizer": self.optimizer.state_dict(),
+            "scale_in": self.scale_in.cpu(),
+            "scale_out": self.scale_out.cpu(),
+            "since_fired": self.since_fired.cpu(),
+            "generators": [generator.get_state() for generator in self.generators],
+            "sums": {name: t.cpu() for name, t in self.sums.items()},
+            "last_lr": getattr(self, "_last_lr", self.config.lr),
+            "last_l1": getattr(self, "_last_l1", 0.0),
+            "history": self.history,
+        }
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+
+    def load(self, path: Path, *, source_rows: int) -> BufferPosition:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") not in (CHECKPOINT_FORMAT, _FINISHED_ONLY_FORMAT):
+            raise ValueError(f"{path} is not a transcoder training checkpoint ({CHECKPOINT_FORMAT})")
+        if state["format"] == _FINISHED_ONLY_FORMAT and state["step"] < state["total_steps"]:
+            raise ValueError(
+                f"{path} is an unfinished checkpoint of an older c2srepro, which drew resampled "
+                "features from one generator shared by all layers, so it cannot be continued "
+                "exactly: delete it (or use a fresh checkpoint_dir) to train afresh"
+            )
+        mine = {"transcoder_config": self.config.to_dict(), "layers": list(self.layers), "source_rows": source_rows}
+        differs = sorted(key for key, value in mine.items() if state[key] != value)
+        saved_train = state["train_config"]
+        differs += sorted(
+            f"train_config.{key}" for key, value in self.tcfg.to_dict().items()
+            if key not in _RESUMABLE_CHANGES and saved_train.get(key) != value
+        )
+        if differs:
+            raise ValueError(
+                f"the checkpoint {path} was written with different {differs}: resume with the same "
+                "settings and activations, or use a fresh checkpoint_dir"
+            )
+        with torch.no_grad():
+            for name, param in self.stack.named_parameters():
+                param.copy_(state["params"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.scale_in = state["scale_in"].to(self.device)
+        self.scale_out = state["scale_out"].to(self.device)
+        self.since_fired = state["since_fired"].to(self.device)
+        for generator, generator_state in zip(self.generators, state.get("generators", [])):
+            generator.set_state(generator_state)
+        self.sums = {name: t.to(self.device) for name, t in state["sums"].items()}
+        self._last_lr, self._last_l1 = state["last_lr"], state["last_l1"]
+        self.history = list(state["history"])
+        return BufferPosition(**state["position"])
+
+    @torch.no_grad()
+    def export(self) -> dict[int, Transcoder]:
+        """Per-layer ``Transcoder``s in raw units: the scalars folded in (choice 1)."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            s_in, s_out = float(self.scale_in[i]), float(self.scale_out[i])
+            extra = dict(self.config.extra)
+            extra.update(
+                {
+                    "hook_point": HOOK_POINT.format(layer=layer),
+                    "input_scale": s_in,
+                    "output_scale": s_out,
+                    "trained_steps": self.step,
+                    "trained_tokens": self.step * self.batch_tokens,
+                    "training": self.tcfg.to_dict(),
+                }
+            )
+            transcoder = Transcoder(dataclasses.replace(self.config, layer=layer, extra=extra))
+            transcoder.W_enc.copy_(self.stack.W_enc[i] * (s_out / s_in))
+            transcoder.b_enc.copy_(self.stack.b_enc[i] * s_out)
+            transcoder.W_dec.copy_(self.stack.W_dec[i])
+            transcoder.b_dec.copy_(self.stack.b_dec[i] * s_out)
+            out[layer] = transcoder.cpu()
+        return out
