@@ -139,3 +139,34 @@ def test_front_page_variables_are_filled_for_the_fallback(tmp_path):
     assert text == "Rendered with smoke (torch 2.13.0)."
     with pytest.raises(ValueError, match=r"var python >}} is not in .*_variables.yml; known: \['profile', 'torch'\]"):
         book.substitute_variables("{{< var python >}}", tmp_path)
+
+
+def test_overrides_are_checked_before_any_chapter_runs(tmp_path):
+    root = _toy_book(tmp_path, "import pathlib\npathlib.Path('ran').write_text('yes')")
+    for item, message in [
+        ("sed=1", r"parameter\(s\) \['sed'\] are declared by no chapter"),
+        ("toy.y=1", r"chapter 'toy' has no parameter\(s\) \['y'\]"),
+        ("x=2.5", r"toy.x=2.5: expected int like the chapter's default 1, got float"),
+        ("x=none", r"toy.x='none': expected int"),
+        ("results_dir=/x", r"results_dir is set by the runner"),
+        ("profile=o", r"profile is set by the runner"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            book.execute_chapters(root, "default", overrides=[item], only=["toy"])
+        assert not (root / "ran").exists()  # nothing ran
+
+
+def test_scientific_notation_is_a_number():
+    assert book.parse_value("1e-4") == 1e-4 and book.parse_value("-2.5E3") == -2500.0
+    assert book.parse_value("1e") == "1e" and book.parse_value("0.5") == 0.5 and book.parse_value("[1, 2]") == [1, 2]
+
+
+def test_an_annotated_parameter_takes_each_of_its_types():
+    declared = {"06-circuit": {"cell": book.Parameter("CD14+ Monocyte", book._annotation("Union[int, str]")),
+                               "fdr": book.Parameter(0.05, None), "target_feature": book.Parameter(None, None)}}
+    for ok in (["06-circuit.cell=3"], ["06-circuit.cell=B cell"], ["fdr=1"], ["fdr=1e-3"], ["target_feature=[1]"]):
+        book.check_overrides([book.parse_overrides(ok, ["chapters/06-circuit.ipynb"])], declared)
+    with pytest.raises(ValueError, match=r"06-circuit.cell=\[1\]: expected int \| str"):
+        book.check_overrides([book.parse_overrides(["06-circuit.cell=[1]"], ["chapters/06-circuit.ipynb"])], declared)
+    with pytest.raises(ValueError, match="unknown type"):
+        book._annotation("Path")

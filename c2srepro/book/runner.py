@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import os
 import re
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import yaml
 
@@ -45,6 +46,9 @@ VARIABLES_FILE = "_variables.yml"
 FRONT_MATTER_SUFFIXES = {".bib", ".css", ".scss"}
 VERSIONED_PACKAGES = ("c2srepro", "torch", "transformers", "scanpy", "anndata", "gseapy", "papermill")
 INJECTED_COMMENT = "# This run's values: the profile and --set overrides (the book runner's)"
+ANNOTATION_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict,
+                    "None": type(None)}
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 QUARTO_VARIABLE = re.compile(r"\{\{<\s*var\s+([\w.-]+)\s*>\}\}")
 QUARTO_HEADING_ATTRIBUTES = re.compile(r"[ \t]*\{[.#][^}\n]*\}[ \t]*$", re.MULTILINE)
@@ -100,8 +104,11 @@ def parse_overrides(items: Iterable[str], chapters: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value or chapter.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        value = parse_value(raw)
         chapter, _, param = key.rpartition(".")
+        if param in RUNNER_PARAMETERS:
+            raise ValueError(f"--set {item!r}: {param} is set by the runner (use --profile; results go to "
+                             "results/<profile>/)")
         if chapter:
             if chapter not in names:
                 raise ValueError(f"--set {item!r}: no chapter {chapter!r}; chapters: {sorted(names)}")
@@ -109,6 +116,87 @@ def parse_overrides(items: Iterable[str], chapters: list[str]) -> dict[str, Any]
         else:
             overrides["all"][param] = value
     return overrides
+
+
+def parse_value(raw: str) -> Any:
+    """A ``--set`` value as YAML, except that numbers in scientific notation (``1e-4``, which
+    YAML 1.1 reads as a string) are numbers."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def declared_parameters(root: Path, chapters: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Each notebook chapter's parameters and their default values, as its parameters cell sets them."""
+    import papermill
+
+    declared = {}
+    for chapter in chapters:
+        if chapter.endswith(".ipynb"):
+            found = papermill.inspect_notebook(str(root / chapter))
+            declared[chapter_name(chapter)] = {
+                name: Parameter(_literal(info["default"]), _annotation(info["inferred_type_name"]))
+                for name, info in found.items()}
+    return declared
+
+
+class Parameter(NamedTuple):
+    default: Any
+    types: tuple[type, ...] | None  # from an annotation: ``cell: "Union[int, str]" = "CD14+ Monocyte"``
+
+
+def _annotation(text: str) -> tuple[type, ...] | None:
+    if text in ("None", ""):  # papermill's word for "not annotated"
+        return None
+    # papermill reads ``name: "Union[int, str]" = ...`` (a string, so the cell runs without imports)
+    inner = re.fullmatch(r"(?:Union|Optional)\[(.*)\]", text.strip())
+    names = [part.strip() for part in (inner.group(1) if inner else text).replace("|", ",").split(",")]
+    if text.strip().startswith("Optional["):
+        names.append("None")
+    unknown = [n for n in names if n not in ANNOTATION_TYPES]
+    if unknown:
+        raise ValueError(f"parameter annotation {text!r}: unknown type(s) {unknown}; use {sorted(ANNOTATION_TYPES)}")
+    return tuple(ANNOTATION_TYPES[n] for n in names)
+
+
+def _literal(source: str) -> Any:
+    try:
+        return ast.literal_eval(source)
+    except (ValueError, SyntaxError):
+        return None  # an expression: any value is accepted
+
+
+def check_overrides(layers: list[dict[str, Any]], declared: dict[str, dict[str, Any]]) -> None:
+    """Refuse, before any chapter runs, a parameter no chapter declares or a value of another type
+    than the chapter's default (an int for an int, a number for a float, ...; a None default takes any)."""
+    everywhere = {name for params in declared.values() for name in params}
+    for layer in layers:
+        unknown = set(layer["all"]) - everywhere
+        if unknown:
+            raise ValueError(f"parameter(s) {sorted(unknown)} are declared by no chapter; known: {sorted(everywhere)}")
+        for chapter, params in declared.items():
+            own = layer["chapters"].get(chapter, {})
+            unknown = set(own) - set(params)
+            if unknown:
+                raise ValueError(f"chapter {chapter!r} has no parameter(s) {sorted(unknown)}; it declares {sorted(params)}")
+            for name, value in {**{k: v for k, v in layer["all"].items() if k in params}, **own}.items():
+                default, types = params[name]
+                if types is None and default is None:
+                    continue
+                allowed = types or (type(default),)
+                if not any(_same_kind(value, kind) for kind in allowed):
+                    expected = " | ".join(k.__name__ for k in allowed)
+                    raise ValueError(f"{chapter}.{name}={value!r}: expected {expected} (the chapter's default is "
+                                     f"{default!r}), got {type(value).__name__}")
+
+
+def _same_kind(value: Any, kind: type) -> bool:
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 def resolve_parameters(
@@ -136,7 +224,8 @@ def execute_chapters(
 
     chapters = chapter_files(root)
     layers = [load_profile(root, profile), parse_overrides(overrides, chapters)]
-    all_keys = {k for layer in layers for k in layer["all"]}
+    declared_by_chapter = declared_parameters(root, chapters)
+    check_overrides(layers, declared_by_chapter)
     out_root = root / "results" / profile / "book"
     notebooks = [c for c in chapters if c.endswith(".ipynb")]
     if only:
@@ -144,11 +233,9 @@ def execute_chapters(
         if missing:
             raise ValueError(f"no notebook chapter(s) {sorted(missing)}; chapters: {[chapter_name(c) for c in notebooks]}")
         notebooks = [c for c in notebooks if chapter_name(c) in only]
-    declared_anywhere: set[str] = set()
     for chapter in notebooks:
         source = root / chapter
-        declared = papermill.inspect_notebook(str(source)).keys()
-        declared_anywhere |= set(declared)
+        declared = declared_by_chapter[chapter_name(chapter)].keys()
         params = resolve_parameters(declared, chapter_name(chapter), layers)
         params.update({"profile": profile, "results_dir": f"results/{profile}"})
         params = {k: v for k, v in params.items() if k in declared}
@@ -172,9 +259,6 @@ def execute_chapters(
         clean_executed_notebook(partial, log_path=target.with_suffix(".log"))
         os.replace(partial, target)
         failed.unlink(missing_ok=True)
-    unused = all_keys - declared_anywhere - set(RUNNER_PARAMETERS)
-    if unused and not only:
-        raise ValueError(f"parameter(s) {sorted(unused)} are declared by no chapter")
     for chapter in chapters:
         if not chapter.endswith(".ipynb"):
             (out_root / chapter).parent.mkdir(parents=True, exist_ok=True)
