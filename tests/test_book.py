@@ -129,7 +129,9 @@ def test_papermill_sees_every_parameter_the_cell_assigns():
             continue
         notebook = nbformat.read(ROOT / chapter, as_version=4)
         (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
-        assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
+        body = ast.parse(cell.source).body
+        assigned = {t.id for node in body if isinstance(node, ast.Assign) for t in node.targets}
+        assigned |= {node.target.id for node in body if isinstance(node, ast.AnnAssign)}
         assert assigned == set(papermill.inspect_notebook(str(ROOT / chapter))), chapter
 
 
