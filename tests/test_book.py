@@ -148,7 +148,7 @@ def test_overrides_are_checked_before_any_chapter_runs(tmp_path):
     for item, message in [
         ("sed=1", r"parameter\(s\) \['sed'\] are declared by no chapter"),
         ("toy.y=1", r"chapter 'toy' has no parameter\(s\) \['y'\]"),
-        ("x=2.5", r"toy.x=2.5: expected int like the chapter's default 1, got float"),
+        ("x=2.5", r"toy.x=2.5: expected int \(the chapter's default is 1\), got float"),
         ("x=none", r"toy.x='none': expected int"),
         ("results_dir=/x", r"results_dir is set by the runner"),
         ("profile=o", r"profile is set by the runner"),
