@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -79,9 +80,27 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Strict JSON (no NaN or Infinity, which JSON has not and other readers refuse), atomically."""
+    try:
+        text = json.dumps(data, indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    except ValueError as error:
+        where = ", ".join(_non_finite(json.loads(json.dumps(data, default=_json_default)))) or "a value"
+        raise ValueError(f"{path}: {where} is NaN or infinite, which JSON cannot hold; write None (null) "
+                         "for a missing number") from error
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+        tmp.write_text(text + "\n")
     return Path(path)
+
+
+def _non_finite(value: Any, where: str = "") -> Iterator[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        yield where or "the value"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, f"{where}[{index}]")
 
 
 def _json_default(value: Any) -> Any:

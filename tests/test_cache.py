@@ -48,3 +48,12 @@ def test_atomic_directory_replaces_the_old_one_whole(tmp_path):
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["layers"]
     assert sorted(p.name for p in target.iterdir()) == ["layer_00"]
+
+
+def test_json_is_written_strictly(tmp_path):
+    target = tmp_path / "model.json"
+    with pytest.raises(ValueError, match=r"model.json: heldout_accuracy, layers\[1\].fvu is NaN or infinite"):
+        write_json_atomic(target, {"heldout_accuracy": float("nan"), "layers": [{"fvu": 0.1}, {"fvu": float("inf")}]})
+    assert not target.exists()
+    write_json_atomic(target, {"heldout_accuracy": None})
+    assert target.read_text().strip().replace(" ", "").replace("\n", "") == '{"heldout_accuracy":null}'

@@ -250,8 +250,11 @@ def execute_chapters(
                 progress_bar=False, log_output=True,
             )
         except Exception as error:  # papermill raises its own types and the kernel's
-            if partial.exists():
-                os.replace(partial, failed)
+            try:
+                if partial.exists():
+                    os.replace(partial, failed)
+            except OSError as move_error:  # a read-only or full disk: report the chapter's error still
+                failed = f"{partial} (not renamed: {move_error.strerror})"
             raise RuntimeError(
                 f"chapter {chapter} failed under profile {profile!r}:\n{chapter_error(error)}\n"
                 f"the executed notebook with the error is {failed}"
