@@ -13,6 +13,7 @@ from _tc_models import random_prompts, small_model
 
 import c2srepro.transcoder.harvest as harvest_module
 from c2srepro.transcoder import (
+    ShuffleBuffer,
     TensorActivations,
     TrainConfig,
     Transcoder,
@@ -69,9 +70,10 @@ def test_transcoder_learns_a_known_relu_mlp():
     # expansion factor, the normalisation scalars of choice 1 (x is scaled by 5, y by 0.02).
     cfg = transcoder.cfg
     assert (cfg.d_model, cfg.d_transcoder, cfg.d_tc, cfg.layer, cfg.activation) == (16, 64, 64, 0, "relu")
-    assert cfg.hook_point_in == "gpt_neox.layers.0.mlp.hook_in" and cfg.hook_point_out == "gpt_neox.layers.0.mlp.hook_out"
-    assert cfg.input_scale == pytest.approx(float((x[0, :1024].square().sum(-1).mean() / 16).sqrt()), rel=0.1)
-    assert 0 < cfg.output_scale < 1 < cfg.input_scale
+    assert (cfg.hook_point_in, cfg.hook_point_out) == ("gpt_neox.layers.0.mlp.hook_in", "gpt_neox.layers.0.mlp.hook_out")
+    first_in, first_out = ShuffleBuffer(train, batch_tokens=256, buffer_tokens=1024, seed=1).current_rows()
+    assert cfg.input_scale == pytest.approx(float((first_in[0].square().sum(-1).mean() / 16).sqrt()), rel=1e-6)
+    assert cfg.output_scale == pytest.approx(float(first_out[0].norm(dim=-1).mean()), rel=1e-6)
     assert cfg.model_name is None and cfg.model_fingerprint is None  # plain tensors: no model known
     assert transcoder.train_config == tcfg
 
@@ -231,7 +233,7 @@ def test_a_checkpoint_of_another_format_is_refused(tmp_path):
     state = torch.load(path, weights_only=True)
     state["format"] = "c2srepro-transcoder-training/2"
     torch.save(state, path)
-    with pytest.raises(ValueError, match="not a transcoder training checkpoint of this c2srepro .* fresh checkpoint_dir"):
+    with pytest.raises(ValueError, match="not a transcoder training checkpoint of this c2srepro .* fresh"):
         train_transcoders(TensorActivations(x, y), tcfg, checkpoint_dir=tmp_path, progress=False)
 
 

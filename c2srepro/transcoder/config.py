@@ -150,7 +150,8 @@ class TrainConfig:
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         if not isinstance(self.resample_every_steps, int) or self.resample_every_steps < 0:
             raise ValueError(
-                f"resample_every_steps must be an integer >= 0 (0 turns resampling off), got {self.resample_every_steps!r}"
+                "resample_every_steps must be an integer >= 0 (0 turns resampling off), "
+                f"got {self.resample_every_steps!r}"
             )
 
     @property

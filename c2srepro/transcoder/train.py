@@ -45,11 +45,12 @@ the hook points and the model's name and fingerprint where the source knows them
    not depend on which other layers train beside it (``c2srepro.transcoder.distributed``
    trains the layers on several processes and relies on this).
 6. Initialisation: ``Transcoder(cfg, seed=seed)``, the same for every layer (encoder
-   Kaiming-uniform, decoder rows the encoder columns normalised), b_enc = 0 and b_dec = the mean of y' over the first buffer; then each encoder is
-   scaled so that the features' initial output has mean norm 0.1 (the target's is 1). Why:
-   unscaled, the initial output is several times the target and the first hundreds of steps
-   only shrink it (a small random model, 200 steps: FVU 2.8 unscaled vs 0.002 scaled at lr 1e-3;
-   at lr 1e-4, 0.36 with initial norm 1 vs 0.08 with 0.1).
+   Kaiming-uniform, decoder rows the encoder columns normalised), b_enc = 0 and b_dec = the
+   mean of y' over the first buffer; then each encoder is scaled so that the features'
+   initial output has mean norm 0.1 (the target's is 1). Why: unscaled, the initial output is
+   several times the target and the first hundreds of steps only shrink it (a small random
+   model, 200 steps: FVU 2.8 unscaled vs 0.002 scaled at lr 1e-3; at lr 1e-4, 0.36 with
+   initial norm 1 vs 0.08 with 0.1).
 7. Optimiser: Adam (betas 0.9, 0.999). The layers' weights are stacked, [layer, ...], and trained
    with batched matrix products; Adam acts element by element and the loss is a sum of per-layer
    terms, so this is exactly one independent transcoder and optimiser per layer (on CPU,
@@ -259,7 +260,9 @@ def train_transcoders(
 
     trainer = _Trainer(tcfg, chosen, d_model=source.d_model, device=device, provenance=_provenance(source))
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILENAME if checkpoint_dir is not None else None
-    buffer_args = dict(batch_tokens=batch_tokens, buffer_tokens=max(tcfg.buffer_tokens, batch_tokens), seed=tcfg.seed, device=device)
+    buffer_args = dict(
+        batch_tokens=batch_tokens, buffer_tokens=max(tcfg.buffer_tokens, batch_tokens), seed=tcfg.seed, device=device
+    )
     if checkpoint is not None and checkpoint.is_file():
         position = trainer.load(checkpoint, source_rows=source.n_rows)
         buffer = ShuffleBuffer(source, position=position, **buffer_args)
@@ -291,10 +294,11 @@ def train_transcoders(
     if complete and output_dir is not None:
         save_transcoders(transcoders, output_dir)
     elif not complete:
+        unsaved = "no output_dir was given" if output_dir is None else f"{output_dir} was not written"
         warnings.warn(
             f"transcoder training paused at step {trainer.step} of {total} (max_steps={max_steps}): the "
-            f"transcoders returned are part-trained and {output_dir or 'no output_dir'} was not written; call "
-            f"again with checkpoint_dir={str(checkpoint_dir)!r} to finish, or pass steps= for a shorter run",
+            f"transcoders returned are part-trained and {unsaved}; call again with "
+            f"checkpoint_dir={str(checkpoint_dir)!r} to finish, or pass steps= for a shorter run",
             stacklevel=2,
         )
     return TrainingResult(
