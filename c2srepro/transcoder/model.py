@@ -1,6 +1,6 @@
 """The transcoder: a wide, sparse ReLU layer that imitates one MLP.
 
-Weight layout, used everywhere in c2srepro (SAELens convention):
+Weight layout, used everywhere in c2srepro (SAELens convention; d_tc = ``cfg.d_transcoder``):
     W_enc: [d_model, d_tc]   column i is the paper's encoder vector f_enc^(i)
     W_dec: [d_tc, d_model]   row i is the paper's decoder vector f_dec^(i)
 
