@@ -61,7 +61,8 @@ def random_transcoders(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, firin
     run = run_model(NeoXWeights.from_model(model), input_ids)
     transcoders = []
     for layer in range(model.config.num_hidden_layers):
-        tc = Transcoder(TranscoderConfig(d_model=model.config.hidden_size, expansion_factor=8, layer=layer, seed=layer))
+        d_model = model.config.hidden_size
+        tc = Transcoder(TranscoderConfig(d_model=d_model, d_transcoder=8 * d_model, layer=layer), seed=layer)
         with torch.no_grad():
             pre = run.mlp_in[layer] @ tc.W_enc
             tc.b_enc.copy_(-torch.quantile(pre.flatten()[:: max(1, pre.numel() // 4_000_000)], 1.0 - firing))

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         hook.remove()
     transcoders = []
     for layer in range(args.layers):
-        tc = Transcoder(TranscoderConfig(d_model=args.d_model, expansion_factor=args.expansion, layer=layer, seed=layer))
+        tc = Transcoder(TranscoderConfig(d_model=args.d_model, d_transcoder=args.expansion * args.d_model, layer=layer),
+                        seed=layer)
         with torch.no_grad():
             pre = record[layer] @ tc.W_enc
             tc.b_enc.copy_(-torch.quantile(pre, 1.0 - args.firing, dim=0))

@@ -91,7 +91,7 @@ def phase_harvest(shape: dict) -> dict:
 
 
 def phase_train(shape: dict, steps: int) -> dict:
-    from c2srepro.transcoder import ShuffleBuffer, TensorActivations, TrainConfig, TranscoderConfig
+    from c2srepro.transcoder import ShuffleBuffer, TensorActivations, TrainConfig
     from c2srepro.transcoder.train import _Trainer
 
     n_layers, d_model, batch = shape["layers"], shape["d_model"], shape["tokens_per_batch"]
@@ -100,10 +100,9 @@ def phase_train(shape: dict, steps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     source = TensorActivations(torch.randn(n_layers, rows, d_model, generator=g),
                                torch.randn(n_layers, rows, d_model, generator=g))
-    cfg = TranscoderConfig(d_model=d_model, expansion_factor=EXPANSION, tokens_per_batch=batch,
-                           training_tokens=batch * (steps + 1))
-    tcfg = TrainConfig(buffer_tokens=rows, resample_every_steps=0, device="cpu")
-    trainer = _Trainer(cfg, tcfg, tuple(range(n_layers)), torch.device("cpu"), steps + 1)
+    tcfg = TrainConfig(expansion_factor=EXPANSION, tokens_per_batch=batch, training_tokens=batch * (steps + 1),
+                       buffer_tokens=rows, resample_every_steps=0, device="cpu")
+    trainer = _Trainer(tcfg, tuple(range(n_layers)), d_model=d_model, device=torch.device("cpu"))
     buffer = ShuffleBuffer(source, batch_tokens=batch, buffer_tokens=rows)
     trainer.initialise(*buffer.current_rows())
     trainer.train_step(*buffer.next_batch())  # warm-up

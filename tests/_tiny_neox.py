@@ -39,7 +39,7 @@ def tiny_transcoders(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, *, expa
     run = run_model(NeoXWeights.from_model(model), input_ids)
     transcoders = []
     for layer in range(model.config.num_hidden_layers):
-        tc = Transcoder(TranscoderConfig(d_model=d_model, expansion_factor=expansion, layer=layer, seed=100 + layer))
+        tc = Transcoder(TranscoderConfig(d_model=d_model, d_transcoder=expansion * d_model, layer=layer), seed=100 + layer)
         tc = tc.to(model.dtype)
         with torch.no_grad():
             pre = run.mlp_in[layer] @ tc.W_enc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,6 @@ import c2srepro.transcoder.distributed as distributed
 from c2srepro.transcoder import (
     CachedActivations,
     TrainConfig,
-    TranscoderConfig,
     harvest_activations,
     load_transcoders,
     train_transcoders,
@@ -35,10 +35,10 @@ from c2srepro.transcoder.train import CHECKPOINT_FILENAME
 WORLD = 2
 BATCH_PROMPTS = 4
 SHARD_MB = 0.05  # a few hundred rows per shard: 6 shards for 24 prompts and 3 layers
-TRANSCODER = {"expansion_factor": 2, "lr": 2e-3, "tokens_per_batch": 64, "training_tokens": 64 * 16, "seed": 5}
 # Resampling every 4 steps, so that the per-layer resampling generators matter; device given so
-# that the saved configs (which record the TrainConfig) compare equal as well.
-TRAINING = {"buffer_tokens": 256, "log_every_steps": 4, "resample_every_steps": 4, "resample_until_fraction": 1.0,
+# that the saved training configs compare equal as well.
+TRAINING = {"expansion_factor": 2, "lr": 2e-3, "tokens_per_batch": 64, "training_tokens": 64 * 16, "seed": 5,
+            "buffer_tokens": 256, "log_every_steps": 4, "resample_every_steps": 4, "resample_until_fraction": 1.0,
             "checkpoint_every_steps": 5, "device": "cpu"}
 
 
@@ -77,7 +77,7 @@ def sorted_rows(block) -> dict[str, torch.Tensor]:
 def assert_same_transcoders(a, b) -> None:
     assert sorted(a) == sorted(b)
     for layer in a:
-        assert a[layer].cfg == b[layer].cfg
+        assert a[layer].cfg == b[layer].cfg and a[layer].train_config == b[layer].train_config
         for name, param in a[layer].named_parameters():
             assert torch.equal(param, getattr(b[layer], name)), (layer, name)
 
@@ -88,11 +88,10 @@ def test_two_gloo_processes_equal_the_single_process_run(tmp_path, caplog):
     prompts = encoded(random_prompts(24))
     distributed.write_prompt_file(prompts, tmp_path / "prompts.json")
     distributed.write_prompt_file(random_prompts(24, seed=7), tmp_path / "other_prompts.json")
-    (tmp_path / "tc.json").write_text(json.dumps(TRANSCODER))
     (tmp_path / "train.json").write_text(json.dumps(TRAINING))
     common = ["--model", str(tmp_path / "model"), "--prompts", str(tmp_path / "prompts.json"),
-              "--batch-prompts", str(BATCH_PROMPTS), "--shard-mb", str(SHARD_MB), "--transcoder-config",
-              str(tmp_path / "tc.json"), "--train-config", str(tmp_path / "train.json"), "--no-progress"]
+              "--batch-prompts", str(BATCH_PROMPTS), "--shard-mb", str(SHARD_MB),
+              "--train-config", str(tmp_path / "train.json"), "--no-progress"]
     runs = [
         common + ["--activations", str(tmp_path / "acts"), "--out", str(tmp_path / "out"),
                   "--checkpoints", str(tmp_path / "ckpt")],
@@ -124,11 +123,10 @@ def test_two_gloo_processes_equal_the_single_process_run(tmp_path, caplog):
     try:
         reference_acts = harvest_activations(model, prompts, directory=tmp_path / "ref", batch_prompts=BATCH_PROMPTS,
                                              shard_mb=SHARD_MB, progress=False)
-        config = TranscoderConfig(d_model=64, **TRANSCODER)
         with caplog.at_level(logging.INFO, logger="c2srepro.transcoder.train"):
-            reference = train_transcoders(reference_acts, config, train_config=TrainConfig(**TRAINING), progress=False)
-        streamed = train_transcoders(harvest_activations(model, prompts, batch_prompts=BATCH_PROMPTS), config,
-                                     train_config=TrainConfig(**TRAINING), progress=False)
+            reference = train_transcoders(reference_acts, TrainConfig(**TRAINING), progress=False)
+        streamed = train_transcoders(harvest_activations(model, prompts, batch_prompts=BATCH_PROMPTS),
+                                     TrainConfig(**TRAINING), progress=False)
     finally:
         torch.set_num_threads(threads)
     resampled_layers = {r.getMessage().split()[1] for r in caplog.records if "resampled" in r.getMessage()}
@@ -257,14 +255,13 @@ def test_layers_for_rank_and_single_process_training(model, prompts, tmp_path):
         distributed.layers_for_rank([0, 1], 2, 2)
     assert distributed.rank_and_world() == (0, 1)
     source = harvest_activations(model, prompts, directory=tmp_path / "acts", batch_prompts=4, progress=False)
-    config = TranscoderConfig(d_model=64, expansion_factor=2, tokens_per_batch=64, training_tokens=64 * 3)
-    tcfg = TrainConfig(buffer_tokens=128, resample_every_steps=0)
+    tcfg = TrainConfig(expansion_factor=2, tokens_per_batch=64, buffer_tokens=128, resample_every_steps=0)
     with pytest.raises(ValueError, match=r"layers \[7\] are not among the harvested layers"):
-        distributed.train_distributed(tmp_path / "acts", config, output_dir=tmp_path / "out", layers=[7])
-    result = distributed.train_distributed(tmp_path / "acts", config, output_dir=tmp_path / "out", layers=[1],
-                                           train_config=tcfg, progress=False)
-    reference = train_transcoders(source, config, train_config=TrainConfig(buffer_tokens=128, resample_every_steps=0,
-                                                                           device="cpu"), progress=False)
+        distributed.train_distributed(tmp_path / "acts", tcfg, output_dir=tmp_path / "out", layers=[7])
+    result = distributed.train_distributed(tmp_path / "acts", tcfg, steps=3, output_dir=tmp_path / "out", layers=[1],
+                                           progress=False)
+    assert result.step == 3 and result.transcoders[1].cfg.d_model == 64
+    reference = train_transcoders(source, dataclasses.replace(tcfg, device="cpu"), steps=3, progress=False)
     assert list(result.transcoders) == [1]
     assert_same_transcoders(load_transcoders(tmp_path / "out"), {1: reference.transcoders[1]})
 

@@ -95,7 +95,7 @@ def setup():
     transcoders = []
     gen = torch.Generator().manual_seed(7)
     for layer in range(2):
-        tc = Transcoder(TranscoderConfig(d_model=64, expansion_factor=2, layer=layer, seed=layer)).double()
+        tc = Transcoder(TranscoderConfig(d_model=64, d_transcoder=128, layer=layer), seed=layer).double()
         x = torch.cat([_mlp_inputs(model, ids)[layer] for ids in prompts.input_ids])
         pre = x @ tc.W_enc  # [tokens, d_tc]
         # Per-feature threshold halfway between two sorted pre-activations (no activation lands
@@ -284,7 +284,7 @@ def test_bad_inputs_are_reported(setup):
     broken.gene_of_token[1] = broken.gene_of_token[1][:-1]
     with pytest.raises(ValueError, match="gene_of_token entries"):
         collect_feature_stats(model, transcoders, broken, progress=False)
-    wrong = Transcoder(TranscoderConfig(d_model=64, layer=5))
+    wrong = Transcoder(TranscoderConfig(d_model=64, d_transcoder=512, layer=5))
     with pytest.raises(ValueError, match="model has layers 0..1"):
         collect_feature_stats(model, [wrong], prompts, progress=False)
     with pytest.raises(ValueError, match="not a single Transcoder"):

@@ -18,8 +18,7 @@ def exact_transcoder(model, layer: int) -> Transcoder:
     """A transcoder equal to a ReLU MLP: its hidden units are the features (eq. 1-2)."""
     mlp = model.gpt_neox.layers[layer].mlp
     d_model = model.config.hidden_size
-    transcoder = Transcoder(TranscoderConfig(d_model=d_model, expansion_factor=model.config.intermediate_size // d_model,
-                                             layer=layer))
+    transcoder = Transcoder(TranscoderConfig(d_model=d_model, d_transcoder=model.config.intermediate_size, layer=layer))
     with torch.no_grad():
         transcoder.W_enc.copy_(mlp.dense_h_to_4h.weight.T)  # [d_model, d_tc]
         transcoder.b_enc.copy_(mlp.dense_h_to_4h.bias)
@@ -131,6 +130,6 @@ def test_replacement_errors(relu_model, exact):
     with pytest.raises(ValueError, match=r"layers \[7\] do not exist"):
         with remove_mlps(relu_model, layers=[7]):
             pass
-    wrong = Transcoder(TranscoderConfig(d_model=32, layer=0))
+    wrong = Transcoder(TranscoderConfig(d_model=32, d_transcoder=256, layer=0))
     with pytest.raises(ValueError, match="d_model 64"):
         evaluate_replacement(relu_model, {0: wrong}, [[1, 2, 3]], progress=False)

@@ -10,7 +10,7 @@
    language to model) plus the answer, whose tokens are weighted ``answer_weight`` times so the
    few answer tokens are not drowned by ~270 sentence tokens. Augmentation: each epoch re-draws
    the shuffle that breaks expression ties, so the model sees each cell in several valid orders.
-   AdamW, linear warm-up then cosine decay.
+   AdamW, linear warm-up then cosine decay to 0 (``c2srepro._schedule``).
 5. The trained model is cached under a hash of its parameters and inputs, and reused.
 """
 
@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from c2srepro._cache import atomic_directory, cache_dir, write_json_atomic
 from c2srepro._config import config_from_dict
+from c2srepro._schedule import warmup_cosine
 from c2srepro.data.datasets import PBMC, CellSplit, labelled_split, load_dataset
 from c2srepro.data.prompts import EncodedPrompts, answer_text, encode_prompts, pad_right
 from c2srepro.data.tokenizer import PYTHIA_SHA256, CellTokenizer, load_bpe_tokenizer
@@ -154,13 +155,6 @@ def weighted_lm_loss(
     return (nll * weight).sum() / weight.sum()
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train_mini_c2s(
     cfg: MiniC2SConfig | None = None, *, directory: str | os.PathLike | None = None, force: bool = False
 ) -> Path:
@@ -188,8 +182,9 @@ def train_mini_c2s(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(split.train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_fraction * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, total, max(1, int(cfg.warmup_fraction * total)))
+        optimizer, lambda step: warmup_cosine(step, total_steps=total, warmup_steps=warmup)
     )
     order_rng = torch.Generator().manual_seed(cfg.seed)
     history, started = [], time.perf_counter()

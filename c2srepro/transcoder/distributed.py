@@ -41,13 +41,13 @@
 Running it on GPUs
 ------------------
 Save the prompts once (``write_prompt_file(encoded_prompts, "prompts.json")``), put the
-``TranscoderConfig`` fields in a json file (``d_model`` comes from the model; ``seed`` defaults
-to ``--seed``) and, if wanted, ``TrainConfig`` fields in another, then on one machine with 8 GPUs::
+``TrainConfig`` fields in a json file if wanted (``seed`` defaults to ``--seed``; ``d_model``
+comes from the model), then on one machine with 8 GPUs::
 
     torchrun --nproc_per_node=8 -m c2srepro.transcoder.distributed \\
         --model vandijklab/C2S-Pythia-410m-cell-type-prediction --prompts prompts.json \\
         --activations /data/acts --out /data/transcoders --checkpoints /data/checkpoints \\
-        --transcoder-config transcoder.json --train-config train.json
+        --train-config train.json
 
 On several machines, run the same command on each with ``--nnodes=N --node_rank=i
 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500`` and every directory on a shared filesystem.
@@ -73,7 +73,7 @@ from torch import nn
 from tqdm import tqdm
 
 from c2srepro._cache import atomic_path, write_json_atomic
-from c2srepro.transcoder.config import TranscoderConfig
+from c2srepro.transcoder.config import TrainConfig
 from c2srepro.transcoder.harvest import (
     DISTRIBUTED_PLAN_KEY,
     MANIFEST_FILENAME,
@@ -90,7 +90,7 @@ from c2srepro.transcoder.harvest import (
     start_manifest,
     write_shard_file,
 )
-from c2srepro.transcoder.train import TrainConfig, TrainingResult, train_transcoders
+from c2srepro.transcoder.train import TrainingResult, train_transcoders
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +266,10 @@ def harvest_distributed(
 
 def train_distributed(
     activations: str | Path | ActivationSource,
-    config: TranscoderConfig,
+    train_config: TrainConfig | None = None,
     *,
     output_dir: str | Path,
-    train_config: TrainConfig | None = None,
+    steps: int | None = None,
     layers: Sequence[int] | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
@@ -278,7 +278,8 @@ def train_distributed(
 
     ``activations``: a harvest directory (each rank reads only its layers from it), a
     ``StreamingActivations`` (rebuilt per rank with only its layers) or any other source.
-    Call it on every rank with the same arguments. Every rank saves its transcoders into
+    ``train_config`` and ``steps`` as in ``train_transcoders``. Call it on every rank with the
+    same arguments. Every rank saves its transcoders into
     ``output_dir/layer_XX`` and returns its ``TrainingResult`` (None when there are more
     ranks than layers and this one has none); all ranks return after the last one finished.
     """
@@ -299,7 +300,7 @@ def train_distributed(
             tcfg = dataclasses.replace(tcfg, device=device)
         log.info("rank %d of %d trains layers %s", rank, world, list(mine))
         result = train_transcoders(
-            source, config, train_config=tcfg, layers=train_layers,
+            source, tcfg, steps=steps, layers=train_layers,
             checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / f"rank{rank}-of-{world}",
             output_dir=output_dir, progress=progress and rank == 0,
         )
@@ -385,10 +386,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="precision of the stored activations")
     parser.add_argument("--seed", type=int, default=0,
-                        help="harvest seed; the transcoders' too unless their config sets one")
-    parser.add_argument("--transcoder-config",
-                        help="json file of TranscoderConfig fields (d_model comes from the model)")
-    parser.add_argument("--train-config", help="json file of TrainConfig fields")
+                        help="harvest seed; the transcoders' too unless the train config sets one")
+    parser.add_argument("--train-config", help="json file of TrainConfig fields (d_model comes from the model)")
+    parser.add_argument("--steps", type=int, help="training steps (default: the train config's training_tokens)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -408,8 +408,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _run(args: argparse.Namespace, device: torch.device) -> None:
     rank, world = rank_and_world()
-    tc_fields = {"seed": args.seed} | _read_json_object(args.transcoder_config, "TranscoderConfig")
-    train_config = TrainConfig.from_dict(_read_json_object(args.train_config, "TrainConfig"))
+    train_config = TrainConfig.from_dict({"seed": args.seed} | _read_json_object(args.train_config, "TrainConfig"))
     progress = not args.no_progress
     if not progress:
         from transformers.utils import logging as transformers_logging
@@ -417,7 +416,6 @@ def _run(args: argparse.Namespace, device: torch.device) -> None:
         transformers_logging.disable_progress_bar()
     prompts = read_prompt_file(args.prompts)
     model = _load_model(args.model, device)
-    config = TranscoderConfig.from_dict({"d_model": model.config.hidden_size} | tc_fields)
     options = dict(
         layers=args.layers, batch_prompts=args.batch_prompts, dtype=getattr(torch, args.dtype), seed=args.seed
     )
@@ -426,7 +424,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> None:
                                      progress=progress, **options)
     else:
         source = StreamingActivations(model, prompts, **options)
-    result = train_distributed(source, config, output_dir=args.out, train_config=train_config,
+    result = train_distributed(source, train_config, output_dir=args.out, steps=args.steps,
                                checkpoint_dir=args.checkpoints, progress=progress)
     history = result.history if result is not None else None
     histories = [history]

@@ -1,6 +1,6 @@
 """The transcoder: a wide, sparse ReLU layer that imitates one MLP.
 
-Weight layout, used everywhere in c2srepro (SAELens convention):
+Weight layout, used everywhere in c2srepro (SAELens convention; d_tc = ``cfg.d_transcoder``):
     W_enc: [d_model, d_tc]   column i is the paper's encoder vector f_enc^(i)
     W_dec: [d_tc, d_model]   row i is the paper's decoder vector f_dec^(i)
 
@@ -8,7 +8,10 @@ Weight layout, used everywhere in c2srepro (SAELens convention):
     y_hat = z @ W_dec + b_dec              # paper eq. 2
     loss  = ||y_hat - MLP(x)||^2 + lambda * ||z||_1   # paper eq. 4
 
-One transcoder per layer is saved as a directory (safetensors weights + json config);
+Saved files, one directory per transcoder (``Transcoder.save`` / ``Transcoder.load``):
+    transcoder.safetensors   W_enc, b_enc, W_dec, b_dec, in ``cfg.dtype``
+    cfg.json                 ``TranscoderConfig`` (architecture, hook points, scales, provenance)
+    training.json            ``TrainConfig`` of a trained transcoder (absent for a hand-made one)
 ``save_transcoders`` / ``load_transcoders`` keep a model's set as ``layer_XX`` subdirectories.
 Trained transcoders (``c2srepro.transcoder.train``) take raw MLP inputs, return raw MLP outputs,
 and have unit-norm decoder rows.
@@ -16,6 +19,7 @@ and have unit-norm decoder rows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -26,27 +30,38 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from c2srepro.transcoder.config import TranscoderConfig
+from c2srepro._cache import atomic_path, write_json_atomic
+from c2srepro.transcoder.config import TrainConfig, TranscoderConfig
 
 WEIGHTS_FILENAME = "transcoder.safetensors"
-CONFIG_FILENAME = "transcoder_config.json"
+CONFIG_FILENAME = "cfg.json"
+TRAINING_FILENAME = "training.json"
+LAYER_DIRECTORY = "layer_{layer:02d}"
 
 
 class Transcoder(nn.Module):
-    def __init__(self, cfg: TranscoderConfig):
+    """``Transcoder(cfg, seed=...)``: a fresh transcoder, initialised from ``seed``.
+
+    ``train_config`` is the ``TrainConfig`` that trained it (None for a fresh or hand-made one).
+    """
+
+    def __init__(self, cfg: TranscoderConfig, *, seed: int = 0, train_config: TrainConfig | None = None):
         super().__init__()
-        self.cfg = cfg
-        d_model, d_tc = cfg.d_model, cfg.d_tc
-        generator = torch.Generator().manual_seed(cfg.seed)
+        if not isinstance(cfg, TranscoderConfig):
+            raise TypeError(f"Transcoder takes a TranscoderConfig, got {type(cfg).__name__}")
+        self.cfg, self.train_config = cfg, train_config
+        d_model, d_tc = cfg.d_model, cfg.d_transcoder
+        generator = torch.Generator().manual_seed(seed)
         # Kaiming-uniform encoder; decoder rows start as the encoder's transpose, unit norm,
         # so every feature starts live and aligned (a common SAE initialisation).
         w_enc = (torch.rand(d_model, d_tc, generator=generator) * 2 - 1) / d_model**0.5
         w_dec = w_enc.T.clone()
         w_dec = w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        self.W_enc = nn.Parameter(w_enc)  # [d_model, d_tc]
-        self.b_enc = nn.Parameter(torch.zeros(d_tc))  # [d_tc]
-        self.W_dec = nn.Parameter(w_dec)  # [d_tc, d_model]
-        self.b_dec = nn.Parameter(torch.zeros(d_model))  # [d_model]
+        dtype = cfg.torch_dtype
+        self.W_enc = nn.Parameter(w_enc.to(dtype))  # [d_model, d_tc]
+        self.b_enc = nn.Parameter(torch.zeros(d_tc, dtype=dtype))  # [d_tc]
+        self.W_dec = nn.Parameter(w_dec.to(dtype))  # [d_tc, d_model]
+        self.b_dec = nn.Parameter(torch.zeros(d_model, dtype=dtype))  # [d_model]
 
     def encode(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_tc"]:
         return torch.relu(x @ self.W_enc + self.b_enc)  # eq. 1
@@ -58,35 +73,46 @@ class Transcoder(nn.Module):
         return self.decode(self.encode(x))
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write weights (safetensors) and config (json) atomically into ``directory``."""
+        """Write weights, ``cfg.json`` and (when trained) ``training.json`` into ``directory``,
+        each file atomically. ``cfg.dtype`` records the dtype the weights have now."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().cpu().contiguous() for name, p in self.named_parameters()}
-        tmp_weights = directory / (WEIGHTS_FILENAME + ".tmp")
-        save_file(tensors, str(tmp_weights))
-        tmp_config = directory / (CONFIG_FILENAME + ".tmp")
-        tmp_config.write_text(json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True))
-        os.replace(tmp_weights, directory / WEIGHTS_FILENAME)
-        os.replace(tmp_config, directory / CONFIG_FILENAME)
+        dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"the transcoder's parameters have several dtypes {sorted(dtypes)}: cast it to one first")
+        cfg = dataclasses.replace(self.cfg, dtype=dtypes.pop())
+        with atomic_path(directory / WEIGHTS_FILENAME) as tmp:
+            save_file(tensors, str(tmp))
+        write_json_atomic(directory / CONFIG_FILENAME, cfg.to_dict())
+        training = directory / TRAINING_FILENAME
+        if self.train_config is not None:
+            write_json_atomic(training, self.train_config.to_dict())
+        elif training.exists():  # left by an earlier transcoder saved here: not this one's
+            training.unlink()
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> "Transcoder":
+        """The transcoder ``save`` wrote in ``directory``: same weights, configs and dtype."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILENAME, directory / WEIGHTS_FILENAME
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(
-                    f"{path} not found: is {directory} a transcoder saved with Transcoder.save()?"
+                    f"{path} not found: is {directory} a transcoder saved with Transcoder.save()? "
+                    "(transcoders of c2srepro 0.1, saved with transcoder_config.json, must be trained again)"
                 )
         cfg = TranscoderConfig.from_dict(json.loads(config_path.read_text()))
-        transcoder = cls(cfg)
+        training = directory / TRAINING_FILENAME
+        train_config = TrainConfig.from_dict(json.loads(training.read_text())) if training.is_file() else None
+        transcoder = cls(cfg, train_config=train_config)
         state = load_file(str(weights_path), device=str(device))
+        expected = {name: tuple(p.shape) for name, p in transcoder.named_parameters()}
+        found = {name: tuple(t.shape) for name, t in state.items()}
+        if found != expected:
+            raise ValueError(f"{weights_path} holds weights of shapes {found}, but {config_path} describes {expected}")
         transcoder.load_state_dict(state)
         return transcoder.to(device)
-
-
-LAYER_DIRECTORY = "layer_{layer:02d}"
 
 
 def save_transcoders(transcoders: Mapping[int, Transcoder], directory: str | os.PathLike) -> Path:
@@ -106,7 +132,10 @@ def load_transcoders(
     directory = Path(directory)
     found = {int(p.name.split("_")[1]): p for p in directory.glob("layer_*") if (p / CONFIG_FILENAME).is_file()}
     if not found:
-        raise FileNotFoundError(f"no transcoders in {directory}: expected layer_XX directories written by save_transcoders")
+        raise FileNotFoundError(
+            f"no transcoders in {directory}: expected layer_XX directories holding {CONFIG_FILENAME}, "
+            "as save_transcoders writes them"
+        )
     wanted = sorted(found) if layers is None else sorted(set(layers))
     missing = [layer for layer in wanted if layer not in found]
     if missing:

@@ -1,9 +1,12 @@
 """Train one transcoder per MLP layer, every layer in one batched loop (paper eq. 4).
 
 The paper gives max lr 1e-4, 2048 tokens per batch, L1 coefficient 1.4e-4, expansion 8 and 60M
-tokens (``TranscoderConfig`` defaults). Those values are the defaults of the reference transcoder
+tokens (``TrainConfig`` defaults). Those values are the defaults of the reference transcoder
 implementation of Dunefsky et al. (2024), which the paper cites; where the paper is silent we
-chose as follows (``TrainConfig`` holds every knob, and is recorded in each saved transcoder):
+chose as follows (``TrainConfig`` holds every knob; each saved transcoder keeps it in
+``training.json`` beside its ``TranscoderConfig``, which this module builds from the activations:
+``d_model`` from the source, ``d_transcoder = expansion_factor * d_model``, the scales of step 1,
+the hook points and the model's name and fingerprint where the source knows them):
 
 1. Normalisation. Per layer, two fixed scalars are estimated from the first buffer of training
    rows: s_in = sqrt(E||x||^2 / d_model) and s_out = E||y||, where x is the MLP input and
@@ -23,8 +26,9 @@ chose as follows (``TrainConfig`` holds every knob, and is recorded in each save
 3. Decoder rows have unit norm: before each step the gradient component along each row is
    removed, after it each row is rescaled to norm 1. Why: otherwise the L1 term is dodged by
    shrinking z and growing the decoder; unit rows also make z comparable across features.
-4. Schedule: the lr rises linearly over ``warmup_fraction`` of the steps to the maximum, then
-   decays along a cosine to ``min_lr_fraction`` of it; lambda rises linearly from 0 over
+4. Schedule (``c2srepro._schedule``, shared with the mini-C2S): the lr rises linearly over
+   ``warmup_fraction`` of the steps (rounded, at least 1) to the maximum, then decays along a
+   cosine to ``min_lr_fraction`` of it; lambda rises linearly from 0 over
    ``l1_warmup_fraction``. Why: a "maximum" learning rate implies a schedule; warm-up keeps the
    first Adam steps on a large error from pushing features dead; the decay lowers the noise in
    the final weights, which matters most for short runs; the lambda ramp lets features find
@@ -40,12 +44,13 @@ chose as follows (``TrainConfig`` holds every knob, and is recorded in each save
    tokens from its own generator, seeded by (seed, layer), so that a layer's transcoder does
    not depend on which other layers train beside it (``c2srepro.transcoder.distributed``
    trains the layers on several processes and relies on this).
-6. Initialisation: ``Transcoder(cfg)`` (encoder Kaiming-uniform, decoder rows the encoder columns
-   normalised), b_enc = 0 and b_dec = the mean of y' over the first buffer; then each encoder is
-   scaled so that the features' initial output has mean norm 0.1 (the target's is 1). Why:
-   unscaled, the initial output is several times the target and the first hundreds of steps
-   only shrink it (a small random model, 200 steps: FVU 2.8 unscaled vs 0.002 scaled at lr 1e-3;
-   at lr 1e-4, 0.36 with initial norm 1 vs 0.08 with 0.1).
+6. Initialisation: ``Transcoder(cfg, seed=seed)``, the same for every layer (encoder
+   Kaiming-uniform, decoder rows the encoder columns normalised), b_enc = 0 and b_dec = the
+   mean of y' over the first buffer; then each encoder is scaled so that the features'
+   initial output has mean norm 0.1 (the target's is 1). Why: unscaled, the initial output is
+   several times the target and the first hundreds of steps only shrink it (a small random
+   model, 200 steps: FVU 2.8 unscaled vs 0.002 scaled at lr 1e-3; at lr 1e-4, 0.36 with
+   initial norm 1 vs 0.08 with 0.1).
 7. Optimiser: Adam (betas 0.9, 0.999). The layers' weights are stacked, [layer, ...], and trained
    with batched matrix products; Adam acts element by element and the loss is a sum of per-layer
    terms, so this is exactly one independent transcoder and optimiser per layer (on CPU,
@@ -53,9 +58,13 @@ chose as follows (``TrainConfig`` holds every knob, and is recorded in each save
 8. Checkpoints every ``checkpoint_every_steps`` steps (one atomic file: weights, Adam state,
    step, data position, dead-feature counters, resampling generators, unlogged metric sums,
    history). Training again with the same ``checkpoint_dir`` resumes, and gives the same
-   weights, bit for bit, as an uninterrupted run. ``max_steps`` pauses a run on purpose.
-9. A non-finite loss stops training with ``FloatingPointError`` naming the layer, the step and
-   whether the batch or the weights were at fault; nothing is saved for that step.
+   weights, bit for bit, as an uninterrupted run.
+9. Run length. The schedules of step 4 span ``TrainConfig.total_steps``; ``steps=n`` makes a run
+   of exactly n steps (short runs are whole runs, with their warm-up and decay). ``max_steps``
+   instead pauses a longer run part way: it needs a ``checkpoint_dir`` to resume from, warns
+   that the run is unfinished, and writes no ``output_dir`` until a later call finishes it.
+10. A non-finite loss stops training with ``FloatingPointError`` naming the layer, the step and
+    whether the batch or the weights were at fault; nothing is saved for that step.
 
 Logged per layer every ``log_every_steps`` steps (means over the steps since the last log):
 loss, mse = (1/d)||y_hat' - y'||^2, fvu = sum ||y_hat - y||^2 / sum ||y - mean y||^2 per batch,
@@ -65,11 +74,11 @@ fired for ``dead_window_tokens`` tokens (or since the start, early on).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -80,61 +89,26 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from c2srepro._cache import atomic_path
-from c2srepro._config import config_from_dict
-from c2srepro.transcoder.config import TranscoderConfig
-from c2srepro.transcoder.harvest import HOOK_POINT, ActivationSource, BufferPosition, ShuffleBuffer, derived_seed
+from c2srepro._schedule import linear_warmup, warmup_cosine
+from c2srepro.transcoder.config import TrainConfig, TranscoderConfig
+from c2srepro.transcoder.harvest import (
+    ActivationSource,
+    BufferPosition,
+    CachedActivations,
+    ShuffleBuffer,
+    StreamingActivations,
+    derived_seed,
+    model_fingerprint,
+)
 from c2srepro.transcoder.model import Transcoder, save_transcoders
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILENAME = "trainer_state.pt"
-CHECKPOINT_FORMAT = "c2srepro-transcoder-training/2"
-# Format 1 kept one resampling generator for all layers; its finished runs still load (their
-# generator is never used again), an unfinished one cannot be continued exactly.
-_FINISHED_ONLY_FORMAT = "c2srepro-transcoder-training/1"
+CHECKPOINT_FORMAT = "c2srepro-transcoder-training/3"
 # TrainConfig fields that do not change the trained weights, so a resumed run may change them.
 _RESUMABLE_CHANGES = {"checkpoint_every_steps", "device"}
 INIT_OUTPUT_NORM = 0.1
-
-
-@dataclass
-class TrainConfig:
-    """How transcoders are trained, beyond the paper's hyperparameters in ``TranscoderConfig``."""
-
-    warmup_fraction: float = 0.05
-    min_lr_fraction: float = 0.1
-    l1_warmup_fraction: float = 0.05
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    resample_every_steps: int = 2500
-    resample_until_fraction: float = 0.5
-    dead_window_tokens: int = 10_000_000
-    buffer_tokens: int = 32_768
-    log_every_steps: int = 50
-    checkpoint_every_steps: int = 1000
-    device: str | None = None
-
-    def __post_init__(self) -> None:
-        self.adam_betas = tuple(float(b) for b in self.adam_betas)
-        for name in ("warmup_fraction", "l1_warmup_fraction", "resample_until_fraction", "min_lr_fraction"):
-            value = getattr(self, name)
-            if not 0 <= value <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {value}")
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
-        if self.resample_every_steps < 0:
-            raise ValueError(f"resample_every_steps must be >= 0 (0 turns resampling off), got {self.resample_every_steps}")
-        for name in ("dead_window_tokens", "buffer_tokens", "log_every_steps", "checkpoint_every_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["adam_betas"] = list(self.adam_betas)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return config_from_dict(cls, data)
 
 
 @dataclass
@@ -143,40 +117,39 @@ class TrainingResult:
     history: pd.DataFrame  # one row per (logged step, layer)
     step: int
     total_steps: int
-    complete: bool  # False when paused by max_steps
+    complete: bool  # False when paused by max_steps (the transcoders are then part-trained)
     seconds: float  # wall time of this call
     loop_seconds: float  # of which in the step loop (steps, buffer refills, logging, checkpoints)
+    train_config: TrainConfig  # as run: with ``steps=`` applied
 
 
-def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
-    """Fraction of the max lr at 0-based ``step`` of ``total`` (choice 4)."""
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Fraction of the max lr at 0-based ``step`` of the run (choice 4)."""
+    total = cfg.total_steps
     warmup = max(1, round(cfg.warmup_fraction * total))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(step, total_steps=total, warmup_steps=warmup, final_fraction=cfg.min_lr_fraction)
 
 
-def l1_factor(step: int, total: int, cfg: TrainConfig) -> float:
-    warmup = round(cfg.l1_warmup_fraction * total)
-    return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
+def l1_factor(step: int, cfg: TrainConfig) -> float:
+    """Fraction of the L1 coefficient at 0-based ``step`` of the run (choice 4)."""
+    return linear_warmup(step, warmup_steps=round(cfg.l1_warmup_fraction * cfg.total_steps))
 
 
 class StackedTranscoders(nn.Module):
-    """The transcoders of ``n_layers`` layers, weights stacked on a leading layer axis."""
+    """The transcoders of ``n_layers`` layers, weights stacked on a leading layer axis; every
+    layer starts as ``Transcoder(..., seed=seed)`` (choice 6)."""
 
-    def __init__(self, configs: Sequence[TranscoderConfig]):
+    def __init__(self, n_layers: int, *, d_model: int, d_transcoder: int, seed: int = 0):
         super().__init__()
-        n, d_model, d_tc = len(configs), configs[0].d_model, configs[0].d_tc
+        n, d_tc = n_layers, d_transcoder
         self.W_enc = nn.Parameter(torch.empty(n, d_model, d_tc))  # [L, d_model, d_tc]
         self.b_enc = nn.Parameter(torch.empty(n, d_tc))  # [L, d_tc]
         self.W_dec = nn.Parameter(torch.empty(n, d_tc, d_model))  # [L, d_tc, d_model]
         self.b_dec = nn.Parameter(torch.empty(n, d_model))  # [L, d_model]
+        init = Transcoder(TranscoderConfig(d_model=d_model, d_transcoder=d_tc, layer=0), seed=seed)
         with torch.no_grad():
-            for i, cfg in enumerate(configs):  # one Transcoder at a time: peak memory of one layer
-                init = Transcoder(cfg)
-                for name, param in init.named_parameters():
-                    getattr(self, name)[i] = param
+            for name, param in init.named_parameters():
+                getattr(self, name).copy_(param)  # broadcast over the layer axis
 
     def forward(
         self, x: Float[Tensor, "layer batch d_model"]
@@ -231,9 +204,9 @@ class StackedTranscoders(nn.Module):
 
 def train_transcoders(
     source: ActivationSource,
-    config: TranscoderConfig,
-    *,
     train_config: TrainConfig | None = None,
+    *,
+    steps: int | None = None,
     layers: Sequence[int] | None = None,
     checkpoint_dir: str | Path | None = None,
     output_dir: str | Path | None = None,
@@ -242,33 +215,54 @@ def train_transcoders(
 ) -> TrainingResult:
     """Train a transcoder for each of ``layers`` (default: every layer of ``source``).
 
-    ``config`` is shared by all layers (its ``layer`` is set per transcoder); its
-    ``training_tokens`` / ``tokens_per_batch`` fix the number of steps, looping over the source
-    in fresh orders as often as needed. With ``checkpoint_dir`` the run checkpoints there and a
-    later call resumes from it. ``max_steps`` stops this call after that many steps (the
-    schedule still spans the whole run). With ``output_dir`` a finished run saves one
-    ``Transcoder`` per layer in ``output_dir/layer_XX``.
+    ``train_config`` (default ``TrainConfig()``, the paper's settings) is shared by all layers;
+    each transcoder's ``TranscoderConfig`` is built here from ``source`` (its ``d_model``, the
+    layer, the normalisation scalars). The run lasts ``train_config.total_steps`` steps, or
+    exactly ``steps`` (which sets ``training_tokens = steps * tokens_per_batch``), looping over
+    the source in fresh orders as often as needed. With ``checkpoint_dir`` the run checkpoints
+    there and a later call resumes from it; ``max_steps`` pauses this call after that many
+    steps (choice 9: it needs ``checkpoint_dir`` and warns). With ``output_dir`` a finished run
+    saves one ``Transcoder`` per layer in ``output_dir/layer_XX``.
     """
     started = time.perf_counter()
-    tcfg = train_config or TrainConfig()
-    if config.d_model != source.d_model:
-        raise ValueError(
-            f"config.d_model is {config.d_model} but the activations have d_model {source.d_model}"
+    if not isinstance(source, ActivationSource):
+        raise TypeError(
+            f"train_transcoders takes an ActivationSource, got {type(source).__name__}: "
+            "harvest_activations(model, prompts) returns one (TensorActivations wraps tensors)"
         )
-    if max_steps is not None and max_steps < 0:
-        raise ValueError(f"max_steps must be >= 0 or None, got {max_steps}")
+    if isinstance(train_config, TranscoderConfig):
+        raise TypeError(
+            "train_transcoders takes a TrainConfig (training settings, with expansion_factor for the "
+            "width); the TranscoderConfig of each transcoder is built from the activations"
+        )
+    if train_config is not None and not isinstance(train_config, TrainConfig):
+        raise TypeError(f"train_config must be a TrainConfig or None, got {type(train_config).__name__}")
+    tcfg = train_config or TrainConfig()
+    if steps is not None:
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1 or None, got {steps!r}")
+        tcfg = replace(tcfg, training_tokens=steps * tcfg.tokens_per_batch)
+    if max_steps is not None:
+        if not isinstance(max_steps, int) or max_steps < 0:
+            raise ValueError(f"max_steps must be an integer >= 0 or None, got {max_steps!r}")
+        if checkpoint_dir is None:
+            raise ValueError(
+                "max_steps pauses a run so that a later call resumes it, which needs checkpoint_dir; "
+                "for a shorter complete run pass steps= instead"
+            )
     chosen = tuple(source.layers) if layers is None else tuple(sorted(set(layers)))
     missing = sorted(set(chosen) - set(source.layers))
     if missing or not chosen:
         raise ValueError(f"layers {missing or '[]'} are not among the harvested layers {list(source.layers)}")
     select = torch.as_tensor([source.layers.index(layer) for layer in chosen])
     device = torch.device(tcfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    batch_tokens = config.tokens_per_batch
-    total = math.ceil(config.training_tokens / batch_tokens)
+    batch_tokens, total = tcfg.tokens_per_batch, tcfg.total_steps
 
-    trainer = _Trainer(config, tcfg, chosen, device, total)
+    trainer = _Trainer(tcfg, chosen, d_model=source.d_model, device=device, provenance=_provenance(source))
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILENAME if checkpoint_dir is not None else None
-    buffer_args = dict(batch_tokens=batch_tokens, buffer_tokens=max(tcfg.buffer_tokens, batch_tokens), seed=config.seed, device=device)
+    buffer_args = dict(
+        batch_tokens=batch_tokens, buffer_tokens=max(tcfg.buffer_tokens, batch_tokens), seed=tcfg.seed, device=device
+    )
     if checkpoint is not None and checkpoint.is_file():
         position = trainer.load(checkpoint, source_rows=source.n_rows)
         buffer = ShuffleBuffer(source, position=position, **buffer_args)
@@ -296,30 +290,55 @@ def train_transcoders(
     loop_seconds = time.perf_counter() - loop_started
 
     transcoders = trainer.export()
-    if output_dir is not None and trainer.step == total:
+    complete = trainer.step == total
+    if complete and output_dir is not None:
         save_transcoders(transcoders, output_dir)
+    elif not complete:
+        unsaved = "no output_dir was given" if output_dir is None else f"{output_dir} was not written"
+        warnings.warn(
+            f"transcoder training paused at step {trainer.step} of {total} (max_steps={max_steps}): the "
+            f"transcoders returned are part-trained and {unsaved}; call again with "
+            f"checkpoint_dir={str(checkpoint_dir)!r} to finish, or pass steps= for a shorter run",
+            stacklevel=2,
+        )
     return TrainingResult(
-        transcoders, pd.DataFrame(trainer.history), trainer.step, total, trainer.step == total,
-        time.perf_counter() - started, loop_seconds,
+        transcoders, pd.DataFrame(trainer.history), trainer.step, total, complete,
+        time.perf_counter() - started, loop_seconds, tcfg,
     )
+
+
+def _provenance(source: ActivationSource) -> dict[str, str | None]:
+    """The model the activations came from, where the source knows it."""
+    if isinstance(source, StreamingActivations):
+        name = getattr(source.model.config, "name_or_path", "") or None
+        return {"model_name": name, "model_fingerprint": model_fingerprint(source.model)}
+    if isinstance(source, CachedActivations):
+        return {"model_name": source.manifest.get("model_name"), "model_fingerprint": source.manifest.get("model_fingerprint")}
+    return {"model_name": None, "model_fingerprint": None}
 
 
 class _Trainer:
     """State and arithmetic of one multi-layer training run."""
 
-    def __init__(self, config: TranscoderConfig, tcfg: TrainConfig, layers: tuple[int, ...], device, total: int):
-        self.config, self.tcfg, self.layers, self.device, self.total = config, tcfg, layers, device, total
-        self.n_layers, self.d_model, self.d_tc = len(layers), config.d_model, config.d_tc
-        self.batch_tokens = config.tokens_per_batch
-        self.stack = StackedTranscoders([dataclasses.replace(config, layer=layer) for layer in layers]).to(device)
+    def __init__(
+        self, tcfg: TrainConfig, layers: tuple[int, ...], *, d_model: int, device: torch.device,
+        provenance: dict[str, str | None] | None = None,
+    ):
+        self.tcfg, self.layers, self.device, self.total = tcfg, layers, device, tcfg.total_steps
+        self.provenance = provenance or {}
+        self.n_layers, self.d_model, self.d_tc = len(layers), d_model, tcfg.expansion_factor * d_model
+        self.batch_tokens = tcfg.tokens_per_batch
+        self.stack = StackedTranscoders(
+            self.n_layers, d_model=d_model, d_transcoder=self.d_tc, seed=tcfg.seed
+        ).to(device)
         self.optimizer = torch.optim.Adam(
-            self.stack.parameters(), lr=config.lr, betas=tcfg.adam_betas, fused=device.type in ("cpu", "cuda") or None
+            self.stack.parameters(), lr=tcfg.lr, betas=tcfg.adam_betas, fused=device.type in ("cpu", "cuda") or None
         )
         self.step = 0
         self.scale_in = torch.ones(self.n_layers, device=device)
         self.scale_out = torch.ones(self.n_layers, device=device)
         self.since_fired = torch.zeros(self.n_layers, self.d_tc, dtype=torch.long, device=device)
-        self.generators = [torch.Generator(device=device).manual_seed(derived_seed(config.seed, layer)) for layer in layers]
+        self.generators = [torch.Generator(device=device).manual_seed(derived_seed(tcfg.seed, layer)) for layer in layers]
         self.sums = self._zero_sums()
         self.history: list[dict[str, Any]] = []
 
@@ -349,8 +368,8 @@ class _Trainer:
     def train_step(self, x_raw: Float[Tensor, "layer batch d_model"], y_raw: Float[Tensor, "layer batch d_model"]) -> None:
         x = x_raw / self.scale_in[:, None, None]  # x' (choice 1)
         y = y_raw / self.scale_out[:, None, None]  # y'
-        lr = self.config.lr * lr_factor(self.step, self.total, self.tcfg)
-        l1_coefficient = self.config.l1_coefficient * l1_factor(self.step, self.total, self.tcfg)
+        lr = self.tcfg.lr * lr_factor(self.step, self.tcfg)
+        l1_coefficient = self.tcfg.l1_coefficient * l1_factor(self.step, self.tcfg)
         terms = self.stack.loss_and_grads(x, y, l1_coefficient)
         loss, counts = terms["loss"], terms["counts"]
         if not bool(torch.isfinite(loss).all()):
@@ -415,7 +434,7 @@ class _Trainer:
                 "activations (model dtype, overflow in float16)"
             )
         else:
-            cause = f"the transcoder diverged: lower the learning rate (now {self.config.lr})"
+            cause = f"the transcoder diverged: lower the learning rate (now {self.tcfg.lr})"
         raise FloatingPointError(
             f"non-finite transcoder loss ({loss[i].item()}) in layer {layer} at step {self.step} "
             f"(layers affected: {[self.layers[j] for j in bad]}); {cause}. Nothing was saved for "
@@ -461,15 +480,15 @@ class _Trainer:
                 layer = self.layers[int((~finite).nonzero()[0])]
                 raise FloatingPointError(
                     f"{name} of layer {layer} is non-finite after step {self.step}: the transcoder "
-                    f"diverged (lower the learning rate, now {self.config.lr}); not checkpointed"
+                    f"diverged (lower the learning rate, now {self.tcfg.lr}); not checkpointed"
                 )
 
     def save(self, path: Path, position: BufferPosition, *, source_rows: int) -> None:
         self._check_finite_weights()
         state = {
             "format": CHECKPOINT_FORMAT,
-            "transcoder_config": self.config.to_dict(),
             "train_config": self.tcfg.to_dict(),
+            "d_model": self.d_model,
             "layers": list(self.layers),
             "source_rows": source_rows,
             "step": self.step,
@@ -482,7 +501,7 @@ class _Trainer:
             "since_fired": self.since_fired.cpu(),
             "generators": [generator.get_state() for generator in self.generators],
             "sums": {name: t.cpu() for name, t in self.sums.items()},
-            "last_lr": getattr(self, "_last_lr", self.config.lr),
+            "last_lr": getattr(self, "_last_lr", self.tcfg.lr),
             "last_l1": getattr(self, "_last_l1", 0.0),
             "history": self.history,
         }
@@ -491,15 +510,12 @@ class _Trainer:
 
     def load(self, path: Path, *, source_rows: int) -> BufferPosition:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") not in (CHECKPOINT_FORMAT, _FINISHED_ONLY_FORMAT):
-            raise ValueError(f"{path} is not a transcoder training checkpoint ({CHECKPOINT_FORMAT})")
-        if state["format"] == _FINISHED_ONLY_FORMAT and state["step"] < state["total_steps"]:
+        if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
-                f"{path} is an unfinished checkpoint of an older c2srepro, which drew resampled "
-                "features from one generator shared by all layers, so it cannot be continued "
-                "exactly: delete it (or use a fresh checkpoint_dir) to train afresh"
+                f"{path} is not a transcoder training checkpoint of this c2srepro ({CHECKPOINT_FORMAT}): "
+                "delete it, or use a fresh checkpoint_dir, to train afresh"
             )
-        mine = {"transcoder_config": self.config.to_dict(), "layers": list(self.layers), "source_rows": source_rows}
+        mine = {"d_model": self.d_model, "layers": list(self.layers), "source_rows": source_rows}
         differs = sorted(key for key, value in mine.items() if state[key] != value)
         saved_train = state["train_config"]
         differs += sorted(
@@ -519,7 +535,7 @@ class _Trainer:
         self.scale_in = state["scale_in"].to(self.device)
         self.scale_out = state["scale_out"].to(self.device)
         self.since_fired = state["since_fired"].to(self.device)
-        for generator, generator_state in zip(self.generators, state.get("generators", [])):
+        for generator, generator_state in zip(self.generators, state["generators"]):
             generator.set_state(generator_state)
         self.sums = {name: t.to(self.device) for name, t in state["sums"].items()}
         self._last_lr, self._last_l1 = state["last_lr"], state["last_l1"]
@@ -532,18 +548,11 @@ class _Trainer:
         out = {}
         for i, layer in enumerate(self.layers):
             s_in, s_out = float(self.scale_in[i]), float(self.scale_out[i])
-            extra = dict(self.config.extra)
-            extra.update(
-                {
-                    "hook_point": HOOK_POINT.format(layer=layer),
-                    "input_scale": s_in,
-                    "output_scale": s_out,
-                    "trained_steps": self.step,
-                    "trained_tokens": self.step * self.batch_tokens,
-                    "training": self.tcfg.to_dict(),
-                }
+            cfg = TranscoderConfig(
+                d_model=self.d_model, d_transcoder=self.d_tc, layer=layer, input_scale=s_in, output_scale=s_out,
+                **self.provenance,
             )
-            transcoder = Transcoder(dataclasses.replace(self.config, layer=layer, extra=extra))
+            transcoder = Transcoder(cfg, train_config=self.tcfg)
             transcoder.W_enc.copy_(self.stack.W_enc[i] * (s_out / s_in))
             transcoder.b_enc.copy_(self.stack.b_enc[i] * s_out)
             transcoder.W_dec.copy_(self.stack.W_dec[i])
