@@ -35,6 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from c2srepro._cache import atomic_directory, write_json_atomic
+from c2srepro.transcoder.model import LAYER_DIRECTORY
 
 POSITION_MODES = ("all", "genes", "prompt")
 STATS_FORMAT = "c2srepro-feature-stats/1"
@@ -42,7 +43,7 @@ META_FILENAME = "meta.json"
 FEATURES_FILENAME = "features.csv"
 EXAMPLES_FILENAME = "examples.csv"
 GENES_FILENAME = "genes.npz"
-LAYER_DIRECTORY = "layer_{layer:02d}"
+
 
 # Table 4 counts features with log10 E(f) >= -3 as live; Figure 3 / Table 3 use -4.
 LIVE_THRESHOLD_TABLE4 = -3.0
