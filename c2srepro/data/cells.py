@@ -13,7 +13,9 @@
    the sources the AnnData offers instead.
 5. For each cell: its nonzero genes in descending expression, ties broken by a shuffle seeded by
    ``(seed, cell index)`` (so a cell's sentence does not depend on which other cells are encoded),
-   the top ``top_k`` kept, joined by single spaces.
+   the top ``top_k`` kept, joined by single spaces. The shuffle permutes the cell's entries in
+   the order the sparse matrix stores them, so re-sorting a matrix stored with unsorted column
+   indices (scipy's ``sort_indices``, which e.g. ``.min()`` calls) changes how ties fall.
 """
 
 from __future__ import annotations
