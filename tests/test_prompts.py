@@ -2,7 +2,7 @@ import pytest
 
 from c2srepro.data.cells import CellSentence
 from c2srepro.data.prompts import build_prompt, encode_prompts, genes_of_tokens
-from c2srepro.data.tokenizer import PYTHIA_SHA256, pythia_tokenizer_file
+from c2srepro.data.tokenizer import PYTHIA_SHA256, CellTokenizer, pythia_tokenizer_file
 from c2srepro._cache import sha256_file
 
 SPLIT_GENES = ("VWF", "PTPRB", "HSP90AA1", "MT-ND4", "GOLGA4", "PSD3", "RDX")
@@ -64,3 +64,24 @@ def test_template_needs_the_sentence_field():
 def test_genes_of_tokens_rejects_a_token_across_two_genes():
     with pytest.raises(ValueError, match="spans two genes"):
         genes_of_tokens([(0, 9)], [(0, 3, "AAA"), (4, 7, "BBB")])
+
+
+def test_a_hugging_face_tokenizer_is_a_type_error_naming_cell_tokenizer(tokenizer):
+    sentence = CellSentence(0, "c0", ("CD14", "LYZ"), None)
+    with pytest.raises(TypeError, match=r"encode_prompts: expected a CellTokenizer .* got GPTNeoXTokenizer\w*: .*"
+                       r"load_c2s_model\(model_dir\) or CellTokenizer\.load.*CellTokenizer\(hf_tokenizer\)"):
+        encode_prompts([sentence], tokenizer.bpe)
+    wrapped = encode_prompts([sentence], CellTokenizer(tokenizer.bpe))  # the fix the message names
+    assert wrapped.input_ids == encode_prompts([sentence], tokenizer).input_ids
+
+
+def test_encode_prompts_wants_cell_sentences(tokenizer):
+    from tests.conftest import make_adata
+
+    adata = make_adata([[1, 2]], ["a", "b"])
+    with pytest.raises(TypeError, match=r"expected a list of CellSentence, got AnnData: .*cell_sentences\(adata\)"):
+        encode_prompts(adata, tokenizer)
+    with pytest.raises(TypeError, match=r"got a list of 2 str: found a str; make them with cell_sentences"):
+        encode_prompts(["CD14 LYZ", "CD3E"], tokenizer)
+    with pytest.raises(TypeError, match=r"pass a list, \[sentence\]"):
+        encode_prompts(CellSentence(0, "c0", ("A",), None), tokenizer)

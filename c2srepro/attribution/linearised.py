@@ -44,6 +44,7 @@ from c2srepro.attribution.neox import (
     run_model,
 )
 from c2srepro.attribution.nodes import Node
+from c2srepro.data.prompts import require_prompt_ids
 from c2srepro.transcoder.model import Transcoder
 
 
@@ -227,6 +228,7 @@ def build_replacement(
     transcoders: one per MLP layer, as a list in layer order or a {layer: Transcoder} mapping
     (what ``c2srepro.transcoder.load_transcoders`` returns).
     """
+    require_prompt_ids(input_ids, where="build_replacement")
     weights = NeoXWeights.from_model(model)
     if isinstance(transcoders, Mapping):
         missing = sorted(set(range(weights.n_layers)) - set(transcoders))

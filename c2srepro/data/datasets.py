@@ -71,18 +71,22 @@ def labelled_split(
     label_column: str = "bulk_labels",
     symbol_column: str | None = None,
     use_raw: bool = True,
+    layer: str | None = None,
     top_k: int = 64,
     heldout_fraction: float = 0.2,
     seed: int = 0,
     tie_seed: int | None = None,
     adata=None,
 ) -> CellSplit:
-    """Encode a labelled dataset and split it. ``tie_seed`` (default ``seed``) seeds tie-breaking."""
+    """Encode a labelled dataset and split it. ``tie_seed`` (default ``seed``) seeds tie-breaking.
+
+    ``use_raw=True`` (the default: ``pbmc68k_reduced`` keeps its log-normalised counts in ``.raw``,
+    its ``.X`` is scaled) reads ``adata.raw.X``; ``layer`` reads ``adata.layers[layer]`` instead
+    of either, as in ``cell_sentences``.
+    """
     adata = load_dataset(dataset) if adata is None else adata
-    if use_raw and adata.raw is None:
-        raise ValueError(f"{dataset} has no .raw; pass use_raw=False to read .X")
     sentences = cell_sentences(
-        adata, top_k=top_k, seed=seed if tie_seed is None else tie_seed, use_raw=use_raw,
-        label_column=label_column, symbol_column=symbol_column,
+        adata, top_k=top_k, seed=seed if tie_seed is None else tie_seed, use_raw=use_raw and layer is None,
+        layer=layer, label_column=label_column, symbol_column=symbol_column,
     )
     return split_cells(sentences, heldout_fraction=heldout_fraction, seed=seed)

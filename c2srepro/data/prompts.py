@@ -5,6 +5,9 @@
 3. A token belongs to a gene when its span overlaps that gene's span in the prompt. Gene spans
    are known exactly because the sentence is the genes joined by single spaces at a known
    offset, so the map is exact even when a symbol splits into several tokens (V|WF, ĠPT|PR|B).
+4. The steps of the flow take different objects (an AnnData, cell sentences, ``EncodedPrompts``,
+   one prompt's token ids); ``require_*`` check them at the door, so that the wrong one raises a
+   ``TypeError`` naming the expected type and the call that makes it, not an error deep inside.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import anndata as ad
 import torch
 
 from c2srepro.data.cells import CellSentence
@@ -110,6 +114,8 @@ def encode_prompts(
     template: str = C2S_CELL_TYPE_TEMPLATE,
 ) -> EncodedPrompts:
     """Tokenise the prompts of ``sentences`` and map each token to its gene."""
+    require_cell_sentences(sentences, where="encode_prompts")
+    require_cell_tokenizer(tokenizer, where="encode_prompts")
     encoded = EncodedPrompts()
     for sentence in sentences:
         prompt = build_prompt(sentence, organism=organism, template=template, with_answer=with_answer)
@@ -135,3 +141,100 @@ def pad_right(sequences: Sequence[Sequence[int]], *, pad_id: int = 0) -> tuple[t
         ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
         mask[row, : len(sequence)] = 1
     return ids, mask
+
+
+_ENCODE_HINT = "encode them first: encode_prompts(cell_sentences(adata), tokenizer)"
+
+
+def _described(obj) -> str:
+    """What ``obj`` is, for an error message: its type, and for a sequence its first element's."""
+    if isinstance(obj, torch.Tensor):
+        return f"a {str(obj.dtype).removeprefix('torch.')} tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, (list, tuple)) and obj:
+        return f"a {type(obj).__name__} of {len(obj)} {type(obj[0]).__name__}"
+    return type(obj).__name__
+
+
+def require_cell_sentences(sentences, *, where: str) -> None:
+    """``TypeError`` unless ``sentences`` is a sequence of ``CellSentence``."""
+    if isinstance(sentences, ad.AnnData):
+        hint = "make the cell sentences first: cell_sentences(adata)"
+    elif isinstance(sentences, CellSentence):
+        hint = "pass a list, [sentence], for one cell"
+    elif isinstance(sentences, (str, bytes)) or not isinstance(sentences, Sequence):
+        hint = "make them with cell_sentences(adata)"
+    else:
+        wrong = next((s for s in sentences if not isinstance(s, CellSentence)), None)
+        if wrong is None:
+            return
+        hint = f"found a {type(wrong).__name__}; make them with cell_sentences(adata)"
+    raise TypeError(f"{where}: expected a list of CellSentence, got {_described(sentences)}: {hint}")
+
+
+def require_cell_tokenizer(tokenizer, *, where: str) -> None:
+    """``TypeError`` unless ``tokenizer`` is a ``CellTokenizer``."""
+    if isinstance(tokenizer, CellTokenizer):
+        return
+    wrap = (
+        "; a Hugging Face tokenizer of a full-vocabulary model can be wrapped as CellTokenizer(hf_tokenizer)"
+        if hasattr(tokenizer, "convert_ids_to_tokens")
+        else ""
+    )
+    raise TypeError(
+        f"{where}: expected a CellTokenizer (token ids in the model's vocabulary, with character "
+        f"offsets), got {type(tokenizer).__name__}: load the model's own with model, tokenizer = "
+        f"load_c2s_model(model_dir) or CellTokenizer.load(model_dir=model_dir){wrap}"
+    )
+
+
+def require_encoded_prompts(prompts, *, where: str) -> None:
+    """``TypeError`` unless ``prompts`` is ``EncodedPrompts`` (anything with ``input_ids``) or a
+    sequence of token-id sequences."""
+    if hasattr(prompts, "input_ids"):
+        return
+    if isinstance(prompts, (CellSentence, ad.AnnData, str, bytes)) or not hasattr(prompts, "__iter__"):
+        bad = prompts
+    elif isinstance(prompts, (list, tuple)):  # other iterables (tensors, iterators) are not walked twice
+        bad = next((p for p in prompts if isinstance(p, (CellSentence, str, bytes)) or not hasattr(p, "__len__")), None)
+    else:
+        bad = None
+    if bad is None:
+        return
+    if isinstance(bad, ad.AnnData):
+        hint = "make cell sentences and " + _ENCODE_HINT
+    elif isinstance(bad, CellSentence):
+        hint = _ENCODE_HINT
+    elif hasattr(bad, "__index__"):
+        hint = "for a single prompt pass a list of one, [input_ids]"
+    else:
+        hint = f"found a {type(bad).__name__}; " + _ENCODE_HINT
+    raise TypeError(
+        f"{where}: expected EncodedPrompts (or a list of token-id lists), got {_described(prompts)}: {hint}"
+    )
+
+
+def require_prompt_ids(input_ids, *, where: str) -> None:
+    """``TypeError`` unless ``input_ids`` is one prompt's integer token ids ([pos] or [1, pos])."""
+    one = "one prompt's input ids ([pos] or [1, pos] integers)"
+    if hasattr(input_ids, "input_ids"):
+        raise TypeError(
+            f"{where}: expected {one}, got {type(input_ids).__name__} of {len(input_ids.input_ids)} prompts: "
+            "pass prompts.input_ids[i] for prompt i"
+        )
+    if isinstance(input_ids, CellSentence):
+        raise TypeError(
+            f"{where}: expected {one}, got a CellSentence: encode_prompts([sentence], tokenizer).input_ids[0]"
+        )
+    try:
+        ids = None if isinstance(input_ids, (str, bytes)) else torch.as_tensor(input_ids)
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is not None and ids.numel() == 0:
+        return  # an empty prompt is a ValueError of the caller's own checks
+    if ids is None or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(
+            f"{where}: expected {one}, got {_described(input_ids)}: prompt i's are "
+            "encode_prompts(sentences, tokenizer).input_ids[i]"
+        )
+    if ids.dim() == 2 and ids.shape[0] > 1:
+        raise TypeError(f"{where}: expected {one}, got a batch of {ids.shape[0]} prompts: pass one row")

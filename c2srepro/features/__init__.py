@@ -1,4 +1,7 @@
-"""Interpretation of transcoder features: corpus statistics, Table 3, Table 4 and Figure 3."""
+"""Interpretation of transcoder features: corpus statistics, Table 3, Table 4 and Figure 3, and the
+features of cells as an AnnData for scanpy."""
+
+from c2srepro.features.anndata import feature_activations, feature_name
 
 from c2srepro.features.collect import collect_feature_stats
 from c2srepro.features.interpret import (
@@ -43,7 +46,9 @@ __all__ = [
     "best_terms",
     "collect_feature_stats",
     "enrich_layer",
+    "feature_activations",
     "feature_key",
+    "feature_name",
     "interpret_features",
     "load_feature_stats",
     "null_gene_lists",

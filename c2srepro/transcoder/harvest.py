@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from c2srepro._cache import atomic_path, write_json_atomic
-from c2srepro.data.prompts import pad_right
+from c2srepro.data.prompts import pad_right, require_encoded_prompts
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class PromptSet:
 
 def as_prompt_set(prompts) -> PromptSet:
     """``EncodedPrompts`` (any object with ``input_ids`` and ``cell_index``) or lists of token ids."""
+    require_encoded_prompts(prompts, where="prompts")
     if isinstance(prompts, PromptSet):
         return prompts
     if hasattr(prompts, "input_ids"):
