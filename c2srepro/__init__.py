@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 # front-door name -> the module that defines it
 _FRONT_DOOR = {
     "cell_sentences": "c2srepro.data.cells",
+    "feature_activations": "c2srepro.features.anndata",
     "read_cells": "c2srepro.data.cells",
     "CellSentence": "c2srepro.data.cells",
     "build_prompt": "c2srepro.data.prompts",
