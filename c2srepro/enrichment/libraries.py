@@ -43,8 +43,10 @@ import logging
 import os
 import pickle
 import re
+import threading
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -78,6 +80,55 @@ DEFAULT_TOP_N = 200
 DEFAULT_MIN_SIZE = 5
 DEFAULT_MAX_SIZE = 1000
 _ENRICHR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
+# gseapy's case rule: a gene list is "upper case" when at least this fraction of its entries
+# satisfy str.isupper, and a library when each of its first UPPER_CASE_TERMS sets is.
+UPPER_CASE_FRACTION = 0.9
+UPPER_CASE_TERMS = 10
+# Backgrounds whose restricted membership matrices each library keeps (least recently used out).
+BACKGROUND_CACHE_SIZE = 4
+# An Enrichr library is a few MB of text; a response larger than this is not one.
+MAX_DOWNLOAD_BYTES = 256 * 2**20
+
+
+def is_entrez_id(gene: object) -> bool:
+    """gseapy's test for an Entrez id: anything ``int()`` accepts."""
+    try:
+        int(gene)  # type: ignore[call-overload]
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def is_upper_case(genes: Sequence[object]) -> bool:
+    """gseapy's ``check_uppercase``: at least 90% of the entries are upper case (``str.isupper``).
+
+    Entries count as given (duplicates and empty strings included); a list of Entrez ids only
+    (an empty list too) is not upper case.
+    """
+    if all(is_entrez_id(g) for g in genes):
+        return False
+    return sum(str(g).isupper() for g in genes) / len(genes) >= UPPER_CASE_FRACTION
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedSets:
+    """A library as the enrichment engine reads it; arrays are read-only because they are shared.
+
+    ``membership`` is the gene x term 0/1 matrix over ``genes`` (the library's genes, sorted,
+    so index order is symbol order) and ``terms``; ``sizes`` its column sums. ``background``
+    is None for the library's own genes, else the gene set the rows were restricted to.
+    """
+
+    genes: pd.Index
+    terms: np.ndarray
+    membership: sp.csr_matrix
+    sizes: np.ndarray
+    background: frozenset[str] | None
+
+
+def _read_only(*arrays: np.ndarray) -> None:
+    for array in arrays:
+        array.flags.writeable = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,6 +194,68 @@ class GeneSetLibrary:
     def genes(self) -> frozenset[str]:
         """Union of all sets: the default enrichment background."""
         return frozenset().union(*self.sets.values())
+
+    @cached_property
+    def upper_case(self) -> bool:
+        """gseapy's rule: each of the first ``UPPER_CASE_TERMS`` sets (term order) is upper case."""
+        return all(is_upper_case(sorted(self.sets[t])) for t in self.terms[:UPPER_CASE_TERMS])
+
+    @cached_property
+    def upper_case_genes(self) -> frozenset[str]:
+        """The genes upper-cased (``genes`` itself when that changes nothing): gseapy's background
+        when it upper-cases a query."""
+        upper = frozenset(g.upper() for g in self.genes)
+        return self.genes if upper == self.genes else upper
+
+    @cached_property
+    def prepared(self) -> PreparedSets:
+        """Sorted gene index and membership matrix, built on first use and kept (the sets never change)."""
+        genes = pd.Index(sorted(self.genes))
+        membership = self.to_membership(genes)
+        sizes = np.asarray(membership.sum(axis=0)).ravel().astype(np.int64)
+        terms = np.array(self.terms, dtype=object)
+        _read_only(membership.data, membership.indices, membership.indptr, sizes, terms)
+        return PreparedSets(genes=genes, terms=terms, membership=membership, sizes=sizes, background=None)
+
+    @cached_property
+    def _within_cache(self) -> tuple[threading.Lock, OrderedDict]:
+        return threading.Lock(), OrderedDict()
+
+    def prepared_within(self, background: frozenset[str]) -> PreparedSets:
+        """``prepared`` with every set restricted to ``background``; the last few backgrounds are kept.
+
+        Raises ``ValueError`` when the background shares no gene with the library.
+        """
+        lock, cache = self._within_cache
+        with lock:
+            if background in cache:
+                cache.move_to_end(background)
+                return cache[background]
+        full = self.prepared
+        inside = np.fromiter((g in background for g in full.genes), dtype=bool, count=len(full.genes))
+        if not inside.any():
+            raise ValueError(
+                f"enrich: the background shares no gene with library {self.name!r}; check that both use "
+                "the same identifiers (symbols vs Ensembl ids)"
+            )
+        # Rows outside the background lose all their entries; the others keep theirs as they are.
+        full_m = full.membership
+        counts = np.diff(full_m.indptr)
+        entries = np.repeat(inside, counts)
+        membership = sp.csr_matrix(
+            (full_m.data[entries], full_m.indices[entries], np.r_[0, np.cumsum(counts * inside)]),
+            shape=full_m.shape,
+        )
+        sizes = np.asarray(membership.sum(axis=0)).ravel().astype(np.int64)
+        _read_only(membership.data, membership.indices, membership.indptr, sizes)
+        restricted = PreparedSets(
+            genes=full.genes, terms=full.terms, membership=membership, sizes=sizes, background=background
+        )
+        with lock:
+            cache[background] = restricted
+            while len(cache) > BACKGROUND_CACHE_SIZE:
+                cache.popitem(last=False)
+        return restricted
 
     def to_dict(self) -> dict[str, list[str]]:
         """``{term: sorted genes}``, the form gseapy takes as a local library."""
