@@ -60,7 +60,7 @@ COLUMNS = [
 ]
 SINGLE_QUERY_NAME = "query"
 _HALDANE = 0.5
-# Tail probabilities kept between calls (see _hypergeom_tail); about 100 bytes each.
+# Tail probabilities kept between calls (see _TailCache); about 100 bytes each.
 TAIL_CACHE_SIZE = 2**18
 _KEY_BITS = 21  # m, k and x each below 2**21 genes pack into one int64 key
 
@@ -305,21 +305,23 @@ def _enrich_group(
 
 
 class _TailCache:
-    """``hypergeom.sf`` values by (N, m, k, x), shared by all calls.
+    """``hypergeom.sf`` values by background size N, then by packed (m, k, x), shared by all calls.
 
     Boost's hypergeometric tail costs 50-75 microseconds per value at N ~ 10^4, most of a
     one-list call; lists of similar lengths against one library meet the same (x, m, k) again
-    and again, and the values must stay scipy's own for results identical to gseapy.
-    Emptied when full, so it never holds more than ``TAIL_CACHE_SIZE`` values.
+    and again, and the values must stay scipy's own for results identical to gseapy. Emptied
+    when full, so it never holds more than ``TAIL_CACHE_SIZE`` values.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.values: dict[tuple[int, int], float] = {}
+        self.by_size: dict[int, dict[int, float]] = {}
+        self.count = 0
 
     def clear(self) -> None:
         with self.lock:
-            self.values.clear()
+            self.by_size = {}
+            self.count = 0
 
 
 _TAILS = _TailCache()
@@ -329,18 +331,22 @@ def _hypergeom_tail(
     x: Int[np.ndarray, " n"], N: int, m: Int[np.ndarray, " n"], k: Int[np.ndarray, " n"]
 ) -> np.ndarray:
     """P(X >= x) = ``hypergeom.sf(x - 1, N, m, k)``, computing only values not seen before."""
-    if len(x) == 0 or max(int(m.max()), int(k.max()), N) >= 2**_KEY_BITS:
+    if len(x) == 0 or max(int(m.max()), int(k.max())) >= 2**_KEY_BITS:
         return hypergeom.sf(x - 1, N, m, k)
     keys = ((m << _KEY_BITS | k) << _KEY_BITS | x).tolist()
-    values = _TAILS.values
-    p = np.array([values.get((N, key), -1.0) for key in keys])
+    known = _TAILS.by_size.get(N, {})
+    p = np.array([known.get(key, -1.0) for key in keys])
     missing = np.flatnonzero(p < 0)
     if len(missing):
         p[missing] = hypergeom.sf(x[missing] - 1, N, m[missing], k[missing])
-        with _TAILS.lock:
-            if len(values) + len(missing) > TAIL_CACHE_SIZE:
-                values.clear()
-            values.update(zip([(N, keys[i]) for i in missing.tolist()], p[missing].tolist()))
+        if len(missing) <= TAIL_CACHE_SIZE:
+            with _TAILS.lock:
+                if _TAILS.count + len(missing) > TAIL_CACHE_SIZE:
+                    _TAILS.by_size, _TAILS.count = {}, 0
+                table = _TAILS.by_size.setdefault(N, {})
+                before = len(table)
+                table.update(zip([keys[i] for i in missing.tolist()], p[missing].tolist()))
+                _TAILS.count += len(table) - before
     return p
 
 
