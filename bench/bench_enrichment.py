@@ -13,16 +13,17 @@ Batch (all lists in one call):
 One list per call (as a user enriching lists one at a time calls it):
 
 4. Per library (KEGG_2021_Human, GO_Biological_Process_2023), ``--single`` gene lists, each
-   ``enrich(genes, library)`` on its own with the same library object: the first call (which
-   prepares the library's matrices) is reported apart, the mean of the others is the cost per
-   call; so is the mean with the tail-probability memo emptied before every call (the worst
-   case, no (x, m, k) seen before). Lists: ``--single-source pbmc`` (default) takes the top 25
-   genes of real cells (scanpy's pbmc68k_reduced, in C2S rank order), ``random`` draws 10-50
-   library genes. gseapy.enrich runs on the first ``--single-sample`` lists, one call each.
-
+   ``enrich({name: genes}, library)`` on its own with the same library object. The first call
+   (which prepares the library's matrices) is reported apart; the median wall and CPU time of
+   the others is the cost per call, and so is the median with the tail-probability memo
+   emptied before every call (the worst case: no (x, m, k) seen before). Lists:
+   ``--single-source pbmc`` (default) takes the top 25 genes of real cells (scanpy's
+   pbmc68k_reduced, C2S rank order), ``random`` draws 10-50 library genes. gseapy.enrich runs
+   on the first ``--single-sample`` lists, one call each (median likewise).
 5. Every sample's rows must match gseapy's (same terms; p, FDR within 1e-9 relative; odds ratio
    and combined score to float rounding; same overlap genes); the script exits 1 otherwise.
-   Speed-ups are ratios of wall times measured side by side in this process.
+   Speed-ups are ratios of times (wall, and CPU for one list per call) measured side by side
+   in this process.
 
 Usage: python bench/bench_enrichment.py [--n-lists 2000] [--sample 10] [--lists PATH]
        [--single 200] [--single-sample 5] [--single-source pbmc|random] [--skip-batch]
@@ -44,7 +45,6 @@ import numpy as np
 import pandas as pd
 
 from c2srepro.enrichment import (
-    GeneSetLibrary,
     compare_enrichment,
     enrich,
     gseapy_enrich_many,

@@ -4,8 +4,9 @@ For each library and each query (a gene list), with background U of size N (the 
 genes by default; a given gene list, which also restricts every set to U; or a given number):
 
 1. Case, as gseapy decides it: a query that is not all Entrez ids and whose stripped entries
-   are less than 90% upper case (``str.isupper``) is upper-cased against a library whose first
-   10 sets are each at least 90% upper case, and U is upper-cased with it (the library's genes
+   are less than 90% upper case (``str.isupper``, blanks and duplicates counted) is upper-cased
+   against a library whose first 10 sets (in term order, the order ``to_dict`` gives gseapy)
+   are each at least 90% upper case, and U is upper-cased with it (the library's genes
    upper-cased when no background is given, so set members that are not upper case drop out of
    the sets). Any other query is matched case-sensitively.
 2. Each library's sorted gene index and gene x term 0/1 matrix M are built once and kept on the
@@ -40,7 +41,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from jaxtyping import Bool, Int
+from jaxtyping import Int
 from scipy.stats import hypergeom
 
 from c2srepro.enrichment.libraries import GeneSetLibrary, PreparedSets, is_entrez_id, is_upper_case, load_library
@@ -101,7 +102,12 @@ def enrich(
     q_rows = np.repeat(np.arange(len(queries), dtype=np.int64), [len(g) for g in queries])
     flat = np.empty(len(q_rows), dtype=object)
     flat[:] = [g for genes in queries for g in genes]
-    upper_bg: list[frozenset[str]] = []  # the background upper-cased, made at most once
+    # gseapy upper-cases a given background with the query; made once, and only if needed.
+    upper_bg = (
+        frozenset(str(g).upper() for g in bg_genes)
+        if bg_genes is not None and not keeps_case.all() and any(lib.upper_case for lib in libraries)
+        else None
+    )
 
     frames = []
     for pos, lib in enumerate(libraries):
@@ -114,19 +120,7 @@ def enrich(
             genes = flat[entries]
             if to_upper:
                 genes = np.array([g.upper() for g in genes], dtype=object)
-            if bg_size is not None:
-                prepared, size = lib.prepared, bg_size
-            elif bg_genes is None:
-                # For a library upper case throughout the upper-cased genes are its genes (the
-                # same object); only a mixed-case one needs restricted matrices.
-                universe = lib.upper_case_genes if to_upper else lib.genes
-                prepared = lib.prepared if universe is lib.genes else lib.prepared_within(universe)
-                size = len(universe)
-            else:
-                if to_upper and not upper_bg:
-                    upper_bg.append(frozenset(str(g).upper() for g in bg_genes))
-                prepared = lib.prepared_within(upper_bg[0] if to_upper else bg_genes)
-                size = len(prepared.background)
+            prepared, size = _prepared_for(lib, upper_bg if to_upper else bg_genes, bg_size, to_upper=to_upper)
             local = np.cumsum(members) - 1  # global query index -> index within the group
             frame = _enrich_group(
                 local[q_rows[entries]],
@@ -147,6 +141,22 @@ def enrich(
     columns = {c: np.concatenate([f[c] for f in frames]) for c in frames[0]}
     order = np.argsort(np.concatenate(order_keys), kind="stable")
     return pd.DataFrame({c: columns[c][order] for c in COLUMNS}, copy=False)
+
+
+def _prepared_for(
+    lib: GeneSetLibrary, bg_genes: frozenset[str] | None, bg_size: int | None, *, to_upper: bool
+) -> tuple[PreparedSets, int]:
+    """The library's kept matrices for this background, and N."""
+    if bg_size is not None:
+        return lib.prepared, bg_size
+    if bg_genes is not None:
+        prepared = lib.prepared_within(bg_genes)
+        return prepared, len(bg_genes)
+    # No background: the library's genes, upper-cased for an upper-cased query. For a library
+    # upper case throughout that is the same object, and only a mixed-case one needs restricted
+    # matrices.
+    universe = lib.upper_case_genes if to_upper else lib.genes
+    return (lib.prepared if universe is lib.genes else lib.prepared_within(universe)), len(universe)
 
 
 def _normalise_queries(gene_lists: Mapping | Sequence[str]) -> tuple[list, list[list[str]], np.ndarray]:
@@ -213,9 +223,9 @@ def _normalise_background(background) -> tuple[frozenset[str] | None, int | None
 
 
 def _enrich_group(
-    rows: Int[np.ndarray, " entries"],
+    rows: Int[np.ndarray, "entries"],
     genes: np.ndarray,
-    query_ids: Int[np.ndarray, " queries"],
+    query_ids: Int[np.ndarray, "queries"],
     names: np.ndarray,
     lib: GeneSetLibrary,
     prepared: PreparedSets,
@@ -328,7 +338,7 @@ _TAILS = _TailCache()
 
 
 def _hypergeom_tail(
-    x: Int[np.ndarray, " n"], N: int, m: Int[np.ndarray, " n"], k: Int[np.ndarray, " n"]
+    x: Int[np.ndarray, "n"], N: int, m: Int[np.ndarray, "n"], k: Int[np.ndarray, "n"]
 ) -> np.ndarray:
     """P(X >= x) = ``hypergeom.sf(x - 1, N, m, k)``, computing only values not seen before."""
     if len(x) == 0 or max(int(m.max()), int(k.max())) >= 2**_KEY_BITS:
@@ -352,9 +362,9 @@ def _hypergeom_tail(
 
 def _warn_unmatched(
     names: np.ndarray,
-    n_genes: Int[np.ndarray, " queries"],
-    k_query: Int[np.ndarray, " queries"],
-    n_matched: Int[np.ndarray, " queries"],
+    n_genes: Int[np.ndarray, "queries"],
+    k_query: Int[np.ndarray, "queries"],
+    n_matched: Int[np.ndarray, "queries"],
     lib: GeneSetLibrary,
     *,
     number_background: bool,
