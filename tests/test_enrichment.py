@@ -100,6 +100,14 @@ def test_tiny_queries_duplicates_and_absent_genes_match_gseapy(kegg):
     pd.testing.assert_frame_equal(dupes.reset_index(drop=True), again)
 
 
+def test_blank_entries_are_not_genes_even_with_a_number_background(kegg):
+    # gseapy keeps one "" in the query and counts it in k under a number background (a
+    # documented difference); here a blank is no gene under every background.
+    for background in (None, 20_000):
+        padded = enrich(["TP53", "EGFR", " ", ""], kegg, background=background)
+        pd.testing.assert_frame_equal(padded, enrich(["TP53", "EGFR"], kegg, background=background))
+
+
 def test_empty_and_unmatched_queries_give_no_rows_and_a_warning(kegg, caplog):
     lists = {"empty": [], "nothing_known": ["NOT_A_GENE", "XYZ1"], "real": ["TP53", "EGFR", "KRAS", "BRAF"]}
     with caplog.at_level(logging.WARNING, logger="c2srepro.enrichment.ora"):

@@ -27,9 +27,11 @@ genes by default; a given gene list, which also restricts every set to U; or a g
    sorted order (gseapy joins them in set order, so compare them as sets).
 
 Differences from gseapy.enrich: an all-Entrez-id query is matched as strings (gseapy converts
-it and the library to integers, and fails on a library of symbols); a query that is empty or
-shares no gene with the background gives no rows and a logged warning instead of an exception;
-a gene-list background that shares no gene with a library is an error.
+it and the library to integers, and fails on a library of symbols); blank entries are dropped
+(gseapy keeps one empty string, which counts in k when the background is a number, though
+blanks do count in step 1's case rule here too); a query that is empty or shares no gene with
+the background gives no rows and a logged warning instead of an exception; a gene-list
+background that shares no gene with a library is an error.
 """
 
 from __future__ import annotations
