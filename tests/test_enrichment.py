@@ -14,9 +14,12 @@ from c2srepro.enrichment import (
     GeneSetLibrary,
     compare_enrichment,
     enrich,
+    gseapy_enrich,
     gseapy_enrich_many,
     load_library,
 )
+from c2srepro.enrichment import libraries as libmod
+from c2srepro.enrichment import ora
 from c2srepro.enrichment.ora import COLUMNS
 
 RTOL = 1e-9
@@ -95,6 +98,14 @@ def test_tiny_queries_duplicates_and_absent_genes_match_gseapy(kegg):
     # Duplicates count once: the same rows as the deduplicated query.
     again = enrich({"dupes": ["VWF", "EGFR", "KRAS"]}, kegg)
     pd.testing.assert_frame_equal(dupes.reset_index(drop=True), again)
+
+
+def test_blank_entries_are_not_genes_even_with_a_number_background(kegg):
+    # gseapy keeps one "" in the query and counts it in k under a number background (a
+    # documented difference); here a blank is no gene under every background.
+    for background in (None, 20_000):
+        padded = enrich(["TP53", "EGFR", " ", ""], kegg, background=background)
+        pd.testing.assert_frame_equal(padded, enrich(["TP53", "EGFR"], kegg, background=background))
 
 
 def test_empty_and_unmatched_queries_give_no_rows_and_a_warning(kegg, caplog):
@@ -198,3 +209,131 @@ def test_bad_inputs_fail_with_the_fix(kegg, markers):
         enrich(["TP53"], kegg, background=100)
     with pytest.raises(ValueError, match="library names must be distinct"):
         enrich(["TP53"], [kegg, kegg])
+
+
+# ---------------------------------------------------------------------------------------------
+# Case, as gseapy matches it
+
+
+def test_lower_case_query_is_upper_cased_as_gseapy_does(kegg):
+    lower = ["tp53", "egfr", "kras", "braf", "pik3ca"]
+    ours = enrich(lower, kegg)
+    _assert_matches_gseapy(ours, {"query": lower}, [kegg])
+    assert len(ours) == 131
+    # KEGG is upper case throughout, so the upper-cased query gives the rows of the upper-case one.
+    pd.testing.assert_frame_equal(ours, enrich([g.upper() for g in lower], kegg))
+
+
+def test_case_rule_counts_entries_as_gseapy_does(kegg, markers):
+    upper9 = ["TP53", "KRAS", "BRAF", "PIK3CA", "AKT1", "MTOR", "VWF", "PECAM1", "CDH5"]
+    lists = {
+        "nine_of_ten_upper": upper9 + ["egfr"],  # 90%: kept as it is, egfr matches nothing
+        "eight_of_ten_upper": upper9[:8] + ["egfr", "cd14"],  # 80%: upper-cased
+        "a_blank_tips_it": upper9 + ["egfr", "  "],  # 9 of 11 entries: upper-cased
+        "a_duplicate_counts": ["TP53"] + upper9[:8] + ["egfr"],  # 9 of 10 entries upper: kept
+        "title_case": ["Vwf", "Pecam1", "Cdh5", "Kdr", "Cd14", "Lyz"],
+    }
+    ours = enrich(lists, [kegg, markers])
+    _assert_matches_gseapy(ours, lists, [kegg, markers])
+    genes = {name: set(";".join(group["Genes"]).split(";")) for name, group in ours.groupby("query")}
+    assert "EGFR" not in genes["nine_of_ten_upper"] and "EGFR" not in genes["a_duplicate_counts"]
+    assert {"EGFR", "CD14"} <= genes["eight_of_ten_upper"]
+    assert "EGFR" in genes["a_blank_tips_it"]
+    assert {"VWF", "KDR", "CD14", "LYZ"} <= genes["title_case"]
+
+
+def test_upper_cased_query_against_a_mixed_case_library(markers):
+    # cellconsensus keeps symbols such as C19orf33. gseapy upper-cases a lower-case query and
+    # its background, so those members fall out of the sets (their upper-cased names are not
+    # members) while an upper-case query keeps them.
+    mixed = {t: g for t, g in markers.sets.items() if any(not s.isupper() for s in g)}
+    assert mixed and markers.upper_case
+    term = sorted(mixed)[0]
+    members = sorted(markers.sets[term])
+    lists = {"lower": [g.lower() for g in members[:30]], "upper": members[:30]}
+    ours = enrich(lists, markers)
+    _assert_matches_gseapy(ours, lists, [markers])
+    rows = ours[ours["Term"] == term].set_index("query")["Overlap"]
+    upper_members = sum(g == g.upper() for g in members)
+    assert int(rows["lower"].split("/")[1]) == upper_members < len(members)
+    assert int(rows["upper"].split("/")[1]) == len(members)
+    rng = random.Random(12)
+    background = [g.lower() for g in rng.sample(sorted(markers.genes), 2000)] + members
+    for bg in (background, 25_000):
+        _assert_matches_gseapy(enrich(lists, markers, background=bg), lists, [markers], background=bg)
+
+
+def _mouse_library() -> GeneSetLibrary:
+    rng = random.Random(4)
+    genes = [f"Gm{i}" for i in range(400)] + ["Trp53", "Egfr", "Kras", "Braf", "Pik3ca"]
+    sets = {f"set {j:02d}": rng.sample(genes, 40) + ["Trp53", "Egfr"] for j in range(15)}
+    return GeneSetLibrary(name="mouse", sets=sets, source="test", version="test", sha256="")
+
+
+@pytest.mark.parametrize("background", [None, 20_000])
+def test_lower_case_library_gives_no_rows_and_says_why(background, caplog):
+    mouse = _mouse_library()
+    assert not mouse.upper_case
+    query = ["TP53", "EGFR", "KRAS", "BRAF"]
+    assert len(gseapy_enrich(query, mouse, background=background)) == 0  # gseapy: no rows either
+    with caplog.at_level(logging.WARNING, logger="c2srepro.enrichment.ora"):
+        ours = enrich(query, mouse, background=background)
+    assert len(ours) == 0 and list(ours.columns) == COLUMNS
+    assert "1 of 1 gene lists share no gene with" in caplog.text
+    assert "mouse's genes are not upper case (e.g. 'Braf')" in caplog.text and "species" in caplog.text
+    # Matching case-sensitively, as gseapy does, the mouse symbols themselves enrich.
+    mouse_query = ["Trp53", "Egfr", "Kras", "Braf"]
+    _assert_matches_gseapy(enrich(mouse_query, mouse, background=background), {"query": mouse_query}, [mouse],
+                           background=background)
+
+
+# ---------------------------------------------------------------------------------------------
+# What is kept between calls
+
+
+def _copy(lib: GeneSetLibrary) -> GeneSetLibrary:
+    """The same sets in a new object: nothing prepared yet."""
+    return GeneSetLibrary(name=lib.name, sets=lib.sets, source=lib.source, version=lib.version, sha256=lib.sha256)
+
+
+def test_one_list_per_call_reuses_the_prepared_library_and_matches_the_batch(kegg):
+    rng = random.Random(13)
+    lists = {f"q{i}": rng.sample(sorted(kegg.genes), rng.randint(5, 40)) for i in range(6)}
+    prepared = kegg.prepared
+    singles = pd.concat([enrich({n: g}, kegg) for n, g in lists.items()], ignore_index=True)
+    assert kegg.prepared is prepared
+    pd.testing.assert_frame_equal(singles, enrich(lists, kegg))
+    pd.testing.assert_frame_equal(singles, enrich(lists, _copy(kegg)))
+    with pytest.raises(ValueError, match="read-only"):
+        prepared.membership.data[0] = 7
+    with pytest.raises(ValueError, match="read-only"):
+        prepared.sizes[0] = 7
+
+
+def test_prepared_matrices_follow_the_library_and_the_background(kegg):
+    rng = random.Random(14)
+    pool = sorted(kegg.genes)
+    lists = {f"q{i}": rng.sample(pool, 30) for i in range(3)}
+    smaller = kegg.filter_sizes(min_size=100)  # a changed library is a new object
+    assert len(smaller.prepared.terms) == len(smaller) < len(kegg)
+    pd.testing.assert_frame_equal(enrich(lists, smaller), enrich(lists, _copy(smaller)))
+    backgrounds = [rng.sample(pool, 3000) + [f"OTHER{j}" for j in range(i)] for i in range(6)]
+    # A, B, ..., then A again: every call equals the call on a library with nothing kept.
+    for bg in backgrounds + backgrounds[:2]:
+        pd.testing.assert_frame_equal(enrich(lists, kegg, background=bg), enrich(lists, _copy(kegg), background=bg))
+    lock, kept = kegg._within_cache
+    assert len(kept) <= libmod.BACKGROUND_CACHE_SIZE
+
+
+def test_tail_memo_changes_no_value(kegg, monkeypatch):
+    rng = random.Random(15)
+    lists = {f"q{i}": rng.sample(sorted(kegg.genes), rng.randint(5, 50)) for i in range(20)}
+    ora._TAILS.clear()
+    cold = enrich(lists, kegg)
+    warm = enrich(lists, kegg)  # every tail probability now comes from the memo
+    pd.testing.assert_frame_equal(cold, warm)
+    monkeypatch.setattr(ora, "TAIL_CACHE_SIZE", 50)
+    ora._TAILS.clear()
+    for name, genes in lists.items():
+        pd.testing.assert_frame_equal(enrich({name: genes}, kegg), cold[cold["query"] == name].reset_index(drop=True))
+        assert ora._TAILS.count == sum(len(t) for t in ora._TAILS.by_size.values()) <= 50

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -20,6 +21,7 @@ import pytest
 
 from c2srepro.enrichment import (
     GeneSetLibrary,
+    StaleDownloadError,
     load_builtin_pickle,
     load_cellconsensus,
     load_cellmarker,
@@ -204,6 +206,12 @@ def test_cellmarker_human_normal_cells_by_tissue():
 
 
 class _FakeResponse(io.BytesIO):
+    """What urlopen returns: a readable body with headers."""
+
+    def __init__(self, payload: bytes, headers: dict | None = None):
+        super().__init__(payload)
+        self.headers = headers if headers is not None else {"Content-Length": str(len(payload))}
+
     def __enter__(self):
         return self
 
@@ -211,21 +219,28 @@ class _FakeResponse(io.BytesIO):
         return False
 
 
-def test_enrichr_download_is_cached_with_its_sha256(isolated_cache, monkeypatch):
-    payload = b"Term one\t\tGENE1,1.0\tGENE2,0.5\t\nTerm two\t\tGENE2\tGENE3\n"
-    urls = []
+PAYLOAD = b"Term one\t\tGENE1,1.0\tGENE2,0.5\t\nTerm two\t\tGENE2\tGENE3\n"
+
+
+def _serve(monkeypatch, payload: bytes = PAYLOAD, headers: dict | None = None) -> list[str]:
+    urls: list[str] = []
 
     def fake_urlopen(url, timeout):
         urls.append(url)
-        return _FakeResponse(payload)
+        return _FakeResponse(payload, headers)
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    return urls
+
+
+def test_enrichr_download_is_cached_with_its_sha256(isolated_cache, monkeypatch):
+    urls = _serve(monkeypatch)
     lib = load_library("Made_Up_Library_2024", online=True)
     assert urls == [libmod.ENRICHR_LIBRARY_URL.format(name="Made_Up_Library_2024")]
     assert dict(lib.sets) == {"Term one": {"GENE1", "GENE2"}, "Term two": {"GENE2", "GENE3"}}
-    assert lib.sha256 == hashlib.sha256(payload).hexdigest()
+    assert lib.sha256 == hashlib.sha256(PAYLOAD).hexdigest()
     meta = json.loads((isolated_cache / "genesets" / "Enrichr_Made_Up_Library_2024.json").read_text())
-    assert meta["sha256"] == lib.sha256
+    assert meta["sha256"] == lib.sha256 and meta["bytes"] == len(PAYLOAD)
 
     def no_network(url, timeout):
         raise AssertionError("a cached library must not be downloaded again")
@@ -233,13 +248,57 @@ def test_enrichr_download_is_cached_with_its_sha256(isolated_cache, monkeypatch)
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     again = load_library("Made_Up_Library_2024")
     assert dict(again.sets) == dict(lib.sets)
-    (isolated_cache / "genesets" / "Enrichr_Made_Up_Library_2024.txt").write_bytes(payload + b"X\t\tY\n")
-    with pytest.raises(ValueError, match="does not match its recorded sha256; delete"):
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: text.write_bytes(PAYLOAD[: len(PAYLOAD) // 2]),  # truncated, still parseable
+        lambda text: text.write_bytes(PAYLOAD.replace(b"GENE3", b"GENE4")),  # same size, other bytes
+        lambda text: text.unlink(),
+    ],
+    ids=["truncated", "altered", "missing"],
+)
+def test_damaged_download_is_refused_offline_and_fetched_again_online(isolated_cache, monkeypatch, damage):
+    urls = _serve(monkeypatch)
+    load_library("Made_Up_Library_2024", online=True)
+    damage(isolated_cache / "genesets" / "Enrichr_Made_Up_Library_2024.txt")
+    stale = r"Enrichr_Made_Up_Library_2024.txt does not match the size and sha256 recorded.*pass online=True"
+    with pytest.raises(StaleDownloadError, match=stale):
         load_library("Made_Up_Library_2024")
+    assert len(urls) == 1
+    fresh = load_library("Made_Up_Library_2024", online=True)
+    assert len(urls) == 2
+    assert fresh.sha256 == hashlib.sha256(PAYLOAD).hexdigest()
+    assert dict(fresh.sets) == {"Term one": {"GENE1", "GENE2"}, "Term two": {"GENE2", "GENE3"}}
+
+
+def test_cut_off_download_is_not_cached(isolated_cache, monkeypatch):
+    _serve(monkeypatch, PAYLOAD[:30] + b"\n", headers={"Content-Length": str(len(PAYLOAD))})
+    with pytest.raises(OSError, match=r"could not download.*cut off: 31 of \d+ bytes"):
+        load_library("Made_Up_Library_2024", online=True)
+    assert not list((isolated_cache / "genesets").glob("Enrichr_Made_Up*"))
+
+    class Broken(_FakeResponse):
+        def read(self, *args):
+            raise http.client.IncompleteRead(b"Term one\t\tGENE1", 100)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Broken(b""))
+    with pytest.raises(OSError, match="cut off after 15 bytes"):
+        load_library("Made_Up_Library_2024", online=True)
+    assert not list((isolated_cache / "genesets").glob("Enrichr_Made_Up*"))
+
+
+def test_oversized_download_is_not_cached(isolated_cache, monkeypatch):
+    monkeypatch.setattr(libmod, "MAX_DOWNLOAD_BYTES", 40)
+    _serve(monkeypatch, headers={})  # no Content-Length: the size limit alone must stop it
+    with pytest.raises(ValueError, match="larger than 40 bytes.*nothing was cached"):
+        load_library("Made_Up_Library_2024", online=True)
+    assert not list((isolated_cache / "genesets").glob("Enrichr_Made_Up*"))
 
 
 def test_enrichr_error_page_is_not_cached(isolated_cache, monkeypatch):
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: _FakeResponse(b"<html>Not found</html>"))
+    _serve(monkeypatch, b"<html>Not found</html>")
     with pytest.raises(ValueError, match="Enrichr returned no gene sets for 'Nope_2024'"):
         load_library("Nope_2024", online=True)
     assert not list((isolated_cache / "genesets").glob("Enrichr_Nope_2024*"))

@@ -18,15 +18,23 @@
 4. An Enrichr library shipped in the installed ``pyenrichr`` package (``pyenrichr/data/<Name>``,
    e.g. ``KEGG_2021_Human``, ``GO_Biological_Process_2023``), read as Enrichr text without
    importing ``pyenrichr``.
-5. An Enrichr library downloaded before, from ``cache_dir("genesets")`` (its sha256 checked
-   against the one recorded at download).
+5. An Enrichr library downloaded before, from ``cache_dir("genesets")``, its size and sha256
+   checked against those recorded at download; a file that differs is downloaded again with
+   ``online=True`` and refused (``StaleDownloadError``, naming the file) without.
 6. With ``online=True``: the library is downloaded from Enrichr's ``geneSetLibrary`` text
-   endpoint, written to the cache atomically with its sha256, and read from there.
+   endpoint (refused when cut short or larger than ``MAX_DOWNLOAD_BYTES``), written to the
+   cache atomically with its size and sha256, and read from there.
 7. A library the paper names that is not available (``GO_Biological_Process_2025``,
    ``CellMarker_Augmented_2021``) is replaced by its offline stand-in
    (``GO_Biological_Process_2023``, ``CellMarker_2.0``); the returned library records the
    replaced name in ``stand_in_for`` and a warning is logged.
 8. Anything else raises ``ValueError`` naming the library and the offline choices.
+
+A library is immutable, so what the enrichment engine derives from it is built on first use
+and kept on the object: the sorted gene index and gene x term matrix (``prepared``), those
+restricted to each of its last ``BACKGROUND_CACHE_SIZE`` gene-list backgrounds
+(``prepared_within``), and gseapy's verdict on its case (``upper_case``). A changed library is
+a new object (``filter_sizes`` and ``dataclasses.replace`` make one) with nothing kept yet.
 
 Package data are read from the installed packages at run time, never copied: pyenrichr's
 libraries are CC BY-NC-SA and the CellMarker table comes without a licence.
@@ -36,6 +44,8 @@ from __future__ import annotations
 
 import builtins
 import datetime
+import hashlib
+import http.client
 import importlib.metadata
 import importlib.util
 import json
@@ -43,8 +53,10 @@ import logging
 import os
 import pickle
 import re
+import threading
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -78,6 +90,55 @@ DEFAULT_TOP_N = 200
 DEFAULT_MIN_SIZE = 5
 DEFAULT_MAX_SIZE = 1000
 _ENRICHR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
+# gseapy's case rule: a gene list is "upper case" when at least this fraction of its entries
+# satisfy str.isupper, and a library when each of its first UPPER_CASE_TERMS sets is.
+UPPER_CASE_FRACTION = 0.9
+UPPER_CASE_TERMS = 10
+# Backgrounds whose restricted membership matrices each library keeps (least recently used out).
+BACKGROUND_CACHE_SIZE = 4
+# An Enrichr library is a few MB of text; a response larger than this is not one.
+MAX_DOWNLOAD_BYTES = 256 * 2**20
+
+
+def is_entrez_id(gene: object) -> bool:
+    """gseapy's test for an Entrez id: anything ``int()`` accepts."""
+    try:
+        int(gene)  # type: ignore[call-overload]
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def is_upper_case(genes: Sequence[object]) -> bool:
+    """gseapy's ``check_uppercase``: at least 90% of the entries are upper case (``str.isupper``).
+
+    Entries count as given (duplicates and empty strings included); a list of Entrez ids only
+    (an empty list too) is not upper case.
+    """
+    if all(is_entrez_id(g) for g in genes):
+        return False
+    return sum(str(g).isupper() for g in genes) / len(genes) >= UPPER_CASE_FRACTION
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedSets:
+    """A library as the enrichment engine reads it; arrays are read-only because they are shared.
+
+    ``membership`` is the gene x term 0/1 matrix over ``genes`` (the library's genes, sorted,
+    so index order is symbol order) and ``terms``; ``sizes`` its column sums. ``background``
+    is None for the library's own genes, else the gene set the rows were restricted to.
+    """
+
+    genes: pd.Index
+    terms: np.ndarray
+    membership: sp.csr_matrix
+    sizes: np.ndarray
+    background: frozenset[str] | None
+
+
+def _read_only(*arrays: np.ndarray) -> None:
+    for array in arrays:
+        array.flags.writeable = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,6 +204,68 @@ class GeneSetLibrary:
     def genes(self) -> frozenset[str]:
         """Union of all sets: the default enrichment background."""
         return frozenset().union(*self.sets.values())
+
+    @cached_property
+    def upper_case(self) -> bool:
+        """gseapy's rule: each of the first ``UPPER_CASE_TERMS`` sets (term order) is upper case."""
+        return all(is_upper_case(sorted(self.sets[t])) for t in self.terms[:UPPER_CASE_TERMS])
+
+    @cached_property
+    def upper_case_genes(self) -> frozenset[str]:
+        """The genes upper-cased (``genes`` itself when that changes nothing): gseapy's background
+        when it upper-cases a query."""
+        upper = frozenset(g.upper() for g in self.genes)
+        return self.genes if upper == self.genes else upper
+
+    @cached_property
+    def prepared(self) -> PreparedSets:
+        """Sorted gene index and membership matrix, built on first use and kept (the sets never change)."""
+        genes = pd.Index(sorted(self.genes))
+        membership = self.to_membership(genes)
+        sizes = np.asarray(membership.sum(axis=0)).ravel().astype(np.int64)
+        terms = np.array(self.terms, dtype=object)
+        _read_only(membership.data, membership.indices, membership.indptr, sizes, terms)
+        return PreparedSets(genes=genes, terms=terms, membership=membership, sizes=sizes, background=None)
+
+    @cached_property
+    def _within_cache(self) -> tuple[threading.Lock, OrderedDict]:
+        return threading.Lock(), OrderedDict()
+
+    def prepared_within(self, background: frozenset[str]) -> PreparedSets:
+        """``prepared`` with every set restricted to ``background``; the last few backgrounds are kept.
+
+        Raises ``ValueError`` when the background shares no gene with the library.
+        """
+        lock, cache = self._within_cache
+        with lock:
+            if background in cache:
+                cache.move_to_end(background)
+                return cache[background]
+        full = self.prepared
+        inside = np.fromiter((g in background for g in full.genes), dtype=bool, count=len(full.genes))
+        if not inside.any():
+            raise ValueError(
+                f"enrich: the background shares no gene with library {self.name!r}; check that both use "
+                "the same identifiers (symbols vs Ensembl ids)"
+            )
+        # Rows outside the background lose all their entries; the others keep theirs as they are.
+        full_m = full.membership
+        counts = np.diff(full_m.indptr)
+        entries = np.repeat(inside, counts)
+        membership = sp.csr_matrix(
+            (full_m.data[entries], full_m.indices[entries], np.r_[0, np.cumsum(counts * inside)]),
+            shape=full_m.shape,
+        )
+        sizes = np.asarray(membership.sum(axis=0)).ravel().astype(np.int64)
+        _read_only(membership.data, membership.indices, membership.indptr, sizes)
+        restricted = PreparedSets(
+            genes=full.genes, terms=full.terms, membership=membership, sizes=sizes, background=background
+        )
+        with lock:
+            cache[background] = restricted
+            while len(cache) > BACKGROUND_CACHE_SIZE:
+                cache.popitem(last=False)
+        return restricted
 
     def to_dict(self) -> dict[str, list[str]]:
         """``{term: sorted genes}``, the form gseapy takes as a local library."""
@@ -420,14 +543,36 @@ def _enrichr_cache_paths(name: str) -> tuple[Path, Path]:
     return folder / f"Enrichr_{name}.txt", folder / f"Enrichr_{name}.json"
 
 
+class StaleDownloadError(ValueError):
+    """A cached Enrichr download no longer matches the size and sha256 recorded with it."""
+
+
 def download_enrichr_library(name: str, *, timeout: float = 120.0) -> GeneSetLibrary:
-    """Download ``name`` from Enrichr into ``cache_dir("genesets")`` (with its sha256) and load it."""
+    """Download ``name`` from Enrichr into ``cache_dir("genesets")`` and load it.
+
+    The text is checked before it is cached: no larger than ``MAX_DOWNLOAD_BYTES``, as long as
+    the server's ``Content-Length`` says (a cut connection raises ``OSError``), and parseable as
+    gene sets. Its size and sha256 are recorded beside it and checked on every load.
+    """
     _check_enrichr_name(name)
     url = ENRICHR_LIBRARY_URL.format(name=urllib.parse.quote(name))
     text_path, meta_path = _enrichr_cache_paths(name)
     log.info("downloading Enrichr library %s from %s", name, url)
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        payload = response.read()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            announced = response.headers.get("Content-Length")
+            payload = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except http.client.IncompleteRead as err:
+        raise OSError(f"the download of Enrichr library {name!r} was cut off after {len(err.partial)} bytes") from None
+    if len(payload) > MAX_DOWNLOAD_BYTES:
+        raise ValueError(
+            f"Enrichr's answer for {name!r} is larger than {MAX_DOWNLOAD_BYTES} bytes, which no gene set "
+            "library is; nothing was cached"
+        )
+    if announced is not None and announced.strip().isdigit() and int(announced) != len(payload):
+        raise OSError(
+            f"the download of Enrichr library {name!r} was cut off: {len(payload)} of {int(announced)} bytes"
+        )
     # Parse before caching so that an error page (unknown name) never lands in the cache.
     try:
         parse_gmt_text(payload.decode("utf-8"), origin=f"Enrichr download of {name}", enrichr_weights=True)
@@ -443,7 +588,8 @@ def download_enrichr_library(name: str, *, timeout: float = 120.0) -> GeneSetLib
         {
             "name": name,
             "url": url,
-            "sha256": sha256_file(text_path),
+            "bytes": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest(),
             "downloaded_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     )
@@ -451,16 +597,24 @@ def download_enrichr_library(name: str, *, timeout: float = 120.0) -> GeneSetLib
 
 
 def _load_cached_enrichr(name: str) -> GeneSetLibrary | None:
+    """The cached download of ``name``, None if there is none; ``StaleDownloadError`` if it changed."""
     text_path, meta_path = _enrichr_cache_paths(name)
-    if not (text_path.is_file() and meta_path.is_file()):
+    if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
+    stale = (
+        f"cached Enrichr library {text_path} does not match the size and sha256 recorded in {meta_path} "
+        "(a cut download or a damaged file)"
+    )
+    try:
+        meta = json.loads(meta_path.read_text())
+        recorded, size = meta["sha256"], meta.get("bytes")
+    except (ValueError, KeyError, TypeError):
+        raise StaleDownloadError(stale) from None
+    if not text_path.is_file() or (size is not None and text_path.stat().st_size != size):
+        raise StaleDownloadError(stale)
     digest = sha256_file(text_path)
-    if digest != meta.get("sha256"):
-        raise ValueError(
-            f"cached Enrichr library {text_path} does not match its recorded sha256; delete "
-            f"{text_path} and {meta_path} and download it again (load_library(..., online=True))"
-        )
+    if digest != recorded:
+        raise StaleDownloadError(stale)
     sets = parse_gmt_text(_read_text(text_path), origin=str(text_path), enrichr_weights=True)
     return GeneSetLibrary(
         name=name,
@@ -507,7 +661,13 @@ def load_library(
     if Path(name).is_file():
         return read_gmt(name)
     _check_enrichr_name(name)
-    cached = _load_cached_enrichr(name)
+    try:
+        cached = _load_cached_enrichr(name)
+    except StaleDownloadError as err:
+        if not online:
+            raise StaleDownloadError(f"{err}; pass online=True to download it again") from None
+        log.warning("%s; downloading it again", err)
+        cached = None
     if cached is not None:
         return cached
     if online:
