@@ -31,7 +31,7 @@ def _by_layer(transcoders) -> dict[int, Transcoder]:
         raise ValueError("pass a list or dict of transcoders (one per layer), not a single Transcoder")
     if isinstance(transcoders, Mapping):
         items = [(f"transcoders[{layer!r}]", int(layer), tc) for layer, tc in transcoders.items()]
-    elif isinstance(transcoders, Sequence):
+    elif isinstance(transcoders, Sequence) and not isinstance(transcoders, (str, bytes)):
         items = [(f"transcoders[{i}]", None, tc) for i, tc in enumerate(transcoders)]
     else:
         raise TypeError(
