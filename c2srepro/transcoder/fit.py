@@ -83,7 +83,10 @@ def check_transcoders_fit(
         raise ValueError(
             f"got {len(by_layer)} transcoders for a model with {n_layers} layers; pass one per MLP layer"
         )
-    wanted = tuple(range(n_layers)) if every_layer else hooked.check_layers(sorted(by_layer) if layers is None else layers)
+    if every_layer:
+        wanted = tuple(range(n_layers))
+    else:
+        wanted = hooked.check_layers(sorted(by_layer) if layers is None else layers)
     missing = [layer for layer in wanted if layer not in by_layer]
     if missing:
         raise ValueError(

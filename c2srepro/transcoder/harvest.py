@@ -3,7 +3,7 @@
 Hook points (of :class:`c2srepro.models.hooked.HookedModel`; ``{l}`` is the layer index; where
 they sit in the architecture is written into the manifest):
 
-    blocks.{l}.hook_mlp_in   [batch, pos, d_model]  x, the MLP's input (GPT-NeoX: post_attention_layernorm output)
+    blocks.{l}.hook_mlp_in   [batch, pos, d_model]  x, the MLP input (GPT-NeoX: post_attention_layernorm output)
     blocks.{l}.hook_mlp_out  [batch, pos, d_model]  MLP(x), what the MLP adds to the residual stream
 
 1. Prompts are put in a seeded random order, so that any contiguous stretch of them (a shard, a
@@ -12,8 +12,9 @@ they sit in the architecture is written into the manifest):
    the position ids it has when run alone, and causal attention never lets a real token see
    the padding after it.
 3. One forward pass per batch records both points of every chosen layer and stops after the
-   deepest one (nothing later is needed); the padded positions are dropped, leaving rows in prompt-major order. Each row keeps the prompt
-   it came from, its position, the source cell and the token id.
+   deepest one (nothing later is needed); the padded positions are dropped, leaving rows in
+   prompt-major order. Each row keeps the prompt it came from, its position, the source cell
+   and the token id.
 4. Cached mode (``harvest_activations(..., directory=...)``): rows gather into shards of about ``shard_mb``
    megabytes, each a run of consecutive batches. Which batches go into which shard follows
    from the prompt lengths alone (``shard_plan``), so it is known before the model runs and

@@ -92,7 +92,8 @@ class NeoXWeights:
         d_head = d_model // n_heads
         layers = []
         for layer in range(adapter.n_layers):
-            attention, ln1, ln2 = adapter.attention(layer), adapter.decoder_layers()[layer].input_layernorm, adapter.mlp_input_norm(layer)
+            attention, ln2 = adapter.attention(layer), adapter.mlp_input_norm(layer)
+            ln1 = adapter.decoder_layers()[layer].input_layernorm
             # query_key_value.weight is [3 * d_model, d_model] with output rows [head, q|k|v, d_head].
             qkv_w = attention.query_key_value.weight.detach().view(n_heads, 3, d_head, d_model)
             qkv_b = attention.query_key_value.bias
