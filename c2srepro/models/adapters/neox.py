@@ -257,7 +257,7 @@ class NeoXAdapter(Adapter):
             "attn.hook_pattern": "softmax(q k^T / sqrt(d_head) + causal mask) of gpt_neox.layers.{layer}.attention",
             "hook_mlp_in": "gpt_neox.layers.{layer}.mlp input: post_attention_layernorm output",
             "hook_mlp_out": "gpt_neox.layers.{layer}.mlp output: MLP(x)",
-            "hook_resid_post": "gpt_neox.layers.{layer} output (the residual stream r_{{l+1}})",
+            "hook_resid_post": "gpt_neox.layers.{layer} output (the residual stream r_(l+1))",
         }[point]
 
     def linearised(self) -> NeoXWeights:
