@@ -118,6 +118,10 @@ def test_cache_stops_once_complete_and_hooks_go_away_on_error():
     assert calls == []  # layer 2 never ran
     _, full = hooked.run_with_cache(ids, ["blocks.1.hook_mlp_in"], attention_mask=mask)
     assert torch.equal(early["blocks.1.hook_mlp_in"], full["blocks.1.hook_mlp_in"])
+    with torch.no_grad(), hooked.caching(["blocks.1.hook_mlp_in"]) as cache:  # every pass runs to the end
+        assert hooked.forward(ids[:1], attention_mask=mask[:1]) is not None
+        assert hooked.forward(ids, attention_mask=mask) is not None
+    assert torch.equal(cache["blocks.1.hook_mlp_in"], full["blocks.1.hook_mlp_in"])  # the last pass wins
     with pytest.raises(RuntimeError, match="boom"):
         with hooked.hooks({"blocks.0.hook_mlp_out": lambda out, point: out * 0}):
             raise RuntimeError("boom")

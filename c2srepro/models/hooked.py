@@ -18,8 +18,8 @@ business (:mod:`c2srepro.models.adapters`), chosen from ``model.config.model_typ
    it), so it can be read, not written.
 2. Reading: ``caching(names)`` fills a dict {name: value} on every forward pass inside the block
    (the last pass wins); ``run_with_cache`` runs one pass with it and returns the logits too;
-   ``cache(..., stop early)`` stops the pass as soon as every requested point is recorded, so
-   nothing later (further layers, the LM head) runs.
+   ``cache`` runs one pass that stops as soon as every requested point is recorded, so nothing
+   later (further layers, the LM head) runs.
 3. Writing: ``replace_mlps({L: fn})`` makes ``blocks.{L}.hook_mlp_out`` = ``fn(blocks.{L}.hook_mlp_in)``
    in the same pass: a read hook keeps the MLP input, a write hook on the output replaces it.
    The MLP itself still runs and its output is discarded: the model is never modified.
@@ -193,10 +193,13 @@ class HookedModel:
     # ------------------------------------------------------------------ reading (step 2)
 
     @contextmanager
-    def caching(self, names: Iterable[str], *, stop_when_complete: bool = False) -> Iterator[dict[str, Tensor]]:
-        """{name: detached value} of every forward pass inside the block; with
-        ``stop_when_complete`` a pass ends as soon as all ``names`` are recorded (``forward``
-        then returns None)."""
+    def caching(self, names: Iterable[str]) -> Iterator[dict[str, Tensor]]:
+        """{name: detached value} of every forward pass inside the block (the last pass wins)."""
+        with self._recording(names, stop_when_complete=False) as cache:
+            yield cache
+
+    @contextmanager
+    def _recording(self, names: Iterable[str], *, stop_when_complete: bool) -> Iterator[dict[str, Tensor]]:
         wanted = list(dict.fromkeys(names))
         cache: dict[str, Tensor] = {}
 
@@ -211,7 +214,7 @@ class HookedModel:
     def forward(
         self, input_ids: Int[Tensor, "batch pos"], *, attention_mask: Int[Tensor, "batch pos"] | None = None
     ) -> Float[Tensor, "batch pos vocab"] | None:
-        """Logits of one pass (None when a ``caching(stop_when_complete=True)`` block ended it)."""
+        """Logits of one pass (None when ``cache`` ended it early)."""
         device = self.device
         mask = None if attention_mask is None else attention_mask.to(device)
         try:
@@ -239,7 +242,7 @@ class HookedModel:
         attention_mask: Int[Tensor, "batch pos"] | None = None,
     ) -> dict[str, Tensor]:
         """{name: value} of one pass stopped as soon as every point in ``names`` is recorded."""
-        with torch.no_grad(), self.caching(names, stop_when_complete=True) as cache:
+        with torch.no_grad(), self._recording(names, stop_when_complete=True) as cache:
             self.forward(input_ids, attention_mask=attention_mask)
         return cache
 
