@@ -38,7 +38,7 @@ def score_labels(
         prompt = torch.tensor([prompts.input_ids[row]], device=device)  # [1, pos]
         out = model(input_ids=prompt, use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each answer's first token
-        cache = out.cache
+        cache = out.cache  # transformers >= 5.24 names the KV cache ``cache`` (``past_key_values`` before)
         cache.batch_repeat_interleave(len(answers))  # the prompt is run once, shared by every candidate
         mask = torch.cat([torch.ones(len(answers), prompt.shape[1], dtype=answer_mask.dtype, device=device), answer_mask], 1)
         rest = torch.log_softmax(model(input_ids=answer_ids, attention_mask=mask, cache=cache).logits.float(), -1)
