@@ -4,8 +4,8 @@
    :class:`c2srepro.models.hooked.HookedModel`), recording each residual stream r_l, the attention
    patterns A^(l,h) and each MLP's input x_l = LN2_l(r_l) and output MLP_l(x_l); the layer-norm
    scales sigma^-1 (of r_l, shared by LN1 and LN2 under Pythia's parallel residual, and of the
-   final residual) follow from the residuals (the GPT-NeoX adapter,
-   :mod:`c2srepro.models.adapters.neox`, whose frozen forward steps 3-4 use).
+   final residual) follow from the residuals. Where the hooks sit and the frozen layer norms and
+   attention of steps 3-4 are GPT-NeoX specifics, in :mod:`c2srepro.models.adapters.neox`.
 2. Replace each MLP by its transcoder plus an error term:
        z_l   = ReLU(x_l @ W_enc + b_enc)                        # eq. 1
        out_l = z_l @ W_dec + b_dec + e_l,  e_l = MLP_l(x_l) - (z_l @ W_dec + b_dec)   # eq. 2 + error
@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from c2srepro.attribution.nodes import Node
 from c2srepro.models.adapters.neox import (
     ModelRun,
     NeoXWeights,
@@ -44,7 +45,6 @@ from c2srepro.models.adapters.neox import (
     rotary_cos_sin,
 )
 from c2srepro.models.hooked import HookedModel, as_hooked
-from c2srepro.attribution.nodes import Node
 from c2srepro.transcoder.fit import check_transcoders_fit
 from c2srepro.transcoder.model import Transcoder
 
