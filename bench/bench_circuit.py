@@ -31,7 +31,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from c2srepro.attribution import Node, ablate, attribute, build_replacement, find_circuit
-from c2srepro.attribution.neox import NeoXWeights, run_model
+from c2srepro.attribution.linearised import run_model
 from c2srepro.transcoder import Transcoder, TranscoderConfig
 
 PRESETS = {
@@ -58,7 +58,7 @@ def random_model(layers: int, hidden: int, heads: int, intermediate: int, n_pos:
 
 
 def random_transcoders(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, firing: float) -> list[Transcoder]:
-    run = run_model(NeoXWeights.from_model(model), input_ids)
+    run = run_model(model, input_ids)
     transcoders = []
     for layer in range(model.config.num_hidden_layers):
         d_model = model.config.hidden_size

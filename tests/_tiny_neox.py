@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from c2srepro.attribution.neox import NeoXWeights, run_model
+from c2srepro.attribution.linearised import run_model
 from c2srepro.transcoder import Transcoder, TranscoderConfig
 
 VOCAB = 97
@@ -36,7 +36,7 @@ def tiny_transcoders(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, *, expa
                      firing: float = 0.05) -> list[Transcoder]:
     """Random transcoders whose encoder bias lets about ``firing`` of the features fire on ``input_ids``."""
     d_model = model.config.hidden_size
-    run = run_model(NeoXWeights.from_model(model), input_ids)
+    run = run_model(model, input_ids)
     transcoders = []
     for layer in range(model.config.num_hidden_layers):
         tc = Transcoder(TranscoderConfig(d_model=d_model, d_transcoder=expansion * d_model, layer=layer), seed=100 + layer)

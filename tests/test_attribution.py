@@ -14,7 +14,8 @@ from c2srepro.attribution import (
     head_contributions,
     replacement_forward,
 )
-from c2srepro.attribution.neox import NeoXWeights, center, layer_norm, run_model
+from c2srepro.attribution.linearised import run_model
+from c2srepro.models.adapters.neox import center, layer_norm
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def autograd_attribution(rep, target):
 def test_float32_model_matches_transformers_and_attributes_exactly():
     model = tiny_model(dtype=torch.float32)
     ids = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(3))
-    run = run_model(NeoXWeights.from_model(model), ids)
+    run = run_model(model, ids)
     with torch.no_grad():
         reference = model(ids[None]).logits[0]
     torch.testing.assert_close(run.logits, reference, atol=2e-5, rtol=1e-5)

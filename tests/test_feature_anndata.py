@@ -38,7 +38,7 @@ def setup(tokenizer):
     assert len(bpe_ids) <= VOCAB
     cell_tokenizer = CellTokenizer(tokenizer.bpe, bpe_ids)
     model = small_model(n_layers=2).double()
-    transcoder = Transcoder(TranscoderConfig(d_model=64, expansion_factor=2, layer=LAYER, seed=3)).double()
+    transcoder = Transcoder(TranscoderConfig(d_model=64, d_transcoder=128, layer=LAYER), seed=3).double()
     with torch.no_grad():
         transcoder.b_enc.copy_(-0.3 + 0.2 * torch.randn(transcoder.cfg.d_tc, generator=torch.Generator().manual_seed(4)))
     return adata, model, cell_tokenizer, transcoder
@@ -156,13 +156,13 @@ def test_neighbors_umap_and_a_feature_umap_plot_run(setup):
 
 def test_bad_arguments_are_named(setup):
     adata, model, tokenizer, transcoder = setup
-    with pytest.raises(ValueError, match=r"no transcoder for layer 0: the transcoders given are for layers \[1\]"):
+    with pytest.raises(ValueError, match=r"no transcoder for layers \[0\]: pass one for each of layers \[0\]"):
         feature_activations(adata, model, tokenizer, [transcoder], layer=0, progress=False)
     with pytest.raises(ValueError, match=r"reduce must be one of \('max', 'mean', 'sum', 'last'\)"):
         feature_activations(adata, model, tokenizer, transcoder, layer=LAYER, reduce="median", progress=False)
     with pytest.raises(TypeError, match=r"encode_prompts: expected a CellTokenizer"):
         feature_activations(adata, model, tokenizer.bpe, transcoder, layer=LAYER, progress=False)
-    with pytest.raises(TypeError, match=r"expected a Transcoder, a list of them or \{layer: Transcoder\}, got str"):
+    with pytest.raises(TypeError, match=r"transcoders must be a \{layer: Transcoder\} dict or a list of Transcoders, got str; load them with"):
         feature_activations(adata, model, tokenizer, "transcoders/", layer=LAYER, progress=False)
     with pytest.raises(TypeError, match=r"feature_activations: expected an anndata\.AnnData"):
         feature_activations("cells.h5ad", model, tokenizer, transcoder, layer=LAYER, progress=False)

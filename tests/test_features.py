@@ -71,7 +71,7 @@ def _prompts() -> EncodedPrompts:
 
 
 def _mlp_inputs(model, ids: list[int]) -> dict[int, torch.Tensor]:
-    """MLP inputs of one prompt run alone, read at the MLP itself (not the layer norm our code hooks)."""
+    """MLP inputs of one prompt run alone, read by a plain PyTorch pre-hook on the MLP module (not the hooked model)."""
     record, handles = {}, []
     for layer, block in enumerate(model.gpt_neox.layers):
         hook = lambda module, args, layer=layer: record.__setitem__(layer, args[0][0])  # noqa: E731

@@ -144,7 +144,7 @@ def test_harvest_input_errors(model, prompts):
         harvest_activations(model, [], progress=False)
     with pytest.raises(ValueError, match="have no tokens"):
         harvest_activations(model, [[1, 2], []], progress=False)
-    with pytest.raises(ValueError, match="not a GPT-NeoX model"):
+    with pytest.raises(ValueError, match=r"Linear \(config.model_type None\) is not a supported architecture.*'gpt_neox' \(GPT-NeoX"):
         harvest_activations(torch.nn.Linear(2, 2), [[1]], progress=False)
     source = TensorActivations(torch.zeros(1, 10, 4), torch.zeros(1, 10, 4))
     with pytest.raises(ValueError, match="fewer than one batch"):

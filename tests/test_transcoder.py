@@ -70,7 +70,7 @@ def test_transcoder_learns_a_known_relu_mlp():
     # expansion factor, the normalisation scalars of choice 1 (x is scaled by 5, y by 0.02).
     cfg = transcoder.cfg
     assert (cfg.d_model, cfg.d_transcoder, cfg.d_tc, cfg.layer, cfg.activation) == (16, 64, 64, 0, "relu")
-    assert (cfg.hook_point_in, cfg.hook_point_out) == ("gpt_neox.layers.0.mlp.hook_in", "gpt_neox.layers.0.mlp.hook_out")
+    assert (cfg.hook_point_in, cfg.hook_point_out) == ("blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out")
     first_in, first_out = ShuffleBuffer(train, batch_tokens=256, buffer_tokens=1024, seed=1).current_rows()
     assert cfg.input_scale == pytest.approx(float((first_in[0].square().sum(-1).mean() / 16).sqrt()), rel=1e-6)
     assert cfg.output_scale == pytest.approx(float(first_out[0].norm(dim=-1).mean()), rel=1e-6)

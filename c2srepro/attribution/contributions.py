@@ -42,7 +42,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from c2srepro.attribution.linearised import LinearisedReplacement
-from c2srepro.attribution.neox import center
+from c2srepro.models.adapters.neox import center
 from c2srepro.attribution.nodes import SOURCE_KINDS, Node
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The linearised replacement model of one prompt: the object every attribution is computed on.
 
-1. Run the original GPT-NeoX model on the prompt (:func:`c2srepro.attribution.neox.run_model`),
-   recording each residual stream r_l, the layer-norm scales sigma^-1 (of r_l, shared by LN1 and LN2
-   under Pythia's parallel residual, and of the final residual), the attention patterns A^(l,h) and
-   each MLP's input x_l = LN2_l(r_l) and output MLP_l(x_l).
+1. Run the original model on the prompt through its hook points (:func:`run_model`,
+   :class:`c2srepro.models.hooked.HookedModel`), recording each residual stream r_l, the attention
+   patterns A^(l,h) and each MLP's input x_l = LN2_l(r_l) and output MLP_l(x_l); the layer-norm
+   scales sigma^-1 (of r_l, shared by LN1 and LN2 under Pythia's parallel residual, and of the
+   final residual) follow from the residuals. Where the hooks sit and the frozen layer norms and
+   attention of steps 3-4 are GPT-NeoX specifics, in :mod:`c2srepro.models.adapters.neox`.
 2. Replace each MLP by its transcoder plus an error term:
        z_l   = ReLU(x_l @ W_enc + b_enc)                        # eq. 1
        out_l = z_l @ W_dec + b_dec + e_l,  e_l = MLP_l(x_l) - (z_l @ W_dec + b_dec)   # eq. 2 + error
@@ -32,19 +34,19 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from c2srepro.attribution.neox import (
+from c2srepro.attribution.nodes import Node
+from c2srepro.models.adapters.neox import (
     ModelRun,
     NeoXWeights,
     attention_output,
     attention_pattern,
-    check_input_ids,
     layer_norm,
     ln_scale,
     rotary_cos_sin,
-    run_model,
 )
-from c2srepro.attribution.nodes import Node
 from c2srepro.data.prompts import require_prompt_ids
+from c2srepro.models.hooked import HookedModel, as_hooked
+from c2srepro.transcoder.fit import check_transcoders_fit
 from c2srepro.transcoder.model import Transcoder
 
 
@@ -199,18 +201,7 @@ class LinearisedReplacement:
             )
 
 
-def _transcoder_weights(tc: Transcoder, weights: NeoXWeights, layer: int) -> TranscoderWeights:
-    if not isinstance(tc, Transcoder):
-        raise ValueError(f"transcoders[{layer}] must be a c2srepro Transcoder, got {type(tc).__name__}")
-    if tc.cfg.d_model != weights.d_model:
-        raise ValueError(
-            f"transcoders[{layer}] has d_model {tc.cfg.d_model} but the model's hidden size is {weights.d_model}"
-        )
-    if tc.cfg.layer != layer:
-        raise ValueError(
-            f"transcoders[{layer}] was configured for layer {tc.cfg.layer}; "
-            "pass one transcoder per layer, in layer order"
-        )
+def _transcoder_weights(tc: Transcoder, weights: NeoXWeights) -> TranscoderWeights:
     device, dtype = weights.embed.device, weights.dtype
     return TranscoderWeights(
         *(p.detach().to(device=device, dtype=dtype) for p in (tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec))
@@ -218,8 +209,18 @@ def _transcoder_weights(tc: Transcoder, weights: NeoXWeights, layer: int) -> Tra
 
 
 @torch.no_grad()
+def run_model(model: nn.Module | HookedModel, input_ids: Tensor | list[int]) -> ModelRun:
+    """Step 1 of the module docstring: one clean pass of the real model over one prompt
+    (``input_ids``: [pos] or [1, pos]), recording what the replacement freezes."""
+    hooked = as_hooked(model)
+    ids = hooked.check_prompt(input_ids)
+    logits, cache = hooked.run_with_cache(ids[None], hooked.adapter.frozen_hooks())
+    return hooked.adapter.frozen_run(cache, logits[0])
+
+
+@torch.no_grad()
 def build_replacement(
-    model: nn.Module,
+    model: nn.Module | HookedModel,
     transcoders: Sequence[Transcoder] | Mapping[int, Transcoder],
     input_ids: Tensor | list[int],
 ) -> LinearisedReplacement:
@@ -229,19 +230,12 @@ def build_replacement(
     (what ``c2srepro.transcoder.load_transcoders`` returns).
     """
     require_prompt_ids(input_ids, where="build_replacement")
-    weights = NeoXWeights.from_model(model)
-    if isinstance(transcoders, Mapping):
-        missing = sorted(set(range(weights.n_layers)) - set(transcoders))
-        if missing:
-            raise ValueError(f"no transcoder for layers {missing}; attribution needs one for every MLP layer")
-        transcoders = [transcoders[layer] for layer in range(weights.n_layers)]
-    if len(transcoders) != weights.n_layers:
-        raise ValueError(
-            f"got {len(transcoders)} transcoders for a model with {weights.n_layers} layers; pass one per MLP layer"
-        )
-    tcs = [_transcoder_weights(tc, weights, layer) for layer, tc in enumerate(transcoders)]
-    ids = check_input_ids(weights, input_ids)
-    run = run_model(weights, ids)
+    hooked = as_hooked(model)
+    weights = hooked.adapter.linearised()
+    fitting = check_transcoders_fit(hooked, transcoders, every_layer=True)
+    tcs = [_transcoder_weights(tc, weights) for tc in fitting.values()]
+    ids = hooked.check_prompt(input_ids)
+    run = run_model(hooked, ids)
     errors, active, written = [], [], []
     for layer, (lw, tc) in enumerate(zip(weights.layers, tcs)):
         z = torch.relu(run.mlp_in[layer] @ tc.W_enc + tc.b_enc)  # eq. 1

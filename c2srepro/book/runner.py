@@ -66,7 +66,7 @@ def book_config(root: Path) -> dict[str, Any]:
 
 
 def chapter_files(root: Path) -> list[str]:
-    """Chapter paths in book order, flattening Quarto ``part:`` groups."""
+    """Chapter paths in book order (chapters, then appendices), flattening Quarto ``part:`` groups."""
 
     def walk(entries: Iterable[Any]) -> Iterable[str]:
         for entry in entries:
@@ -77,7 +77,8 @@ def chapter_files(root: Path) -> list[str]:
                     yield entry["part"]
                 yield from walk(entry.get("chapters", []))
 
-    return list(walk(book_config(root)["book"]["chapters"]))
+    book = book_config(root)["book"]
+    return list(walk([*book["chapters"], *book.get("appendices", [])]))
 
 
 def chapter_name(path: str) -> str:

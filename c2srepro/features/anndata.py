@@ -36,7 +36,9 @@ from c2srepro.data.cells import cell_sentences, require_anndata
 from c2srepro.data.prompts import C2S_CELL_TYPE_TEMPLATE, EncodedPrompts, encode_prompts
 from c2srepro.features.collect import collect_feature_stats
 from c2srepro.features.stats import DEFAULT_MIN_OCCURRENCES, POSITION_MODES, LayerFeatureStats, feature_key
-from c2srepro.transcoder.harvest import HOOK_POINT, as_prompt_set, check_layers, harvest_batch
+from c2srepro.models.hooked import as_hooked
+from c2srepro.transcoder.fit import check_transcoders_fit
+from c2srepro.transcoder.harvest import HOOK_POINT, as_prompt_set, harvest_batch
 from c2srepro.transcoder.model import Transcoder
 
 REDUCTIONS = ("max", "mean", "sum", "last")
@@ -87,8 +89,9 @@ def feature_activations(
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
     if batch_size < 1 or n_top_genes < 0:
         raise ValueError(f"need batch_size >= 1 and n_top_genes >= 0; got {batch_size}, {n_top_genes}")
-    (layer,) = check_layers(model, [layer])
-    transcoder = _layer_transcoder(transcoders, layer, model)
+    (layer,) = as_hooked(model).check_layers([layer])
+    one = [transcoders] if isinstance(transcoders, Transcoder) else transcoders
+    transcoder = check_transcoders_fit(model, one, layers=[layer])[layer]
     if stats is not None and (stats.layer != layer or stats.d_tc != transcoder.cfg.d_tc):
         raise ValueError(
             f"stats are of layer {stats.layer} with {stats.d_tc} features, the transcoder of layer {layer} "
@@ -151,29 +154,6 @@ def feature_activations(
         "n_counted_tokens": n_tokens,
     }
     return result
-
-
-def _layer_transcoder(transcoders, layer: int, model: nn.Module) -> Transcoder:
-    """The transcoder of ``layer`` from one transcoder, a list or a {layer: transcoder} mapping."""
-    if isinstance(transcoders, Transcoder):
-        found = {transcoders.cfg.layer: transcoders}
-    elif isinstance(transcoders, Mapping):
-        found = {int(key): tc for key, tc in transcoders.items()}
-    elif isinstance(transcoders, Sequence) and all(isinstance(tc, Transcoder) for tc in transcoders):
-        found = {tc.cfg.layer: tc for tc in transcoders}
-    else:
-        raise TypeError(
-            f"feature_activations: expected a Transcoder, a list of them or {{layer: Transcoder}}, got "
-            f"{type(transcoders).__name__}: load them with load_transcoders(directory)"
-        )
-    if layer not in found:
-        raise ValueError(f"no transcoder for layer {layer}: the transcoders given are for layers {sorted(found)}")
-    transcoder = found[layer]
-    if transcoder.cfg.d_model != model.config.hidden_size:
-        raise ValueError(
-            f"the layer-{layer} transcoder has d_model {transcoder.cfg.d_model}, the model {model.config.hidden_size}"
-        )
-    return transcoder
 
 
 def _counted(prompts: EncodedPrompts, index: int, positions: str) -> np.ndarray:

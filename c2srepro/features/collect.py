@@ -3,10 +3,9 @@
 1. Prompts are sorted by length (less padding) and cut into batches of ``batch_size``; each
    batch is right-padded with an attention mask, so every real token keeps its position ids and
    never attends to the padding after it: its activations are those of the prompt run alone.
-2. One forward pass per batch. A forward hook on ``gpt_neox.layers[l].post_attention_layernorm``
-   records the MLP input x of each chosen layer (with Pythia's parallel residual the MLP reads
-   exactly this output); the pass is stopped after the deepest chosen layer, since nothing
-   later (other blocks, the LM head) is needed.
+2. One forward pass per batch records ``blocks.{l}.hook_mlp_in``, the MLP input x of each chosen
+   layer (:class:`c2srepro.models.hooked.HookedModel`); the pass stops as soon as the deepest one
+   is recorded, since nothing later (other blocks, the LM head) is needed.
 3. Per layer, z = ReLU(x W_enc + b_enc) (eq. 1) on the counted positions only. Padding is never
    counted; ``positions`` picks ``"all"`` real tokens, ``"genes"`` (tokens inside a gene symbol)
    or ``"prompt"`` (tokens before the answer).
@@ -27,8 +26,7 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -37,7 +35,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from c2srepro.data.prompts import pad_right
 from c2srepro.features.stats import EXAMPLE_COLUMNS, LIVE_THRESHOLD_TABLE4, POSITION_MODES, LayerFeatureStats
+from c2srepro.models.hooked import HookedModel, as_hooked, hook_name
+from c2srepro.transcoder.fit import check_transcoders_fit
 from c2srepro.transcoder.model import Transcoder
 
 log = logging.getLogger(__name__)
@@ -49,31 +50,6 @@ _MIN_FLUSH = 1 << 22
 # tensor; beyond (the paper's 8192 x ~30k = 2.5e8) in the sparse buffer.
 DENSE_PAIRS_LIMIT = 1 << 24
 _NO_GENE = -1
-
-
-class _StopForward(Exception):
-    """Raised by the hook of the deepest needed layer to end the forward pass early."""
-
-
-@contextmanager
-def _record_mlp_inputs(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, Tensor]]:
-    blocks = model.gpt_neox.layers
-    record: dict[int, Tensor] = {}
-    deepest = max(layers)
-    handles = []
-    for layer in layers:
-
-        def hook(module, args, output, layer=layer):
-            record[layer] = output.detach()
-            if layer == deepest:
-                raise _StopForward
-
-        handles.append(blocks[layer].post_attention_layernorm.register_forward_hook(hook))
-    try:
-        yield record
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class _DensePairSums:
@@ -179,33 +155,10 @@ class _LayerAccumulator:
         self.pairs.add(key, torch.stack([torch.ones_like(n_tokens), n_tokens, z_sum[hit]], dim=1))
 
 
-def _check_inputs(model: nn.Module, transcoders, prompts, positions: str) -> dict[int, Transcoder]:
+def _check_inputs(hooked: HookedModel, transcoders, prompts, positions: str) -> dict[int, Transcoder]:
     if positions not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
-    blocks = getattr(getattr(model, "gpt_neox", None), "layers", None)
-    if blocks is None:
-        raise ValueError(
-            f"{type(model).__name__} is not a GPT-NeoX causal LM: expected model.gpt_neox.layers "
-            "(a transformers GPTNeoXForCausalLM)"
-        )
-    if isinstance(transcoders, Transcoder):
-        raise ValueError("pass a list or dict of transcoders (one per layer), not a single Transcoder")
-    if isinstance(transcoders, Mapping):
-        by_layer = {int(layer): tc for layer, tc in transcoders.items()}
-    else:
-        by_layer = {}
-        for tc in transcoders:
-            if tc.cfg.layer in by_layer:
-                raise ValueError(f"two transcoders say they are for layer {tc.cfg.layer}; pass one per layer")
-            by_layer[tc.cfg.layer] = tc
-    if not by_layer:
-        raise ValueError("no transcoders given: pass one Transcoder per layer to analyse")
-    d_model = model.config.hidden_size
-    for layer, tc in by_layer.items():
-        if not 0 <= layer < len(blocks):
-            raise ValueError(f"transcoder for layer {layer}, but the model has layers 0..{len(blocks) - 1}")
-        if tc.cfg.d_model != d_model:
-            raise ValueError(f"the layer-{layer} transcoder has d_model {tc.cfg.d_model}, the model {d_model}")
+    by_layer = check_transcoders_fit(hooked, transcoders)
     n = len(prompts.input_ids)
     if n == 0:
         raise ValueError("no prompts given: the corpus is empty")
@@ -219,7 +172,7 @@ def _check_inputs(model: nn.Module, transcoders, prompts, positions: str) -> dic
             raise ValueError(f"prompt {i} has no tokens: drop it from the corpus")
         if len(genes) != len(ids):
             raise ValueError(f"prompt {i} has {len(ids)} tokens but {len(genes)} gene_of_token entries")
-    return dict(sorted(by_layer.items()))
+    return by_layer
 
 
 def _occurrences(
@@ -235,7 +188,7 @@ def _occurrences(
 
 
 def collect_feature_stats(
-    model: nn.Module,
+    model: nn.Module | HookedModel,
     transcoders: Sequence[Transcoder] | Mapping[int, Transcoder],
     prompts,
     *,
@@ -258,11 +211,13 @@ def collect_feature_stats(
     pairs, sparse beyond (same results). Among equal activations (identical contexts, such as the
     template prefix every prompt shares) the kept examples are an arbitrary choice.
     """
-    by_layer = _check_inputs(model, transcoders, prompts, positions)
+    hooked = as_hooked(model)
+    by_layer = _check_inputs(hooked, transcoders, prompts, positions)
     if batch_size < 1 or top_k < 1 or context < 0:
         raise ValueError(f"need batch_size >= 1, top_k >= 1, context >= 0; got {batch_size}, {top_k}, {context}")
     layers = list(by_layer)
-    device = next(model.parameters()).device
+    names = {layer: hook_name(layer, "hook_mlp_in") for layer in layers}
+    device = hooked.device
     genes = sorted({g for prompt_genes in prompts.gene_of_token for g in prompt_genes if g is not None})
     gene_index = {g: i for i, g in enumerate(genes)}
     stride = max(len(ids) for ids in prompts.input_ids)  # token code = prompt * stride + position
@@ -274,27 +229,23 @@ def collect_feature_stats(
 
     order = sorted(range(len(prompts.input_ids)), key=lambda i: len(prompts.input_ids[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    was_training = model.training
-    model.eval()
+    was_training = hooked.model.training
+    hooked.model.eval()
     try:
         for batch in tqdm(batches, desc="feature statistics", disable=not progress):
             rows = _batch_rows(prompts, batch, positions, gene_index, stride)
             if rows is None:
                 continue
             ids, mask, keep, code, occurrence, occurrence_gene = (t.to(device) for t in rows)
-            with torch.no_grad(), _record_mlp_inputs(model, layers) as record:
-                try:
-                    model(input_ids=ids, attention_mask=mask, use_cache=False)
-                except _StopForward:
-                    pass
+            record = hooked.cache(ids, names.values(), attention_mask=mask)
             gene_occurrences += np.bincount(occurrence_gene.cpu().numpy(), minlength=len(genes))
             for layer, tc in by_layer.items():
-                x = record[layer][keep].to(tc.W_enc.device, tc.W_enc.dtype)  # [row, d_model]
+                x = record[names[layer]][keep].to(tc.W_enc.device, tc.W_enc.dtype)  # [row, d_model]
                 with torch.no_grad():
                     z = tc.encode(x).to(device)  # eq. 1, [row, d_tc]
                 accumulators[layer].add(z, code, occurrence, occurrence_gene)
     finally:
-        model.train(was_training)
+        hooked.model.train(was_training)
 
     n_tokens = accumulators[layers[0]].n_tokens
     if n_tokens == 0:
@@ -328,16 +279,12 @@ def collect_feature_stats(
 def _batch_rows(prompts, batch: Sequence[int], positions: str, gene_index: Mapping[str, int], stride: int):
     """Padded ids and mask [batch, pos], the counted-position mask, and per counted row its token
     code, batch-wide occurrence id (-1 outside genes), plus each occurrence's gene id."""
-    width = max(len(prompts.input_ids[i]) for i in batch)
-    ids = torch.zeros((len(batch), width), dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    keep = torch.zeros((len(batch), width), dtype=torch.bool)
+    ids, mask = pad_right([prompts.input_ids[i] for i in batch])
+    keep = torch.zeros_like(mask, dtype=torch.bool)
     codes, occurrences, occurrence_genes = [], [], []
     n_occ = 0
     for row, i in enumerate(batch):
         length = len(prompts.input_ids[i])
-        ids[row, :length] = torch.as_tensor(prompts.input_ids[i], dtype=torch.long)
-        mask[row, :length] = 1
         gene_ids, occurrence, gene_of_occurrence = _occurrences(prompts.gene_of_token[i], gene_index)
         if positions == "all":
             counted = np.ones(length, dtype=bool)

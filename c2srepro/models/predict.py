@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from c2srepro.data.cells import CellSentence
-from c2srepro.data.prompts import answer_text, encode_prompts
+from c2srepro.data.prompts import answer_text, encode_prompts, pad_right
 from c2srepro.data.tokenizer import CellTokenizer
 
 
@@ -32,21 +32,16 @@ def score_labels(
     # token; BPE never merges across the space that starts the answer.
     answers = [tokenizer.encode(answer_text(label))[0] for label in candidates]
     device = next(model.parameters()).device
-    width = max(len(a) for a in answers)
-    answer_ids = torch.full((len(answers), width), tokenizer.pad_id, device=device)  # [candidate, pos]
-    answer_mask = torch.zeros_like(answer_ids)
-    for row, answer in enumerate(answers):
-        answer_ids[row, : len(answer)] = torch.tensor(answer)
-        answer_mask[row, : len(answer)] = 1
+    answer_ids, answer_mask = (t.to(device) for t in pad_right(answers, pad_id=tokenizer.pad_id))  # [candidate, pos]
     scores = np.zeros((len(prompts), len(candidates)))
     for row in tqdm(range(len(prompts)), desc="scoring labels", disable=len(prompts) < 50):
         prompt = torch.tensor([prompts.input_ids[row]], device=device)  # [1, pos]
         out = model(input_ids=prompt, use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each answer's first token
-        cache = out.past_key_values
+        cache = out.cache  # transformers >= 5.24 names the KV cache ``cache`` (``past_key_values`` before)
         cache.batch_repeat_interleave(len(answers))  # the prompt is run once, shared by every candidate
         mask = torch.cat([torch.ones(len(answers), prompt.shape[1], dtype=answer_mask.dtype, device=device), answer_mask], 1)
-        rest = torch.log_softmax(model(input_ids=answer_ids, attention_mask=mask, past_key_values=cache).logits.float(), -1)
+        rest = torch.log_softmax(model(input_ids=answer_ids, attention_mask=mask, cache=cache).logits.float(), -1)
         # rest[c, j] predicts answer token j + 1
         following = rest[:, :-1].gather(-1, answer_ids[:, 1:, None])[..., 0] * answer_mask[:, 1:]
         scores[row] = (first[answer_ids[:, 0]] + following.sum(1)).cpu().numpy()

@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 from c2srepro._config import config_from_dict
+from c2srepro.models.hooked import TRANSCODER_HOOK_POINT, TRANSCODER_OUTPUT_HOOK_POINT
 
 ACTIVATIONS = ("relu",)
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 # Where a GPT-NeoX layer's transcoder reads (the MLP's input, post_attention_layernorm of the
 # residual) and writes (the MLP's output), as the harvest records them.
-HOOK_POINT_IN = "gpt_neox.layers.{layer}.mlp.hook_in"
-HOOK_POINT_OUT = "gpt_neox.layers.{layer}.mlp.hook_out"
+HOOK_POINT_IN = TRANSCODER_HOOK_POINT
+HOOK_POINT_OUT = TRANSCODER_OUTPUT_HOOK_POINT
 
 
 def _library_version() -> str:

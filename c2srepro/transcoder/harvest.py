@@ -1,22 +1,20 @@
-"""Harvest the input and output of every MLP of a GPT-NeoX model, cached on disk or streamed.
+"""Harvest the input and output of every MLP of a causal LM, cached on disk or streamed.
 
-Hook points (forward hooks on the Hugging Face modules; ``{l}`` is the layer index):
+Hook points (of :class:`c2srepro.models.hooked.HookedModel`; ``{l}`` is the layer index; where
+they sit in the architecture is written into the manifest):
 
-    gpt_neox.layers.{l}.mlp   input  [batch, pos, d_model]  x = post_attention_layernorm(resid)
-    gpt_neox.layers.{l}.mlp   output [batch, pos, d_model]  MLP(x)
-
-With Pythia's parallel residual the MLP reads ``post_attention_layernorm`` of the same residual
-stream the attention reads, so the MLP's own input is exactly that layer norm's output (for a
-sequential-residual model it is the layer norm of resid + attention; the hook is right for both).
+    blocks.{l}.hook_mlp_in   [batch, pos, d_model]  x, the MLP input (GPT-NeoX: post_attention_layernorm output)
+    blocks.{l}.hook_mlp_out  [batch, pos, d_model]  MLP(x), what the MLP adds to the residual stream
 
 1. Prompts are put in a seeded random order, so that any contiguous stretch of them (a shard, a
    buffer) mixes cells of all kinds, and cut into batches of ``batch_prompts`` prompts.
 2. Each batch is right-padded with an attention mask. Right padding keeps every real token at
    the position ids it has when run alone, and causal attention never lets a real token see
    the padding after it.
-3. One forward pass per batch with a hook on every chosen MLP captures input and output; the
-   padded positions are dropped, leaving rows in prompt-major order. Each row keeps the prompt
-   it came from, its position, the source cell and the token id.
+3. One forward pass per batch records both points of every chosen layer and stops after the
+   deepest one (nothing later is needed); the padded positions are dropped, leaving rows in
+   prompt-major order. Each row keeps the prompt it came from, its position, the source cell
+   and the token id.
 4. Cached mode (``harvest_activations(..., directory=...)``): rows gather into shards of about ``shard_mb``
    megabytes, each a run of consecutive batches. Which batches go into which shard follows
    from the prompt lengths alone (``shard_plan``), so it is known before the model runs and
@@ -45,7 +43,6 @@ import json
 import logging
 import math
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -59,66 +56,14 @@ from tqdm import tqdm
 
 from c2srepro._cache import atomic_path, write_json_atomic
 from c2srepro.data.prompts import pad_right, require_encoded_prompts
+from c2srepro.models.hooked import TRANSCODER_HOOK_POINT, HookedModel, as_hooked, hook_name
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILENAME = "manifest.json"
 MANIFEST_FORMAT = "c2srepro-mlp-activations/1"
-HOOK_POINT = "gpt_neox.layers.{layer}.mlp"
+HOOK_POINT = TRANSCODER_HOOK_POINT  # where a transcoder trained on these rows reads (blocks.{layer}.hook_mlp_in)
 _ROW_FIELDS = ("prompt_index", "position", "cell_index", "token_id")
-
-
-# --------------------------------------------------------------------------- model access
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a ``GPTNeoXForCausalLM`` (or a bare ``GPTNeoXModel``)."""
-    body = getattr(model, "gpt_neox", model)
-    layers = getattr(body, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not all(hasattr(block, "mlp") for block in layers):
-        raise ValueError(
-            f"{type(model).__name__} is not a GPT-NeoX model: expected .gpt_neox.layers[l].mlp "
-            "(a transformers GPTNeoXForCausalLM or GPTNeoXModel)"
-        )
-    return layers
-
-
-def check_layers(model: nn.Module, layers: Sequence[int] | None) -> tuple[int, ...]:
-    """``layers`` validated against the model (all layers when None), sorted, without repeats."""
-    n_layers = len(decoder_layers(model))
-    if layers is None:
-        return tuple(range(n_layers))
-    chosen = tuple(sorted({int(layer) for layer in layers}))
-    if not chosen:
-        raise ValueError("layers is empty: give at least one layer index, or None for all layers")
-    bad = [layer for layer in chosen if not 0 <= layer < n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} do not exist: the model has layers 0..{n_layers - 1}")
-    return chosen
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextmanager
-def record_mlp(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, tuple[Tensor, Tensor]]]:
-    """Forward hooks at ``gpt_neox.layers.{l}.mlp``; fills {layer: (mlp_in, mlp_out)}, each
-    [batch, pos, d_model], on every forward pass inside the block (the last pass wins)."""
-    blocks = decoder_layers(model)
-    record: dict[int, tuple[Tensor, Tensor]] = {}
-    handles = []
-    for layer in layers:
-
-        def hook(module, args, output, layer=layer):
-            record[layer] = (args[0].detach(), output.detach())
-
-        handles.append(blocks[layer].mlp.register_forward_hook(hook))
-    try:
-        yield record
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # --------------------------------------------------------------------------- prompts
@@ -206,7 +151,7 @@ class ActivationBlock:
 
 
 def harvest_batch(
-    model: nn.Module,
+    model: nn.Module | HookedModel,
     prompts: PromptSet,
     indices: Sequence[int],
     layers: Sequence[int],
@@ -214,14 +159,13 @@ def harvest_batch(
     dtype: torch.dtype = torch.float32,
 ) -> ActivationBlock:
     """Run the prompts ``indices`` as one padded batch; their MLP rows (steps 2-3)."""
+    hooked = as_hooked(model)
     ids, mask = pad_right([prompts.input_ids[i] for i in indices])
-    device = model_device(model)
-    body = getattr(model, "gpt_neox", model)  # the transformer without the LM head: no logits needed
-    with torch.no_grad(), record_mlp(model, layers) as record:
-        body(input_ids=ids.to(device), attention_mask=mask.to(device))
-    keep = mask.bool().to(device)  # [batch, pos]; boolean indexing keeps prompt-major order
-    mlp_in = torch.stack([record[layer][0][keep] for layer in layers]).to("cpu", dtype)  # [L, row, d]
-    mlp_out = torch.stack([record[layer][1][keep] for layer in layers]).to("cpu", dtype)  # [L, row, d]
+    names = {layer: (hook_name(layer, "hook_mlp_in"), hook_name(layer, "hook_mlp_out")) for layer in layers}
+    cache = hooked.cache(ids, [name for pair in names.values() for name in pair], attention_mask=mask)
+    keep = mask.bool().to(hooked.device)  # [batch, pos]; boolean indexing keeps prompt-major order
+    mlp_in = torch.stack([cache[names[layer][0]][keep] for layer in layers]).to("cpu", dtype)  # [L, row, d]
+    mlp_out = torch.stack([cache[names[layer][1]][keep] for layer in layers]).to("cpu", dtype)  # [L, row, d]
     keep = keep.cpu()
     index = torch.as_tensor(list(indices), dtype=torch.long)
     cells = torch.as_tensor([prompts.cell_index[i] for i in indices], dtype=torch.long)
@@ -309,7 +253,7 @@ class StreamingActivations(ActivationSource):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | HookedModel,
         prompts,
         *,
         layers: Sequence[int] | None = None,
@@ -319,10 +263,11 @@ class StreamingActivations(ActivationSource):
     ):
         if batch_prompts < 1:
             raise ValueError(f"batch_prompts must be >= 1, got {batch_prompts}")
-        self.model = model
+        self.hooked = as_hooked(model)
+        self.model = self.hooked.model
         self.prompts = as_prompt_set(prompts)
-        self.layers = check_layers(model, layers)
-        self.d_model = int(model.config.hidden_size)
+        self.layers = self.hooked.check_layers(layers)
+        self.d_model = self.hooked.d_model
         self.batch_prompts, self.dtype, self.seed = batch_prompts, dtype, seed
 
     @property
@@ -345,7 +290,7 @@ class StreamingActivations(ActivationSource):
         return [sum(len(self.prompts.input_ids[i]) for i in chunk) for chunk in self.chunks(epoch)]
 
     def run_chunk(self, chunk: Sequence[int]) -> ActivationBlock:
-        return harvest_batch(self.model, self.prompts, chunk, self.layers, dtype=self.dtype)
+        return harvest_batch(self.hooked, self.prompts, chunk, self.layers, dtype=self.dtype)
 
     def block(self, epoch: int, index: int) -> ActivationBlock:
         return self.run_chunk(self.chunks(epoch)[index])
@@ -431,7 +376,7 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def harvest_activations(
-    model: nn.Module,
+    model: nn.Module | HookedModel,
     prompts,
     *,
     layers: Sequence[int] | None = None,
@@ -449,8 +394,8 @@ def harvest_activations(
     finished one) and return ``CachedActivations``. Without: return ``StreamingActivations``,
     which runs the model only when its blocks are read. ``dtype`` is the stored precision.
     """
-    model.eval()
     stream = StreamingActivations(model, prompts, layers=layers, batch_prompts=batch_prompts, dtype=dtype, seed=seed)
+    stream.model.eval()
     if directory is None:
         return stream
     directory = Path(directory)
@@ -536,8 +481,8 @@ def start_manifest(directory: Path, identity: dict, stream: StreamingActivations
     manifest.update(
         {
             "hook_points": {
-                "mlp_in": HOOK_POINT + " input: post_attention_layernorm output [batch, pos, d_model]",
-                "mlp_out": HOOK_POINT + " output: MLP(x) [batch, pos, d_model]",
+                name: f"{hook_name('{layer}', point)}: {stream.hooked.adapter.describe(point)} [batch, pos, d_model]"
+                for name, point in (("mlp_in", "hook_mlp_in"), ("mlp_out", "hook_mlp_out"))
             },
             "shard_layout": {
                 "mlp_in": "[layer, row, d_model]",

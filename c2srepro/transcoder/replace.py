@@ -1,10 +1,10 @@
 """The replacement model: the C2S model with its MLPs replaced by transcoders, or removed.
 
-1. ``replace_mlps`` puts a forward hook on ``gpt_neox.layers.{l}.mlp`` of every chosen layer that
-   returns ``transcoder(x)`` for the MLP input x in place of MLP(x); ``remove_mlps`` returns
-   zeros (the MLP's contribution to the residual stream is dropped). Hooks are removed when the
-   ``with`` block ends, even on error. The MLP itself still runs and its output is discarded:
-   hooks leave the model untouched, so other hooks on the MLP keep working.
+1. ``replace_mlps`` makes ``blocks.{l}.hook_mlp_out`` of every chosen layer ``transcoder(x)`` for the
+   MLP input x = ``blocks.{l}.hook_mlp_in`` (:meth:`c2srepro.models.hooked.HookedModel.replace_mlps`);
+   ``remove_mlps`` makes it zeros (the MLP's contribution to the residual stream is dropped).
+   Hooks are removed when the ``with`` block ends, even on error, and the model is never modified,
+   so calling the model itself inside the block runs the replacement.
 2. ``evaluate_replacement`` runs each right-padded batch of prompts three times: as is (recording
    every chosen MLP's input and output), with the chosen MLPs replaced, and with them removed.
 3. Next-token loss: the cross-entropy of the logits at position t for token t+1, averaged over
@@ -34,70 +34,36 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from c2srepro.data.prompts import pad_right
-from c2srepro.transcoder.harvest import as_prompt_set, check_layers, decoder_layers, model_device, record_mlp
+from c2srepro.models.hooked import HookedModel, as_hooked, hook_name
+from c2srepro.transcoder.fit import check_transcoders_fit
+from c2srepro.transcoder.harvest import as_prompt_set
 from c2srepro.transcoder.model import Transcoder
-
-
-def _chosen(model: nn.Module, transcoders: Mapping[int, Transcoder] | None, layers: Sequence[int] | None) -> tuple[int, ...]:
-    if layers is None and transcoders is not None:
-        layers = sorted(transcoders)
-    chosen = check_layers(model, layers)
-    if transcoders is not None:
-        missing = [layer for layer in chosen if layer not in transcoders]
-        if missing:
-            raise ValueError(f"no transcoder for layers {missing}: pass one per replaced layer, or choose layers")
-        d_model = int(model.config.hidden_size)
-        wrong = [layer for layer in chosen if transcoders[layer].cfg.d_model != d_model]
-        if wrong:
-            raise ValueError(f"the transcoders of layers {wrong} do not have the model's d_model {d_model}")
-    return chosen
-
-
-@contextmanager
-def _mlp_output_hooks(model: nn.Module, make_output: Mapping[int, Any]) -> Iterator[nn.Module]:
-    blocks = decoder_layers(model)
-    handles = []
-    try:
-        for layer, fn in make_output.items():
-
-            def hook(module, args, output, fn=fn):
-                return fn(args[0], output)
-
-            handles.append(blocks[layer].mlp.register_forward_hook(hook))
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
 def replace_mlps(
-    model: nn.Module, transcoders: Mapping[int, Transcoder], *, layers: Sequence[int] | None = None
+    model: nn.Module | HookedModel, transcoders: Mapping[int, Transcoder], *, layers: Sequence[int] | None = None
 ) -> Iterator[nn.Module]:
     """Inside the block, the MLP of each of ``layers`` (default: every layer with a transcoder)
-    outputs ``transcoders[layer](x)`` (step 1). Yields the model."""
-    chosen = _chosen(model, transcoders, layers)
-    device = model_device(model)
+    outputs ``transcoders[layer](x)`` (step 1). Yields the Hugging Face model."""
+    hooked = as_hooked(model)
+    chosen = check_transcoders_fit(hooked, transcoders, layers=layers)
+    device = hooked.device
 
     def substitute(transcoder: Transcoder):
         transcoder.to(device)
+        return lambda x: transcoder(x.to(transcoder.W_enc.dtype))
 
-        def fn(x: Float[Tensor, "batch pos d_model"], output: Tensor) -> Tensor:
-            param = transcoder.W_enc
-            return transcoder(x.to(param.dtype)).to(output.dtype)
-
-        return fn
-
-    with _mlp_output_hooks(model, {layer: substitute(transcoders[layer]) for layer in chosen}):
-        yield model
+    with hooked.replace_mlps({layer: substitute(tc) for layer, tc in chosen.items()}):
+        yield hooked.model
 
 
 @contextmanager
-def remove_mlps(model: nn.Module, *, layers: Sequence[int] | None = None) -> Iterator[nn.Module]:
-    """Inside the block, the MLP of each of ``layers`` (default all) outputs zeros. Yields the model."""
-    chosen = _chosen(model, None, layers)
-    with _mlp_output_hooks(model, {layer: (lambda x, output: torch.zeros_like(output)) for layer in chosen}):
-        yield model
+def remove_mlps(model: nn.Module | HookedModel, *, layers: Sequence[int] | None = None) -> Iterator[nn.Module]:
+    """Inside the block, the MLP of each of ``layers`` (default all) outputs zeros. Yields the Hugging Face model."""
+    hooked = as_hooked(model)
+    with hooked.replace_mlps({layer: torch.zeros_like for layer in hooked.check_layers(layers)}):
+        yield hooked.model
 
 
 @dataclass
@@ -160,35 +126,39 @@ def evaluate_replacement(
     removed. Returns the summary and a per-layer table (layer, l0, fvu, mse, dead_fraction,
     n_live_features, n_features, n_tokens).
     """
-    chosen = _chosen(model, transcoders, layers)
+    hooked = as_hooked(model)
+    fitting = check_transcoders_fit(hooked, transcoders, layers=layers)
+    chosen = tuple(fitting)
     prompt_set = as_prompt_set(prompts)
     answer_start = list(getattr(prompts, "answer_start", None) or [len(ids) for ids in prompt_set.input_ids])
     if batch_prompts < 1:
         raise ValueError(f"batch_prompts must be >= 1, got {batch_prompts}")
-    model.eval()
-    device = model_device(model)
-    for layer in chosen:
-        transcoders[layer].to(device)
+    hooked.model.eval()
+    device = hooked.device
+    for transcoder in fitting.values():
+        transcoder.to(device)
+    recorded = {layer: (hook_name(layer, "hook_mlp_in"), hook_name(layer, "hook_mlp_out")) for layer in chosen}
 
     totals = {key: 0.0 for key in ("orig", "tc", "none", "kl_tc", "kl_none")}
     answer = dict(totals)
     n_all = n_answer = 0
-    stats = {layer: _LayerStats(transcoders[layer], device) for layer in chosen}
+    stats = {layer: _LayerStats(fitting[layer], device) for layer in chosen}
     starts = range(0, len(prompt_set), batch_prompts)
     for start in tqdm(starts, desc="evaluating replacement", disable=not progress):
         indices = list(range(start, min(start + batch_prompts, len(prompt_set))))
         ids, mask = pad_right([prompt_set.input_ids[i] for i in indices])
         ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
-            with record_mlp(model, chosen) as record:
-                logits_orig = model(input_ids=ids, attention_mask=mask).logits
-            with replace_mlps(model, transcoders, layers=chosen):
-                logits_tc = model(input_ids=ids, attention_mask=mask).logits
-            with remove_mlps(model, layers=chosen):
-                logits_none = model(input_ids=ids, attention_mask=mask).logits
+            logits_orig, record = hooked.run_with_cache(
+                ids, [name for pair in recorded.values() for name in pair], attention_mask=mask
+            )
+            with replace_mlps(hooked, fitting):
+                logits_tc = hooked.forward(ids, attention_mask=mask)
+            with remove_mlps(hooked, layers=chosen):
+                logits_none = hooked.forward(ids, attention_mask=mask)
             keep = mask.bool()
-            for layer in chosen:
-                stats[layer].add(record[layer][0][keep], record[layer][1][keep])
+            for layer, (mlp_in, mlp_out) in recorded.items():
+                stats[layer].add(record[mlp_in][keep], record[mlp_out][keep])
             valid = mask[:, 1:].bool()  # the predicted token t+1 is real
             first_answer = torch.as_tensor([answer_start[i] for i in indices], device=device)
             is_answer = valid & (torch.arange(1, ids.shape[1], device=device)[None] >= first_answer[:, None])

@@ -1,0 +1,27 @@
+"""Architecture adapters: one module per family of Hugging Face causal LMs (see ``base.Adapter``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from c2srepro.models.adapters.base import Adapter, HookSite
+from c2srepro.models.adapters.neox import NeoXAdapter
+
+ADAPTERS: dict[str, type[Adapter]] = {adapter.model_type: adapter for adapter in (NeoXAdapter,)}
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of ``model``'s architecture, chosen by ``model.config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        supported = ", ".join(f"{name!r} ({adapter.architecture})" for name, adapter in sorted(ADAPTERS.items()))
+        raise ValueError(
+            f"{type(model).__name__} (config.model_type {model_type!r}) is not a supported architecture; "
+            f"c2srepro supports transformers causal LMs with model_type {supported}. "
+            "Pass such a model (e.g. from c2srepro.models.load_c2s_model), or add an adapter module "
+            "to c2srepro/models/adapters/"
+        )
+    return ADAPTERS[model_type](model)
+
+
+__all__ = ["ADAPTERS", "Adapter", "HookSite", "NeoXAdapter", "adapter_for"]
