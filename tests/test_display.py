@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from c2srepro.book.display import format_number, format_p, is_p_column, table
+from c2srepro.book.display import badge, format_number, format_p, is_p_column, table
 
 
 def test_numbers_read_as_numbers():
@@ -58,3 +58,10 @@ def test_table_p_columns_and_errors():
         table([1, 2])
     with pytest.raises(ValueError, match="digits must be >= 1"):
         table(frame, digits=0)
+
+
+def test_text_is_escaped_and_badges_are_inline():
+    html = table(pd.DataFrame({"token": ["<|endoftext|>"], "note": ["a & b"]})).to_html()
+    assert "&lt;|endoftext|&gt;" in html and "a &amp; b" in html and "<|endoftext|>" not in html
+    assert badge("ok", background="#d8f0d8") == '<span style="background-color: #d8f0d8; padding: 0 0.3em; border-radius: 3px">ok</span>'
+    assert badge("x", font_size="85%") == '<span style="font-size: 85%">x</span>' and badge("y") == "y"

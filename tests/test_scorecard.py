@@ -222,7 +222,8 @@ def test_rendering_for_the_book(tmp_path):
     assert list(settings.data.columns) == ["quantity", "paper", "reproduced", "difference", "verdict", "note"]
     assert len(settings.data) == int((table["kind"] == "setting").sum())
     html = settings.to_html()
-    assert "background-color: #d8f0d8" in html  # a reproduced verdict, coloured
+    assert '<span style="background-color: #d8f0d8' in html  # a reproduced verdict, coloured inline
+    assert "&lt;" in styled_scorecard(table, kinds=("result", "claim")).to_html()  # "original < transcoders" escaped
     assert "mini-C2S on pbmc68k_reduced" not in html  # the banner names the model once, the notes do not
     assert "0.0001" in html and ">60000000<" in html  # lr 1e-4, training tokens as an integer
     with pytest.raises(ValueError, match="unknown scorecard kinds"):

@@ -126,7 +126,9 @@ def _layout(graph: nx.DiGraph, columns: dict[int, int]) -> dict[str, tuple[float
 
 
 def _position_label(graph: nx.DiGraph, position: int, *, with_position: bool) -> str:
-    token = str(graph.graph["prompt_tokens"][position]).strip() or repr(graph.graph["prompt_tokens"][position])
+    # Byte-level BPE spells a leading space "Ġ" and a newline "Ċ"; the label shows the text.
+    raw = str(graph.graph["prompt_tokens"][position]).replace("Ġ", " ").replace("Ċ", "\n")
+    token = raw.strip() or repr(raw)
     genes = graph.graph["genes"]
     gene = genes[position] if genes is not None else None
     text = f"{token} [{gene}]" if gene else token
@@ -182,10 +184,6 @@ def draw_circuit(
             tick.set_color("#1b7837")
             tick.set_fontweight("bold")
     if compress:
-        # A skipped run of untouched positions lies between two columns: mark it.
-        for left, right in zip(positions, positions[1:]):
-            if right - left > 1:
-                ax.axvspan(columns[left] + 0.45, columns[left] + 0.55, color="0.9", linewidth=0, zorder=0)
         ax.set_xlim(-0.7, len(positions) - 0.3)
     ax.set_yticks(range(-1, n_layers + 1), ["emb", *map(str, range(n_layers)), "logit"], fontsize=fontsize)
     ax.set_ylim(-1.7, n_layers + 0.7)

@@ -12,7 +12,10 @@ display; the numbers themselves are untouched (the CSV and JSON results keep ful
 3. p-values and FDRs (columns named like ``p_value``, ``P-value``, ``Adjusted P-value``,
    ``fdr``, ``top_fdr``; or those given in ``p_columns``) get two significant digits, in
    scientific form when small: ``2.5e-21``, ``0.0013``.
-4. The table's id is derived from its content, so an executed notebook is the same on every run.
+4. Text is HTML-escaped (a token such as ``<|endoftext|>`` shows as itself). Styling that must
+   survive Quarto, which drops a Styler's ``<style>`` block from rendered pages, goes inline: see
+   :func:`badge`.
+5. The table's id is derived from its content, so an executed notebook is the same on every run.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Sequence
 import pandas as pd
 from pandas.io.formats.style import Styler
 
-__all__ = ["format_number", "format_p", "is_p_column", "table"]
+__all__ = ["badge", "format_number", "format_p", "is_p_column", "table"]
 
 # Column names that hold p-values or FDRs (matched case-insensitively, as whole words).
 _P_NAMES = re.compile(r"(^|[\s_])(p[\s_-]?value|fdr|q[\s_-]?value)($|[\s_])", re.IGNORECASE)
@@ -72,6 +75,15 @@ def format_number(value, *, digits: int = 3) -> str:
     return str(value)
 
 
+def badge(text: str, *, background: str | None = None, font_size: str | None = None) -> str:
+    """``text`` (already HTML-escaped) in a ``<span>`` with inline style, for a Styler formatter."""
+    style = "; ".join(part for part in (
+        f"background-color: {background}; padding: 0 0.3em; border-radius: 3px" if background else "",
+        f"font-size: {font_size}" if font_size else "",
+    ) if part)
+    return f'<span style="{style}">{text}</span>' if style else text
+
+
 def _frame(data: pd.DataFrame | pd.Series) -> pd.DataFrame:
     if isinstance(data, pd.Series):
         data = data.to_frame(data.name if data.name is not None else "value")
@@ -103,7 +115,7 @@ def table(
     }
     uuid = hashlib.sha1(frame.to_csv(index=False).encode()).hexdigest()[:10]
     return (
-        frame.style.format(formatters)
+        frame.style.format(formatters, escape="html")
         .hide(axis="index")
         .set_uuid(uuid)
         .set_table_attributes(f'class="{TABLE_CLASS}"')

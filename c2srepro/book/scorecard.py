@@ -54,7 +54,7 @@ import pandas as pd
 from pandas.io.formats.style import Styler
 from scipy.stats import fisher_exact
 
-from c2srepro.book.display import format_number, table
+from c2srepro.book.display import badge, format_number, table
 from c2srepro.book.paper import CIRCUIT_GENES as PAPER_CIRCUIT_GENES
 from c2srepro.book.paper import MARKER_LIBRARY as PAPER_MARKER_LIBRARY
 from c2srepro.book.paper import PAPER_DATA, PAPER_MODEL, PAPER_VALUES
@@ -552,9 +552,10 @@ def styled_scorecard(scorecard: pd.DataFrame, *, kinds: str | tuple[str, ...] = 
         "paper": rows["paper"].tolist(), "reproduced": rows["reproduced"].tolist(),
         "difference": rows["difference"].tolist(), "verdict": rows["verdict"].tolist(), "note": notes,
     })
+    # Inline styles: Quarto drops a Styler's <style> block from the page.
     return (table(view, digits=_DIGITS)
-            .map(lambda v: f"background-color: {VERDICT_COLOURS[v]}", subset=["verdict"])
-            .set_properties(subset=["note"], **{"font-size": "85%"}))
+            .format(lambda v: badge(v, background=VERDICT_COLOURS[v]), subset=["verdict"], escape="html")
+            .format(lambda v: badge(v, font_size="85%"), subset=["note"], escape="html"))
 
 
 def _listing(rows: pd.DataFrame) -> str:
