@@ -21,6 +21,7 @@ from c2srepro.biology.casestudy import (
     read_label_map,
     summarise_circuit,
     top_marker_term,
+    traced_own_type_rate,
 )
 from c2srepro.enrichment import GeneSetLibrary, enrich, load_library
 
@@ -403,3 +404,52 @@ def test_exactly_tied_top_terms_all_count_as_the_top():
     assert top_marker_ties(table) == ["macrophage", "monocyte"]
     assert top_marker_ties(table.iloc[[1, 2]]) == ["monocyte"]
     assert top_marker_ties(table.assign(**{"Adjusted P-value": 0.5})) == []
+
+
+def test_traced_own_type_rate_traces_the_first_correct_cells(tokenizer, libraries):
+    import torch
+    from _tiny_neox import tiny_transcoders
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from c2srepro.attribution import circuit_genes
+    from c2srepro.attribution.trace import trace_cell
+    from c2srepro.data.cells import CellSentence
+    from c2srepro.data.prompts import build_prompt
+    from c2srepro.data.tokenizer import CellTokenizer
+    from c2srepro.models.mini_c2s import build_vocabulary
+
+    cells = [
+        CellSentence(0, "a", ("CD14", "LYZ", "S100A8", "FCN1"), "CD14+ Monocyte"),
+        CellSentence(1, "b", ("NKG7", "GNLY", "CST7", "PRF1"), "CD56+ NK"),
+        CellSentence(2, "c", ("CD79A", "MS4A1", "CD19", "CD74"), "CD19+ B"),
+        CellSentence(3, "d", ("GNLY", "NKG7", "KLRD1", "GZMB"), "CD56+ NK"),
+    ]
+    cell_tokenizer = CellTokenizer(tokenizer.bpe, build_vocabulary([build_prompt(c, with_answer=True).text for c in cells],
+                                                                    tokenizer.bpe))
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=cell_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=128)).eval()
+    ids = torch.tensor(cell_tokenizer.encode(build_prompt(cells[0]).text)[0])
+    transcoders = tiny_transcoders(model, ids, firing=0.3)
+    predicted = ["CD14+ Monocyte", "CD56+ NK", "CD14+ Monocyte", "CD56+ NK"]  # cell 2 is wrong
+    library = libraries["cellconsensus_L2"]
+
+    rows, rate = traced_own_type_rate(model, transcoders, cell_tokenizer, cells, predicted, library,
+                                      dataset="pbmc68k_reduced", n_cells=2, k=5, depth=2, progress=False)
+    # Independent composition: trace the first two correct cells (0 and 1) by hand, then own_type_rate.
+    by_hand = [(c.label, circuit_genes(trace_cell(model, transcoders, cell_tokenizer, c, c.label, k=5, depth=2).graph))
+               for c in cells[:2]]
+    expected_rows, expected_rate = own_type_rate(by_hand, library, dataset="pbmc68k_reduced")
+    pd.testing.assert_frame_equal(rows, expected_rows)
+    assert rate == expected_rate and rows["label"].tolist() == ["CD14+ Monocyte", "CD56+ NK"]
+
+    none_correct, no_rate = traced_own_type_rate(model, transcoders, cell_tokenizer, cells[2:3], ["CD56+ NK"], library,
+                                                 dataset="pbmc68k_reduced", n_cells=5, progress=False)
+    assert none_correct.empty and no_rate is None
+    with pytest.raises(ValueError, match="4 cells but 3 predictions"):
+        traced_own_type_rate(model, transcoders, cell_tokenizer, cells, predicted[:3], library,
+                             dataset="pbmc68k_reduced", n_cells=2)
+    with pytest.raises(ValueError, match="n_cells must be >= 1"):
+        traced_own_type_rate(model, transcoders, cell_tokenizer, cells, predicted, library,
+                             dataset="pbmc68k_reduced", n_cells=0)

@@ -24,6 +24,7 @@ from c2srepro.attribution import (
     replacement_forward,
     save_circuit,
 )
+from c2srepro.attribution.graph import circuit_columns
 
 GENES = [None, None, "VWF", "VWF", "PTPRB", "PTPRB", "PTPRB", None, "KHDRBS1", "KHDRBS1", None, None]
 TOKENS = ["cell", " type", "V", "WF", " PT", "PR", "B", ",", " KHD", "RBS1", ":", "."]
@@ -148,6 +149,33 @@ def test_draw_circuit(circuit):
     assert len(labels) == len({d["position"] for _, d in circuit.nodes(data=True)})
     assert any("[" in label for label in labels) == bool(circuit_genes(circuit))
     assert len(ax.lines) == circuit.number_of_edges()
+
+
+def test_draw_circuit_compresses_positions_to_those_it_touches():
+    # A circuit over positions 3, 40 and 41 of a 50-token prompt: three columns, not fifty.
+    tokens = [f"t{i}" for i in range(50)]
+    tokens[40] = "ĠV"  # byte-level BPE's leading space
+    genes = [None] * 50
+    genes[40] = genes[41] = "VWF"
+    graph = nx.DiGraph(target="L1F2@41", target_value=1.0, n_layers=2, prompt_tokens=tokens, genes=genes)
+    for node_id, kind, layer, position, feature in [("emb@3", "embedding", -1, 3, None), ("L0F5@40", "feature", 0, 40, 5),
+                                                    ("L1F2@41", "feature", 1, 41, 2)]:
+        graph.add_node(node_id, kind=kind, layer=layer, position=position, feature=feature, gene=genes[position])
+    graph.add_edge("emb@3", "L0F5@40", weight=0.5)
+    graph.add_edge("L0F5@40", "L1F2@41", weight=-0.2)
+    assert circuit_columns(graph) == {3: 0, 40: 1, 41: 2}
+    assert circuit_columns(graph, compress=False) == {3: 3, 40: 40, 41: 41}
+
+    (ax,) = draw_circuit(graph).axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["3: t3", "40: V [VWF]", "41: t41 [VWF]"]
+    assert list(ax.get_xticks()) == [0, 1, 2]
+    assert ax.get_xlim()[1] < 3
+    assert len(ax.lines) == 2
+    assert sorted({x for line in ax.lines for x in line.get_xdata()}) == [0, 1, 2]  # edges join the columns
+
+    (ax_full,) = draw_circuit(graph, compress=False, figsize=(8, 5)).axes
+    assert list(ax_full.get_xticks()) == [3, 40, 41]
+    assert [t.get_text() for t in ax_full.get_xticklabels()] == ["t3", "V [VWF]", "t41 [VWF]"]
 
 
 def test_ablation_direct_mode_is_the_sum_of_contributions(rep, circuit, target):

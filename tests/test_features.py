@@ -15,7 +15,6 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from c2srepro.enrichment import GeneSetLibrary
 from c2srepro.features import (
-    PAPER_TABLE4,
     InterpretRule,
     LayerFeatureStats,
     activating_tokens,
@@ -472,12 +471,6 @@ def test_write_feature_tables(tmp_path, planted):
     assert {"n_genes", "top_term", "top_fdr", "library"} <= set(back.columns)
     with pytest.raises(ValueError, match="lacks columns"):
         write_feature_tables(result.features.drop(columns="status"), tmp_path)
-
-
-def test_paper_table4_transcription():
-    percentages = [67.24, 88.83, 87.29, 83.01, 84.22, 84.87, 88.31, 87.40, 87.83, 84.87, 84.91, 85.28,
-                   88.31, 88.09, 91.14, 89.40, 87.66, 88.64, 89.01, 89.76, 88.73, 89.02, 87.20, 81.78]
-    np.testing.assert_allclose((100 * PAPER_TABLE4["fraction"]).round(2), percentages)
 
 
 # --------------------------------------------------------------------------- Table 3

@@ -5,8 +5,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from c2srepro.features import PAPER_TABLE4
-from c2srepro.book.scorecard import PAPER_CIRCUIT_GENES, PAPER_MODEL, PAPER_VALUES, VERDICTS, build_scorecard
+from c2srepro.book.paper import CIRCUIT_GENES as PAPER_CIRCUIT_GENES
+from c2srepro.book.paper import PAPER_MODEL, PAPER_VALUES
+from c2srepro.book.paper import TABLE4 as PAPER_TABLE4
+from c2srepro.book.scorecard import VERDICTS, build_scorecard, model_banner, plain_summary, styled_scorecard
+from c2srepro.features import RANDOM_FRACTION, Table4, compare_backgrounds, summarize
 
 
 def _json(path: Path, data: dict, params: dict | None = None) -> None:
@@ -39,7 +42,7 @@ def _results(folder: Path, *, model: str = PAPER_MODEL, n_layers: int = 24, d_mo
            {"layer": n_layers // 2, "live_threshold_figure3": -4.0})
     fractions = list(PAPER_TABLE4["fraction"]) if fractions is None else fractions
     _table(folder / "table4.csv", pd.DataFrame({"layer": range(len(fractions)), "fraction": fractions,
-                                                "null_fraction": 0.1}), {"live_threshold": -3.0, "fdr": 0.05})
+                                                RANDOM_FRACTION: 0.1}), {"live_threshold": -3.0, "fdr": 0.05})
     _json(folder / "circuit_summary.json", {
         "cell_label": "endothelial cell", "genes": list(PAPER_CIRCUIT_GENES), "top_marker_library": library,
         "top_marker_term": "Endothelial cell: heart", "top_marker_fdr": 0.002, "top_marker_combined_score": 300.0,
@@ -171,3 +174,64 @@ def test_bad_arguments_are_errors(tmp_path):
         build_scorecard(tmp_path / "nope", profile="default")
     with pytest.raises(ValueError, match="profile must be a profile name"):
         build_scorecard(tmp_path, profile="")
+
+
+def _toy_table4(interpretable: dict[int, list[bool]], random: dict[int, list[bool]]) -> Table4:
+    """A Table4 whose per-feature rows carry the given interpretable flags, per layer."""
+    def rows(flags, **extra):
+        return pd.DataFrame([{"layer": layer, "feature": i, "status": "interpretable" if f else "not significant",
+                              "interpretable": f, **extra} for layer, fs in flags.items() for i, f in enumerate(fs)])
+    features, nulls = rows(interpretable), rows(random, kind="random")
+    return Table4(summarize(features, nulls), features, nulls, {})
+
+
+def test_scorecard_reads_the_table4_the_package_writes(tmp_path):
+    # The chapter writes compare_backgrounds(...) as table4.csv; the scorecard must find its null column.
+    library = _toy_table4({0: [True, True, False, True], 1: [True, False]}, {0: [False, True, False, False], 1: [False, False]})
+    corpus = _toy_table4({0: [True, False, False, False], 1: [False, False]}, {0: [False] * 4, 1: [False, False]})
+    combined = compare_backgrounds(library, corpus)
+    assert combined[RANDOM_FRACTION].tolist() == [0.25, 0.0]
+    assert combined["corpus_background_fraction"].tolist() == [0.25, 0.0]
+    assert combined["corpus_background_random_fraction"].tolist() == [0.0, 0.0]
+    folder = _results(tmp_path / "r", n_layers=2)
+    _table(folder / "table4.csv", combined, {"live_threshold": -3.0, "fdr": 0.05})
+    rows = _by_key(build_scorecard(folder, profile="paper"))
+    mean = rows["table4_mean_fraction"]
+    assert mean["reproduced"] == pytest.approx((0.75 + 0.5) / 2)
+    assert "random same-size gene lists reach 0.125" in mean["note"]
+    with pytest.raises(ValueError, match="cover different layers"):
+        compare_backgrounds(library, _toy_table4({0: [True]}, {0: [False]}))
+
+
+def test_baseline_is_named_as_what_it_is(tmp_path):
+    rows = _by_key(build_scorecard(_results(tmp_path / "r"), profile="paper"))
+    note = rows["accuracy_original"]["note"]
+    assert "logistic-regression baseline" in note and "0.3" in note
+    assert "majority" not in note
+
+
+def test_rendering_for_the_book(tmp_path):
+    folder = _results(tmp_path / "results" / "default", model="mini-C2S", n_layers=4, d_model=128,
+                      fractions=[0.9, 0.92, 0.95, 0.94], library="cellconsensus_L2", dataset="pbmc68k_reduced")
+    table = build_scorecard(folder, profile="default")
+    banner = model_banner(table, profile="default")
+    assert "mini-C2S on pbmc68k_reduced" in banner and PAPER_MODEL in banner
+    assert model_banner(build_scorecard(_results(tmp_path / "p"), profile="paper"), profile="paper") is None
+
+    settings = styled_scorecard(table, kinds="setting")
+    assert list(settings.data.columns) == ["quantity", "paper", "reproduced", "difference", "verdict", "note"]
+    assert len(settings.data) == int((table["kind"] == "setting").sum())
+    html = settings.to_html()
+    assert '<span style="background-color: #d8f0d8' in html  # a reproduced verdict, coloured inline
+    assert "&lt;" in styled_scorecard(table, kinds=("result", "claim")).to_html()  # "original < transcoders" escaped
+    assert "mini-C2S on pbmc68k_reduced" not in html  # the banner names the model once, the notes do not
+    assert "0.0001" in html and ">60000000<" in html  # lr 1e-4, training tokens as an integer
+    with pytest.raises(ValueError, match="unknown scorecard kinds"):
+        styled_scorecard(table, kinds="results")
+
+    words = plain_summary(table)
+    compared = table[table["kind"] != "control"]
+    reproduced = int((compared["verdict"] == "reproduced").sum())
+    assert f"Of the paper's {len(compared)} numbers and claims, **{reproduced} are reproduced**" in words
+    assert "loss: original < transcoders < no MLP (paper 2.48 < 4.63 < 12.67" in words
+    assert "cannot confirm the paper's absolute numbers" in words

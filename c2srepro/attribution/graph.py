@@ -30,7 +30,11 @@ circuit-tracer's viewer reads: ``metadata`` / ``nodes`` / ``links``)::
 
 The drawing puts layers up (embeddings at the bottom, logits at the top) and positions across,
 labels the positions the circuit touches with their token and gene, and scales edge width by
-|weight| (blue positive, red negative).
+|weight| (blue positive, red negative). With ``compress=True`` (the default) only the positions the
+circuit touches get a column, in prompt order, so a circuit over a few dozen of a prompt's hundreds
+of tokens stays legible at page width; the tick labels keep each column's position
+(``"311: V [VWF]"``), and a thin grey band marks where untouched positions were skipped. The figure
+widens with the number of columns unless ``figsize`` is given.
 """
 
 from __future__ import annotations
@@ -99,8 +103,15 @@ def load_circuit(path: str | os.PathLike) -> nx.DiGraph:
     return circuit_from_json(json.loads(Path(path).read_text()))
 
 
-def _layout(graph: nx.DiGraph) -> dict[str, tuple[float, float]]:
-    """x = position (nodes sharing a layer and position spread within the cell), y = layer."""
+def circuit_columns(graph: nx.DiGraph, *, compress: bool = True) -> dict[int, int]:
+    """{prompt position: x column} for the positions the circuit touches: consecutive columns in
+    prompt order when ``compress``, else the position itself."""
+    positions = sorted({d["position"] for _, d in graph.nodes(data=True)})
+    return {p: (i if compress else p) for i, p in enumerate(positions)}
+
+
+def _layout(graph: nx.DiGraph, columns: dict[int, int]) -> dict[str, tuple[float, float]]:
+    """x = the position's column (nodes sharing a layer and position spread within it), y = layer."""
     cells: dict[tuple[int, int], list[str]] = defaultdict(list)
     for node_id, data in graph.nodes(data=True):
         cells[(data["layer"], data["position"])].append(node_id)
@@ -110,17 +121,39 @@ def _layout(graph: nx.DiGraph) -> dict[str, tuple[float, float]]:
         width = min(0.8, 0.25 * (len(members) - 1))
         for i, node_id in enumerate(members):
             offset = 0.0 if len(members) == 1 else width * (i / (len(members) - 1) - 0.5)
-            xy[node_id] = (position + offset, layer)
+            xy[node_id] = (columns[position] + offset, layer)
     return xy
 
 
+def _position_label(graph: nx.DiGraph, position: int, *, with_position: bool) -> str:
+    # Byte-level BPE spells a leading space "Ġ" and a newline "Ċ"; the label shows the text.
+    raw = str(graph.graph["prompt_tokens"][position]).replace("Ġ", " ").replace("Ċ", "\n")
+    token = raw.strip() or repr(raw)
+    genes = graph.graph["genes"]
+    gene = genes[position] if genes is not None else None
+    text = f"{token} [{gene}]" if gene else token
+    return f"{position}: {text}" if with_position else text
+
+
 def draw_circuit(
-    graph: nx.DiGraph, *, figsize: tuple[float, float] = (12.0, 7.0), label_features: bool = True
+    graph: nx.DiGraph,
+    *,
+    figsize: tuple[float, float] | None = None,
+    label_features: bool = True,
+    compress: bool = True,
+    fontsize: float = 8.0,
 ) -> Figure:
-    """Draw a circuit: layers up, positions across, gene tokens labelled, edge width by |attribution|."""
-    fig = Figure(figsize=figsize)
+    """Draw a circuit: layers up, positions across (only those it touches when ``compress``), gene
+    tokens labelled in green, edge width by |attribution|. ``figsize`` None: 0.32 inch per column
+    (at least 7 wide) by 0.55 inch per layer (at least 5 high)."""
+    columns = circuit_columns(graph, compress=compress)
+    n_layers = graph.graph["n_layers"]
+    if figsize is None:
+        span = len(columns) if compress else max(columns.values(), default=0) + 1
+        figsize = (max(7.0, 2.5 + 0.32 * span), max(5.0, 2.2 + 0.55 * (n_layers + 2)))
+    fig = Figure(figsize=figsize, layout="constrained")
     ax = fig.add_subplot()
-    xy = _layout(graph)
+    xy = _layout(graph, columns)
     weights = [abs(d["weight"]) for _, _, d in graph.edges(data=True)]
     max_weight = max(weights, default=1.0) or 1.0
     for u, v, d in sorted(graph.edges(data=True), key=lambda e: abs(e[2]["weight"])):
@@ -139,27 +172,25 @@ def draw_circuit(
     if label_features:
         for node_id, data in graph.nodes(data=True):
             if data["kind"] == "feature":
-                ax.annotate(str(data["feature"]), xy[node_id], xytext=(3, 3), textcoords="offset points", fontsize=6)
+                ax.annotate(str(data["feature"]), xy[node_id], xytext=(3, 3), textcoords="offset points",
+                            fontsize=fontsize - 2)
 
-    positions = sorted({d["position"] for _, d in graph.nodes(data=True)})
-    labels = []
-    for position in positions:
-        token = graph.graph["prompt_tokens"][position]
-        genes = graph.graph["genes"]
-        gene = genes[position] if genes is not None else None
-        labels.append(f"{token!s} [{gene}]" if gene else str(token))
-    ax.set_xticks(positions, labels, rotation=90, fontsize=7)
+    positions = sorted(columns)
+    labels = [_position_label(graph, p, with_position=compress) for p in positions]
+    ax.set_xticks([columns[p] for p in positions], labels, rotation=90, fontsize=fontsize)
+    genes = graph.graph["genes"]
     for tick, position in zip(ax.get_xticklabels(), positions):
-        genes = graph.graph["genes"]
         if genes is not None and genes[position]:
             tick.set_color("#1b7837")
             tick.set_fontweight("bold")
-    n_layers = graph.graph["n_layers"]
-    ax.set_yticks(range(-1, n_layers + 1), ["emb", *map(str, range(n_layers)), "logit"], fontsize=7)
+    if compress:
+        ax.set_xlim(-0.7, len(positions) - 0.3)
+    ax.set_yticks(range(-1, n_layers + 1), ["emb", *map(str, range(n_layers)), "logit"], fontsize=fontsize)
     ax.set_ylim(-1.7, n_layers + 0.7)
-    ax.set_xlabel("token position (gene tokens in green)")
+    ax.set_xlabel(("prompt position: token [gene] of the positions the circuit touches" if compress
+                   else "token position") + " (gene tokens in green)", fontsize=fontsize + 1)
     ax.set_ylabel("layer")
-    ax.set_title(f"circuit for {target} (value {graph.graph['target_value']:.3g})", fontsize=10)
+    ax.set_title(f"circuit for {target} (value {graph.graph['target_value']:.3g})", fontsize=fontsize + 2)
     present = {d["kind"] for _, d in graph.nodes(data=True)}
     handles = [
         Line2D([], [], marker="o", linestyle="", color=c, label=FEATURE_TYPES[k])
@@ -170,6 +201,6 @@ def draw_circuit(
         Line2D([], [], color="#2a6fdb", label="positive edge"),
         Line2D([], [], color="#d62728", label="negative edge"),
     ]
-    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
+    # Above the plot, in one row: a legend at the side would take the width the columns need.
+    fig.legend(handles=handles, fontsize=fontsize, loc="outside upper center", ncol=len(handles), frameon=False)
     return fig

@@ -25,6 +25,9 @@ combined score among those with FDR < 0.05 ("Endothelial cell: heart", FDR 0.001
    "the top term is the cell's own type" happens by drawing genes from the prompt alone.
 4. :func:`own_type_rate` runs step 2 for many cells' circuits in one call and reports, per cell, the
    top term and whether it is in the cell's own-type terms (step 1), and the rate over cells.
+   :func:`traced_own_type_rate` first traces those circuits: for the first ``n_cells`` cells the
+   model classifies correctly, the circuit of :func:`c2srepro.attribution.trace.trace_cell` and its
+   gene-token genes.
 5. :func:`summarise_circuit` gathers a circuit's graph, labels, enrichment, control and ablation
    (:func:`c2srepro.attribution.ablate`) into the JSON-ready dict of ``circuit_summary.json``.
 
@@ -47,7 +50,11 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 
+from tqdm import tqdm
+
 from c2srepro.attribution.circuit import circuit_features, circuit_genes
+from c2srepro.attribution.trace import trace_cell
+from c2srepro.data.cells import CellSentence
 from c2srepro.enrichment import GeneSetLibrary, enrich, load_library
 
 logger = logging.getLogger(__name__)
@@ -474,6 +481,46 @@ def own_type_rate(
         })
     frame = pd.DataFrame(rows)
     return frame, float(frame["own_type"].mean())
+
+
+def traced_own_type_rate(
+    model,
+    transcoders,
+    tokenizer,
+    cells: Sequence[CellSentence],
+    predicted: Sequence[str],
+    library: GeneSetLibrary | str,
+    *,
+    dataset: str | os.PathLike,
+    n_cells: int,
+    target: str = "feature",
+    k: int = 10,
+    depth: int = 3,
+    threshold: float = 0.0,
+    fdr: float = DEFAULT_FDR,
+    strict: bool = False,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, float | None]:
+    """:func:`own_type_rate` over the traced circuits of the first ``n_cells`` of ``cells`` whose
+    prediction (``predicted``, one per cell) is their label (module docstring, step 4).
+
+    ``target``, ``k``, ``depth`` and ``threshold`` are :func:`c2srepro.attribution.trace.trace_cell`'s;
+    each cell's target is its own strongest last-layer feature (or its answer's logit). Returns
+    ``(rows, rate)``; with no correctly classified cell, an empty table and None.
+    """
+    if len(cells) != len(predicted):
+        raise ValueError(f"{len(cells)} cells but {len(predicted)} predictions: pass one prediction per cell")
+    if n_cells < 1:
+        raise ValueError(f"n_cells must be >= 1, got {n_cells}")
+    correct = [(cell, label) for cell, label in zip(cells, predicted) if cell.label == label][:n_cells]
+    if not correct:
+        return pd.DataFrame(), None
+    traced = [
+        (cell.label, circuit_genes(trace_cell(model, transcoders, tokenizer, cell, label, target=target, k=k,
+                                              depth=depth, threshold=threshold).graph))
+        for cell, label in tqdm(correct, desc="tracing cells", disable=not progress)
+    ]
+    return own_type_rate(traced, library, dataset=dataset, fdr=fdr, strict=strict)
 
 
 # ---------------------------------------------------------------------------------------------

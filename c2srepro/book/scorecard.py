@@ -1,9 +1,10 @@
 """The scorecard: every number the paper reports beside the one this run reproduced, with a verdict.
 
-1. ``PAPER_VALUES`` holds what the paper states: its settings (hyperparameters, thresholds,
-   sample sizes), its results (Tables 1-4, the case study) and its claims (orderings, "over 80% in
-   most layers", "the top marker term is the cell's own type"). Figure 2's L0 values are shown only as
-   a plot, so the paper states no number for them (``value=None``).
+1. ``PAPER_VALUES`` (from :mod:`c2srepro.book.paper`, where the paper's numbers are typed once)
+   holds what the paper states: its settings (hyperparameters, thresholds, sample sizes), its
+   results (Tables 1-4, the case study) and its claims (orderings, "over 80% in most layers", "the
+   top marker term is the cell's own type"). Figure 2's L0 values are shown only as a plot, so the
+   paper states no number for them (``value=None``).
 2. :func:`build_scorecard` reads a profile's results (``results/<profile>/``: model.json,
    transcoders.json, validation.json, layers.csv, table3.csv, table4.csv, circuit_summary.json and
    the ``*.provenance.json`` beside the tables) and gives one row per quantity, plus the controls
@@ -33,6 +34,11 @@
 
 ``difference`` is reproduced - paper where both are numbers. Nothing is written here: the
 scorecard chapter writes ``scorecard.csv``.
+
+4. For the book, :func:`styled_scorecard` shows a group of rows (quantity with its place in the
+   paper, both values, the verdict coloured, tolerance rule in the note), :func:`model_banner`
+   says when the model is not the paper's, and :func:`plain_summary` states the counts and lists
+   the findings that hold and differ in words.
 """
 
 from __future__ import annotations
@@ -45,14 +51,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+from pandas.io.formats.style import Styler
 from scipy.stats import fisher_exact
 
-from c2srepro.features.table4 import PAPER_TABLE4
-from c2srepro.models.load import PAPER_MODEL
+from c2srepro.book.display import badge, format_number, table
+from c2srepro.book.paper import CIRCUIT_GENES as PAPER_CIRCUIT_GENES
+from c2srepro.book.paper import MARKER_LIBRARY as PAPER_MARKER_LIBRARY
+from c2srepro.book.paper import PAPER_DATA, PAPER_MODEL, PAPER_VALUES
+from c2srepro.book.paper import TABLE3_INTERPRETABLE as PAPER_TABLE3
+from c2srepro.book.paper import TABLE4 as PAPER_TABLE4
+from c2srepro.features.table4 import RANDOM_FRACTION
 
-PAPER_DATA = "Heart Cell Atlas v2"
-PAPER_MARKER_LIBRARY = "CellMarker_Augmented_2021"
-PAPER_CIRCUIT_GENES = ("VWF", "PTPRB", "ANKRD13C", "KHDRBS1", "LPAR6", "ST6GALNAC3", "ART4", "DIAPH2", "MT-ND4")
 VERDICTS = ("reproduced", "differs", "not comparable")
 COLUMNS = ["quantity", "source", "kind", "paper", "reproduced", "difference", "verdict", "tolerance", "note", "model"]
 
@@ -70,72 +79,6 @@ CHAPTER_OF = {
 }
 
 
-@dataclass(frozen=True)
-class PaperValue:
-    """One number or statement of the paper. ``value`` None: shown only in a figure, no number."""
-
-    quantity: str
-    value: float | int | str | None
-    source: str
-    kind: str
-
-
-def _paper_values() -> dict[str, PaperValue]:
-    v = {
-        # Experiments, "Training Hyperparameters" and setup.
-        "model_layers": PaperValue("model layers", 24, "Experiments", "setting"),
-        "heldout_fraction": PaperValue("held-out fraction of the data (90/10 split)", 0.1, "Experiments", "setting"),
-        "lr": PaperValue("transcoder max learning rate", 1e-4, "Training hyperparameters", "setting"),
-        "tokens_per_batch": PaperValue("transcoder tokens per batch", 2048, "Training hyperparameters", "setting"),
-        "l1_coefficient": PaperValue("transcoder L1 coefficient", 1.4e-4, "Training hyperparameters", "setting"),
-        "d_tc": PaperValue("transcoder width (features)", 8192, "Training hyperparameters", "setting"),
-        "expansion_factor": PaperValue("transcoder expansion factor", 8, "Training hyperparameters", "setting"),
-        "training_tokens": PaperValue("transcoder training tokens", 60_000_000, "Training hyperparameters", "setting"),
-        # Tables 1-2 and the fraction of loss recovered they imply.
-        "loss_original": PaperValue("validation loss, original", 2.48, "Table 1", "result"),
-        "loss_transcoder": PaperValue("validation loss, transcoders", 4.63, "Table 1", "result"),
-        "loss_no_mlp": PaperValue("validation loss, no MLP", 12.67, "Table 1", "result"),
-        "loss_ordering": PaperValue("loss: original < transcoders < no MLP", "2.48 < 4.63 < 12.67", "Table 1", "claim"),
-        "fraction_loss_recovered": PaperValue(
-            "fraction of loss recovered (derived)", (12.67 - 4.63) / (12.67 - 2.48), "Table 1, derived", "result"),
-        "kl_transcoder": PaperValue("KL(original || transcoders)", 2.406, "Table 2", "result"),
-        "kl_no_mlp": PaperValue("KL(original || no MLP)", 10.52, "Table 2", "result"),
-        "kl_ordering": PaperValue("KL: transcoders < no MLP", "2.406 < 10.52", "Table 2", "claim"),
-        # Figure 2: a bar plot of L0 per layer; the text gives no number.
-        "mean_l0": PaperValue("mean L0 (active features per token)", None, "Figure 2", "result"),
-        # Figure 3 / Table 3.
-        "table3_layer": PaperValue("Table 3 layer (middle layer)", "12 of 24", "Table 3", "setting"),
-        "live_threshold_table3": PaperValue("live threshold log10 E(f), Figure 3 / Table 3", -4.0, "Figure 3", "setting"),
-        "table3_n": PaperValue("Table 3 features sampled", 20, "Table 3", "setting"),
-        "table3_interpretable": PaperValue("Table 3 gene-level interpretable (7 of 20)", 7 / 20, "Table 3", "result"),
-        # Table 4.
-        "live_threshold_table4": PaperValue("live threshold log10 E(f), Table 4", -3.0, "Table 4", "setting"),
-        "table4_fdr": PaperValue("Table 4 FDR threshold", 0.05, "Table 4", "setting"),
-        "table4_mean_fraction": PaperValue(
-            "Table 4 mean interpretable fraction", float(PAPER_TABLE4["fraction"].mean()), "Table 4", "result"),
-        "table4_most_layers_over_80": PaperValue(
-            "Table 4: over 80% interpretable in most layers",
-            f"{int((PAPER_TABLE4['fraction'] > 0.8).sum())} of 24 layers", "Table 4, text", "claim"),
-        "table4_layer0_dip": PaperValue(
-            "Table 4: layer 0 has the lowest fraction", f"layer 0: {PAPER_TABLE4['fraction'].iloc[0]:.3f}",
-            "Table 4, text", "claim"),
-        # Case study (Figures 4-5).
-        "prompt_genes": PaperValue("genes per prompt", 64, "Figure 4", "setting"),
-        "circuit_n_genes": PaperValue("circuit gene-token nodes", len(PAPER_CIRCUIT_GENES), "Case study", "result"),
-        "circuit_paper_genes": PaperValue(
-            "paper's circuit genes recovered", ", ".join(PAPER_CIRCUIT_GENES), "Case study", "result"),
-        "top_marker_own_type": PaperValue(
-            "top marker term is the cell's own type", "Endothelial cell: heart (cell: endothelial cell)", "Case study", "claim"),
-        "top_marker_fdr": PaperValue("top marker term FDR (< 0.05)", 0.0013, "Case study", "claim"),
-        "top_marker_combined_score": PaperValue("top marker term combined score", 315.17, "Case study", "result"),
-    }
-    for row in PAPER_TABLE4.itertuples():
-        v[f"table4_fraction_layer_{row.layer}"] = PaperValue(
-            f"Table 4 fraction, layer {row.layer}", float(row.fraction), "Table 4", "result")
-    return v
-
-
-PAPER_VALUES: dict[str, PaperValue] = _paper_values()
 
 # Quantities whose scale is the model's own (nats, widths, layer counts).
 _MODEL_SCALE = {"loss_original", "loss_transcoder", "loss_no_mlp", "kl_transcoder", "kl_no_mlp", "d_tc", "model_layers"}
@@ -348,7 +291,7 @@ def _table3_rows(r: _Results, ctx: _Context) -> list[_Builder]:
         table = r.table("table3.csv", ("gene_level_interpretable",))
         yes = int((table["gene_level_interpretable"].astype(str) == "Yes").sum())
         n = len(table)
-        paper_yes, paper_n = 7, 20
+        paper_yes, paper_n = PAPER_TABLE3["yes"], PAPER_TABLE3["n"]
         _, p = fisher_exact([[paper_yes, paper_n - paper_yes], [yes, n - yes]])
         sources = set(table["source"].astype(str)) if "source" in table else set()
         by = {frozenset({"rule"}): "an automatic rule", frozenset({"human"}): "human labels",
@@ -374,8 +317,8 @@ def _table4_rows(r: _Results, ctx: _Context) -> list[_Builder]:
     def mean():
         t = summary()
         note = f"{len(t)} layers"
-        if "null_fraction" in t:
-            note += f"; random same-size gene lists reach {t['null_fraction'].mean():.3f} (the paper reports no null)"
+        if RANDOM_FRACTION in t:
+            note += f"; random same-size gene lists reach {t[RANDOM_FRACTION].mean():.3f} (the paper reports no null)"
         return _numeric("table4_mean_fraction", float(t["fraction"].mean()), ctx, _TOLERANCES["table4_mean_fraction"], note)
 
     def most_over_80():
@@ -496,7 +439,7 @@ def _controls(r: _Results) -> list[dict[str, Any]]:
     """Rows beyond the paper (rule b): shown with no paper value, for the reader's judgement."""
     specs = [
         ("accuracy_original", "held-out cell-type accuracy, original", "model.json", "heldout_accuracy",
-         "the paper reports one prediction, no accuracy", lambda d: f"majority-class baseline {_fmt(d.get('baseline_accuracy'))}"),
+         "the paper reports one prediction, no accuracy", lambda d: f"logistic-regression baseline on the same top-K genes {_fmt(d.get('baseline_accuracy'))}"),
         ("accuracy_transcoder", "held-out cell-type accuracy, transcoders in place", "validation.json",
          "accuracy_transcoder", "", lambda d: f"original {_fmt(d.get('accuracy_original'))}"),
         ("prompt_subset_percentile", "circuit marker score, percentile among random prompt-gene subsets",
@@ -562,3 +505,93 @@ def build_scorecard(results_dir: str | os.PathLike, *, profile: str) -> pd.DataF
     table["model"] = "same as the paper" if ctx.same_model else f"differs: {ctx.model_label}"
     return table[COLUMNS + ["key"]]
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering for the book (step 4)
+
+VERDICT_COLOURS = {"reproduced": "#d8f0d8", "differs": "#f8d8d0", "not comparable": "#e8e8e8"}
+KINDS = ("setting", "result", "claim", "control")
+_DIGITS = 4  # the paper's numbers carry up to four significant digits (2.406, 315.17)
+
+
+def _model_label(scorecard: pd.DataFrame) -> str | None:
+    """"<model> on <data>" when the model is not the paper's, else None."""
+    note = str(scorecard["model"].iloc[0]) if len(scorecard) else "same as the paper"
+    return None if note == "same as the paper" else note.removeprefix("differs: ")
+
+
+def model_banner(scorecard: pd.DataFrame, *, profile: str) -> str | None:
+    """Markdown saying that this profile's model is not the paper's (None when it is)."""
+    label = _model_label(scorecard)
+    if label is None:
+        return None
+    return (f"**The model differs from the paper's.** This is the `{profile}` profile: {label}, not "
+            f"`{PAPER_MODEL}` on the {PAPER_DATA}. Quantities on the model's own scale are therefore marked "
+            "*not comparable*; orderings, fractions and claims are compared.")
+
+
+def _select(scorecard: pd.DataFrame, kinds: str | tuple[str, ...]) -> pd.DataFrame:
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown scorecard kinds {unknown}; choose from {KINDS}")
+    return scorecard[scorecard["kind"].isin(kinds)]
+
+
+def styled_scorecard(scorecard: pd.DataFrame, *, kinds: str | tuple[str, ...] = KINDS) -> Styler:
+    """The rows of ``kinds`` as the book shows them: the quantity with its place in the paper, the
+    two values, the difference, the verdict coloured and the rule applied in the note."""
+    rows = _select(scorecard, kinds)
+    label = _model_label(scorecard)
+    notes = [_join(n, f"rule: {t}" if t else "") for n, t in zip(rows["note"].fillna(""), rows["tolerance"].fillna(""))]
+    if label is not None:  # the banner names the model once; the notes need not repeat it
+        notes = [n.replace(f" ({label})", "") for n in notes]
+    view = pd.DataFrame({
+        "quantity": (rows["quantity"] + " (" + rows["source"] + ")").tolist(),
+        "paper": rows["paper"].tolist(), "reproduced": rows["reproduced"].tolist(),
+        "difference": rows["difference"].tolist(), "verdict": rows["verdict"].tolist(), "note": notes,
+    })
+    # Inline styles: Quarto drops a Styler's <style> block from the page.
+    return (table(view, digits=_DIGITS)
+            .format(lambda v: badge(v, background=VERDICT_COLOURS[v]), subset=["verdict"], escape="html")
+            .format(lambda v: badge(v, font_size="85%"), subset=["note"], escape="html"))
+
+
+def _listing(rows: pd.DataFrame) -> str:
+    return "; ".join(
+        f"{q} (paper {format_number(p, digits=_DIGITS)}, here {format_number(r, digits=_DIGITS)})"
+        for q, p, r in rows[["quantity", "paper", "reproduced"]].itertuples(index=False)
+    )
+
+
+def plain_summary(scorecard: pd.DataFrame) -> str:
+    """The scorecard in words (Markdown): how many of the paper's numbers and claims are
+    reproduced, differ or cannot be compared, then which results, claims and settings."""
+    compared = scorecard[scorecard["kind"] != "control"]
+    verdicts = compared["verdict"].value_counts()
+    findings = compared[compared["kind"] != "setting"]
+    settings = compared[compared["kind"] == "setting"]
+    held = findings[findings["verdict"] == "reproduced"]
+    differ = findings[findings["verdict"] == "differs"]
+    settings_differ = settings[settings["verdict"] == "differs"]
+    text = (
+        f"Of the paper's {len(compared)} numbers and claims, **{verdicts.get('reproduced', 0)} are reproduced**, "
+        f"**{verdicts.get('differs', 0)} differ** and {verdicts.get('not comparable', 0)} cannot be compared here; "
+        f"{int((scorecard['kind'] == 'control').sum())} further rows are controls this book adds.\n\n"
+        + (f"**Results and claims that hold:** {_listing(held)}.\n\n" if len(held)
+           else "No result or claim of the paper holds here.\n\n")
+        + (f"**Results and claims that differ:** {_listing(differ)}.\n\n" if len(differ)
+           else "No compared result or claim differs.\n\n")
+        + (f"**Settings that differ from the paper's:** {_listing(settings_differ)}." if len(settings_differ)
+           else "Every compared setting is the paper's.")
+    )
+    if _model_label(scorecard) is not None:
+        text += (
+            "\n\nUnder this profile the scorecard tests whether the paper's *method* behaves as the paper says on a "
+            "small model that runs anywhere: the orderings of Tables 1-2, the share of interpretable features of "
+            "Tables 3-4 (read beside the null fraction of random gene lists, which the paper does not report), and "
+            "whether a traced circuit names its cell's own type. It cannot confirm the paper's absolute numbers: "
+            "those need the paper profile, with the paper's model and data."
+        )
+    return text

@@ -19,6 +19,10 @@ beside the share reached by random gene lists of the same sizes (the null contro
 5. ``background``: ``"library"`` (each library's own genes, as Enrichr and the paper) or
    ``"corpus"`` (the gene universe of step 4; stricter, since the lists can only hold such
    genes), or an explicit gene list.
+6. The book's Table 4 (``table4.csv``) is :func:`compare_backgrounds`: the library-background
+   summary (``SUMMARY_COLUMNS`` and one :func:`null_column` per null kind) with the corpus
+   background's fraction and random-list fraction beside it, prefixed ``corpus_background_``.
+   These names are the table's schema; readers of the CSV (the scorecard) use the constants.
 """
 
 from __future__ import annotations
@@ -64,17 +68,19 @@ FEATURE_TABLE_COLUMNS = [
     "overlap_genes",
 ]
 SUMMARY_COLUMNS = ["layer", "live_features", "with_genes", "no_genes", "interpretable", "fraction"]
+CORPUS_PREFIX = "corpus_background_"
 
-# The paper's Table 4 (live features with log10 E(f) >= -3 and those with a term at FDR < 0.05).
-PAPER_TABLE4 = pd.DataFrame(
-    {
-        "layer": list(range(24)),
-        "live_features": [116, 179, 606, 665, 729, 919, 967, 921, 641, 542, 636, 625,
-                          915, 865, 880, 868, 778, 766, 746, 791, 932, 938, 922, 269],
-        "interpretable": [78, 159, 529, 552, 614, 780, 854, 805, 563, 460, 540, 533,
-                          808, 762, 802, 776, 682, 679, 664, 710, 827, 835, 804, 220],
-    }
-).assign(fraction=lambda t: t["interpretable"] / t["live_features"])
+
+def null_column(kind: str) -> str:
+    """The summary column holding the share of live features that null ``kind`` makes interpretable."""
+    if kind not in NULL_KINDS:
+        raise ValueError(f"null kind must be one of {NULL_KINDS}, got {kind!r}")
+    return f"{kind}_fraction"
+
+
+RANDOM_FRACTION = null_column("random")
+CORPUS_FRACTION = CORPUS_PREFIX + "fraction"
+CORPUS_RANDOM_FRACTION = CORPUS_PREFIX + RANDOM_FRACTION
 
 
 @dataclass
@@ -254,7 +260,7 @@ def summarize(features: pd.DataFrame, nulls: pd.DataFrame, *, layers: Sequence[i
         row["fraction"] = row["interpretable"] / live if live else np.nan
         for kind in pd.unique(nulls["kind"]):
             null = nulls[(nulls["layer"] == layer) & (nulls["kind"] == kind)]
-            row[f"{kind}_fraction"] = null["interpretable"].sum() / live if live else np.nan
+            row[null_column(kind)] = null["interpretable"].sum() / live if live else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -305,6 +311,23 @@ def table4(
         ],
     }
     return Table4(summarize(features, null_table, layers=sorted(stats)), features, null_table, settings)
+
+
+def compare_backgrounds(library: Table4, corpus: Table4) -> pd.DataFrame:
+    """The book's Table 4 (module docstring, step 6): ``library``'s summary (a :func:`table4` with
+    ``background="library"``) and, per layer, ``corpus``'s fraction (``CORPUS_FRACTION``) and
+    random-list fraction (``CORPUS_RANDOM_FRACTION``, when its nulls include ``"random"``)."""
+    left, right = library.summary, corpus.summary
+    if left["layer"].tolist() != right["layer"].tolist():
+        raise ValueError(
+            f"the two Table 4 runs cover different layers ({left['layer'].tolist()} and {right['layer'].tolist()}): "
+            "run table4() on the same feature statistics for both backgrounds"
+        )
+    combined = left.copy()
+    combined[CORPUS_FRACTION] = right["fraction"].to_numpy()
+    if RANDOM_FRACTION in right:
+        combined[CORPUS_RANDOM_FRACTION] = right[RANDOM_FRACTION].to_numpy()
+    return combined
 
 
 def write_feature_tables(features: pd.DataFrame, directory: str | os.PathLike) -> list[Path]:

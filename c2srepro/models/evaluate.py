@@ -1,7 +1,12 @@
 """Held-out cell-type accuracy of a C2S model, beside a logistic-regression baseline.
 
-The baseline sees what the model sees: a 0/1 bag of each cell's top-K genes (the genes of its
-cell sentence, order dropped), fit on the same training cells.
+1. Predictions: each held-out cell's candidate-label scoring (``c2srepro.models.predict``); the
+   accuracy is the fraction of cells whose prediction is their label. :func:`heldout_accuracy`
+   predicts with the model as it runs at the call, so inside a hook context (the transcoders in
+   place of the MLPs: ``with replace_mlps(model, transcoders): heldout_accuracy(...)``) it is the
+   accuracy of the replacement model.
+2. The baseline sees what the model sees: a 0/1 bag of each cell's top-K genes (the genes of its
+   cell sentence, order dropped), fit on the same training cells.
 """
 
 from __future__ import annotations
@@ -40,6 +45,22 @@ def heldout_predictions(model, tokenizer, split: CellSplit, *, max_cells: int | 
     return pd.DataFrame(
         {"cell_id": [c.cell_id for c in cells], "label": [c.label for c in cells], "predicted": predicted}
     )
+
+
+def accuracy(predictions: pd.DataFrame) -> float:
+    """The fraction of rows of :func:`heldout_predictions` whose ``predicted`` is their ``label``."""
+    missing = [c for c in ("label", "predicted") if c not in predictions.columns]
+    if missing:
+        raise ValueError(f"predictions lack columns {missing}: pass heldout_predictions()'s table")
+    if predictions.empty:
+        raise ValueError("no predictions: the accuracy of zero cells is undefined")
+    return float((predictions["label"] == predictions["predicted"]).mean())
+
+
+def heldout_accuracy(model, tokenizer, split: CellSplit, *, max_cells: int | None = None) -> float:
+    """Accuracy over the first ``max_cells`` held-out cells (None: all) of the model as it runs now
+    (module docstring, step 1)."""
+    return accuracy(heldout_predictions(model, tokenizer, split, max_cells=max_cells))
 
 
 def confusion_table(predictions: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
