@@ -37,6 +37,7 @@ _FRONT_DOOR = {
     "predict_labels": "c2srepro.models.predict",
     "harvest_activations": "c2srepro.transcoder.harvest",
     "train_transcoders": "c2srepro.transcoder.train",
+    "TrainConfig": "c2srepro.transcoder.config",
     "load_transcoders": "c2srepro.transcoder.model",
     "save_transcoders": "c2srepro.transcoder.model",
     "collect_feature_stats": "c2srepro.features.collect",

@@ -27,3 +27,22 @@ def test_import_is_cheap():
     code = "import sys, c2srepro; print(sorted(m for m in ('torch', 'scanpy', 'transformers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_readme_runs_the_tutorials_lines():
+    # The README's library section and the tutorial chapter (which CI executes) are one code path.
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Use as a library"):]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    notebook = json.loads((root / "chapters" / "A1-your-data.ipynb").read_text())
+    (path,) = ["".join(c["source"]) for c in notebook["cells"]
+               if c["cell_type"] == "code" and "import c2srepro as c2s" in "".join(c["source"])]
+    path = "\n".join(line for line in path.splitlines() if not line.startswith("#|"))
+    assert blocks[1].strip() == path.strip()
+    lines = [line for line in path.splitlines() if line.strip() and not line.startswith(("import ", "from "))]
+    assert len(lines) <= 15, f"the path from .h5ad to a circuit takes {len(lines)} lines"
