@@ -1,6 +1,7 @@
 """A wheel built from the checkout works outside it: package data (the label map) included."""
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -19,9 +20,14 @@ CASE_STUDY = textwrap.dedent("""
 
 
 def test_wheel_installs_into_a_fresh_venv_and_reads_its_package_data(tmp_path):
+    # Built from a copy of what the wheel is made of, so setuptools' build/ stays out of the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "c2srepro", source / "c2srepro", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(wheels), str(ROOT)], check=True, cwd=tmp_path)
+                    "--wheel-dir", str(wheels), str(source)], check=True, cwd=tmp_path)
     (wheel,) = wheels.glob("c2srepro-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
