@@ -39,6 +39,7 @@ def test_table_drops_unnamed_index_and_keeps_named_one():
     assert ">34<" not in html and ">457<" not in html
     assert "2.5e-21" in html and "315" in html and "315.17123" not in html and ">0.1<" in html
     assert 'class="dataframe c2s-table"' in html
+    assert ">top fdr<" in html and list(table(frame).data.columns) == ["feature", "top_fdr", "score"]
     assert table(frame).to_html() == html  # the same table gives the same HTML (no random id)
 
     named = pd.DataFrame({"training": [5, 2]}, index=pd.Index(["B cell", "NK"], name="cell type"))
@@ -63,5 +64,5 @@ def test_table_p_columns_and_errors():
 def test_text_is_escaped_and_badges_are_inline():
     html = table(pd.DataFrame({"token": ["<|endoftext|>"], "note": ["a & b"]})).to_html()
     assert "&lt;|endoftext|&gt;" in html and "a &amp; b" in html and "<|endoftext|>" not in html
-    assert badge("ok", background="#d8f0d8") == '<span style="background-color: #d8f0d8; padding: 0 0.3em; border-radius: 3px">ok</span>'
+    assert badge("ok", background="#d8f0d8") == '<span style="background-color: #d8f0d8; padding: 0 0.3em; border-radius: 3px; white-space: nowrap">ok</span>'
     assert badge("x", font_size="85%") == '<span style="font-size: 85%">x</span>' and badge("y") == "y"

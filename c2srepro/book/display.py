@@ -12,7 +12,8 @@ display; the numbers themselves are untouched (the CSV and JSON results keep ful
 3. p-values and FDRs (columns named like ``p_value``, ``P-value``, ``Adjusted P-value``,
    ``fdr``, ``top_fdr``; or those given in ``p_columns``) get two significant digits, in
    scientific form when small: ``2.5e-21``, ``0.0013``.
-4. Text is HTML-escaped (a token such as ``<|endoftext|>`` shows as itself). Styling that must
+4. Column headers read as words (``random_fraction`` shows as "random fraction", so a wide table's
+   headers can wrap); the data keep their names. Text is HTML-escaped (a token such as ``<|endoftext|>`` shows as itself). Styling that must
    survive Quarto, which drops a Styler's ``<style>`` block from rendered pages, goes inline: see
    :func:`badge`.
 5. The table's id is derived from its content, so an executed notebook is the same on every run.
@@ -21,6 +22,7 @@ display; the numbers themselves are untouched (the CSV and JSON results keep ful
 from __future__ import annotations
 
 import hashlib
+import html
 import math
 import numbers
 import re
@@ -78,7 +80,7 @@ def format_number(value, *, digits: int = 3) -> str:
 def badge(text: str, *, background: str | None = None, font_size: str | None = None) -> str:
     """``text`` (already HTML-escaped) in a ``<span>`` with inline style, for a Styler formatter."""
     style = "; ".join(part for part in (
-        f"background-color: {background}; padding: 0 0.3em; border-radius: 3px" if background else "",
+        f"background-color: {background}; padding: 0 0.3em; border-radius: 3px; white-space: nowrap" if background else "",
         f"font-size: {font_size}" if font_size else "",
     ) if part)
     return f'<span style="{style}">{text}</span>' if style else text
@@ -116,6 +118,7 @@ def table(
     uuid = hashlib.sha1(frame.to_csv(index=False).encode()).hexdigest()[:10]
     return (
         frame.style.format(formatters, escape="html")
+        .format_index(lambda name: html.escape(str(name).replace("_", " ")), axis="columns")
         .hide(axis="index")
         .set_uuid(uuid)
         .set_table_attributes(f'class="{TABLE_CLASS}"')
