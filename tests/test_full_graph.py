@@ -86,6 +86,7 @@ def test_rows_and_constants_add_up_to_each_value(rep, graph):
     rows = graph.nodes[graph.nodes["computed"]]
     sums = graph.adjacency[rows.index].sum(1).numpy() + rows["constant"].to_numpy()
     assert sums == pytest.approx(rows["value"].to_numpy(), rel=1e-10, abs=1e-12)
+    assert (rows["dropped"] == 0.0).all()  # uncapped: no feature is left out
     features = rows[rows["kind"] == "feature"]
     # A firing feature's value (pre-activation) is its activation.
     assert features["value"].to_numpy() == pytest.approx(features["activation"].to_numpy(), rel=1e-9, abs=1e-12)
@@ -154,6 +155,13 @@ def test_feature_cap_keeps_the_most_influential_rows(rep, graph, targets):
     full_index = torch.tensor([graph.index_of(capped.node(i)) for i in range(capped.n_nodes)])
     for i in capped.nodes.index[capped.nodes["computed"]]:
         torch.testing.assert_close(capped.adjacency[i], graph.adjacency[full_index[i]][full_index], rtol=0, atol=1e-13)
+    # What the cap leaves out is kept per row, so every row still adds up to its value exactly.
+    rows = capped.nodes[capped.nodes["computed"]]
+    sums = capped.adjacency[rows.index].sum(1).numpy() + rows["constant"].to_numpy() + rows["dropped"].to_numpy()
+    assert sums == pytest.approx(rows["value"].to_numpy(), rel=1e-10, abs=1e-12)
+    assert capped.nodes["value"].iloc[capped.targets].to_numpy() == pytest.approx(
+        graph.nodes["value"].iloc[graph.targets].to_numpy(), rel=1e-10)
+    assert rows["dropped"].abs().max() > 1e-6
     # The first picks are the features the targets' own rows point to most strongly.
     direct = capped.adjacency.new_zeros(graph.n_nodes)
     normalised = graph.adjacency.abs() / graph.adjacency.abs().sum(1, keepdim=True).clamp(min=1e-30)

@@ -10,14 +10,16 @@ Nodes, in adjacency order: the selected active features (sorted by layer, positi
 error node per (layer, position), one token (``embedding``) node per position, then the logit
 targets. A target is the logit of a token read at a position, or any active feature (it then stays
 in the feature block, flagged ``is_target``). Biases are not nodes (as in circuit-tracer); each
-computed row keeps their sum and the reading bias as its ``constant``, so for every computed row
-``adjacency[row].sum() + constant == value`` (the node's pre-activation or logit) exactly.
+computed row keeps their sum and the reading bias as its ``constant``, and the summed contribution
+of the active features a cap left out of the graph as ``dropped``, so for every computed row
+``adjacency[row].sum() + constant + dropped == value`` (the node's pre-activation or logit) exactly.
 
 1. Targets: validate them (an active feature or a logit at a position in the prompt) and compute
    their rows first, in one batched backward pass.
 2. Rows are computed ``batch_size`` at a time: one shared backward pass through the frozen model
    (the vector-Jacobian product of :mod:`c2srepro.attribution.contributions`, step 1), seeding each
-   target's reading vector when the pass reaches its layer. A source writing u into r_{l+1} at s
+   target's reading vector when the pass reaches its layer; rows of one pass are neighbours in
+   (layer, position), since the pass runs from the batch's top layer and up to its last position. A source writing u into r_{l+1} at s
    gets u . G_{l+1}[s]; for features u = z f_dec, gathered per position for active features only.
 3. Feature cap (``max_feature_nodes``): with the rows computed so far, estimate every active
    feature's influence as circuit-tracer does (rows |A| normalised to sum 1, influence
@@ -66,11 +68,11 @@ SCHEMA = "c2srepro-full-attribution-graph"
 SCHEMA_VERSION = 1
 NODE_COLUMNS = (
     "node_id", "kind", "layer", "position", "feature", "logit_token", "token_id", "token", "gene",
-    "activation", "value", "constant", "is_target", "computed",
+    "activation", "value", "constant", "dropped", "is_target", "computed",
 )
 _INT_COLUMNS = ("layer", "position", "token_id")
 _NULLABLE_INT_COLUMNS = ("feature", "logit_token")
-_FLOAT_COLUMNS = ("activation", "value", "constant")
+_FLOAT_COLUMNS = ("activation", "value", "constant", "dropped")
 _BOOL_COLUMNS = ("is_target", "computed")
 
 
@@ -336,7 +338,8 @@ class _Columns:
 def _rows(rep: LinearisedReplacement, targets: Sequence[Node], cols: _Columns) -> tuple[Tensor, Tensor]:
     """One shared backward pass (module docstring, step 2): rows over ``cols`` and each row's constant."""
     weights = rep.weights
-    n, n_pos = len(targets), rep.n_pos
+    # Causality: nothing after the batch's last target position contributes, so the pass stops there.
+    n, n_pos = len(targets), max(t.position for t in targets) + 1
     readings = [_reading(rep, t) for t in targets]
     read_layers = torch.tensor([_read_layer(rep, t) for t in targets])
     grad = weights.embed.new_zeros(n, n_pos, weights.d_model)
@@ -350,19 +353,20 @@ def _rows(rep: LinearisedReplacement, targets: Sequence[Node], cols: _Columns) -
         layer = m - 1  # sources written by this layer land in r_m
         act = rep.active[layer]
         padded, slot = cols.slots[layer]
-        if len(act):
+        visible = (act.position < n_pos).nonzero().flatten()
+        if len(visible):
             # f_dec . G only for the features active at each position (a batched matmul over
             # positions): the dense [pos, d_tc] projection would cost d_tc / active-per-token more.
-            decoders = rep.transcoders[layer].W_dec[padded]  # [pos, M, d_model]
+            decoders = rep.transcoders[layer].W_dec[padded[:n_pos]]  # [pos, M, d_model]
             projected = torch.einsum("npd,pmd->npm", grad, decoders)
             start = cols.feature_start[layer]
-            rows[:, start : start + len(act)] = act.activation * projected[:, act.position, slot]
-        error_col = cols.error_start + layer * n_pos
-        rows[:, error_col : error_col + n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer])
+            rows[:, start + visible] = act.activation[visible] * projected[:, act.position[visible], slot[visible]]
+        error_col = cols.error_start + layer * rep.n_pos
+        rows[:, error_col : error_col + n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
         constant += (grad @ rep.written_bias[layer]).sum(dim=1)
         grad = grad + _attention_transpose(rep, layer, grad)  # G_{m-1} = G_m + Attn^T(G_m)
     rows[:, cols.token_start : cols.token_start + n_pos] = torch.einsum(
-        "ntd,td->nt", grad, weights.embed[rep.input_ids]
+        "ntd,td->nt", grad, weights.embed[rep.input_ids[:n_pos]]
     )
     return rows, constant
 
@@ -454,6 +458,9 @@ def build_graph(
             queue = min(update_interval * batch_size, cap - n_features)
             order = influence[unvisited].argsort(descending=True, stable=True)
             pending = unvisited[order[:queue]]
+        # Batches of nearby (layer, position) rows: a pass starts at the batch's highest layer and
+        # stops at its last position, so mixed batches would waste most of their work.
+        pending = pending[torch.argsort(f_layer[pending] * rep.n_pos + f_pos[pending], stable=True)]
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             nodes = [Node.feature(f_layer[i], f_pos[i], f_feat[i]) for i in batch.tolist()]
@@ -470,7 +477,12 @@ def build_graph(
     kept_cols = torch.cat([selected, torch.arange(n_active, cols.n_cols)])
     new_index = torch.full((cols.n_cols,), -1, dtype=torch.long)
     new_index[kept_cols] = torch.arange(len(kept_cols))
-    rows = torch.cat(row_blocks)[:, kept_cols.to(rep.weights.embed.device)].cpu()
+    all_rows = torch.cat(row_blocks)
+    dropped = torch.ones(cols.n_cols, dtype=torch.bool, device=all_rows.device)
+    dropped[kept_cols.to(all_rows.device)] = False
+    dropped_sum = all_rows[:, dropped].sum(dim=1).cpu().to(torch.float64)
+    rows = all_rows[:, kept_cols.to(all_rows.device)].cpu()
+    del all_rows
     adjacency = rows.new_zeros(len(kept_cols), len(kept_cols))
     row_index = new_index[torch.tensor(row_col)]
     adjacency[row_index] = rows
@@ -481,9 +493,12 @@ def build_graph(
 
     nodes = _node_table(rep, selected, (f_layer, f_pos, f_feat, f_act), logit_targets, tokens, genes)
     nodes["constant"] = constant_of.numpy()
+    dropped_of = torch.full((len(kept_cols),), float("nan"), dtype=torch.float64)
+    dropped_of[row_index] = dropped_sum
+    nodes["dropped"] = dropped_of.numpy()
     computed = ~torch.isnan(constant_of)
     nodes["computed"] = computed.numpy()
-    values = adjacency.sum(dim=1).to(torch.float64) + constant_of
+    values = adjacency.sum(dim=1).to(torch.float64) + constant_of + dropped_of
     nodes["value"] = values.numpy()  # = pre-activation or logit on the real prompt (exact decomposition)
     nodes.loc[nodes["node_id"].isin([t.id for t in targets]), "is_target"] = True
     info = {
@@ -511,7 +526,8 @@ def _node_table(rep, selected, features, logit_targets, tokens, genes) -> pd.Dat
             "feature": node.index if node.kind == "feature" else None,
             "logit_token": node.index if node.kind == "logit" else None,
             "token_id": ids[node.position], "token": token_of[node.position], "gene": gene_of[node.position],
-            "activation": activation, "value": None, "constant": None, "is_target": False, "computed": False,
+            "activation": activation, "value": None, "constant": None, "dropped": None, "is_target": False,
+            "computed": False,
         })
 
     for i in selected.tolist():
