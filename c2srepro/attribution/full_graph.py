@@ -315,6 +315,9 @@ class _Columns:
     logit_start: int
     n_cols: int
     slots: list[tuple[Tensor, Tensor]]  # per layer: (position-major padded feature ids [pos, M], slot of each active)
+    # Row-contiguous decoders: a transcoder may store W_dec transposed, and gathering its rows
+    # strided is an order of magnitude slower than the whole backward pass's matmuls.
+    decoders: list[Float[Tensor, "d_tc d_model"]]
 
     @classmethod
     def of(cls, rep: LinearisedReplacement, n_logits: int) -> "_Columns":
@@ -331,7 +334,8 @@ class _Columns:
         error_start = starts[-1]
         token_start = error_start + rep.n_layers * rep.n_pos
         logit_start = token_start + rep.n_pos
-        return cls(starts, error_start, token_start, logit_start, logit_start + n_logits, slots)
+        decoders = [tc.W_dec.contiguous() for tc in rep.transcoders]
+        return cls(starts, error_start, token_start, logit_start, logit_start + n_logits, slots, decoders)
 
 
 @torch.no_grad()
@@ -357,7 +361,7 @@ def _rows(rep: LinearisedReplacement, targets: Sequence[Node], cols: _Columns) -
         if len(visible):
             # f_dec . G only for the features active at each position (a batched matmul over
             # positions): the dense [pos, d_tc] projection would cost d_tc / active-per-token more.
-            decoders = rep.transcoders[layer].W_dec[padded[:n_pos]]  # [pos, M, d_model]
+            decoders = cols.decoders[layer][padded[:n_pos]]  # [pos, M, d_model]
             projected = torch.einsum("npd,pmd->npm", grad, decoders)
             start = cols.feature_start[layer]
             rows[:, start + visible] = act.activation[visible] * projected[:, act.position[visible], slot[visible]]
