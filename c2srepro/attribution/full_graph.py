@@ -147,7 +147,10 @@ class AttributionGraph:
         return {"replacement": float(replacement), "completeness": float(completeness)}
 
     def subgraph(self, keep: Bool[Tensor, "node"], edges: Bool[Tensor, "node node"] | None = None) -> "AttributionGraph":
-        """The graph on the kept nodes (and kept edges): itself an AttributionGraph, prunable again."""
+        """The graph on the kept nodes (and kept edges): itself an AttributionGraph, prunable again.
+
+        Its node table keeps each node's ``value`` and ``constant`` from the full graph; the rows of
+        a pruned graph no longer add up to them (what pruning removed is not tracked)."""
         if not bool(keep[self.targets].all()):
             raise ValueError("a subgraph must keep every target node")
         adjacency = self.adjacency if edges is None else self.adjacency * edges
@@ -654,8 +657,8 @@ def gene_view(graph: AttributionGraph, *, genes: Sequence[str | None] | None = N
     """Merge the sub-word token nodes of each gene (genes: per prompt token, None for template text).
 
     1. Each gene's token (``embedding``) nodes become one node ``gene:<symbol>``; template tokens,
-       features, errors and targets stay as they are. The merge is a 0/1 matrix M (old -> new node)
-       and the gene-level adjacency is M^T A M: edges into and out of a gene are summed.
+       features, errors and targets stay as they are. With M the 0/1 merge matrix (old -> new
+       node), the gene-level adjacency is M^T A M: edges into and out of a gene are summed.
     2. A node's influence I is computed on the token-level graph and summed over what was merged
        (I M), so the total influence is conserved. (Recomputing it on the merged signed edges would
        not be: |a + b| < |a| + |b| when tokens of one gene push in opposite directions.)
@@ -671,25 +674,26 @@ def gene_view(graph: AttributionGraph, *, genes: Sequence[str | None] | None = N
     sentence_rank = {gene: rank for rank, gene in enumerate(order, start=1)}
 
     nodes = graph.nodes
-    new_of_old, new_rows, gene_row = [], [], {}
-    for index, row in nodes.iterrows():
-        gene = genes[row["position"]] if row["kind"] == "embedding" else None
-        if gene is None:
-            new_of_old.append(len(new_rows))
-            new_rows.append(row.to_dict())
-        elif gene in gene_row:
-            new_of_old.append(gene_row[gene])
-            merged = new_rows[gene_row[gene]]
-            merged["token"] += "|" + row["token"]  # sub-words shown as V|WF
-        else:
-            gene_row[gene] = len(new_rows)
-            new_of_old.append(len(new_rows))
-            new_rows.append({**row.to_dict(), "node_id": f"gene:{gene}", "kind": "gene", "gene": gene})
-    merge = torch.zeros(graph.n_nodes, len(new_rows), dtype=graph.adjacency.dtype)
-    merge[torch.arange(graph.n_nodes), torch.tensor(new_of_old)] = 1.0
-    adjacency = merge.T @ graph.adjacency @ merge
-    influence = graph.node_influence() @ merge
-    table = pd.DataFrame(new_rows).reset_index(drop=True)
+    kinds, node_positions = nodes["kind"].to_numpy(), nodes["position"].to_numpy()
+    keys = [("gene", genes[p]) if k == "embedding" and genes[p] is not None else ("node", i)
+            for i, (k, p) in enumerate(zip(kinds, node_positions))]
+    members: dict[tuple, list[int]] = {}  # new nodes in order of their first member
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    new_index = {key: i for i, key in enumerate(members)}
+    new_of_old = torch.tensor([new_index[key] for key in keys])
+    table = nodes.iloc[[group[0] for group in members.values()]].reset_index(drop=True)
+    gene_row = {key[1]: new_index[key] for key in members if key[0] == "gene"}
+    tokens = nodes["token"].to_numpy()
+    for gene, row in gene_row.items():
+        table.loc[row, ["node_id", "kind", "gene"]] = [f"gene:{gene}", "gene", gene]
+        table.loc[row, "token"] = "|".join(tokens[members[("gene", gene)]])  # sub-words shown as V|WF
+    n_new = len(new_index)
+    # M^T A M as two index_adds (sum the columns, then the rows, of each merged group).
+    columns_merged = graph.adjacency.new_zeros(graph.n_nodes, n_new).index_add_(1, new_of_old, graph.adjacency)
+    adjacency = graph.adjacency.new_zeros(n_new, n_new).index_add_(0, new_of_old, columns_merged)
+    influence = graph.node_influence()
+    influence = influence.new_zeros(n_new).index_add_(0, new_of_old, influence)
     table["influence"] = influence.to(torch.float64).numpy()
 
     positions: dict[str, list[int]] = {gene: [] for gene in order}
