@@ -460,7 +460,9 @@ def build_graph(
         if cap == n_active:
             pending = unvisited
         else:
-            influence = _influence(_normalise(torch.cat(row_blocks)), col_weights, torch.tensor(row_col))
+            influence = _influence(
+                _normalise(torch.cat(row_blocks)), col_weights, torch.tensor(row_col, device=col_weights.device)
+            )
             influence = influence[:n_active].cpu()
             queue = min(update_interval * batch_size, cap - n_features)
             order = influence[unvisited].argsort(descending=True, stable=True)
