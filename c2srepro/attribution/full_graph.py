@@ -9,7 +9,8 @@ transcoder + error), so every edge is an exact direct effect (eq. 5 generalised,
 Nodes, in adjacency order: the selected active features (sorted by layer, position, feature), one
 error node per (layer, position), one token (``embedding``) node per position, then the logit
 targets. A target is the logit of a token read at a position, or any active feature (it then stays
-in the feature block, flagged ``is_target``). Biases are not nodes (as in circuit-tracer); each
+in the feature block, flagged ``is_target``); a logit target is the logit itself (circuit-tracer
+reads the logit minus the mean logit, a demeaned unembedding direction). Biases are not nodes (as in circuit-tracer); each
 computed row keeps their sum and the reading bias as its ``constant``, and the summed contribution
 of the active features a cap left out of the graph as ``dropped``, so for every computed row
 ``adjacency[row].sum() + constant + dropped == value`` (the node's pre-activation or logit) exactly.
@@ -18,9 +19,10 @@ of the active features a cap left out of the graph as ``dropped``, so for every 
    their rows first, in one batched backward pass.
 2. Rows are computed ``batch_size`` at a time: one shared backward pass through the frozen model
    (the vector-Jacobian product of :mod:`c2srepro.attribution.contributions`, step 1), seeding each
-   target's reading vector when the pass reaches its layer; rows of one pass are neighbours in
-   (layer, position), since the pass runs from the batch's top layer and up to its last position. A source writing u into r_{l+1} at s
+   target's reading vector when the pass reaches its layer. A source writing u into r_{l+1} at s
    gets u . G_{l+1}[s]; for features u = z f_dec, gathered per position for active features only.
+   Rows of one pass are neighbours in (layer, position), since a pass runs from the batch's top
+   layer down and over the positions up to the batch's last.
 3. Feature cap (``max_feature_nodes``): with the rows computed so far, estimate every active
    feature's influence as circuit-tracer does (rows |A| normalised to sum 1, influence
    w A + w A^2 + ... started from the target weights w, propagated only through computed rows),
@@ -37,6 +39,11 @@ and error nodes left without a kept outgoing edge and features without a kept in
 until stable. Tokens and targets are always kept. Unlike circuit-tracer, edge scores are taken on
 the whole graph rather than re-normalised over the kept nodes, which makes the pruned graph
 monotone: a larger threshold never drops a node or an edge that a smaller one kept.
+
+Views of the same graph: :func:`greedy_paths` (the paper's beam search over the stored rows) and
+:func:`gene_view` (each gene's sub-word token nodes merged, genes ranked by influence). Files:
+:meth:`AttributionGraph.save` writes one safetensors file with the node table and a schema version
+in its header; :meth:`AttributionGraph.load` refuses any other version.
 """
 
 from __future__ import annotations
@@ -108,6 +115,7 @@ class AttributionGraph:
 
     @property
     def targets(self) -> list[int]:
+        """Adjacency indices of the target nodes."""
         return np.flatnonzero(self.nodes["is_target"].to_numpy()).tolist()
 
     def node(self, index: int) -> Node:
