@@ -8,23 +8,38 @@ Typical use::
     graph = find_circuit(rep, target, k=10, depth=3, genes=genes, tokens=tokens)   # circuit.py
     save_circuit(graph, "circuit.json"); fig = draw_circuit(graph)  # graph.py
     faithfulness = ablate(rep, graph, n_random=20)                 # ablation.py
+    full = build_graph(rep, target, max_feature_nodes=500, genes=genes)   # full_graph.py: every node
+    pruned = full.prune(); full.scores(); gene_view(full).genes; greedy_paths(full, k=10, depth=3)
 """
 
 from c2srepro.attribution.ablation import ablate, candidate_pool
 from c2srepro.attribution.contributions import Attribution, HeadPaths, attribute, attribute_many, head_contributions
 from c2srepro.attribution.circuit import circuit_features, circuit_genes, find_circuit, graph_node
+from c2srepro.attribution.full_graph import (
+    AttributionGraph,
+    GeneGraph,
+    Pruning,
+    build_graph,
+    gene_view,
+    greedy_paths,
+    prune_graph,
+)
 from c2srepro.attribution.graph import circuit_from_json, circuit_to_json, draw_circuit, load_circuit, save_circuit
 from c2srepro.attribution.linearised import LinearisedReplacement, build_replacement, replacement_forward
 from c2srepro.attribution.nodes import Node
 
 __all__ = [
     "Attribution",
+    "AttributionGraph",
+    "GeneGraph",
     "HeadPaths",
     "LinearisedReplacement",
     "Node",
+    "Pruning",
     "ablate",
     "attribute",
     "attribute_many",
+    "build_graph",
     "build_replacement",
     "candidate_pool",
     "circuit_features",
@@ -33,9 +48,12 @@ __all__ = [
     "circuit_to_json",
     "draw_circuit",
     "find_circuit",
+    "gene_view",
     "graph_node",
+    "greedy_paths",
     "head_contributions",
     "load_circuit",
+    "prune_graph",
     "replacement_forward",
     "save_circuit",
 ]

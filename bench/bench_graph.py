@@ -1,0 +1,103 @@
+"""Full attribution graph + influence pruning + scores + gene view at Pythia-410m shapes, on CPU.
+
+1. A random GPT-NeoX model of the given shape (default Pythia-410m = C2S-Pythia-410m: 24 layers,
+   hidden 1024, 16 heads; see ``bench_circuit.py``, whose builders this reuses), a random prompt of
+   ``--n-pos`` tokens (~300 = a 64-gene cell sentence + query) and random 8 x hidden transcoders with
+   about ``--firing`` of the features active per token and decoders fitted to the prompt's MLPs.
+2. Per-token genes: ``--genes`` genes of ``--tokens-per-gene`` sub-word tokens each, after a
+   template prefix, the rest template text (as in a C2S cell sentence).
+3. Time, side by side: ``build_replacement``; ``build_graph`` for the logit of the top token at the
+   last position with ``--max-feature-nodes`` feature rows chosen by influence; ``prune`` at
+   circuit-tracer's defaults (0.8 / 0.98); ``scores``; ``gene_view``. Reports wall times, peak
+   resident memory, the number of feature nodes before and after pruning, both scores, and checks
+   the target row's exactness (edges + constant + capped-out features = the logit).
+
+Usage: python bench/bench_graph.py [--preset 410m|small] [--layers N] [--n-pos 300] [--max-feature-nodes 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import time
+
+import torch
+from bench_circuit import PRESETS, random_model, random_transcoders, timed
+
+from c2srepro.attribution import build_graph, build_replacement, gene_view
+
+
+def prompt_genes(n_pos: int, n_genes: int, tokens_per_gene: int, prefix: int = 20) -> list[str | None]:
+    genes: list[str | None] = [None] * n_pos
+    for g in range(n_genes):
+        for t in range(tokens_per_gene):
+            position = prefix + g * (tokens_per_gene + 1) + t  # +1: the ", " between genes
+            if position < n_pos:
+                genes[position] = f"GENE{g}"
+    return genes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="410m")
+    parser.add_argument("--layers", type=int, default=None, help="truncate the model to this many layers")
+    parser.add_argument("--n-pos", type=int, default=300)
+    parser.add_argument("--max-feature-nodes", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--genes", type=int, default=64)
+    parser.add_argument("--tokens-per-gene", type=int, default=3)
+    parser.add_argument("--firing", type=float, default=0.008, help="fraction of features firing per token")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    full_layers, hidden, heads, intermediate = PRESETS[args.preset]
+    layers = args.layers or full_layers
+    torch.manual_seed(0)
+    print(f"preset {args.preset}: {layers} of {full_layers} layers, hidden {hidden}, {heads} heads, "
+          f"d_tc {8 * hidden}, {args.n_pos} tokens, {args.genes} genes, feature cap {args.max_feature_nodes}, "
+          f"batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+    start = time.perf_counter()
+    input_ids = torch.randint(2, 50000, (args.n_pos,))
+    model = random_model(layers, hidden, heads, intermediate, args.n_pos)
+    transcoders = random_transcoders(model, input_ids, args.firing)
+    genes = prompt_genes(args.n_pos, args.genes, args.tokens_per_gene)
+    print(f"  (random model + transcoders set up in {time.perf_counter() - start:.1f} s)")
+
+    results: dict[str, float] = {}
+    rep = timed("build_replacement", lambda: build_replacement(model, transcoders, input_ids), results)
+    print(f"  active features: {rep.n_active} ({rep.n_active / (layers * args.n_pos):.1f} per token per layer)")
+    last = rep.n_pos - 1
+    target = rep.logit_node(last, int(rep.run.logits[last].argmax()))
+    graph = timed(f"build_graph (cap {args.max_feature_nodes})",
+                  lambda: build_graph(rep, target, max_feature_nodes=args.max_feature_nodes,
+                                      batch_size=args.batch_size, genes=genes), results)
+    row = graph.nodes.iloc[graph.index_of(target)]
+    total = float(graph.adjacency[graph.index_of(target)].sum()) + row["constant"] + row["dropped"]
+    print(f"  exactness: logit {rep.value(target):.6g}, edges + constant + capped-out features {total:.6g} "
+          f"(capped-out features carry {row['dropped']:.4g})")
+    pruned = timed("prune (0.8 / 0.98)", lambda: graph.prune(), results)
+    scores = timed("scores", lambda: graph.scores(), results)
+    view = timed("gene_view", lambda: gene_view(graph), results)
+    n_features = len(graph.indices("feature"))
+    print(f"  graph: {graph.n_nodes} nodes ({n_features} feature nodes of {rep.n_active} active), "
+          f"pruned: {pruned.n_nodes} nodes ({len(pruned.indices('feature'))} feature nodes), "
+          f"edges {int((graph.adjacency != 0).sum())} -> {int((pruned.adjacency != 0).sum())}")
+    print(f"  scores: replacement {scores['replacement']:.4f}, completeness {scores['completeness']:.4f}; "
+          f"top genes {view.genes['gene'].head(5).tolist()}")
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"  peak resident memory {peak_gib:.2f} GiB (model + transcoders included)")
+    work = sum(results.values())
+    print(f"full graph + pruning + scores + gene view: {work - results['build_replacement']:.1f} s "
+          f"({work:.1f} s with build_replacement)")
+    if layers != full_layers:
+        factor = full_layers / layers
+        print(f"EXTRAPOLATED to {full_layers} layers (x{factor:.1f}, linear in depth): {work * factor:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
