@@ -4,14 +4,15 @@ The package is laid out as its data flow, and the front door names one function 
 
     import c2srepro as c2s
 
-    cells = c2s.cell_sentences(adata, label_column="cell_type")        # data/: AnnData -> cell sentences
+    cells = c2s.cell_sentences(adata, use_raw=True, label_column="cell_type")    # data/: AnnData -> sentences
     model, tokenizer = c2s.load_c2s_model("vandijklab/C2S-Pythia-410m-cell-type-prediction")  # models/
-    prompts = c2s.encode_prompts(cells, tokenizer)                       # data/: tokens with a gene map
-    result = c2s.train_transcoders(model, prompts)                       # transcoder/
-    stats = c2s.collect_feature_stats(model, result.transcoders, prompts)  # features/
-    table = c2s.enrich(genes, "KEGG_2021_Human")                         # enrichment/
-    traced = c2s.trace_cell(model, result.transcoders, tokenizer, cells[0], label)  # attribution/
-    c2s.ablate(traced.replacement, traced.graph, traced.target)
+    prompts = c2s.encode_prompts(cells, tokenizer)                              # data/: tokens + gene map
+    activations = c2s.harvest_activations(model, prompts)                       # transcoder/
+    transcoders = c2s.train_transcoders(activations, steps=300).transcoders     # transcoder/
+    features = c2s.feature_activations(adata, model, tokenizer, transcoders, layer=3, use_raw=True)  # features/
+    table = c2s.enrich(genes, "KEGG_2021_Human")                                # enrichment/
+    traced = c2s.trace_cell(model, transcoders, tokenizer, cells[0], label)     # attribution/
+    c2s.ablate(traced.replacement, traced.graph)
 
 ``biology/`` reads circuits as biology (marker terms, controls); ``book/`` is the reproduction of
 the paper built on top, and nothing in the library imports it. Names load on first use, so
@@ -29,9 +30,6 @@ __version__ = "0.1.0"
 _FRONT_DOOR = {
     "cell_sentences": "c2srepro.data.cells",
     "feature_activations": "c2srepro.features.anndata",
-    "read_cells": "c2srepro.data.cells",
-    "CellSentence": "c2srepro.data.cells",
-    "build_prompt": "c2srepro.data.prompts",
     "encode_prompts": "c2srepro.data.prompts",
     "load_c2s_model": "c2srepro.models.load",
     "predict_labels": "c2srepro.models.predict",
@@ -39,7 +37,6 @@ _FRONT_DOOR = {
     "train_transcoders": "c2srepro.transcoder.train",
     "TrainConfig": "c2srepro.transcoder.config",
     "load_transcoders": "c2srepro.transcoder.model",
-    "save_transcoders": "c2srepro.transcoder.model",
     "collect_feature_stats": "c2srepro.features.collect",
     "enrich": "c2srepro.enrichment.ora",
     "trace_cell": "c2srepro.attribution.trace",
