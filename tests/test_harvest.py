@@ -161,3 +161,16 @@ def test_only_chosen_layers_are_harvested(model, prompts):
     assert rows.mlp_in.shape[0] == 1
     torch.testing.assert_close(rows.mlp_out[0], full.mlp_out[1])
     assert BufferPosition().to_dict() == {"epoch": 0, "block": 0, "batch": 0}
+
+
+def test_the_model_fingerprint_names_the_weights_not_their_path(model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("a", "b"))
+    assert a.config._name_or_path != b.config._name_or_path
+    assert harvest_module.model_fingerprint(a) == harvest_module.model_fingerprint(b)
+    with torch.no_grad():
+        b.gpt_neox.layers[0].mlp.dense_h_to_4h.weight[0, 0] += 1e-3
+    assert harvest_module.model_fingerprint(a) != harvest_module.model_fingerprint(b)

@@ -123,3 +123,18 @@ def test_label_scores_equal_a_full_forward_per_candidate(tiny_model):
         log_probs = torch.log_softmax(model(ids).logits[0].double(), -1)
         expected = sum(log_probs[len(prompt) - 1 + j, token].item() for j, token in enumerate(answer))
         assert score == pytest.approx(expected, abs=1e-4), label
+
+
+def test_the_cache_key_holds_the_thread_count():
+    # Training on 1 and 2 threads gives weights that differ in the last bits: two cache entries.
+    from c2srepro.models.mini_c2s import cache_key
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cache_key(MiniC2SConfig())
+        torch.set_num_threads(2)
+        two = cache_key(MiniC2SConfig())
+    finally:
+        torch.set_num_threads(threads)
+    assert one != two and cache_key(MiniC2SConfig(seed=1)) != cache_key(MiniC2SConfig())

@@ -127,15 +127,17 @@ def gpt_neox_config(cfg: MiniC2SConfig, vocab_size: int):
 
 
 def cache_key(cfg: MiniC2SConfig) -> str:
-    import scanpy
-    import transformers
+    from importlib.metadata import version
 
     material = {
         "config": cfg.to_dict(),
         "tokenizer_sha256": PYTHIA_SHA256,
-        "dataset": f"scanpy {scanpy.__version__} pbmc68k_reduced",
+        "dataset": f"scanpy {version('scanpy')} pbmc68k_reduced",
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": version("transformers"),
+        # CPU float reductions are split by the intra-op thread count, so it decides the last bits
+        # of every weight (1 and 2 threads train to models that differ by ~1e-8).
+        "torch_threads": torch.get_num_threads(),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -367,7 +367,9 @@ class CachedActivations(ActivationSource):
 def model_fingerprint(model: nn.Module) -> str:
     """A hash of the config and of every parameter's sum and sum of squares (cheap, and
     different for any retrained or re-initialised model)."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    # Where the weights were loaded from (``_name_or_path``) does not change what they compute.
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, param in model.named_parameters():
             p = param.detach().double()
