@@ -144,6 +144,9 @@ def test_harvest_input_errors(model, prompts):
         harvest_activations(model, [], progress=False)
     with pytest.raises(ValueError, match="have no tokens"):
         harvest_activations(model, [[1, 2], []], progress=False)
+    context = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"prompt 1 has {context + 1} tokens but the model's context .* is {context}"):
+        harvest_activations(model, [[1, 2], [1] * (context + 1)], progress=False)
     with pytest.raises(ValueError, match=r"Linear \(config.model_type None\) is not a supported architecture.*'gpt_neox' \(GPT-NeoX"):
         harvest_activations(torch.nn.Linear(2, 2), [[1]], progress=False)
     source = TensorActivations(torch.zeros(1, 10, 4), torch.zeros(1, 10, 4))

@@ -268,6 +268,14 @@ class StreamingActivations(ActivationSource):
         self.prompts = as_prompt_set(prompts)
         self.layers = self.hooked.check_layers(layers)
         self.d_model = self.hooked.d_model
+        lengths = [len(ids) for ids in self.prompts.input_ids]
+        context = self.hooked.adapter.max_positions
+        if lengths and max(lengths) > context:
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            raise ValueError(
+                f"prompt {longest} has {lengths[longest]} tokens but the model's context (max_position_embeddings) "
+                f"is {context}; shorten the prompts (e.g. fewer genes: a smaller top_k)"
+            )
         self.batch_prompts, self.dtype, self.seed = batch_prompts, dtype, seed
 
     @property
