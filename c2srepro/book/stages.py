@@ -62,10 +62,27 @@ def transcoder_directory(results_dir: str | os.PathLike) -> Path:
     return Path(results_dir) / TRANSCODER_DIRECTORY
 
 
-def transcoders(results_dir: str | os.PathLike, *, device: str = "cpu"):
+def transcoders(results_dir: str | os.PathLike, *, device: str = "cpu", model=None):
+    """Chapter 2's transcoders. With ``model`` (chapter 1's, from ``model_stage``) they must fit it
+    layer for layer and carry its fingerprint: transcoders left by an earlier run on another model,
+    or with layers missing or to spare, are refused with the chapter to rerun."""
+    from c2srepro.transcoder.fit import check_transcoders_fit
+    from c2srepro.transcoder.harvest import model_fingerprint
     from c2srepro.transcoder.model import load_transcoders
 
     directory = transcoder_directory(results_dir)
+    rerun = "run the 02-transcoders chapter of this profile again"
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is missing: run the 02-transcoders chapter of this profile first")
-    return load_transcoders(directory, device=device)
+        raise FileNotFoundError(f"{directory} is missing: {rerun}")
+    loaded = load_transcoders(directory, device=device)
+    if model is not None:
+        try:
+            check_transcoders_fit(model, loaded, every_layer=True)
+        except ValueError as error:
+            raise ValueError(f"the transcoders in {directory} do not fit chapter 1's model ({error}): {rerun}") from error
+        fingerprint = model_fingerprint(model)
+        other = sorted(layer for layer, tc in loaded.items() if tc.cfg.model_fingerprint not in (None, fingerprint))
+        if other:
+            raise ValueError(f"the transcoders of layers {other} in {directory} were trained on another model than "
+                             f"chapter 1's: {rerun}")
+    return loaded

@@ -302,7 +302,7 @@ def train_distributed(
         result = train_transcoders(
             source, tcfg, steps=steps, layers=train_layers,
             checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / f"rank{rank}-of-{world}",
-            output_dir=output_dir, progress=progress and rank == 0,
+            output_dir=output_dir, replace_output=False, progress=progress and rank == 0,
         )
     _barrier()
     return result

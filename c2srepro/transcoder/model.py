@@ -30,7 +30,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from c2srepro._cache import atomic_path, write_json_atomic
+from c2srepro._cache import atomic_directory, atomic_path, write_json_atomic
 from c2srepro.transcoder.config import TrainConfig, TranscoderConfig
 
 WEIGHTS_FILENAME = "transcoder.safetensors"
@@ -115,13 +115,25 @@ class Transcoder(nn.Module):
         return transcoder.to(device)
 
 
-def save_transcoders(transcoders: Mapping[int, Transcoder], directory: str | os.PathLike) -> Path:
-    """Save each layer's transcoder in ``directory/layer_XX`` (the layout ``load_transcoders`` reads)."""
+def save_transcoders(
+    transcoders: Mapping[int, Transcoder], directory: str | os.PathLike, *, replace: bool = True
+) -> Path:
+    """Save each layer's transcoder in ``directory/layer_XX`` (the layout ``load_transcoders`` reads).
+
+    ``replace=True`` writes a new ``directory`` and swaps it in whole (nothing of an older set
+    stays, and a reader never sees half of one); ``replace=False`` writes just these layers'
+    folders into it, for writers that each own some layers (ranks of a distributed run)."""
     directory = Path(directory)
-    for layer, transcoder in sorted(transcoders.items()):
+    for layer, transcoder in transcoders.items():
         if transcoder.cfg.layer != layer:
             raise ValueError(f"the transcoder stored under layer {layer} says it is for layer {transcoder.cfg.layer}")
-        transcoder.save(directory / LAYER_DIRECTORY.format(layer=layer))
+    if not replace:
+        for layer, transcoder in sorted(transcoders.items()):
+            transcoder.save(directory / LAYER_DIRECTORY.format(layer=layer))
+        return directory
+    with atomic_directory(directory) as staging:
+        for layer, transcoder in sorted(transcoders.items()):
+            transcoder.save(staging / LAYER_DIRECTORY.format(layer=layer))
     return directory
 
 

@@ -210,6 +210,7 @@ def train_transcoders(
     layers: Sequence[int] | None = None,
     checkpoint_dir: str | Path | None = None,
     output_dir: str | Path | None = None,
+    replace_output: bool = True,
     max_steps: int | None = None,
     progress: bool = True,
 ) -> TrainingResult:
@@ -222,7 +223,9 @@ def train_transcoders(
     the source in fresh orders as often as needed. With ``checkpoint_dir`` the run checkpoints
     there and a later call resumes from it; ``max_steps`` pauses this call after that many
     steps (choice 9: it needs ``checkpoint_dir`` and warns). With ``output_dir`` a finished run
-    saves one ``Transcoder`` per layer in ``output_dir/layer_XX``.
+    saves one ``Transcoder`` per layer in ``output_dir/layer_XX``, replacing the folder as a whole
+    (no layer of an earlier, larger run survives) unless ``replace_output=False`` (writers that
+    each own some layers: the ranks of a distributed run).
     """
     started = time.perf_counter()
     if not isinstance(source, ActivationSource):
@@ -292,7 +295,7 @@ def train_transcoders(
     transcoders = trainer.export()
     complete = trainer.step == total
     if complete and output_dir is not None:
-        save_transcoders(transcoders, output_dir)
+        save_transcoders(transcoders, output_dir, replace=replace_output)
     elif not complete:
         unsaved = "no output_dir was given" if output_dir is None else f"{output_dir} was not written"
         warnings.warn(
