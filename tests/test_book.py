@@ -45,7 +45,7 @@ def test_parameter_layers_resolve_in_order():
 def test_unknown_chapter_parameter_is_an_error():
     layer = {"all": {}, "chapters": {"01-model": {"topk": 3}}}
     with pytest.raises(ValueError, match="has no parameter.*topk"):
-        book.resolve_parameters(["top_k"], "01-model", [layer])
+        book.check_overrides([layer], {"01-model": {"top_k": book.Parameter(64, None)}})
 
 
 def test_bad_overrides_are_errors():

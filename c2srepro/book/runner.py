@@ -200,21 +200,14 @@ def _same_kind(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def resolve_parameters(
-    declared: Iterable[str], name: str, layers: list[dict[str, Any]], *, strict_chapter: bool = True
-) -> dict[str, Any]:
-    """Merge parameter layers for one chapter, keeping only parameters the chapter declares."""
+def resolve_parameters(declared: Iterable[str], name: str, layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge parameter layers for one chapter, keeping only parameters the chapter declares
+    (``check_overrides`` has refused unknown names before any chapter runs)."""
     declared = set(declared)
     params: dict[str, Any] = {}
     for layer in layers:
         params.update({k: v for k, v in layer["all"].items() if k in declared})
-        own = layer["chapters"].get(name, {})
-        unknown = set(own) - declared
-        if unknown and strict_chapter:
-            raise ValueError(
-                f"chapter {name!r} has no parameter(s) {sorted(unknown)}; it declares {sorted(declared)}"
-            )
-        params.update(own)
+        params.update({k: v for k, v in layer["chapters"].get(name, {}).items() if k in declared})
     return params
 
 

@@ -20,10 +20,6 @@ from c2srepro.models.hooked import TRANSCODER_HOOK_POINT, HookedModel, as_hooked
 from c2srepro.transcoder.model import Transcoder
 
 
-def _recorded_hook_point(transcoder: Transcoder) -> str | None:
-    return transcoder.cfg.hook_point_in
-
-
 def _by_layer(transcoders) -> dict[int, Transcoder]:
     if isinstance(transcoders, Transcoder):
         raise ValueError("pass a list or dict of transcoders (one per layer), not a single Transcoder")
@@ -108,7 +104,7 @@ def check_transcoders_fit(
                     f"the layer-{layer} transcoder's {name} is {list(actual)} but its config (width d_tc "
                     f"{d_tc}, d_model {d_model}) needs {list(shape)}: its weights and config do not belong together"
                 )
-        recorded, expected_point = _recorded_hook_point(tc), TRANSCODER_HOOK_POINT.format(layer=layer)
+        recorded, expected_point = tc.cfg.hook_point_in, TRANSCODER_HOOK_POINT.format(layer=layer)
         if recorded is not None and recorded != expected_point:
             raise ValueError(
                 f"the layer-{layer} transcoder was trained at hook point {recorded!r}, but c2srepro applies "
