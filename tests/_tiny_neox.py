@@ -54,3 +54,16 @@ def tiny_setup(n_pos: int = 12, **model_kwargs):
     model = tiny_model(**model_kwargs)
     input_ids = torch.randint(0, VOCAB, (n_pos,), generator=torch.Generator().manual_seed(1))
     return model, tiny_transcoders(model, input_ids), input_ids
+
+
+# A cell-sentence-like prompt: template tokens (gene None) and genes split into BPE pieces.
+GENES = [None, None, "VWF", "VWF", "PTPRB", "PTPRB", "PTPRB", None, "KHDRBS1", "KHDRBS1", None, None]
+TOKENS = ["cell", " type", "V", "WF", " PT", "PR", "B", ",", " KHD", "RBS1", ":", "."]
+
+
+def sentence_replacement():
+    """The linearised replacement of the tiny model on a prompt as long as ``TOKENS``."""
+    from c2srepro.attribution import build_replacement
+
+    model, transcoders, input_ids = tiny_setup(n_pos=len(TOKENS))
+    return build_replacement(model, transcoders, input_ids)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import networkx as nx
 import pytest
-from _tiny_neox import tiny_setup
+from _tiny_neox import GENES, TOKENS, sentence_replacement
 from matplotlib.figure import Figure
 
 from c2srepro.attribution import (
     Node,
     ablate,
     attribute,
-    build_replacement,
     candidate_pool,
     circuit_features,
     circuit_from_json,
@@ -26,14 +25,9 @@ from c2srepro.attribution import (
 )
 from c2srepro.attribution.graph import circuit_columns
 
-GENES = [None, None, "VWF", "VWF", "PTPRB", "PTPRB", "PTPRB", None, "KHDRBS1", "KHDRBS1", None, None]
-TOKENS = ["cell", " type", "V", "WF", " PT", "PR", "B", ",", " KHD", "RBS1", ":", "."]
-
-
 @pytest.fixture(scope="module")
 def rep():
-    model, transcoders, input_ids = tiny_setup(n_pos=len(TOKENS))
-    return build_replacement(model, transcoders, input_ids)
+    return sentence_replacement()
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 
 import pandas as pd
 import pytest
 import torch
 from _tc_models import small_model
-from _tiny_neox import tiny_setup
+from _tiny_neox import GENES, TOKENS, sentence_replacement
 from safetensors.torch import load_file, save_file
 
 from c2srepro.attribution import Node, build_replacement, find_circuit, replacement_forward
@@ -21,14 +20,9 @@ from c2srepro.attribution.full_graph import (
 )
 from c2srepro.transcoder import Transcoder, TranscoderConfig
 
-GENES = [None, None, "VWF", "VWF", "PTPRB", "PTPRB", "PTPRB", None, "KHDRBS1", "KHDRBS1", None, None]
-TOKENS = ["cell", " type", "V", "WF", " PT", "PR", "B", ",", " KHD", "RBS1", ":", "."]
-
-
 @pytest.fixture(scope="module")
 def rep():
-    model, transcoders, input_ids = tiny_setup(n_pos=len(TOKENS))
-    return build_replacement(model, transcoders, input_ids)
+    return sentence_replacement()
 
 
 def top_feature(rep, layer, position):
