@@ -77,6 +77,23 @@ def random_transcoders(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, firin
     return transcoders
 
 
+def random_setup(args, settings: str):
+    """(layers, prompt, model, transcoders) of the preset's shape for ``args`` (preset, layers,
+    n_pos, firing), seeded; prints the shape with the bench's own ``settings``."""
+    full_layers, hidden, heads, intermediate = PRESETS[args.preset]
+    layers = args.layers or full_layers
+    torch.manual_seed(0)
+    print(f"preset {args.preset}: {layers} of {full_layers} layers, hidden {hidden}, {heads} heads, "
+          f"intermediate {intermediate}, d_tc {8 * hidden}, {args.n_pos} tokens, {settings}, "
+          f"torch threads {torch.get_num_threads()}")
+    start = time.perf_counter()
+    input_ids = torch.randint(2, 50000, (args.n_pos,))
+    model = random_model(layers, hidden, heads, intermediate, args.n_pos)
+    transcoders = random_transcoders(model, input_ids, args.firing)
+    print(f"  (random model + transcoders set up in {time.perf_counter() - start:.1f} s)")
+    return layers, input_ids, model, transcoders
+
+
 def describe(graph) -> str:
     kinds = Counter(d["kind"] for _, d in graph.nodes(data=True))
     expanded = sum(1 for n in graph if graph.in_degree(n) > 0)
@@ -107,17 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    full_layers, hidden, heads, intermediate = PRESETS[args.preset]
-    layers = args.layers or full_layers
-    torch.manual_seed(0)
-    print(f"preset {args.preset}: {layers} of {full_layers} layers, hidden {hidden}, {heads} heads, "
-          f"intermediate {intermediate}, d_tc {8 * hidden}, {args.n_pos} tokens, k={args.k}, depth={args.depth}, "
-          f"torch threads {torch.get_num_threads()}")
-    start = time.perf_counter()
-    input_ids = torch.randint(2, 50000, (args.n_pos,))
-    model = random_model(layers, hidden, heads, intermediate, args.n_pos)
-    transcoders = random_transcoders(model, input_ids, args.firing)
-    print(f"  (random model + transcoders set up in {time.perf_counter() - start:.1f} s)")
+    layers, input_ids, model, transcoders = random_setup(args, f"k={args.k}, depth={args.depth}")
 
     results: dict[str, float] = {}
     rep = timed("build_replacement", lambda: build_replacement(model, transcoders, input_ids), results)
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  peak resident memory {peak_gib:.2f} GiB")
     extraction = results["build_replacement"] + results[f"find_circuit feature (k={args.k}, depth={args.depth})"]
     print(f"circuit extraction (build + search, feature target): {extraction:.1f} s")
+    full_layers = PRESETS[args.preset][0]
     if layers != full_layers:
         # Every phase is a loop over layers with the same per-layer work, so time scales ~linearly.
         factor = full_layers / layers

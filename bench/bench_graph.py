@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 import logging
 import resource
-import time
 
 import torch
-from bench_circuit import PRESETS, random_model, random_transcoders, timed
+from bench_circuit import PRESETS, random_setup, timed
 
 from c2srepro.attribution import build_graph, build_replacement, gene_view
 
@@ -54,18 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    full_layers, hidden, heads, intermediate = PRESETS[args.preset]
-    layers = args.layers or full_layers
-    torch.manual_seed(0)
-    print(f"preset {args.preset}: {layers} of {full_layers} layers, hidden {hidden}, {heads} heads, "
-          f"d_tc {8 * hidden}, {args.n_pos} tokens, {args.genes} genes, feature cap {args.max_feature_nodes}, "
-          f"batch {args.batch_size}, torch threads {torch.get_num_threads()}")
-    start = time.perf_counter()
-    input_ids = torch.randint(2, 50000, (args.n_pos,))
-    model = random_model(layers, hidden, heads, intermediate, args.n_pos)
-    transcoders = random_transcoders(model, input_ids, args.firing)
+    layers, input_ids, model, transcoders = random_setup(
+        args, f"{args.genes} genes, feature cap {args.max_feature_nodes}, batch {args.batch_size}")
     genes = prompt_genes(args.n_pos, args.genes, args.tokens_per_gene)
-    print(f"  (random model + transcoders set up in {time.perf_counter() - start:.1f} s)")
 
     results: dict[str, float] = {}
     rep = timed("build_replacement", lambda: build_replacement(model, transcoders, input_ids), results)
@@ -93,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     work = sum(results.values())
     print(f"full graph + pruning + scores + gene view: {work - results['build_replacement']:.1f} s "
           f"({work:.1f} s with build_replacement)")
+    full_layers = PRESETS[args.preset][0]
     if layers != full_layers:
         factor = full_layers / layers
         print(f"EXTRAPOLATED to {full_layers} layers (x{factor:.1f}, linear in depth): {work * factor:.0f} s")
