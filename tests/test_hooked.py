@@ -141,7 +141,8 @@ def test_hook_point_errors():
 def test_an_unsupported_architecture_is_refused_with_the_supported_list():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=VOCAB, n_positions=16))
     message = (r"GPT2LMHeadModel \(config.model_type 'gpt2'\) is not a supported architecture; c2srepro supports "
-               r"transformers causal LMs with model_type 'gpt_neox' \(GPT-NeoX \(Pythia\)\)")
+               r"transformers causal LMs with model_type 'gemma2' \(Gemma-2 \(C2S-Scale-Gemma-2\)\), 'gpt_neox' "
+               r"\(GPT-NeoX \(Pythia\)\)")
     with pytest.raises(ValueError, match=message):
         HookedModel(gpt2)
     with pytest.raises(ValueError, match=r"Linear \(config.model_type None\) is not a supported architecture"):

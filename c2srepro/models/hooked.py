@@ -24,7 +24,8 @@ business (:mod:`c2srepro.models.adapters`), chosen from ``model.config.model_typ
    in the same pass: a read hook keeps the MLP input, a write hook on the output replaces it.
    The MLP itself still runs and its output is discarded: the model is never modified.
 4. Every pass runs the Hugging Face model itself on right-padded batches (positions 0..pos-1 of
-   each prompt, ``use_cache=False``), so values at real tokens are those of the prompt run alone.
+   each prompt, ``use_cache=False``), so values at real tokens are those of the prompt run alone;
+   the adapter decides which attention mask the model is given (``model_attention_mask``).
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ class HookedModel:
     ) -> Float[Tensor, "batch pos vocab"] | None:
         """Logits of one pass (None when ``cache`` ended it early)."""
         device = self.device
-        mask = None if attention_mask is None else attention_mask.to(device)
+        mask = self.adapter.model_attention_mask(attention_mask)
+        mask = None if mask is None else mask.to(device)
         try:
             return self.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False).logits
         except _CacheComplete:

@@ -3,7 +3,7 @@
 1. ``TranscoderConfig``: what the transcoder IS, enough to rebuild and use it: its shape
    (``d_model``, ``d_transcoder``), where it reads and writes (``layer``, the two hook points),
    the normalisation scalars of training folded into its weights, its activation, dtype, and
-   the model and library version it came from. ``train_transcoders`` builds it from the
+   the model (architecture, name, fingerprint) and library version it came from. ``train_transcoders`` builds it from the
    activations (``d_model`` among them); users build one by hand only for a random or
    hand-made transcoder. Saved as ``cfg.json``.
 2. ``TrainConfig``: how it was TRAINED: width as an expansion factor, learning rate and its
@@ -30,8 +30,8 @@ from c2srepro.models.hooked import TRANSCODER_HOOK_POINT, TRANSCODER_OUTPUT_HOOK
 
 ACTIVATIONS = ("relu",)
 DTYPES = ("float32", "float64", "float16", "bfloat16")
-# Where a GPT-NeoX layer's transcoder reads (the MLP's input, post_attention_layernorm of the
-# residual) and writes (the MLP's output), as the harvest records them.
+# Where a layer's transcoder reads (the MLP's input) and writes (what the MLP adds to the residual),
+# as the harvest records them; which module outputs these are is the architecture adapter's business.
 HOOK_POINT_IN = TRANSCODER_HOOK_POINT
 HOOK_POINT_OUT = TRANSCODER_OUTPUT_HOOK_POINT
 
@@ -50,8 +50,9 @@ class TranscoderConfig:
     ``input_scale`` / ``output_scale`` are the scalars s_in, s_out training divided the MLP
     inputs and outputs by; they are already folded into the weights (which map raw MLP inputs
     to raw MLP outputs) and are kept so that the training-space weights can be recovered.
-    ``dtype`` is that of the weights; ``model_name`` / ``model_fingerprint`` name the model the
-    activations came from, where the activations knew it.
+    ``dtype`` is that of the weights; ``model_type`` (the architecture, transformers'
+    ``config.model_type``: "gpt_neox", "gemma2"), ``model_name`` and ``model_fingerprint`` name
+    the model the activations came from, where the activations knew it.
     """
 
     d_model: int
@@ -63,6 +64,7 @@ class TranscoderConfig:
     output_scale: float = 1.0
     activation: str = "relu"
     dtype: str = "float32"
+    model_type: str | None = None
     model_name: str | None = None
     model_fingerprint: str | None = None
     library_version: str = field(default_factory=_library_version)

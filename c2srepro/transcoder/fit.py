@@ -4,9 +4,13 @@
    one's layer is its ``cfg.layer``); a single Transcoder, another type or a repeated layer is refused.
 2. Layers: every transcoder's layer exists in the model and agrees with the key it is given under;
    ``layers`` (the ones to use) each have a transcoder; ``every_layer`` requires one per layer.
-3. Shapes: ``cfg.d_model`` is the model's hidden size, and the weights are those of a transcoder of
+3. Architecture: a transcoder that records the architecture it was trained on (``cfg.model_type``)
+   must have been trained on this one: the same hook point names read other activations in
+   another architecture (GPT-NeoX's MLP output vs Gemma-2's post-feed-forward norm output), even
+   where the widths agree.
+4. Shapes: ``cfg.d_model`` is the model's hidden size, and the weights are those of a transcoder of
    width ``cfg.d_tc`` on it (W_enc [d_model, d_tc], b_enc [d_tc], W_dec [d_tc, d_model], b_dec [d_model]).
-4. Hook point: a transcoder that records where it was trained must have been trained at
+5. Hook point: a transcoder that records where it was trained must have been trained at
    ``blocks.{layer}.hook_mlp_in`` (reading the MLP input, standing in for ``hook_mlp_out``).
 """
 
@@ -16,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from c2srepro.models.adapters import ADAPTERS
 from c2srepro.models.hooked import TRANSCODER_HOOK_POINT, HookedModel, as_hooked
 from c2srepro.transcoder.model import Transcoder
 
@@ -88,6 +93,7 @@ def check_transcoders_fit(
             + (" (attribution replaces every MLP)" if every_layer else ", or choose layers")
         )
     chosen = {layer: by_layer[layer] for layer in wanted}
+    _check_architecture(hooked, chosen)
     wrong = {layer: tc.cfg.d_model for layer, tc in chosen.items() if tc.cfg.d_model != d_model}
     if wrong:
         raise ValueError(
@@ -112,3 +118,21 @@ def check_transcoders_fit(
                 "retrain it on activations harvested by this version"
             )
     return chosen
+
+
+def _architecture(model_type: str) -> str:
+    adapter = ADAPTERS.get(model_type)
+    return f"{model_type!r} ({adapter.architecture})" if adapter is not None else repr(model_type)
+
+
+def _check_architecture(hooked: HookedModel, chosen: Mapping[int, Transcoder]) -> None:
+    """Step 3 of the module docstring."""
+    model_type = hooked.adapter.model_type
+    other = {layer: tc.cfg.model_type for layer, tc in chosen.items() if tc.cfg.model_type not in (None, model_type)}
+    if other:
+        trained_on = ", ".join(_architecture(name) for name in sorted(set(other.values())))
+        raise ValueError(
+            f"the transcoders of layers {sorted(other)} were trained on a {trained_on} model, but this model is "
+            f"{_architecture(model_type)}: a transcoder reads and writes one architecture's MLP activations; "
+            "train transcoders on this model (harvest_activations, then train_transcoders)"
+        )

@@ -3,8 +3,10 @@
 Hook points (of :class:`c2srepro.models.hooked.HookedModel`; ``{l}`` is the layer index; where
 they sit in the architecture is written into the manifest):
 
-    blocks.{l}.hook_mlp_in   [batch, pos, d_model]  x, the MLP input (GPT-NeoX: post_attention_layernorm output)
-    blocks.{l}.hook_mlp_out  [batch, pos, d_model]  MLP(x), what the MLP adds to the residual stream
+    blocks.{l}.hook_mlp_in   [batch, pos, d_model]  x, the MLP input (GPT-NeoX: post_attention_layernorm
+                                                     output; Gemma-2: pre_feedforward_layernorm output)
+    blocks.{l}.hook_mlp_out  [batch, pos, d_model]  what the MLP adds to the residual stream (GPT-NeoX:
+                                                     MLP(x); Gemma-2: post_feedforward_layernorm(MLP(x)))
 
 1. Prompts are put in a seeded random order, so that any contiguous stretch of them (a shard, a
    buffer) mixes cells of all kinds, and cut into batches of ``batch_prompts`` prompts.
@@ -490,6 +492,7 @@ def start_manifest(directory: Path, identity: dict, stream: StreamingActivations
     manifest = dict(identity)
     manifest.update(
         {
+            "model_type": stream.hooked.adapter.model_type,
             "hook_points": {
                 name: f"{hook_name('{layer}', point)}: {stream.hooked.adapter.describe(point)} [batch, pos, d_model]"
                 for name, point in (("mlp_in", "hook_mlp_in"), ("mlp_out", "hook_mlp_out"))

@@ -6,7 +6,7 @@ implementation of Dunefsky et al. (2024), which the paper cites; where the paper
 chose as follows (``TrainConfig`` holds every knob; each saved transcoder keeps it in
 ``training.json`` beside its ``TranscoderConfig``, which this module builds from the activations:
 ``d_model`` from the source, ``d_transcoder = expansion_factor * d_model``, the scales of step 1,
-the hook points and the model's name and fingerprint where the source knows them):
+the hook points and the model's architecture, name and fingerprint where the source knows them):
 
 1. Normalisation. Per layer, two fixed scalars are estimated from the first buffer of training
    rows: s_in = sqrt(E||x||^2 / d_model) and s_out = E||y||, where x is the MLP input and
@@ -314,10 +314,14 @@ def _provenance(source: ActivationSource) -> dict[str, str | None]:
     """The model the activations came from, where the source knows it."""
     if isinstance(source, StreamingActivations):
         name = getattr(source.model.config, "name_or_path", "") or None
-        return {"model_name": name, "model_fingerprint": model_fingerprint(source.model)}
+        return {
+            "model_type": source.hooked.adapter.model_type,
+            "model_name": name,
+            "model_fingerprint": model_fingerprint(source.model),
+        }
     if isinstance(source, CachedActivations):
-        return {"model_name": source.manifest.get("model_name"), "model_fingerprint": source.manifest.get("model_fingerprint")}
-    return {"model_name": None, "model_fingerprint": None}
+        return {key: source.manifest.get(key) for key in ("model_type", "model_name", "model_fingerprint")}
+    return {"model_type": None, "model_name": None, "model_fingerprint": None}
 
 
 class _Trainer:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from c2srepro.models.adapters.base import Adapter, HookSite
+from c2srepro.models.adapters.gemma2 import Gemma2Adapter
 from c2srepro.models.adapters.neox import NeoXAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {adapter.model_type: adapter for adapter in (NeoXAdapter,)}
+ADAPTERS: dict[str, type[Adapter]] = {adapter.model_type: adapter for adapter in (NeoXAdapter, Gemma2Adapter)}
 
 
 def adapter_for(model: nn.Module) -> Adapter:
@@ -24,4 +25,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["ADAPTERS", "Adapter", "HookSite", "NeoXAdapter", "adapter_for"]
+__all__ = ["ADAPTERS", "Adapter", "Gemma2Adapter", "HookSite", "NeoXAdapter", "adapter_for"]

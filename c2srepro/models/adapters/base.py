@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar, Literal
 
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 
@@ -109,6 +109,13 @@ class Adapter(ABC):
             "hook_mlp_out": HookSite(mlp, "output"),
             "hook_resid_post": HookSite(block, "output"),
         }
+
+    def model_attention_mask(
+        self, attention_mask: Int[Tensor, "batch pos"] | None
+    ) -> Int[Tensor, "batch pos"] | None:
+        """The attention mask to give the model for a batch with this padding mask (the mask itself;
+        an architecture whose masked forward misbehaves on padding may pass less)."""
+        return attention_mask
 
     @abstractmethod
     def describe(self, point: str) -> str:
