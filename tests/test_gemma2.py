@@ -1,7 +1,9 @@
 """Gemma-2 behind the adapter interface: the documented forward against transformers' logits, hook
 points against transformers' own modules, attention patterns against its eager attention weights,
-and harvesting, training, replacement and feature statistics running unchanged on it; transcoders
-of one architecture refused by the other, and an unsupported architecture refused."""
+and harvesting, training, replacement and feature statistics running unchanged on it; the
+linearised replacement against transformers' logits, its attributions and adjacency rows against
+torch autograd; transcoders of one architecture refused by the other, and an unsupported
+architecture refused."""
 
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ import pytest
 import torch
 from _tc_models import FakeEncodedPrompts, random_prompts, small_model
 from _tiny_gemma2 import VOCAB, tiny_gemma2
+from _tiny_neox import tiny_transcoders
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from c2srepro.attribution import Node, attribute, build_replacement, head_contributions, replacement_forward
+from c2srepro.attribution.full_graph import build_graph
 from c2srepro.data.prompts import pad_right
 from c2srepro.features import collect_feature_stats
 from c2srepro.models.adapters import Gemma2Adapter, adapter_for
@@ -296,3 +301,106 @@ def test_a_bidirectional_gemma2_is_refused():
     model.config.use_bidirectional_attention = True
     with pytest.raises(ValueError, match="use_bidirectional_attention=True; c2srepro reads causal language models"):
         HookedModel(model)
+
+
+# --------------------------------------------------------------------------- the linearised replacement
+
+N_POS = 14  # longer than the 5-token sliding window
+
+
+@pytest.fixture(scope="module", params=WINDOWS)
+def replacement(request):
+    model = tiny_gemma2(sliding_window=request.param)
+    ids = torch.randint(0, VOCAB, (N_POS,), generator=torch.Generator().manual_seed(1))
+    return model, ids, build_replacement(model, tiny_transcoders(model, ids), ids)
+
+
+def strongest_active(rep, layer):
+    """The active feature of ``layer`` at the last position where one fires, largest there."""
+    position = int(rep.active[layer].position.max())
+    return Node.feature(layer, position, rep.top_features(layer, position, 1)[0][0])
+
+
+def autograd_sources(rep, target):
+    """activation x gradient of the target w.r.t. every source, by torch autograd in the frozen model
+    whose inputs are the recorded sources (the active features of the real run, not re-encoded from
+    the frozen residual, which differs from transformers' by its float32 norms)."""
+    acts = []
+    for act, tc in zip(rep.active, rep.transcoders):
+        z = rep.errors.new_zeros(rep.n_pos, tc.d_tc)
+        z[act.position, act.feature] = act.activation
+        acts.append(z.requires_grad_())
+    emb = rep.weights.embed[rep.input_ids].clone().requires_grad_()
+    err = rep.errors.clone().requires_grad_()
+    value = replacement_forward(rep, feature_acts=acts, embeddings=emb, errors=err).value(target)
+    emb_grad, err_grad, *act_grads = torch.autograd.grad(value, [emb, err, *acts], materialize_grads=True)
+    features = [(z * g).detach() for z, g in zip(acts, act_grads)]
+    bias = torch.einsum("lsd,ld->ls", err_grad, rep.written_bias)  # a bias in r_{l+1} meets e_l's gradient
+    return float(value.detach()), features, (emb * emb_grad).sum(-1).detach(), (err * err_grad).sum(-1).detach(), bias
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_the_replacement_with_error_nodes_reproduces_transformers_logits(replacement, freeze):
+    model, ids, rep = replacement
+    with torch.no_grad():
+        reference = model(ids[None]).logits[0]
+    out = replacement_forward(rep, freeze=freeze)
+    # transformers' RMS norms run in float32: the float64 replacement agrees to ~1e-7.
+    torch.testing.assert_close(out.logits, reference, atol=1e-5, rtol=1e-5)
+    assert rep.errors.abs().max() > 0.1  # random transcoders: exactness rests on the error terms
+    assert (rep.run.final_softcap_ratio - 1).abs().max() > 0.05  # the final soft-cap bends these logits
+
+
+def test_contributions_are_complete_and_equal_autograd(replacement):
+    _, _, rep = replacement
+    targets = [strongest_active(rep, layer) for layer in range(rep.n_layers)] + [rep.logit_node(N_POS - 1, 5)]
+    for target in targets:
+        result = attribute(rep, target)
+        value, features, embedding, error, bias = autograd_sources(rep, target)
+        assert result.total() == pytest.approx(value, rel=1e-10, abs=1e-12)  # complete in the frozen model
+        assert result.value == pytest.approx(value, rel=1e-5, abs=1e-6)  # ... which is the model's value
+        for layer, act in enumerate(rep.active):
+            torch.testing.assert_close(result.features[layer], features[layer][act.position, act.feature],
+                                       atol=1e-12, rtol=1e-9)
+        torch.testing.assert_close(result.embedding, embedding, atol=1e-12, rtol=1e-9)
+        torch.testing.assert_close(result.error, error, atol=1e-12, rtol=1e-9)
+        torch.testing.assert_close(result.bias, bias, atol=1e-12, rtol=1e-9)
+        if target.position > 0:  # earlier positions reach the target through attention
+            assert result.embedding[: target.position].abs().max() > 1e-6
+    # A layer-0 feature reads r_0 + Attn_0(r_0): the embeddings of earlier positions reach it.
+    assert attribute(rep, targets[0]).embedding[: targets[0].position].abs().max() > 1e-6
+
+
+def test_adjacency_rows_equal_autograd(replacement):
+    _, _, rep = replacement
+    targets = [rep.logit_node(N_POS - 1, 5), strongest_active(rep, rep.n_layers - 1)]
+    graph = build_graph(rep, targets, batch_size=7)
+    computed = graph.nodes.index[graph.nodes["computed"]].tolist()
+    for index in [graph.index_of(t) for t in targets] + computed[:: max(1, len(computed) // 12)]:
+        node = graph.node(index)
+        value, features, embedding, error, _ = autograd_sources(rep, node)
+        reference = torch.zeros(graph.n_nodes, dtype=torch.float64)
+        for i, row in graph.nodes.iterrows():
+            layer, position = int(row["layer"]), int(row["position"])
+            if row["kind"] == "feature":
+                reference[i] = features[layer][position, int(row["feature"])]
+            elif row["kind"] == "error":
+                reference[i] = error[layer, position]
+            elif row["kind"] == "embedding":
+                reference[i] = embedding[position]
+        torch.testing.assert_close(graph.adjacency[index], reference, atol=1e-12, rtol=1e-9)
+
+
+def test_head_paths_add_up_and_include_the_targets_own_attention(replacement):
+    _, _, rep = replacement
+    target = strongest_active(rep, 2)
+    result = attribute(rep, target)
+    act = rep.active[1]
+    earlier = (act.position < target.position).nonzero().flatten()
+    i = int(earlier[result.features[1][earlier].abs().argmax()])
+    source = Node.feature(1, act.position[i], act.feature[i])
+    paths = head_contributions(rep, source, target)
+    assert paths.residual == 0.0
+    assert paths.total() == pytest.approx(result.contribution(source), rel=1e-10)
+    # The layer-1 feature reaches a layer-2 transcoder only through layer 2's own attention.
+    assert paths.heads[:2].abs().sum() == 0 and paths.heads[2].abs().max() > 0

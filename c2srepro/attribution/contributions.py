@@ -26,6 +26,12 @@ target's *reading bias*.
    float rounding); :meth:`Attribution.total` checks that. Many targets share one backward pass:
    G gets a leading target axis and each target is seeded when the pass reaches its read layer.
 
+The frozen norms and attention are the architecture's (``rep.weights``: ``feature_reading``,
+``logit_reading``, ``attention_transpose``, ``head_transpose``); GPT-NeoX's are written out above.
+Gemma-2's norms are RMS norms (no centering C, no bias), its attention transpose passes the frozen
+post-attention norm first, and its transcoder of layer l reads r_l + Attn_l(r_l): such a target is
+seeded after the sources layer l writes into r_{l+1} and before layer l's attention (``_seed_step``).
+
 Attention paths (:func:`head_contributions`): unrolling step 1 for a single target gives
 G_{l+1} = G_m + sum_{j=l+1}^{m-1} Attn_j^T(G_{j+1}), so a source's contribution splits exactly into
 its residual path (same position only: u . v) plus one term per head (j, h), the part that leaves
@@ -42,7 +48,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from c2srepro.attribution.linearised import LinearisedReplacement
-from c2srepro.models.adapters.neox import center
 from c2srepro.attribution.nodes import SOURCE_KINDS, Node
 
 @dataclass(frozen=True)
@@ -117,32 +122,35 @@ def _read_layer(rep: LinearisedReplacement, target: Node) -> int:
     return rep.n_layers if target.kind == "logit" else target.layer
 
 
+def _seed_step(rep: LinearisedReplacement, target: Node) -> int:
+    """When the backward pass seeds ``target``: step 2m when it reads r_m, step 2m - 1 when it reads
+    r_{m-1} + Attn_{m-1}(r_{m-1}) (a Gemma-2 transcoder of layer m - 1), between the sources layer
+    m - 1 writes into r_m and that layer's attention."""
+    layer = _read_layer(rep, target)
+    return 2 * layer + 1 if target.kind == "feature" and rep.weights.mlp_reads_attention else 2 * layer
+
+
+def _seed(grad: Tensor, targets: Sequence[Node], readings, steps: Tensor, step: int) -> None:
+    """Add each reading vector v of the targets seeded at ``step`` at its position (G = v there)."""
+    for i in (steps == step).nonzero().flatten().tolist():
+        grad[i, targets[i].position] += readings[i][0]
+
+
 def _reading(rep: LinearisedReplacement, target: Node) -> tuple[Float[Tensor, "d_model"], float]:
-    """The target's reading vector v and reading bias c (module docstring, first equation)."""
+    """The target's reading vector v and reading bias c (module docstring, first equation), from the
+    architecture's frozen norms (``rep.weights.feature_reading`` / ``logit_reading``)."""
     if target.kind == "logit":
-        w = rep.weights.W_U[target.index]
-        g, b, scale = rep.weights.lnf_weight, rep.weights.lnf_bias, rep.run.lnf_scale[target.position]
-        b_w = 0.0
-    else:
-        tc, lw = rep.transcoders[target.layer], rep.weights.layers[target.layer]
-        w = tc.W_enc[:, target.index]  # f_enc^(l',j)
-        g, b, scale = lw.ln2_weight, lw.ln2_bias, rep.run.ln_scale[target.layer, target.position]
-        b_w = float(tc.b_enc[target.index])
-    return scale * center(g * w), float(b @ w) + b_w
+        return rep.weights.logit_reading(rep.run, target.position, target.index)
+    tc = rep.transcoders[target.layer]
+    v, c = rep.weights.feature_reading(rep.run, target.layer, target.position, tc.W_enc[:, target.index])
+    return v, c + float(tc.b_enc[target.index])
 
 
 def _attention_transpose(
     rep: LinearisedReplacement, layer: int, grad: Float[Tensor, "target pos d_model"]
 ) -> Float[Tensor, "target pos d_model"]:
     """Attn_l^T(G): the gradient the frozen attention of ``layer`` carries back to its source positions."""
-    lw = rep.weights.layers[layer]
-    n_pos = grad.shape[1]
-    pattern = rep.run.pattern[layer, :, :n_pos, :n_pos]  # A[h, destination t, source s]
-    u = torch.einsum("ntd,hed->nhte", grad, lw.W_O)  # back through W_O^h
-    u = torch.einsum("hts,nhte->nhse", pattern, u)  # back through the pattern, t -> s
-    x = torch.einsum("nhse,hde->nsd", u, lw.W_V)  # back through W_V^h
-    x = x * lw.ln1_weight * rep.run.ln_scale[layer, :n_pos, None]  # frozen LN1: g1 ⊙ sigma^-1[s]
-    return center(x)  # the LN1 mean-centering C
+    return rep.weights.attention_transpose(rep.run, layer, grad)
 
 
 def _feature_contributions(
@@ -172,20 +180,20 @@ def attribute_many(rep: LinearisedReplacement, targets: Sequence[Node]) -> list[
     # Causality: nothing after the last target position can contribute, so the pass stops there.
     n_pos = max(t.position for t in targets) + 1
     readings = [_reading(rep, t) for t in targets]
-    read_layers = torch.tensor([_read_layer(rep, t) for t in targets])
+    steps = torch.tensor([_seed_step(rep, t) for t in targets])
     grad = weights.embed.new_zeros(n_targets, n_pos, weights.d_model)
     error = grad.new_zeros(n_targets, n_layers, rep.n_pos)
     bias = grad.new_zeros(n_targets, n_layers, rep.n_pos)
     features = [grad.new_zeros(n_targets, len(a)) for a in rep.active]
-    for m in range(int(read_layers.max()), -1, -1):  # grad holds G_m = d pre / d r_m
-        for i in (read_layers == m).nonzero().flatten().tolist():
-            grad[i, targets[i].position] += readings[i][0]
+    for m in range((int(steps.max()) + 1) // 2, -1, -1):  # grad holds G_m = d pre / d r_m
+        _seed(grad, targets, readings, steps, 2 * m)
         if m == 0:
             break
         layer = m - 1  # sources written by this layer land in r_m
         features[layer] = _feature_contributions(rep, layer, grad)
         error[:, layer, :n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
         bias[:, layer, :n_pos] = grad @ rep.written_bias[layer]
+        _seed(grad, targets, readings, steps, 2 * m - 1)
         grad = grad + _attention_transpose(rep, layer, grad)  # G_{m-1} = G_m + Attn^T(G_m)
     embedding = grad.new_zeros(n_targets, rep.n_pos)
     embedding[:, :n_pos] = torch.einsum("ntd,td->nt", grad, weights.embed[rep.input_ids[:n_pos]])
@@ -241,12 +249,9 @@ def head_contributions(rep: LinearisedReplacement, source: Node, target: Node) -
     n_pos = target.position + 1
     grad = u.new_zeros(1, n_pos, rep.weights.d_model)
     grad[0, target.position] = v
-    for j in range(m - 1, source.layer, -1):  # grad holds G_{j+1}
-        lw = rep.weights.layers[j]
+    first = (_seed_step(rep, target) + 1) // 2 - 1  # the last attention before the target reads
+    for j in range(first, source.layer, -1):  # grad holds G_{j+1} (or the gradient at r_mid of layer j)
         # Per head, Attn_{j,h}^T(G)[s] (the transposed OV circuit, evaluated at the source position only).
-        carried = torch.einsum("ht,td->hd", rep.run.pattern[j, :, :n_pos, s], grad[0])  # sum_t A[t,s] G[t]
-        x = torch.einsum("hd,hed,hfe->hf", carried, lw.W_O, lw.W_V)
-        x = center(x * lw.ln1_weight * rep.run.ln_scale[j, s])
-        heads[j] = x @ u
+        heads[j] = rep.weights.head_transpose(rep.run, j, grad[0], s) @ u
         grad = grad + _attention_transpose(rep, j, grad)
     return HeadPaths(residual=float(u @ v) if s == target.position else 0.0, heads=heads)

@@ -65,7 +65,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from c2srepro._cache import atomic_path
-from c2srepro.attribution.contributions import _attention_transpose, _read_layer, _reading
+from c2srepro.attribution.contributions import _attention_transpose, _reading, _seed, _seed_step
 from c2srepro.attribution.linearised import LinearisedReplacement
 from c2srepro.attribution.nodes import Node
 
@@ -356,13 +356,12 @@ def _rows(rep: LinearisedReplacement, targets: Sequence[Node], cols: _Columns) -
     # Causality: nothing after the batch's last target position contributes, so the pass stops there.
     n, n_pos = len(targets), max(t.position for t in targets) + 1
     readings = [_reading(rep, t) for t in targets]
-    read_layers = torch.tensor([_read_layer(rep, t) for t in targets])
+    steps = torch.tensor([_seed_step(rep, t) for t in targets])
     grad = weights.embed.new_zeros(n, n_pos, weights.d_model)
     rows = grad.new_zeros(n, cols.n_cols)
     constant = torch.tensor([c for _, c in readings], dtype=grad.dtype, device=grad.device)
-    for m in range(int(read_layers.max()), -1, -1):  # grad holds G_m = d value / d r_m
-        for i in (read_layers == m).nonzero().flatten().tolist():
-            grad[i, targets[i].position] += readings[i][0]
+    for m in range((int(steps.max()) + 1) // 2, -1, -1):  # grad holds G_m = d value / d r_m
+        _seed(grad, targets, readings, steps, 2 * m)
         if m == 0:
             break
         layer = m - 1  # sources written by this layer land in r_m
@@ -379,6 +378,7 @@ def _rows(rep: LinearisedReplacement, targets: Sequence[Node], cols: _Columns) -
         error_col = cols.error_start + layer * rep.n_pos
         rows[:, error_col : error_col + n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
         constant += (grad @ rep.written_bias[layer]).sum(dim=1)
+        _seed(grad, targets, readings, steps, 2 * m - 1)  # targets reading r_m less this layer's sources
         grad = grad + _attention_transpose(rep, layer, grad)  # G_{m-1} = G_m + Attn^T(G_m)
     rows[:, cols.token_start : cols.token_start + n_pos] = torch.einsum(
         "ntd,td->nt", grad, weights.embed[rep.input_ids[:n_pos]]

@@ -4,8 +4,11 @@
    :class:`c2srepro.models.hooked.HookedModel`), recording each residual stream r_l, the attention
    patterns A^(l,h) and each MLP's input x_l = LN2_l(r_l) and output MLP_l(x_l); the layer-norm
    scales sigma^-1 (of r_l, shared by LN1 and LN2 under Pythia's parallel residual, and of the
-   final residual) follow from the residuals. Where the hooks sit and the frozen layer norms and
-   attention of steps 3-4 are GPT-NeoX specifics, in :mod:`c2srepro.models.adapters.neox`.
+   final residual) follow from the residuals. Where the hooks sit, what is frozen and the frozen
+   norms and attention of steps 3-4 are the architecture adapter's (``adapter.linearised()``, its
+   weights: ``attention_and_mlp_input``, ``unembed``, ``attention_bias``;
+   :mod:`c2srepro.models.adapters.neox`, :mod:`c2srepro.models.adapters.gemma2`, whose docstrings
+   state the forward and its frozen form). GPT-NeoX is written out here.
 2. Replace each MLP by its transcoder plus an error term:
        z_l   = ReLU(x_l @ W_enc + b_enc)                        # eq. 1
        out_l = z_l @ W_dec + b_dec + e_l,  e_l = MLP_l(x_l) - (z_l @ W_dec + b_dec)   # eq. 2 + error
@@ -18,7 +21,9 @@
    source nodes (:mod:`c2srepro.attribution.nodes`): embeddings, features, errors and biases.
    Because each row of a causal attention pattern sums to 1, the LN1 bias and value bias reach the
    residual stream as the per-layer constant sum_h (b1 W_V^h + b_V^h) W_O^h, folded into the layer's
-   bias node together with b_O and b_dec (``written_bias``).
+   bias node together with b_O and b_dec (``written_bias``). Gemma-2 has the same form with RMS
+   norms (no centering, no bias), the post-attention norm frozen on the attention's output, the MLP
+   reading r_l + Attn_l(r_l), and the final soft-cap frozen as a per-logit ratio.
 4. :func:`replacement_forward` runs this model forward: frozen (linear in the sources) or with the
    patterns and layer-norm scales recomputed from the current residual (the replacement model proper,
    errors still fixed); with the features given as inputs (leaves for autograd) or recomputed by the
@@ -29,21 +34,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from c2srepro.attribution.nodes import Node
-from c2srepro.models.adapters.neox import (
-    ModelRun,
-    NeoXWeights,
-    attention_output,
-    attention_pattern,
-    layer_norm,
-    ln_scale,
-    rotary_cos_sin,
-)
+from c2srepro.models.adapters.base import LinearisedWeights
 from c2srepro.data.prompts import require_prompt_ids
 from c2srepro.models.hooked import HookedModel, as_hooked
 from c2srepro.transcoder.fit import check_transcoders_fit
@@ -98,10 +96,10 @@ class ReplacementOutput:
 class LinearisedReplacement:
     """Model, transcoders and the frozen quantities of one prompt (steps 1-3 of the module docstring)."""
 
-    weights: NeoXWeights
+    weights: LinearisedWeights  # the adapter's ``linearised()``
     transcoders: list[TranscoderWeights]
     input_ids: Int[Tensor, "pos"]
-    run: ModelRun
+    run: Any  # the adapter's ``frozen_run`` (``ModelRun`` of GPT-NeoX, ``Gemma2Run``)
     errors: Float[Tensor, "layer pos d_model"]  # e_l = MLP_l(x_l) - transcoder_l(x_l)
     active: list[ActiveFeatures]
     written_bias: Float[Tensor, "layer d_model"]  # constants layer l adds to r_{l+1} at every position
@@ -201,7 +199,7 @@ class LinearisedReplacement:
             )
 
 
-def _transcoder_weights(tc: Transcoder, weights: NeoXWeights) -> TranscoderWeights:
+def _transcoder_weights(tc: Transcoder, weights: LinearisedWeights) -> TranscoderWeights:
     device, dtype = weights.embed.device, weights.dtype
     return TranscoderWeights(
         *(p.detach().to(device=device, dtype=dtype) for p in (tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec))
@@ -209,7 +207,7 @@ def _transcoder_weights(tc: Transcoder, weights: NeoXWeights) -> TranscoderWeigh
 
 
 @torch.no_grad()
-def run_model(model: nn.Module | HookedModel, input_ids: Tensor | list[int]) -> ModelRun:
+def run_model(model: nn.Module | HookedModel, input_ids: Tensor | list[int]) -> Any:
     """Step 1 of the module docstring: one clean pass of the real model over one prompt
     (``input_ids``: [pos] or [1, pos]), recording what the replacement freezes."""
     hooked = as_hooked(model)
@@ -237,13 +235,12 @@ def build_replacement(
     ids = hooked.check_prompt(input_ids)
     run = run_model(hooked, ids)
     errors, active, written = [], [], []
-    for layer, (lw, tc) in enumerate(zip(weights.layers, tcs)):
+    for layer, tc in enumerate(tcs):
         z = torch.relu(run.mlp_in[layer] @ tc.W_enc + tc.b_enc)  # eq. 1
         errors.append(run.mlp_out[layer] - (z @ tc.W_dec + tc.b_dec))  # MLP(x) - eq. 2
         position, feature = z.nonzero(as_tuple=True)  # row-major: sorted by (position, feature)
         active.append(ActiveFeatures(position, feature, z[position, feature]))
-        value_bias = torch.einsum("d,hde->he", lw.ln1_bias, lw.W_V) + lw.b_V  # [head, d_head]
-        written.append(torch.einsum("he,hed->d", value_bias, lw.W_O) + lw.b_O + tc.b_dec)
+        written.append(weights.attention_bias(layer) + tc.b_dec)
     return LinearisedReplacement(
         weights=weights,
         transcoders=tcs,
@@ -297,21 +294,17 @@ def replacement_forward(
     keep = ablation_masks(rep, ablate)
     errors = rep.errors if errors is None else errors
     r = weights.embed[rep.input_ids] if embeddings is None else embeddings
-    cos, sin = (None, None) if freeze else rotary_cos_sin(weights, rep.n_pos)
+    rotary = None if freeze else weights.rotary(rep.n_pos)
     resid, pre_acts, acts = [r], [], []
-    for layer, (lw, tc) in enumerate(zip(weights.layers, rep.transcoders)):
-        scale = run.ln_scale[layer] if freeze else ln_scale(r, weights.eps)
-        x_attn = layer_norm(r, scale, lw.ln1_weight, lw.ln1_bias)
-        pattern = run.pattern[layer] if freeze else attention_pattern(lw, x_attn, cos, sin)
-        x_mlp = layer_norm(r, scale, lw.ln2_weight, lw.ln2_bias)
+    for layer, tc in enumerate(rep.transcoders):
+        r_attn, x_mlp = weights.attention_and_mlp_input(run, layer, r, freeze=freeze, rotary=rotary)
         pre = x_mlp @ tc.W_enc + tc.b_enc  # eq. 1 before the ReLU
         z = torch.relu(pre) if feature_acts is None else feature_acts[layer]
         if keep[layer] is not None:
             z = z * keep[layer]
-        r = r + attention_output(lw, x_attn, pattern) + (z @ tc.W_dec + tc.b_dec) + errors[layer]  # eq. 2 + e_l
+        r = r_attn + (z @ tc.W_dec + tc.b_dec) + errors[layer]  # eq. 2 + e_l
         resid.append(r)
         pre_acts.append(pre)
         acts.append(z)
-    scale_f = run.lnf_scale if freeze else ln_scale(r, weights.eps)
-    logits = layer_norm(r, scale_f, weights.lnf_weight, weights.lnf_bias) @ weights.W_U.T
+    logits = weights.unembed(run, r, freeze=freeze)
     return ReplacementOutput(resid=torch.stack(resid), pre_activations=pre_acts, activations=acts, logits=logits)

@@ -12,9 +12,10 @@ An adapter answers, for one family of Hugging Face causal LMs (selected by ``con
 3. The attention pattern, computed from the attention module's input with the model's own weights
    (``attention_pattern``): fused kernels (sdpa, flash) never materialise it, and attribution
    needs the same function to recompute patterns of a modified residual stream.
-4. Linearisation for attribution: the weights split per head (``linearised``), the hook points a
-   clean run must record (``frozen_hooks``) and the frozen quantities assembled from them
-   (``frozen_run``): what :mod:`c2srepro.attribution.linearised` freezes.
+4. Linearisation for attribution: the hook points a clean run must record (``frozen_hooks``), the
+   frozen quantities assembled from them (``frozen_run``), and the weights (``linearised``), a
+   :class:`LinearisedWeights`: the frozen forward of one layer and of the unembedding and its
+   transpose, which :mod:`c2srepro.attribution` runs without knowing the architecture.
 
 A new architecture is one module in this package implementing this class, registered in
 ``c2srepro.models.adapters.ADAPTERS``.
@@ -26,7 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 from jaxtyping import Float, Int
 from torch import Tensor, nn
@@ -40,6 +41,60 @@ class HookSite:
     module: nn.Module
     at: Literal["input", "output"]
     derive: Callable[[Tensor], Tensor] | None = None
+
+
+class LinearisedWeights(Protocol):
+    """What ``Adapter.linearised()`` returns: the frozen forward and its transpose. ``run`` is the
+    adapter's ``frozen_run``; a transcoder of layer l reads the MLP input, writes into r_{l+1}."""
+
+    embed: Float[Tensor, "vocab d_model"]  # r_0 = embed[input_ids]
+    W_U: Float[Tensor, "vocab d_model"]
+    n_heads: int
+    # Whether a transcoder of layer l reads r_l + Attn_l(r_l) (sequential) rather than r_l (parallel).
+    mlp_reads_attention: ClassVar[bool]
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+    def rotary(self, n_pos: int) -> Any:
+        """What ``attention_and_mlp_input`` needs to recompute patterns at positions 0..n_pos-1."""
+
+    def attention_and_mlp_input(
+        self, run: Any, layer: int, r: Float[Tensor, "pos d_model"], *, freeze: bool, rotary: Any
+    ) -> tuple[Float[Tensor, "pos d_model"], Float[Tensor, "pos d_model"]]:
+        """(r + what the attention of ``layer`` adds, the MLP input) for the residual r entering
+        ``layer``, with the clean run's norms and patterns (``freeze``) or recomputed from r."""
+
+    def unembed(self, run: Any, r: Float[Tensor, "pos d_model"], *, freeze: bool) -> Float[Tensor, "pos vocab"]:
+        """The logits of the last residual r_L, frozen at the clean run's or recomputed."""
+
+    def attention_bias(self, layer: int) -> Float[Tensor, "d_model"]:
+        """What the frozen attention of ``layer`` adds at every position whatever its input."""
+
+    def feature_reading(
+        self, run: Any, layer: int, position: int, w: Float[Tensor, "d_model"]
+    ) -> tuple[Float[Tensor, "d_model"], float]:
+        """(v, c): the MLP input of ``layer`` at ``position`` dotted with w is r . v + c, r the residual
+        it reads (r_l, or r_l + Attn_l(r_l) with ``mlp_reads_attention``)."""
+
+    def logit_reading(self, run: Any, position: int, token: int) -> tuple[Float[Tensor, "d_model"], float]:
+        """(v, c): the frozen logit of ``token`` at ``position`` is r_L . v + c."""
+
+    def attention_transpose(
+        self, run: Any, layer: int, grad: Float[Tensor, "target pos d_model"]
+    ) -> Float[Tensor, "target pos d_model"]:
+        """The transpose of the frozen attention of ``layer`` (what it adds, as a map of r) applied to grad."""
+
+    def head_transpose(
+        self, run: Any, layer: int, grad: Float[Tensor, "pos d_model"], source: int
+    ) -> Float[Tensor, "head d_model"]:
+        """``attention_transpose`` split by head and read at one source position."""
 
 
 class Adapter(ABC):
@@ -124,7 +179,7 @@ class Adapter(ABC):
     # ------------------------------------------------------------------ 4. linearisation
 
     @abstractmethod
-    def linearised(self) -> Any:
+    def linearised(self) -> LinearisedWeights:
         """The weights the frozen (linearised) forward uses; ValueError when this model cannot
         be linearised (the message names why)."""
 

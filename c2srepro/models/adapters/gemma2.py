@@ -156,6 +156,83 @@ class Gemma2Weights:
         )
 
 
+    # ---------------------------------------------- the (frozen) forward, for c2srepro.attribution
+
+    def rotary(self, n_pos: int) -> tuple[Tensor, Tensor]:
+        """cos, sin of positions 0..n_pos-1 (what ``attention_and_mlp_input`` recomputes patterns with)."""
+        return rotary_cos_sin(self, n_pos)
+
+    def attention_and_mlp_input(
+        self, run: "Gemma2Run", layer: int, r: Float[Tensor, "pos d_model"], *, freeze: bool,
+        rotary: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Float[Tensor, "pos d_model"], Float[Tensor, "pos d_model"]]:
+        """(r_mid, m_in) of steps 2a-2d of the module docstring: the residual after layer
+        ``layer``'s attention and its MLP input, with the clean run's RMS scales and pattern
+        (``freeze``) or all recomputed from r (``rotary``: ``self.rotary(pos)``)."""
+        lw, eps = self.layers[layer], self.eps
+        x = rms_norm(r, run.input_scale[layer] if freeze else rms_scale(r, eps), lw.input_gain)
+        pattern = run.pattern[layer] if freeze else attention_pattern(self, lw, x, *rotary)
+        a = attention_output(self, lw, x, pattern)
+        post_attention = run.post_attention_scale[layer] if freeze else rms_scale(a, eps)
+        r_mid = r + rms_norm(a, post_attention, lw.post_attention_gain)
+        pre_feedforward = run.pre_feedforward_scale[layer] if freeze else rms_scale(r_mid, eps)
+        return r_mid, rms_norm(r_mid, pre_feedforward, lw.pre_feedforward_gain)
+
+    def unembed(self, run: "Gemma2Run", r: Float[Tensor, "pos d_model"], *, freeze: bool) -> Float[Tensor, "pos vocab"]:
+        """Step 3: the final norm and soft-cap frozen at the clean run's (``freeze``) or applied."""
+        scale = run.final_scale if freeze else rms_scale(r, self.eps)
+        uncapped = rms_norm(r, scale, self.final_gain) @ self.W_U.T
+        return uncapped * run.final_softcap_ratio if freeze else softcap(uncapped, self.final_softcap)
+
+    def attention_bias(self, layer: int) -> Float[Tensor, "d_model"]:
+        """What the attention adds at every position whatever the input: nothing (``linearised``
+        refuses attention biases, which the post-attention norm would make input-dependent)."""
+        return self.embed.new_zeros(self.d_model)
+
+    # ---------------------------------------------- its transpose (c2srepro.attribution.contributions)
+
+    # A transcoder of layer l reads r_mid = r_l + Attn_l(r_l) (step 2d), after its layer's attention.
+    mlp_reads_attention: ClassVar[bool] = True
+
+    def feature_reading(
+        self, run: "Gemma2Run", layer: int, position: int, w: Float[Tensor, "d_model"]
+    ) -> tuple[Float[Tensor, "d_model"], float]:
+        """(v, c) with m_in[t] . w = r_mid[t] . v + c under the frozen pre-feed-forward scale."""
+        return run.pre_feedforward_scale[layer, position] * self.layers[layer].pre_feedforward_gain * w, 0.0
+
+    def logit_reading(self, run: "Gemma2Run", position: int, token: int) -> tuple[Float[Tensor, "d_model"], float]:
+        """(v, c) with logit[t, token] = r_L[t] . v + c under the frozen final scale and soft-cap ratio."""
+        ratio = run.final_softcap_ratio[position, token]
+        return ratio * run.final_scale[position] * self.final_gain * self.W_U[token], 0.0
+
+    def _values_out(self, layer: int) -> Float[Tensor, "head d_model d_head"]:
+        """W_V of the key/value head each query head reads (grouped-query attention)."""
+        return self.layers[layer].W_V.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+
+    def attention_transpose(
+        self, run: "Gemma2Run", layer: int, grad: Float[Tensor, "target pos d_model"]
+    ) -> Float[Tensor, "target pos d_model"]:
+        """Attn_l^T(G) for Attn_l(r) = RMS(a(RMS(r; g_in)); g_post_attn) with every scale and pattern
+        frozen: the gradient the attention of ``layer`` carries back to its source positions."""
+        lw, n_pos = self.layers[layer], grad.shape[1]
+        grad = grad * lw.post_attention_gain * run.post_attention_scale[layer, :n_pos, None]  # frozen norm at t
+        pattern = run.pattern[layer, :, :n_pos, :n_pos]  # A[h, destination t, source s]
+        u = torch.einsum("ntd,hed->nhte", grad, lw.W_O)  # back through W_O^h
+        u = torch.einsum("hts,nhte->nhse", pattern, u)  # back through the pattern, t -> s
+        x = torch.einsum("nhse,hde->nsd", u, self._values_out(layer))  # back through W_V^(h's kv head)
+        return x * lw.input_gain * run.input_scale[layer, :n_pos, None]  # frozen input norm at s
+
+    def head_transpose(
+        self, run: "Gemma2Run", layer: int, grad: Float[Tensor, "pos d_model"], source: int
+    ) -> Float[Tensor, "head d_model"]:
+        """Attn_{l,h}^T(G)[source] per head h: ``attention_transpose`` split by head, at one position."""
+        lw, n_pos = self.layers[layer], grad.shape[0]
+        grad = grad * lw.post_attention_gain * run.post_attention_scale[layer, :n_pos, None]
+        carried = torch.einsum("ht,td->hd", run.pattern[layer, :, :n_pos, source], grad)  # sum_t A[t,s] G[t]
+        x = torch.einsum("hd,hed,hfe->hf", carried, lw.W_O, self._values_out(layer))
+        return x * lw.input_gain * run.input_scale[layer, source]
+
+
 @dataclass(frozen=True)
 class Gemma2Run:
     """The quantities of one real forward pass that the linearised replacement freezes."""
@@ -344,10 +421,13 @@ class Gemma2Adapter(Adapter):
         }[point]
 
     def linearised(self) -> Gemma2Weights:
-        raise ValueError(
-            "attribution does not linearise Gemma-2 models yet (c2srepro.attribution implements GPT-NeoX's "
-            "parallel residual); hook points, harvesting, transcoder training and replacement work on Gemma-2"
-        )
+        if self.config.attention_bias:
+            raise ValueError(
+                "the Gemma-2 model has attention_bias=True; attribution linearises Gemma-2 without attention "
+                "biases (as every Gemma-2 checkpoint is): a bias passed through the post-attention norm would "
+                "be a source that depends on the input"
+            )
+        return self.weights
 
     def frozen_hooks(self) -> list[str]:
         per_layer = ("hook_resid_pre", "attn.hook_pattern", "hook_mlp_in", "hook_mlp_out")

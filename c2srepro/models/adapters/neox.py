@@ -134,6 +134,77 @@ class NeoXWeights:
         )
 
 
+    # ---------------------------------------------- the (frozen) forward, for c2srepro.attribution
+
+    def rotary(self, n_pos: int) -> tuple[Tensor, Tensor]:
+        """cos, sin of positions 0..n_pos-1 (what ``attention_and_mlp_input`` recomputes patterns with)."""
+        return rotary_cos_sin(self, n_pos)
+
+    def attention_and_mlp_input(
+        self, run: "ModelRun", layer: int, r: Float[Tensor, "pos d_model"], *, freeze: bool,
+        rotary: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Float[Tensor, "pos d_model"], Float[Tensor, "pos d_model"]]:
+        """(r + Attn_l(r), LN2_l(r)): the residual after layer ``layer``'s attention and its MLP
+        input, with the clean run's layer-norm scale and pattern (``freeze``) or recomputed from r
+        (``rotary``: ``self.rotary(pos)``). Parallel residual: LN1 and LN2 read the same r_l."""
+        lw = self.layers[layer]
+        scale = run.ln_scale[layer] if freeze else ln_scale(r, self.eps)
+        x_attn = layer_norm(r, scale, lw.ln1_weight, lw.ln1_bias)
+        pattern = run.pattern[layer] if freeze else attention_pattern(lw, x_attn, *rotary)
+        return r + attention_output(lw, x_attn, pattern), layer_norm(r, scale, lw.ln2_weight, lw.ln2_bias)
+
+    def unembed(self, run: "ModelRun", r: Float[Tensor, "pos d_model"], *, freeze: bool) -> Float[Tensor, "pos vocab"]:
+        """LNf(r_L) @ W_U^T, with the clean run's final scale (``freeze``) or r's own."""
+        scale = run.lnf_scale if freeze else ln_scale(r, self.eps)
+        return layer_norm(r, scale, self.lnf_weight, self.lnf_bias) @ self.W_U.T
+
+    def attention_bias(self, layer: int) -> Float[Tensor, "d_model"]:
+        """What layer ``layer``'s attention adds to the residual at every position whatever the
+        input: sum_h (b1 W_V^h + b_V^h) W_O^h + b_O (each row of a causal pattern sums to 1)."""
+        lw = self.layers[layer]
+        value_bias = torch.einsum("d,hde->he", lw.ln1_bias, lw.W_V) + lw.b_V  # [head, d_head]
+        return torch.einsum("he,hed->d", value_bias, lw.W_O) + lw.b_O
+
+    # ---------------------------------------------- its transpose (c2srepro.attribution.contributions)
+
+    # A transcoder of layer l reads r_l (parallel residual), not r_l + Attn_l(r_l).
+    mlp_reads_attention: ClassVar[bool] = False
+
+    def feature_reading(
+        self, run: "ModelRun", layer: int, position: int, w: Float[Tensor, "d_model"]
+    ) -> tuple[Float[Tensor, "d_model"], float]:
+        """(v, c) with LN2_l(r_l)[t] . w = r_l[t] . v + c under the frozen scale."""
+        lw = self.layers[layer]
+        return run.ln_scale[layer, position] * center(lw.ln2_weight * w), float(lw.ln2_bias @ w)
+
+    def logit_reading(self, run: "ModelRun", position: int, token: int) -> tuple[Float[Tensor, "d_model"], float]:
+        """(v, c) with logit[t, token] = r_L[t] . v + c under the frozen final scale."""
+        w = self.W_U[token]
+        return run.lnf_scale[position] * center(self.lnf_weight * w), float(self.lnf_bias @ w)
+
+    def attention_transpose(
+        self, run: "ModelRun", layer: int, grad: Float[Tensor, "target pos d_model"]
+    ) -> Float[Tensor, "target pos d_model"]:
+        """Attn_l^T(G): the gradient the frozen attention of ``layer`` carries back to its source positions."""
+        lw = self.layers[layer]
+        n_pos = grad.shape[1]
+        pattern = run.pattern[layer, :, :n_pos, :n_pos]  # A[h, destination t, source s]
+        u = torch.einsum("ntd,hed->nhte", grad, lw.W_O)  # back through W_O^h
+        u = torch.einsum("hts,nhte->nhse", pattern, u)  # back through the pattern, t -> s
+        x = torch.einsum("nhse,hde->nsd", u, lw.W_V)  # back through W_V^h
+        x = x * lw.ln1_weight * run.ln_scale[layer, :n_pos, None]  # frozen LN1: g1 ⊙ sigma^-1[s]
+        return center(x)  # the LN1 mean-centering C
+
+    def head_transpose(
+        self, run: "ModelRun", layer: int, grad: Float[Tensor, "pos d_model"], source: int
+    ) -> Float[Tensor, "head d_model"]:
+        """Attn_{l,h}^T(G)[source] per head h: ``attention_transpose`` split by head, at one position."""
+        lw = self.layers[layer]
+        carried = torch.einsum("ht,td->hd", run.pattern[layer, :, : grad.shape[0], source], grad)  # sum_t A[t,s] G[t]
+        x = torch.einsum("hd,hed,hfe->hf", carried, lw.W_O, lw.W_V)
+        return center(x * lw.ln1_weight * run.ln_scale[layer, source])
+
+
 @dataclass(frozen=True)
 class ModelRun:
     """The quantities of one real forward pass that the linearised replacement freezes."""
