@@ -111,11 +111,11 @@ class Gemma2Weights:
         config = adapter.config
         n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
         d_head, d_model = adapter.d_head, adapter.d_model
-        per_head = lambda linear, n: linear.weight.detach().view(n, d_head, d_model).transpose(1, 2)  # noqa: E731
+        def per_head(linear: nn.Linear, n: int) -> Tensor:  # [n * d_head, d_model] -> [n, d_model, d_head]
+            return linear.weight.detach().view(n, d_head, d_model).transpose(1, 2)
 
         def bias(linear: nn.Linear, n: int) -> Tensor:
-            weight = linear.weight
-            return weight.new_zeros(n, d_head) if linear.bias is None else linear.bias.detach().view(n, d_head)
+            return linear.weight.new_zeros(n, d_head) if linear.bias is None else linear.bias.detach().view(n, d_head)
 
         layers = []
         for layer in range(adapter.n_layers):
@@ -126,7 +126,6 @@ class Gemma2Weights:
                     input_gain=gain(block.input_layernorm),
                     post_attention_gain=gain(block.post_attention_layernorm),
                     pre_feedforward_gain=gain(block.pre_feedforward_layernorm),
-                    # q/k/v_proj.weight are [head * d_head (out), d_model (in)].
                     W_Q=per_head(attention.q_proj, n_heads),
                     W_K=per_head(attention.k_proj, n_kv),
                     W_V=per_head(attention.v_proj, n_kv),
