@@ -11,11 +11,13 @@ target's *reading bias*.
 
 1. Backward pass through the frozen model (a vector-Jacobian product, written out): let
    G_l = d pre / d r_l, a [pos, d_model] field. Then G_m = v at t (0 elsewhere) and, for l < m,
-       G_l = G_{l+1} + Attn_l^T(G_{l+1})                                   (residual + attention)
+       G_l = G_{l+1} + Attn_l^T(G_{l+1}) + Skip_l^T(G_{l+1})        (residual + attention + skip)
        Attn_l^T(G)[s] = C (g1 ⊙ sigma^-1[s] sum_h W_V^h sum_t A^(l,h)[t,s] (W_O^h G[t]))
+       Skip_l^T(G)[s] = C (g2 ⊙ sigma^-1[s] (W_skip G[s]))           (skip transcoders only)
    i.e. the transposed OV circuit of each head, carrying a destination position's gradient back to
-   the source positions it attended to with the frozen pattern A. MLPs do not appear: features and
-   error terms are the sources, not functions of r_l.
+   the source positions it attended to with the frozen pattern A, and the transposed skip path of a
+   skip transcoder through the frozen LN2 (same position). The rest of the MLPs does not appear:
+   features and error terms are the sources, not functions of r_l.
 2. A source that writes vector u into r_{l+1} at position s contributes u . G_{l+1}[s]:
        feature (l, s, i):  z^(l,i)[s] * (f_dec^(l,i) . G_{l+1}[s])                      # eq. 5
    which, for a target at the same position with no attention in between, is exactly the paper's
@@ -29,7 +31,8 @@ target's *reading bias*.
 Attention paths (:func:`head_contributions`): unrolling step 1 for a single target gives
 G_{l+1} = G_m + sum_{j=l+1}^{m-1} Attn_j^T(G_{j+1}), so a source's contribution splits exactly into
 its residual path (same position only: u . v) plus one term per head (j, h), the part that leaves
-the source position first through head h of layer j (later hops through any heads).
+the source position first through head h of layer j (later hops through any heads or skip paths),
+plus, for skip transcoders, one term per layer j for the part that leaves first through j's skip path.
 """
 
 from __future__ import annotations
@@ -104,13 +107,15 @@ class Attribution:
 
 @dataclass(frozen=True)
 class HeadPaths:
-    """One source's contribution to one target, split by the first attention head it travels through."""
+    """One source's contribution to one target, split by the first attention head (or skip path) it
+    travels through."""
 
     residual: float  # the direct residual path (nonzero only if source and target share a position)
     heads: Float[Tensor, "layer head"]  # heads[j, h]: the part leaving the source first through head h of layer j
+    skip: Float[Tensor, "layer"]  # skip[j]: the part leaving first through layer j's W_skip (0 without one)
 
     def total(self) -> float:
-        return self.residual + float(self.heads.sum())
+        return self.residual + float(self.heads.sum()) + float(self.skip.sum())
 
 
 def _read_layer(rep: LinearisedReplacement, target: Node) -> int:
@@ -143,6 +148,27 @@ def _attention_transpose(
     x = torch.einsum("nhse,hde->nsd", u, lw.W_V)  # back through W_V^h
     x = x * lw.ln1_weight * rep.run.ln_scale[layer, :n_pos, None]  # frozen LN1: g1 ⊙ sigma^-1[s]
     return center(x)  # the LN1 mean-centering C
+
+
+def _skip_transpose(
+    rep: LinearisedReplacement, layer: int, grad: Float[Tensor, "target pos d_model"]
+) -> Float[Tensor, "target pos d_model"] | None:
+    """Skip_l^T(G): the gradient a skip transcoder's W_skip path carries back (None: no skip path)."""
+    w_skip = rep.transcoders[layer].W_skip
+    if w_skip is None:
+        return None
+    n_pos = grad.shape[1]
+    x = (grad @ w_skip.T) * rep.weights.layers[layer].ln2_weight * rep.run.ln_scale[layer, :n_pos, None]
+    return center(x)  # the LN2 mean-centering C
+
+
+def _layer_transpose(
+    rep: LinearisedReplacement, layer: int, grad: Float[Tensor, "target pos d_model"]
+) -> Float[Tensor, "target pos d_model"]:
+    """G_l - G_{l+1}: what ``layer``'s linear paths (attention, skip) carry back (step 1)."""
+    carried = _attention_transpose(rep, layer, grad)
+    skip = _skip_transpose(rep, layer, grad)
+    return carried if skip is None else carried + skip
 
 
 def _feature_contributions(
@@ -186,7 +212,7 @@ def attribute_many(rep: LinearisedReplacement, targets: Sequence[Node]) -> list[
         features[layer] = _feature_contributions(rep, layer, grad)
         error[:, layer, :n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
         bias[:, layer, :n_pos] = grad @ rep.written_bias[layer]
-        grad = grad + _attention_transpose(rep, layer, grad)  # G_{m-1} = G_m + Attn^T(G_m)
+        grad = grad + _layer_transpose(rep, layer, grad)  # G_{m-1} = G_m + (Attn^T + Skip^T)(G_m)
     embedding = grad.new_zeros(n_targets, rep.n_pos)
     embedding[:, :n_pos] = torch.einsum("ntd,td->nt", grad, weights.embed[rep.input_ids[:n_pos]])
     return [
@@ -236,8 +262,9 @@ def head_contributions(rep: LinearisedReplacement, source: Node, target: Node) -
     v, _ = _reading(rep, target)
     m, s = _read_layer(rep, target), source.position
     heads = u.new_zeros(rep.n_layers, rep.weights.n_heads)
+    skip = u.new_zeros(rep.n_layers)
     if source.layer >= m or s > target.position:
-        return HeadPaths(residual=0.0, heads=heads)  # the source cannot reach the target
+        return HeadPaths(residual=0.0, heads=heads, skip=skip)  # the source cannot reach the target
     n_pos = target.position + 1
     grad = u.new_zeros(1, n_pos, rep.weights.d_model)
     grad[0, target.position] = v
@@ -248,5 +275,8 @@ def head_contributions(rep: LinearisedReplacement, source: Node, target: Node) -
         x = torch.einsum("hd,hed,hfe->hf", carried, lw.W_O, lw.W_V)
         x = center(x * lw.ln1_weight * rep.run.ln_scale[j, s])
         heads[j] = x @ u
-        grad = grad + _attention_transpose(rep, j, grad)
-    return HeadPaths(residual=float(u @ v) if s == target.position else 0.0, heads=heads)
+        through_skip = _skip_transpose(rep, j, grad)
+        if through_skip is not None:
+            skip[j] = through_skip[0, s] @ u
+        grad = grad + _layer_transpose(rep, j, grad)
+    return HeadPaths(residual=float(u @ v) if s == target.position else 0.0, heads=heads, skip=skip)

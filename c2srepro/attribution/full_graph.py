@@ -65,7 +65,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from c2srepro._cache import atomic_path
-from c2srepro.attribution.contributions import _attention_transpose, _read_layer, _reading
+from c2srepro.attribution.contributions import _layer_transpose, _read_layer, _reading
 from c2srepro.attribution.linearised import LinearisedReplacement
 from c2srepro.attribution.nodes import Node
 
@@ -379,7 +379,7 @@ def _rows(rep: LinearisedReplacement, targets: Sequence[Node], cols: _Columns) -
         error_col = cols.error_start + layer * rep.n_pos
         rows[:, error_col : error_col + n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
         constant += (grad @ rep.written_bias[layer]).sum(dim=1)
-        grad = grad + _attention_transpose(rep, layer, grad)  # G_{m-1} = G_m + Attn^T(G_m)
+        grad = grad + _layer_transpose(rep, layer, grad)  # G_{m-1} = G_m + (Attn^T + Skip^T)(G_m)
     rows[:, cols.token_start : cols.token_start + n_pos] = torch.einsum(
         "ntd,td->nt", grad, weights.embed[rep.input_ids[:n_pos]]
     )

@@ -76,7 +76,7 @@ the hook points and the model's name and fingerprint where the source knows them
     - ``batchtopk`` (Bussmann et al. 2024): z keeps the k * B largest ReLU'd pre-activations of
       the whole batch (k per token on average); the AuxK loss. Its inference threshold is the
       running mean of the smallest kept activation, theta <- theta + r (min - theta) each step
-      (r = ``batchtopk_threshold_lr``, as SAELens); the saved transcoder infers with
+      (r = ``batchtopk_threshold_lr``, as SAELens; the first step sets theta = min); the saved transcoder infers with
       z = pre [pre > theta] (per token, no batch needed).
     - ``jumprelu`` (Rajamanoharan et al. 2024): z = pre H(pre - theta), theta = exp(log theta)
       per feature, started at ``jumprelu_init_threshold``; penalty ``l0_coefficient`` x the
@@ -310,7 +310,10 @@ class StackedTranscoders(nn.Module):
             if self.activation == "batchtopk":
                 smallest = torch.where(z > 0, z, torch.inf).flatten(1).amin(-1)  # [L]
                 smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold[:, 0])
-                self.threshold.add_(self.threshold_lr * (smallest[:, None] - self.threshold))
+                # The first estimate is taken whole (a running mean started at 0 would stay
+                # biased low for ~1/r steps, too long for short runs).
+                rate = torch.where(self.threshold[:, :1] > 0, self.threshold_lr, 1.0)
+                self.threshold.add_(rate * (smallest[:, None] - self.threshold))
         active = (z.detach() > 0).to(x.dtype)
         return {
             "loss": loss.detach(), "mse": mse.detach(), "l1": l1.detach(), "sq_error": sq_error.detach(),
