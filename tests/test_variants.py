@@ -304,3 +304,54 @@ def test_skip_paths_are_their_own_share_of_an_edge(variant_rep):
     paths = head_contributions(rep, source, target)
     assert paths.total() == pytest.approx(attribute(rep, target).contribution(source), rel=1e-9, abs=1e-12)
     assert float(paths.skip.abs().sum()) > 0 and float(paths.skip[rep.n_layers - 1:].abs().sum()) == 0
+
+
+# --- metrics beside the paper's ------------------------------------------------------------
+
+
+def test_replacement_metrics_for_variants_with_skip():
+    from _tc_models import encoded, random_prompts, small_model
+
+    from c2srepro.transcoder import evaluate_replacement
+    from c2srepro.transcoder.harvest import harvest_activations
+
+    model = small_model(n_layers=2, act="relu")
+    prompts = encoded(random_prompts(6, low=8, high=20, seed=3))
+    rows = harvest_activations(model, prompts, progress=False).read_all()
+    transcoders = {}
+    for layer, activation in enumerate(("topk", "jumprelu")):
+        mlp = model.gpt_neox.layers[layer].mlp
+        d_model, d_mlp = model.config.hidden_size, model.config.intermediate_size
+        cfg = TranscoderConfig(d_model=d_model, d_transcoder=d_mlp, layer=layer, activation=activation,
+                               k=d_mlp // 4 if activation == "topk" else None, skip=True)
+        tc = Transcoder(cfg)
+        with torch.no_grad():
+            tc.W_enc.copy_(mlp.dense_h_to_4h.weight.T)
+            tc.b_enc.copy_(mlp.dense_h_to_4h.bias)
+            tc.W_dec.copy_(mlp.dense_4h_to_h.weight.T)
+            tc.b_dec.copy_(mlp.dense_4h_to_h.bias)
+            tc.W_skip.copy_(0.02 * torch.randn(d_model, d_model, generator=torch.Generator().manual_seed(layer)))
+            if tc.threshold is not None:
+                tc.threshold.fill_(0.05)
+        transcoders[layer] = tc
+    report, per_layer = evaluate_replacement(model, transcoders, prompts, dense_frequency=0.3, progress=False)
+    assert report.kl_score == pytest.approx((report.kl_no_mlp - report.kl_transcoder) / report.kl_no_mlp)
+    assert report.answer_kl_score == pytest.approx(
+        (report.answer_kl_no_mlp - report.answer_kl_transcoder) / report.answer_kl_no_mlp)
+    assert 0 < report.kl_score < 1 and report.kl_transcoder > 1e-6
+    for layer, tc in transcoders.items():
+        with torch.no_grad():
+            x, y = rows.mlp_in[layer].double(), rows.mlp_out[layer].double()
+            y_hat, z = tc.double().forward_with_activations(x)  # the skip path included
+            tc.float()
+        fvu = float(((y_hat - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+        frequency = (z > 0).double().mean(0)
+        assert per_layer.fvu[layer] == pytest.approx(fvu, rel=1e-4)
+        assert per_layer.explained_variance[layer] == pytest.approx(1 - fvu, rel=1e-4, abs=1e-6)
+        assert per_layer.dense_fraction[layer] == pytest.approx(float((frequency > 0.3).double().mean()))
+        assert per_layer.dead_fraction[layer] == pytest.approx(float((frequency == 0).double().mean()))
+    assert report.mean_dense_fraction == pytest.approx(per_layer.dense_fraction.mean())
+    assert report.mean_explained_variance == pytest.approx(1 - per_layer.fvu.mean())
+    assert 0 < report.mean_dense_fraction < 1
+    with pytest.raises(ValueError, match="dense_frequency must lie in"):
+        evaluate_replacement(model, transcoders, prompts, dense_frequency=1.5, progress=False)
