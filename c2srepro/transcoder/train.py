@@ -245,7 +245,7 @@ class StackedTranscoders(nn.Module):
         """Whether the hand-written ``loss_and_grads`` applies (the paper's ReLU, no skip)."""
         return self.activation == "relu" and not self.skip
 
-    def _activate(self, pre: Float[Tensor, "layer batch d_tc"]) -> Float[Tensor, "layer batch d_tc"]:
+    def train_activation(self, pre: Float[Tensor, "layer batch d_tc"]) -> Float[Tensor, "layer batch d_tc"]:
         """The training activation of the variant (choice 11), differentiable as described there."""
         if self.activation == "relu":
             return torch.relu(pre)
@@ -259,7 +259,7 @@ class StackedTranscoders(nn.Module):
         self, x: Float[Tensor, "layer batch d_model"]
     ) -> tuple[Float[Tensor, "layer batch d_tc"], Float[Tensor, "layer batch d_model"]]:
         pre = torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc)
-        z = self._activate(pre)  # eq. 1
+        z = self.train_activation(pre)  # eq. 1
         y_hat = torch.baddbmm(self.b_dec.unsqueeze(1), z, self.W_dec)  # eq. 2
         if self.W_skip is not None:
             y_hat = y_hat + torch.bmm(x, self.W_skip)
@@ -287,7 +287,7 @@ class StackedTranscoders(nn.Module):
             param.grad = None
         with torch.enable_grad():
             pre = torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc)
-            z = self._activate(pre)
+            z = self.train_activation(pre)
             y_hat = torch.baddbmm(self.b_dec.unsqueeze(1), z, self.W_dec)
             if self.W_skip is not None:
                 y_hat = y_hat + torch.bmm(x, self.W_skip)
@@ -540,7 +540,7 @@ class _Trainer:
         # (the target y' has mean norm 1); ReLU and TopK are positively homogeneous, so this is
         # exact for them (JumpReLU's small initial threshold makes it nearly so).
         sample = x[:, :4096] / self.scale_in[:, None, None]
-        z = self.stack._activate(torch.baddbmm(self.stack.b_enc.unsqueeze(1), sample, self.stack.W_enc))
+        z = self.stack.train_activation(torch.baddbmm(self.stack.b_enc.unsqueeze(1), sample, self.stack.W_enc))
         norm = torch.bmm(z, self.stack.W_dec).norm(dim=-1).mean(-1).clamp_min(1e-8)  # [L]
         self.stack.W_enc.mul_((INIT_OUTPUT_NORM / norm)[:, None, None])
 
