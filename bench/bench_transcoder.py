@@ -14,13 +14,18 @@ For each shape, every figure is measured in one run, side by side:
    ``fraction_of_matmul_rate`` = matmul time / step time (1 = the step costs only its matmuls).
 4. peak memory: each phase runs in its own process; ``peak_rss_mb`` is its peak resident set.
 5. projection: the hours the paper's run (60M tokens, every layer) would take at these rates.
+6. variants (``--variants``): step 2 again for each transcoder variant (``relu``, ``topk``,
+   ``batchtopk``, ``jumprelu``, each optionally ``+skip``), each against the same five matmuls
+   of step 3 (so the ratio also shows what a variant's extra work costs: the top-k selection,
+   autograd instead of the hand-written ReLU path, the skip path's two extra products).
 
 Shapes: ``mini`` = the embedded mini-C2S (hidden 128, 4 layers, expansion 8, 2048 tokens per
 batch) and ``410m`` = Pythia-410m / C2S-Pythia-410m (hidden 1024, 24 layers, 16 heads, MLP 4096,
 rotary 25%, vocab 50304, expansion 8), trained here with 256 tokens per batch so that a CPU step
 takes seconds and under 9 GB (the paper's 2048 adds about 1.6 GB per [layer, batch, d_tc] tensor).
 
-    python bench/bench_transcoder.py [--shapes mini 410m] [--steps K]
+    python bench/bench_transcoder.py [--shapes mini 410m] [--steps K] [--variants relu topk+skip ...]
+        [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ SHAPES = {
     "410m": dict(layers=24, d_model=1024, heads=16, vocab=50304, n_prompts=8, batch_prompts=4, tokens_per_batch=256),
 }
 PROMPT_TOKENS = 270
+VARIANTS = [f"{a}{s}" for a in ("relu", "topk", "batchtopk", "jumprelu") for s in ("", "+skip")]
 EXPANSION = 8
 
 
@@ -90,7 +96,7 @@ def phase_harvest(shape: dict) -> dict:
     }
 
 
-def phase_train(shape: dict, steps: int) -> dict:
+def phase_train(shape: dict, steps: int, variant: str = "relu", device: str = "cpu") -> dict:
     from c2srepro.transcoder import ShuffleBuffer, TensorActivations, TrainConfig
     from c2srepro.transcoder.train import _Trainer
 
@@ -100,24 +106,33 @@ def phase_train(shape: dict, steps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     source = TensorActivations(torch.randn(n_layers, rows, d_model, generator=g),
                                torch.randn(n_layers, rows, d_model, generator=g))
+    activation, _, skip = variant.partition("+")
     tcfg = TrainConfig(expansion_factor=EXPANSION, tokens_per_batch=batch, training_tokens=batch * (steps + 1),
-                       buffer_tokens=rows, resample_every_steps=0, device="cpu")
-    trainer = _Trainer(tcfg, tuple(range(n_layers)), d_model=d_model, device=torch.device("cpu"))
-    buffer = ShuffleBuffer(source, batch_tokens=batch, buffer_tokens=rows)
+                       buffer_tokens=rows, resample_every_steps=0, device=device, activation=activation,
+                       skip=skip == "skip")
+    target = torch.device(device)
+    trainer = _Trainer(tcfg, tuple(range(n_layers)), d_model=d_model, device=target)
+    buffer = ShuffleBuffer(source, batch_tokens=batch, buffer_tokens=rows, device=target)
     trainer.initialise(*buffer.current_rows())
     trainer.train_step(*buffer.next_batch())  # warm-up
-    operands = matmul_operands(n_layers, batch, d_model, d_tc)
+    operands = [t.to(target) for t in matmul_operands(n_layers, batch, d_model, d_tc)]
+    sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
     step_times, matmul_times = [], []
     for _ in range(steps):  # alternate, so that both see the same machine load
+        x, y = buffer.next_batch()
+        sync()
         started = time.perf_counter()
-        trainer.train_step(*buffer.next_batch())
+        trainer.train_step(x, y)
+        sync()
         step_times.append(time.perf_counter() - started)
         started = time.perf_counter()
         matmul_once(*operands)
+        sync()
         matmul_times.append(time.perf_counter() - started)
     step_seconds, matmul_seconds = statistics.median(step_times), statistics.median(matmul_times)
     flops = 10 * batch * d_model * d_tc * n_layers
     return {
+        "variant": variant,
         "tokens_per_batch": batch,
         "train_step_s": round(step_seconds, 4),
         "train_tokens_per_s": round(batch / step_seconds, 1),
@@ -144,9 +159,10 @@ def matmul_once(x, g, w_enc, w_dec, z) -> None:
     torch.bmm(x.transpose(1, 2), z)  # backward: gradient of W_enc
 
 
-def run_phase(name: str, shape: str, steps: int) -> dict:
+def run_phase(name: str, shape: str, steps: int, variant: str = "relu", device: str = "cpu") -> dict:
     """Each phase in a fresh process, so that its peak memory is its own."""
-    command = [sys.executable, __file__, "--phase", name, "--shapes", shape, "--steps", str(steps)]
+    command = [sys.executable, __file__, "--phase", name, "--shapes", shape, "--steps", str(steps),
+               "--variants", variant, "--device", device]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ.copy())
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -155,22 +171,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--steps", type=int, default=6, help="training steps timed per shape (>= 2)")
+    parser.add_argument("--variants", nargs="+", default=["relu"], choices=VARIANTS,
+                        help="training variants to time (step 6); the first also gives the projection")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--skip-harvest", action="store_true", help="time training only")
     parser.add_argument("--phase", choices=["harvest", "train"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be >= 2")
     if args.phase:
         shape = SHAPES[args.shapes[0]]
-        result = phase_harvest(shape) if args.phase == "harvest" else phase_train(shape, args.steps)
+        result = (phase_harvest(shape) if args.phase == "harvest"
+                  else phase_train(shape, args.steps, args.variants[0], args.device))
         print(json.dumps(result))
         return
     figures = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__, "expansion_factor": EXPANSION}
     for shape in args.shapes:
         spec = SHAPES[shape]
         figures[shape] = {"layers": spec["layers"], "d_model": spec["d_model"]}
-        figures[shape].update(run_phase("harvest", shape, args.steps))
-        figures[shape].update(run_phase("train", shape, args.steps))
-        figures[shape].update(paper_projection(figures[shape]))
+        if not args.skip_harvest:
+            figures[shape].update(run_phase("harvest", shape, args.steps))
+        runs = [run_phase("train", shape, args.steps, variant, args.device) for variant in args.variants]
+        figures[shape].update(runs[0])
+        if len(runs) > 1:
+            figures[shape]["variants"] = {run.pop("variant"): run for run in runs}
+        if not args.skip_harvest:
+            figures[shape].update(paper_projection(figures[shape]))
     print(json.dumps(figures, indent=2))
 
 

@@ -131,7 +131,7 @@ def test_configs_validate_their_fields():
         ("layer", -1, "layer must be an integer >= 0"),
         ("input_scale", 0.0, "input_scale must be a finite number > 0"),
         ("output_scale", float("nan"), "output_scale must be a finite number > 0"),
-        ("activation", "gelu", r"activation must be one of \('relu',\)"),
+        ("activation", "gelu", r"activation must be one of \('relu', 'topk', 'batchtopk', 'jumprelu'\)"),
         ("dtype", "float8", "dtype must be one of"),
     ]:
         with pytest.raises(ValueError, match=message):

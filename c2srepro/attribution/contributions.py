@@ -11,11 +11,13 @@ target's *reading bias*.
 
 1. Backward pass through the frozen model (a vector-Jacobian product, written out): let
    G_l = d pre / d r_l, a [pos, d_model] field. Then G_m = v at t (0 elsewhere) and, for l < m,
-       G_l = G_{l+1} + Attn_l^T(G_{l+1})                                   (residual + attention)
+       G_l = G_{l+1} + Attn_l^T(G_{l+1}) + Skip_l^T(G_{l+1})        (residual + attention + skip)
        Attn_l^T(G)[s] = C (g1 ⊙ sigma^-1[s] sum_h W_V^h sum_t A^(l,h)[t,s] (W_O^h G[t]))
+       Skip_l^T(G)[s] = C (g2 ⊙ sigma^-1[s] (W_skip G[s]))           (skip transcoders only)
    i.e. the transposed OV circuit of each head, carrying a destination position's gradient back to
-   the source positions it attended to with the frozen pattern A. MLPs do not appear: features and
-   error terms are the sources, not functions of r_l.
+   the source positions it attended to with the frozen pattern A, and the transposed skip path of a
+   skip transcoder through the frozen LN2 (same position). The rest of the MLPs does not appear:
+   features and error terms are the sources, not functions of r_l.
 2. A source that writes vector u into r_{l+1} at position s contributes u . G_{l+1}[s]:
        feature (l, s, i):  z^(l,i)[s] * (f_dec^(l,i) . G_{l+1}[s])                      # eq. 5
    which, for a target at the same position with no attention in between, is exactly the paper's
@@ -35,12 +37,13 @@ seeded after the sources layer l writes into r_{l+1} and before layer l's attent
 Attention paths (:func:`head_contributions`): unrolling step 1 for a single target gives
 G_{l+1} = G_m + sum_{j=l+1}^{m-1} Attn_j^T(G_{j+1}), so a source's contribution splits exactly into
 its residual path (same position only: u . v) plus one term per head (j, h), the part that leaves
-the source position first through head h of layer j (later hops through any heads).
+the source position first through head h of layer j (later hops through any heads or skip paths),
+plus, for skip transcoders, one term per layer j for the part that leaves first through j's skip path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,13 +112,15 @@ class Attribution:
 
 @dataclass(frozen=True)
 class HeadPaths:
-    """One source's contribution to one target, split by the first attention head it travels through."""
+    """One source's contribution to one target, split by the first attention head (or skip path) it
+    travels through."""
 
     residual: float  # the direct residual path (nonzero only if source and target share a position)
     heads: Float[Tensor, "layer head"]  # heads[j, h]: the part leaving the source first through head h of layer j
+    skip: Float[Tensor, "layer"]  # skip[j]: the part leaving first through layer j's W_skip (0 without one)
 
     def total(self) -> float:
-        return self.residual + float(self.heads.sum())
+        return self.residual + float(self.heads.sum()) + float(self.skip.sum())
 
 
 def _read_layer(rep: LinearisedReplacement, target: Node) -> int:
@@ -151,6 +156,34 @@ def _attention_transpose(
 ) -> Float[Tensor, "target pos d_model"]:
     """Attn_l^T(G): the gradient the frozen attention of ``layer`` carries back to its source positions."""
     return rep.weights.attention_transpose(rep.run, layer, grad)
+
+
+def _skip_transpose(
+    rep: LinearisedReplacement, layer: int, grad: Float[Tensor, "target pos d_model"]
+) -> Float[Tensor, "target pos d_model"] | None:
+    """Skip_l^T(G): the gradient a skip transcoder's W_skip path carries back to the residual its MLP
+    reads, through that MLP input's frozen norm (None: no skip path)."""
+    w_skip = rep.transcoders[layer].W_skip
+    if w_skip is None:
+        return None
+    return rep.weights.mlp_input_transpose(rep.run, layer, grad @ w_skip.T)
+
+
+def _layer_transpose(
+    rep: LinearisedReplacement,
+    layer: int,
+    grad: Float[Tensor, "target pos d_model"],
+    seed_mlp_input: Callable[[Tensor], None],
+) -> Float[Tensor, "target pos d_model"]:
+    """G_{m-1} from G_m: back through ``layer``'s linear paths (skip, attention; step 1).
+    ``seed_mlp_input`` adds, in place, the targets that read the residual this layer's MLP reads
+    (r + Attn(r) where ``mlp_reads_attention``, Gemma-2; else r itself, seeded with the rest)."""
+    skip = _skip_transpose(rep, layer, grad)
+    if skip is not None and rep.weights.mlp_reads_attention:
+        grad, skip = grad + skip, None  # the skip path reads r + Attn(r): it passes attention too
+    seed_mlp_input(grad)
+    carried = grad + _attention_transpose(rep, layer, grad)
+    return carried if skip is None else carried + skip
 
 
 def _feature_contributions(
@@ -193,8 +226,7 @@ def attribute_many(rep: LinearisedReplacement, targets: Sequence[Node]) -> list[
         features[layer] = _feature_contributions(rep, layer, grad)
         error[:, layer, :n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
         bias[:, layer, :n_pos] = grad @ rep.written_bias[layer]
-        _seed(grad, targets, readings, steps, 2 * m - 1)
-        grad = grad + _attention_transpose(rep, layer, grad)  # G_{m-1} = G_m + Attn^T(G_m)
+        grad = _layer_transpose(rep, layer, grad, lambda g: _seed(g, targets, readings, steps, 2 * m - 1))
     embedding = grad.new_zeros(n_targets, rep.n_pos)
     embedding[:, :n_pos] = torch.einsum("ntd,td->nt", grad, weights.embed[rep.input_ids[:n_pos]])
     return [
@@ -244,14 +276,21 @@ def head_contributions(rep: LinearisedReplacement, source: Node, target: Node) -
     v, _ = _reading(rep, target)
     m, s = _read_layer(rep, target), source.position
     heads = u.new_zeros(rep.n_layers, rep.weights.n_heads)
+    skip = u.new_zeros(rep.n_layers)
     if source.layer >= m or s > target.position:
-        return HeadPaths(residual=0.0, heads=heads)  # the source cannot reach the target
+        return HeadPaths(residual=0.0, heads=heads, skip=skip)  # the source cannot reach the target
     n_pos = target.position + 1
     grad = u.new_zeros(1, n_pos, rep.weights.d_model)
     grad[0, target.position] = v
     first = (_seed_step(rep, target) + 1) // 2 - 1  # the last attention before the target reads
     for j in range(first, source.layer, -1):  # grad holds G_{j+1} (or the gradient at r_mid of layer j)
         # Per head, Attn_{j,h}^T(G)[s] (the transposed OV circuit, evaluated at the source position only).
-        heads[j] = rep.weights.head_transpose(rep.run, j, grad[0], s) @ u
-        grad = grad + _attention_transpose(rep, j, grad)
-    return HeadPaths(residual=float(u @ v) if s == target.position else 0.0, heads=heads)
+        through_skip = _skip_transpose(rep, j, grad)
+        mid = grad
+        if through_skip is not None:
+            skip[j] = through_skip[0, s] @ u
+            if rep.weights.mlp_reads_attention:  # Gemma-2: attention's output passes the skip path too
+                mid = grad + through_skip
+        heads[j] = rep.weights.head_transpose(rep.run, j, mid[0], s) @ u
+        grad = _layer_transpose(rep, j, grad, lambda g: None)
+    return HeadPaths(residual=float(u @ v) if s == target.position else 0.0, heads=heads, skip=skip)

@@ -65,7 +65,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from c2srepro._cache import atomic_path
-from c2srepro.attribution.contributions import _attention_transpose, _reading, _seed, _seed_step
+from c2srepro.attribution.contributions import _layer_transpose, _reading, _seed, _seed_step
 from c2srepro.attribution.linearised import LinearisedReplacement
 from c2srepro.attribution.nodes import Node
 
@@ -378,8 +378,8 @@ def _rows(rep: LinearisedReplacement, targets: Sequence[Node], cols: _Columns) -
         error_col = cols.error_start + layer * rep.n_pos
         rows[:, error_col : error_col + n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
         constant += (grad @ rep.written_bias[layer]).sum(dim=1)
-        _seed(grad, targets, readings, steps, 2 * m - 1)  # targets reading r_m less this layer's sources
-        grad = grad + _attention_transpose(rep, layer, grad)  # G_{m-1} = G_m + Attn^T(G_m)
+        # G_{m-1} = G_m + (Attn^T + Skip^T)(G_m), seeding the targets that read r_m less this layer's sources
+        grad = _layer_transpose(rep, layer, grad, lambda g: _seed(g, targets, readings, steps, 2 * m - 1))
     rows[:, cols.token_start : cols.token_start + n_pos] = torch.einsum(
         "ntd,td->nt", grad, weights.embed[rep.input_ids[:n_pos]]
     )

@@ -10,9 +10,11 @@
    :mod:`c2srepro.models.adapters.neox`, :mod:`c2srepro.models.adapters.gemma2`, whose docstrings
    state the forward and its frozen form). GPT-NeoX is written out here.
 2. Replace each MLP by its transcoder plus an error term:
-       z_l   = ReLU(x_l @ W_enc + b_enc)                        # eq. 1
-       out_l = z_l @ W_dec + b_dec + e_l,  e_l = MLP_l(x_l) - (z_l @ W_dec + b_dec)   # eq. 2 + error
-   so the replacement reproduces the model's logits exactly on this prompt.
+       z_l   = act(x_l @ W_enc + b_enc)                         # eq. 1 (ReLU, TopK, JumpReLU, ...)
+       out_l = z_l @ W_dec + b_dec + x_l @ W_skip + e_l,  e_l = MLP_l(x_l) - transcoder_l(x_l)
+   (eq. 2 + error; the skip term only for a skip transcoder), so the replacement reproduces the
+   model's logits exactly on this prompt. The active features are those with z > 0; with them
+   held fixed every variant is linear in its active features (z = pre there), as ReLU is.
 3. Freeze A^(l,h) and every sigma^-1. With the feature activations z and the errors e treated as
    inputs, the model is then affine: r_{l+1} = r_l + Attn_l(r_l) + z_l W_dec + b_dec + e_l with
        Attn_l(r)[t] = sum_h sum_s A^(l,h)[t,s] (LN1(r)[s] W_V^h + b_V^h) W_O^h + b_O,
@@ -23,7 +25,12 @@
    residual stream as the per-layer constant sum_h (b1 W_V^h + b_V^h) W_O^h, folded into the layer's
    bias node together with b_O and b_dec (``written_bias``). Gemma-2 has the same form with RMS
    norms (no centering, no bias), the post-attention norm frozen on the attention's output, the MLP
-   reading r_l + Attn_l(r_l), and the final soft-cap frozen as a per-logit ratio.
+   reading r_l + Attn_l(r_l), and the final soft-cap frozen as a per-logit ratio. A skip
+   transcoder's path x_l W_skip (x_l the frozen norm of the residual the MLP reads) is, with the
+   norm's scale frozen, a linear map of that residual (an edge set, like attention:
+   :mod:`c2srepro.attribution.contributions` carries gradients back through it) plus the constant
+   (norm bias) W_skip, also folded into ``written_bias``. This is how circuit-tracer treats skip
+   transcoders: the decoded features are frozen, the skip path passes gradients.
 4. :func:`replacement_forward` runs this model forward: frozen (linear in the sources) or with the
    patterns and layer-norm scales recomputed from the current residual (the replacement model proper,
    errors still fixed); with the features given as inputs (leaves for autograd) or recomputed by the
@@ -45,7 +52,7 @@ from c2srepro.models.adapters.base import LinearisedWeights
 from c2srepro.data.prompts import require_prompt_ids
 from c2srepro.models.hooked import HookedModel, as_hooked
 from c2srepro.transcoder.fit import check_transcoders_fit
-from c2srepro.transcoder.model import Transcoder
+from c2srepro.transcoder.model import Transcoder, activate
 
 
 @dataclass(frozen=True)
@@ -56,10 +63,18 @@ class TranscoderWeights:
     b_enc: Float[Tensor, "d_tc"]
     W_dec: Float[Tensor, "d_tc d_model"]  # row i is f_dec^(l,i)
     b_dec: Float[Tensor, "d_model"]
+    W_skip: Float[Tensor, "d_model d_model"] | None = None  # a skip transcoder's linear path
+    threshold: Float[Tensor, "d_tc"] | None = None  # batchtopk / jumprelu
+    activation: str = "relu"
+    k: int | None = None  # topk
 
     @property
     def d_tc(self) -> int:
         return self.W_enc.shape[1]
+
+    def activate(self, pre: Float[Tensor, "... d_tc"]) -> Float[Tensor, "... d_tc"]:
+        """z from the pre-activations, with this transcoder's activation (eq. 1)."""
+        return activate(pre, activation=self.activation, k=self.k, threshold=self.threshold)
 
 
 @dataclass(frozen=True)
@@ -201,8 +216,10 @@ class LinearisedReplacement:
 
 def _transcoder_weights(tc: Transcoder, weights: LinearisedWeights) -> TranscoderWeights:
     device, dtype = weights.embed.device, weights.dtype
+    cast = lambda p: None if p is None else p.detach().to(device=device, dtype=dtype)  # noqa: E731
     return TranscoderWeights(
-        *(p.detach().to(device=device, dtype=dtype) for p in (tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec))
+        *(cast(p) for p in (tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec, tc.W_skip, tc.threshold)),
+        activation=tc.cfg.activation, k=tc.cfg.k,
     )
 
 
@@ -236,11 +253,17 @@ def build_replacement(
     run = run_model(hooked, ids)
     errors, active, written = [], [], []
     for layer, tc in enumerate(tcs):
-        z = torch.relu(run.mlp_in[layer] @ tc.W_enc + tc.b_enc)  # eq. 1
-        errors.append(run.mlp_out[layer] - (z @ tc.W_dec + tc.b_dec))  # MLP(x) - eq. 2
+        x = run.mlp_in[layer]
+        z = tc.activate(x @ tc.W_enc + tc.b_enc)  # eq. 1
+        out = z @ tc.W_dec + tc.b_dec  # eq. 2
+        bias = weights.attention_bias(layer) + tc.b_dec
+        if tc.W_skip is not None:
+            out = out + x @ tc.W_skip
+            bias = bias + weights.mlp_input_bias(layer) @ tc.W_skip  # the skip path's constant (step 3)
+        errors.append(run.mlp_out[layer] - out)  # MLP(x) - transcoder(x)
         position, feature = z.nonzero(as_tuple=True)  # row-major: sorted by (position, feature)
         active.append(ActiveFeatures(position, feature, z[position, feature]))
-        written.append(weights.attention_bias(layer) + tc.b_dec)
+        written.append(bias)
     return LinearisedReplacement(
         weights=weights,
         transcoders=tcs,
@@ -282,7 +305,7 @@ def replacement_forward(
     freeze: keep the clean run's attention patterns and layer-norm scales (the linear model);
         False recomputes both from the current residual stream (errors stay fixed either way).
     feature_acts: per-layer activations used as given (inputs, e.g. leaves for autograd);
-        None recomputes z_l = ReLU(x_l W_enc + b_enc) from the current residual.
+        None recomputes z_l = act(x_l W_enc + b_enc) from the current residual.
     ablate: feature nodes whose activation is set to zero (after recomputation, if any).
     embeddings, errors: the r_0 and e_l inputs (default: the prompt's).
     """
@@ -299,10 +322,13 @@ def replacement_forward(
     for layer, tc in enumerate(rep.transcoders):
         r_attn, x_mlp = weights.attention_and_mlp_input(run, layer, r, freeze=freeze, rotary=rotary)
         pre = x_mlp @ tc.W_enc + tc.b_enc  # eq. 1 before the ReLU
-        z = torch.relu(pre) if feature_acts is None else feature_acts[layer]
+        z = tc.activate(pre) if feature_acts is None else feature_acts[layer]
         if keep[layer] is not None:
             z = z * keep[layer]
-        r = r_attn + (z @ tc.W_dec + tc.b_dec) + errors[layer]  # eq. 2 + e_l
+        out = z @ tc.W_dec + tc.b_dec  # eq. 2
+        if tc.W_skip is not None:
+            out = out + x_mlp @ tc.W_skip
+        r = r_attn + out + errors[layer]  # + e_l
         resid.append(r)
         pre_acts.append(pre)
         acts.append(z)

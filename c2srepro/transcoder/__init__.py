@@ -1,6 +1,8 @@
-"""Transcoders: config, model, harvesting of MLP activations, training, the replacement model."""
+"""Transcoders: config, model, harvesting of MLP activations, training, the replacement model,
+and the SAELens / circuit-tracer file formats."""
 
 from c2srepro.transcoder.config import TranscoderConfig
+from c2srepro.transcoder.formats import export_circuit_tracer, export_saelens, import_circuit_tracer, import_saelens
 from c2srepro.transcoder.harvest import (
     ActivationBlock,
     ActivationSource,
@@ -27,7 +29,11 @@ __all__ = [
     "TranscoderConfig",
     "TrainingResult",
     "evaluate_replacement",
+    "export_circuit_tracer",
+    "export_saelens",
     "harvest_activations",
+    "import_circuit_tracer",
+    "import_saelens",
     "load_transcoders",
     "remove_mlps",
     "replace_mlps",

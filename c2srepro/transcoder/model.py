@@ -1,15 +1,24 @@
-"""The transcoder: a wide, sparse ReLU layer that imitates one MLP.
+"""The transcoder: a wide, sparse layer that imitates one MLP.
 
 Weight layout, used everywhere in c2srepro (SAELens convention; d_tc = ``cfg.d_transcoder``):
-    W_enc: [d_model, d_tc]   column i is the paper's encoder vector f_enc^(i)
-    W_dec: [d_tc, d_model]   row i is the paper's decoder vector f_dec^(i)
+    W_enc:  [d_model, d_tc]    column i is the paper's encoder vector f_enc^(i)
+    W_dec:  [d_tc, d_model]    row i is the paper's decoder vector f_dec^(i)
+    W_skip: [d_model, d_model] only when ``cfg.skip``: a linear path, input -> output
+    threshold: [d_tc]          only for the ``batchtopk`` and ``jumprelu`` activations
 
-    z     = ReLU(x @ W_enc + b_enc)        # paper eq. 1
-    y_hat = z @ W_dec + b_dec              # paper eq. 2
-    loss  = ||y_hat - MLP(x)||^2 + lambda * ||z||_1   # paper eq. 4
+    pre   = x @ W_enc + b_enc
+    z     = act(pre)                                # paper eq. 1, act = ReLU in the paper
+    y_hat = z @ W_dec + b_dec (+ x @ W_skip)        # paper eq. 2 (+ the skip path)
+    loss  = ||y_hat - MLP(x)||^2 + lambda * ||z||_1   # paper eq. 4 (the ReLU variant)
+
+``activate`` is ``act`` for every variant (``cfg.activation``): ``relu``; ``topk``, the k
+largest pre-activations of each token through a ReLU, the rest 0; ``jumprelu`` and
+``batchtopk`` (at inference, as SAELens runs a trained BatchTopK), pre * [pre > threshold]
+with a per-feature threshold >= 0. Every variant is piecewise linear: on a fixed set of active
+features z equals pre there, which the attribution graphs rely on.
 
 Saved files, one directory per transcoder (``Transcoder.save`` / ``Transcoder.load``):
-    transcoder.safetensors   W_enc, b_enc, W_dec, b_dec, in ``cfg.dtype``
+    transcoder.safetensors   W_enc, b_enc, W_dec, b_dec (W_skip, threshold), in ``cfg.dtype``
     cfg.json                 ``TranscoderConfig`` (architecture, hook points, scales, provenance)
     training.json            ``TrainConfig`` of a trained transcoder (absent for a hand-made one)
 ``save_transcoders`` / ``load_transcoders`` keep a model's set as ``layer_XX`` subdirectories.
@@ -31,12 +40,36 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from c2srepro._cache import atomic_directory, atomic_path, write_json_atomic
-from c2srepro.transcoder.config import TrainConfig, TranscoderConfig
+from c2srepro.transcoder.config import THRESHOLD_ACTIVATIONS, TrainConfig, TranscoderConfig
 
 WEIGHTS_FILENAME = "transcoder.safetensors"
 CONFIG_FILENAME = "cfg.json"
 TRAINING_FILENAME = "training.json"
 LAYER_DIRECTORY = "layer_{layer:02d}"
+
+
+def activate(
+    pre: Float[Tensor, "... d_tc"], *, activation: str, k: int | None = None, threshold: Tensor | None = None
+) -> Float[Tensor, "... d_tc"]:
+    """The activation of eq. 1 for each variant (module docstring)."""
+    if activation == "relu":
+        return torch.relu(pre)
+    if activation == "topk":
+        values, index = pre.topk(k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, index, torch.relu(values))
+    if activation in THRESHOLD_ACTIVATIONS:
+        return pre * (pre > threshold)  # threshold >= 0, so this is also >= 0
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def check_threshold(threshold: Tensor, *, where: str) -> None:
+    """A ``ValueError`` unless every threshold is finite and >= 0."""
+    bad = ~torch.isfinite(threshold) | (threshold < 0)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{where}: {int(bad.sum())} threshold(s) are negative or not finite (e.g. feature "
+            f"{int(bad.nonzero()[0])}: {float(threshold[bad][0])}); a JumpReLU threshold must be >= 0"
+        )
 
 
 class Transcoder(nn.Module):
@@ -62,15 +95,37 @@ class Transcoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_tc, dtype=dtype))  # [d_tc]
         self.W_dec = nn.Parameter(w_dec.to(dtype))  # [d_tc, d_model]
         self.b_dec = nn.Parameter(torch.zeros(d_model, dtype=dtype))  # [d_model]
+        # The skip path starts at zero (as in SAELens and Paulo et al. 2025): training grows it.
+        self.W_skip = nn.Parameter(torch.zeros(d_model, d_model, dtype=dtype)) if cfg.skip else None
+        self.threshold = (
+            nn.Parameter(torch.zeros(d_tc, dtype=dtype)) if cfg.activation in THRESHOLD_ACTIVATIONS else None
+        )
+
+    def pre_activation(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_tc"]:
+        return x @ self.W_enc + self.b_enc
 
     def encode(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_tc"]:
-        return torch.relu(x @ self.W_enc + self.b_enc)  # eq. 1
+        return activate(self.pre_activation(x), activation=self.cfg.activation, k=self.cfg.k, threshold=self.threshold)  # eq. 1
 
     def decode(self, z: Float[Tensor, "... d_tc"]) -> Float[Tensor, "... d_model"]:
-        return z @ self.W_dec + self.b_dec  # eq. 2
+        """The sparse path z @ W_dec + b_dec (eq. 2), without the skip path."""
+        return z @ self.W_dec + self.b_dec
+
+    def skip_output(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"] | None:
+        """x @ W_skip, or None for a transcoder without a skip path."""
+        return None if self.W_skip is None else x @ self.W_skip
+
+    def forward_with_activations(
+        self, x: Float[Tensor, "... d_model"]
+    ) -> tuple[Float[Tensor, "... d_model"], Float[Tensor, "... d_tc"]]:
+        """(y_hat, z): the full output (sparse path + skip path) and the feature activations."""
+        z = self.encode(x)
+        y_hat = self.decode(z)
+        skip = self.skip_output(x)
+        return (y_hat if skip is None else y_hat + skip), z
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        return self.decode(self.encode(x))
+        return self.forward_with_activations(x)[0]
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write weights, ``cfg.json`` and (when trained) ``training.json`` into ``directory``,
@@ -112,6 +167,8 @@ class Transcoder(nn.Module):
         if found != expected:
             raise ValueError(f"{weights_path} holds weights of shapes {found}, but {config_path} describes {expected}")
         transcoder.load_state_dict(state)
+        if transcoder.threshold is not None:
+            check_threshold(transcoder.threshold.detach(), where=str(weights_path))
         return transcoder.to(device)
 
 

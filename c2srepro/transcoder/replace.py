@@ -12,12 +12,17 @@
    tokens", the cell type; none when prompts carry no answer).
 4. KL(original || modified) of the next-token distributions at the same positions, averaged.
 5. Fraction of loss recovered = (L_noMLP - L_transcoder) / (L_noMLP - L_original): 1 when the
-   transcoders are as good as the MLPs, 0 when no better than removing them.
+   transcoders are as good as the MLPs, 0 when no better than removing them (SAELens'
+   ``ce_loss_score``). KL score = (KL_noMLP - KL_transcoder) / KL_noMLP, the same for the
+   divergences (SAELens' ``kl_div_score``).
 6. Per layer, on the original model's MLP inputs (so each transcoder is judged on the
    distribution it was trained on, not on the drift of earlier replacements): L0 (active
    features per token), FVU = sum ||t(x) - y||^2 / sum ||y - mean y||^2 over all evaluated
-   tokens, each feature's firing frequency E(f), the dead fraction (E(f) = 0) and the number of
-   live features (log10 E(f) >= ``live_log10_threshold``; the paper uses -4 and -3).
+   tokens and explained variance 1 - FVU (SAELens' ``explained_variance``), each feature's firing
+   frequency E(f), the dead fraction (E(f) = 0), the dense fraction (E(f) > ``dense_frequency``,
+   features firing on more than that share of tokens) and the number of live features
+   (log10 E(f) >= ``live_log10_threshold``; the paper uses -4 and -3). The transcoder output
+   includes a skip transcoder's W_skip path.
 """
 
 from __future__ import annotations
@@ -76,14 +81,19 @@ class ReplacementReport:
     kl_transcoder: float
     kl_no_mlp: float
     fraction_loss_recovered: float
+    kl_score: float
     answer_loss_original: float
     answer_loss_transcoder: float
     answer_loss_no_mlp: float
     answer_kl_transcoder: float
     answer_kl_no_mlp: float
     answer_fraction_loss_recovered: float
+    answer_kl_score: float
     mean_l0: float  # mean over layers of the per-layer L0
     mean_fvu: float
+    mean_explained_variance: float
+    mean_dead_fraction: float
+    mean_dense_fraction: float
     layers: list[int]
     n_prompts: int
     n_tokens: int  # predicted tokens (all)
@@ -117,6 +127,7 @@ def evaluate_replacement(
     layers: Sequence[int] | None = None,
     batch_prompts: int = 8,
     live_log10_threshold: float = -4.0,
+    dense_frequency: float = 0.1,
     progress: bool = True,
 ) -> tuple[ReplacementReport, pd.DataFrame]:
     """Compare the original, transcoder-replaced and MLP-removed models on ``prompts``.
@@ -124,7 +135,7 @@ def evaluate_replacement(
     ``prompts``: ``EncodedPrompts`` (its ``answer_start`` marks the answer tokens) or lists of
     token ids. The same ``layers`` (default: every layer with a transcoder) are replaced and
     removed. Returns the summary and a per-layer table (layer, l0, fvu, mse, dead_fraction,
-    n_live_features, n_features, n_tokens).
+    n_live_features, n_features, n_tokens, explained_variance, dense_fraction).
     """
     hooked = as_hooked(model)
     fitting = check_transcoders_fit(hooked, transcoders, layers=layers)
@@ -133,6 +144,8 @@ def evaluate_replacement(
     answer_start = list(getattr(prompts, "answer_start", None) or [len(ids) for ids in prompt_set.input_ids])
     if batch_prompts < 1:
         raise ValueError(f"batch_prompts must be >= 1, got {batch_prompts}")
+    if not 0 < dense_frequency < 1:
+        raise ValueError(f"dense_frequency must lie in (0, 1) (a share of tokens), got {dense_frequency}")
     hooked.model.eval()
     device = hooked.device
     for transcoder in fitting.values():
@@ -174,7 +187,7 @@ def evaluate_replacement(
     mean = lambda total, n: total / n if n else float("nan")  # noqa: E731
     loss = {key: mean(value, n_all) for key, value in totals.items()}
     answer_loss = {key: mean(value, n_answer) for key, value in answer.items()}
-    per_layer = pd.DataFrame([stats[layer].row(layer, live_log10_threshold) for layer in chosen])
+    per_layer = pd.DataFrame([stats[layer].row(layer, live_log10_threshold, dense_frequency) for layer in chosen])
     report = ReplacementReport(
         loss_original=loss["orig"],
         loss_transcoder=loss["tc"],
@@ -182,14 +195,19 @@ def evaluate_replacement(
         kl_transcoder=loss["kl_tc"],
         kl_no_mlp=loss["kl_none"],
         fraction_loss_recovered=_recovered(loss),
+        kl_score=_kl_score(loss),
         answer_loss_original=answer_loss["orig"],
         answer_loss_transcoder=answer_loss["tc"],
         answer_loss_no_mlp=answer_loss["none"],
         answer_kl_transcoder=answer_loss["kl_tc"],
         answer_kl_no_mlp=answer_loss["kl_none"],
         answer_fraction_loss_recovered=_recovered(answer_loss),
+        answer_kl_score=_kl_score(answer_loss),
         mean_l0=float(per_layer["l0"].mean()),
         mean_fvu=float(per_layer["fvu"].mean()),
+        mean_explained_variance=float(per_layer["explained_variance"].mean()),
+        mean_dead_fraction=float(per_layer["dead_fraction"].mean()),
+        mean_dense_fraction=float(per_layer["dense_fraction"].mean()),
         layers=list(chosen),
         n_prompts=len(prompt_set),
         n_tokens=n_all,
@@ -201,6 +219,10 @@ def evaluate_replacement(
 def _recovered(loss: dict[str, float]) -> float:
     gap = loss["none"] - loss["orig"]
     return (loss["none"] - loss["tc"]) / gap if gap else float("nan")
+
+
+def _kl_score(loss: dict[str, float]) -> float:
+    return (loss["kl_none"] - loss["kl_tc"]) / loss["kl_none"] if loss["kl_none"] else float("nan")
 
 
 class _LayerStats:
@@ -218,8 +240,7 @@ class _LayerStats:
 
     def add(self, x: Float[Tensor, "row d_model"], y: Float[Tensor, "row d_model"]) -> None:
         param = self.transcoder.W_enc
-        z = self.transcoder.encode(x.to(param.dtype))  # [row, d_tc]
-        y_hat = self.transcoder.decode(z)
+        y_hat, z = self.transcoder.forward_with_activations(x.to(param.dtype))  # [row, d_model], [row, d_tc]
         y = y.to(torch.float64)
         active = z > 0
         self.n += y.shape[0]
@@ -229,17 +250,20 @@ class _LayerStats:
         self.sum_l0 += float(active.sum())
         self.fires += active.sum(0)
 
-    def row(self, layer: int, live_log10_threshold: float) -> dict[str, Any]:
+    def row(self, layer: int, live_log10_threshold: float, dense_frequency: float) -> dict[str, Any]:
         variance = self.sum_y2 - float(self.sum_y.square().sum()) / self.n
         frequency = self.fires.double() / self.n
         live = frequency >= 10.0**live_log10_threshold
+        fvu = self.sum_err2 / variance if variance > 0 else float("nan")
         return {
             "layer": layer,
             "l0": self.sum_l0 / self.n,
-            "fvu": self.sum_err2 / variance if variance > 0 else float("nan"),
+            "fvu": fvu,
             "mse": self.sum_err2 / self.n,
             "dead_fraction": float((self.fires == 0).double().mean()),
             "n_live_features": int(live.sum()),
             "n_features": int(self.fires.numel()),
             "n_tokens": self.n,
+            "explained_variance": 1.0 - fvu,
+            "dense_fraction": float((frequency > dense_frequency).double().mean()),
         }

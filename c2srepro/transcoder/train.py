@@ -66,6 +66,32 @@ the hook points and the model's architecture, name and fingerprint where the sou
 10. A non-finite loss stops training with ``FloatingPointError`` naming the layer, the step and
     whether the batch or the weights were at fault; nothing is saved for that step.
 
+11. Variants (``TrainConfig.activation``; the transcoder's ``TranscoderConfig`` records it). The
+    paper's ``relu`` (eq. 1, L1 penalty, the loss of choice 2) runs the hand-written
+    ``loss_and_grads``; every other variant, and any variant with ``skip``, runs
+    ``general_loss_and_grads`` (autograd) in the same loop, with the same data, schedules,
+    decoder constraint, resampling and checkpoints:
+    - ``topk`` (Gao et al. 2024): z keeps each token's k largest pre-activations (through a
+      ReLU), no sparsity penalty; the AuxK loss below.
+    - ``batchtopk`` (Bussmann et al. 2024): z keeps the k * B largest ReLU'd pre-activations of
+      the whole batch (k per token on average); the AuxK loss. Its inference threshold is the
+      running mean of the smallest kept activation, theta <- theta + r (min - theta) each step
+      (r = ``batchtopk_threshold_lr``, as SAELens; the first step sets theta = min); the saved transcoder infers with
+      z = pre [pre > theta] (per token, no batch needed).
+    - ``jumprelu`` (Rajamanoharan et al. 2024): z = pre H(pre - theta), theta = exp(log theta)
+      per feature, started at ``jumprelu_init_threshold``; penalty ``l0_coefficient`` x the
+      number of active features (ramped as lambda in choice 4). H has no useful derivative, so
+      theta learns through straight-through estimators with a rectangle kernel of width
+      epsilon = ``jumprelu_bandwidth``: d z / d theta = -(theta / epsilon) K((pre - theta) /
+      epsilon), d H / d theta = -(1 / epsilon) K(...), K(u) = [|u| < 1/2]; d H / d pre = 0.
+    - AuxK (Gao et al. 2024), for ``topk`` and ``batchtopk``: the ``aux_k`` (default d_model // 2)
+      largest pre-activations among features dead for ``dead_window_tokens`` (choice 5's
+      counters) reconstruct the main error e = y' - y_hat' with the decoder alone, and
+      ``aux_k_coefficient`` x (1/d) ||e_hat - e||^2 joins the loss: a gradient that revives
+      dead features without resampling (set ``resample_every_steps=0`` to rely on it alone).
+    - ``skip`` (Paulo et al. 2025): y_hat' += x' W_skip', W_skip' started at zero; saved as
+      W_skip = W_skip' s_out / s_in. Thresholds are saved in raw units, theta s_out.
+
 Logged per layer every ``log_every_steps`` steps (means over the steps since the last log):
 loss, mse = (1/d)||y_hat' - y'||^2, fvu = sum ||y_hat - y||^2 / sum ||y - mean y||^2 per batch,
 l1 = ||z'||_1, l0 = number of active features per token, dead_fraction = features that have not
@@ -90,7 +116,7 @@ from tqdm import tqdm
 
 from c2srepro._cache import atomic_path
 from c2srepro._schedule import linear_warmup, warmup_cosine
-from c2srepro.transcoder.config import TrainConfig, TranscoderConfig
+from c2srepro.transcoder.config import TOPK_ACTIVATIONS, TrainConfig, TranscoderConfig, check_k
 from c2srepro.transcoder.harvest import (
     ActivationSource,
     BufferPosition,
@@ -100,7 +126,7 @@ from c2srepro.transcoder.harvest import (
     derived_seed,
     model_fingerprint,
 )
-from c2srepro.transcoder.model import Transcoder, save_transcoders
+from c2srepro.transcoder.model import Transcoder, activate, save_transcoders
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +161,65 @@ def l1_factor(step: int, cfg: TrainConfig) -> float:
     return linear_warmup(step, warmup_steps=round(cfg.l1_warmup_fraction * cfg.total_steps))
 
 
+class _JumpReLU(torch.autograd.Function):
+    """z = pre H(pre - theta); straight-through gradient for theta (choice 11)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel = ((pre - theta).abs() < eps / 2).to(grad.dtype) / eps
+        grad_theta = (-theta * kernel * grad).sum_to_size(theta.shape)
+        return grad * (pre > theta), grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - theta) (the L0 count); straight-through gradient for theta, none for pre."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel = ((pre - theta).abs() < eps / 2).to(grad.dtype) / eps
+        return None, (-kernel * grad).sum_to_size(theta.shape), None
+
+
+def _batch_topk(pre: Float[Tensor, "layer batch d_tc"], k: int) -> Float[Tensor, "layer batch d_tc"]:
+    """Per layer, the k * batch largest ReLU'd pre-activations of the batch kept, the rest 0."""
+    n, batch, d_tc = pre.shape
+    flat = torch.relu(pre).reshape(n, batch * d_tc)
+    values, index = flat.topk(k * batch, dim=-1, sorted=False)
+    return torch.zeros_like(flat).scatter(-1, index, values).reshape(n, batch, d_tc)
+
+
 class StackedTranscoders(nn.Module):
     """The transcoders of ``n_layers`` layers, weights stacked on a leading layer axis; every
-    layer starts as ``Transcoder(..., seed=seed)`` (choice 6)."""
+    layer starts as ``Transcoder(..., seed=seed)`` (choice 6). ``train_config`` (default: the
+    paper's ReLU) picks the variant and its parameters (choice 11)."""
 
-    def __init__(self, n_layers: int, *, d_model: int, d_transcoder: int, seed: int = 0):
+    def __init__(
+        self, n_layers: int, *, d_model: int, d_transcoder: int, seed: int = 0, train_config: TrainConfig | None = None
+    ):
         super().__init__()
+        tcfg = train_config or TrainConfig()
+        self.activation, self.k, self.skip = tcfg.activation, tcfg.k, tcfg.skip
+        self.bandwidth, self.threshold_lr = tcfg.jumprelu_bandwidth, tcfg.batchtopk_threshold_lr
+        self.aux_k = min(tcfg.aux_k or max(1, d_model // 2), d_transcoder)
+        self.aux_k_coefficient = tcfg.aux_k_coefficient
+        if self.activation in TOPK_ACTIVATIONS:
+            check_k(self.k, d_transcoder, activation=self.activation)
         n, d_tc = n_layers, d_transcoder
         self.W_enc = nn.Parameter(torch.empty(n, d_model, d_tc))  # [L, d_model, d_tc]
         self.b_enc = nn.Parameter(torch.empty(n, d_tc))  # [L, d_tc]
@@ -150,13 +229,108 @@ class StackedTranscoders(nn.Module):
         with torch.no_grad():
             for name, param in init.named_parameters():
                 getattr(self, name).copy_(param)  # broadcast over the layer axis
+        # Variant parameters follow the four above, so the paper's variant is unchanged.
+        self.W_skip = nn.Parameter(torch.zeros(n, d_model, d_model)) if self.skip else None  # [L, d_in, d_out]
+        self.log_threshold = (
+            nn.Parameter(torch.full((n, d_tc), math.log(tcfg.jumprelu_init_threshold)))
+            if self.activation == "jumprelu" else None
+        )
+        # BatchTopK's inference threshold: a running estimate, not trained by the optimiser.
+        self.threshold = (
+            nn.Parameter(torch.zeros(n, d_tc), requires_grad=False) if self.activation == "batchtopk" else None
+        )
+
+    @property
+    def fast(self) -> bool:
+        """Whether the hand-written ``loss_and_grads`` applies (the paper's ReLU, no skip)."""
+        return self.activation == "relu" and not self.skip
+
+    def train_activation(self, pre: Float[Tensor, "layer batch d_tc"]) -> Float[Tensor, "layer batch d_tc"]:
+        """The training activation of the variant (choice 11), differentiable as described there."""
+        if self.activation == "relu":
+            return torch.relu(pre)
+        if self.activation == "topk":
+            return activate(pre, activation="topk", k=self.k)
+        if self.activation == "batchtopk":
+            return _batch_topk(pre, self.k)
+        return _JumpReLU.apply(pre, self.log_threshold.exp().unsqueeze(1), self.bandwidth)
 
     def forward(
         self, x: Float[Tensor, "layer batch d_model"]
     ) -> tuple[Float[Tensor, "layer batch d_tc"], Float[Tensor, "layer batch d_model"]]:
-        z = torch.relu(torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc))  # eq. 1
+        pre = torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc)
+        z = self.train_activation(pre)  # eq. 1
         y_hat = torch.baddbmm(self.b_dec.unsqueeze(1), z, self.W_dec)  # eq. 2
+        if self.W_skip is not None:
+            y_hat = y_hat + torch.bmm(x, self.W_skip)
         return z, y_hat
+
+    def terms_and_grads(
+        self, x: Float[Tensor, "layer batch d_model"], y: Float[Tensor, "layer batch d_model"],
+        coefficient: float, dead: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """The loss terms and gradients of one step for this variant: ``loss_and_grads`` for the
+        paper's ReLU, ``general_loss_and_grads`` otherwise. ``coefficient`` is the ramped
+        sparsity coefficient (lambda for ReLU, the L0 coefficient for JumpReLU); ``dead``
+        ([L, d_tc] bool) the features AuxK may use."""
+        if self.fast:
+            return self.loss_and_grads(x, y, coefficient)
+        return self.general_loss_and_grads(x, y, coefficient, dead=dead)
+
+    def general_loss_and_grads(
+        self, x: Float[Tensor, "layer batch d_model"], y: Float[Tensor, "layer batch d_model"],
+        coefficient: float, *, dead: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Loss terms per layer of any variant (choice 11), gradients by autograd into ``.grad``."""
+        batch, d_model = x.shape[1], x.shape[2]
+        for param in self.parameters():
+            param.grad = None
+        with torch.enable_grad():
+            pre = torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc)
+            z = self.train_activation(pre)
+            y_hat = torch.baddbmm(self.b_dec.unsqueeze(1), z, self.W_dec)
+            if self.W_skip is not None:
+                y_hat = y_hat + torch.bmm(x, self.W_skip)
+            error = y_hat - y
+            sq_error = error.square().sum(-1)  # [L, B]
+            mse = sq_error.mean(-1) / d_model  # [L]
+            l1 = z.abs().sum(-1).mean(-1)  # [L]
+            if self.activation == "relu":
+                penalty = coefficient * l1
+            elif self.activation == "jumprelu":
+                step = _Step.apply(pre, self.log_threshold.exp().unsqueeze(1), self.bandwidth)
+                penalty = coefficient * step.sum(-1).mean(-1)
+            else:
+                penalty = torch.zeros_like(mse)
+            loss = mse + penalty
+            if self.activation in TOPK_ACTIVATIONS and dead is not None and bool(dead.any()):
+                loss = loss + self._aux_k_loss(pre, error.detach(), dead)
+            loss.sum().backward()  # the layers are independent: the sum's gradient is each one's
+        with torch.no_grad():
+            if self.activation == "batchtopk":
+                smallest = torch.where(z > 0, z, torch.inf).flatten(1).amin(-1)  # [L]
+                smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold[:, 0])
+                # The first estimate is taken whole (a running mean started at 0 would stay
+                # biased low for ~1/r steps, too long for short runs).
+                rate = torch.where(self.threshold[:, :1] > 0, self.threshold_lr, 1.0)
+                self.threshold.add_(rate * (smallest[:, None] - self.threshold))
+        active = (z.detach() > 0).to(x.dtype)
+        return {
+            "loss": loss.detach(), "mse": mse.detach(), "l1": l1.detach(), "sq_error": sq_error.detach(),
+            "error": error.detach(), "counts": active.sum(1),
+        }
+
+    def _aux_k_loss(
+        self, pre: Float[Tensor, "layer batch d_tc"], error: Float[Tensor, "layer batch d_model"], dead: Tensor
+    ) -> Float[Tensor, "layer"]:
+        """AuxK (choice 11): the dead features' top pre-activations reconstruct the main error."""
+        k = min(self.aux_k, int(dead.sum(-1).max()))
+        masked = pre.masked_fill(~dead.unsqueeze(1), -torch.inf)
+        values, index = masked.topk(k, dim=-1, sorted=False)
+        z_aux = torch.zeros_like(pre).scatter(-1, index, torch.relu(values))  # relu(-inf) = 0: no gradient
+        residual = -error  # what the main reconstruction missed
+        aux = (torch.bmm(z_aux, self.W_dec) - residual).square().sum(-1).mean(-1) / pre.new_tensor(error.shape[-1])
+        return self.aux_k_coefficient * aux
 
     @torch.no_grad()
     def loss_and_grads(
@@ -335,8 +509,9 @@ class _Trainer:
         self.provenance = provenance or {}
         self.n_layers, self.d_model, self.d_tc = len(layers), d_model, tcfg.expansion_factor * d_model
         self.batch_tokens = tcfg.tokens_per_batch
+        self.dead_window = max(1, math.ceil(tcfg.dead_window_tokens / self.batch_tokens))  # steps
         self.stack = StackedTranscoders(
-            self.n_layers, d_model=d_model, d_transcoder=self.d_tc, seed=tcfg.seed
+            self.n_layers, d_model=d_model, d_transcoder=self.d_tc, seed=tcfg.seed, train_config=tcfg
         ).to(device)
         self.optimizer = torch.optim.Adam(
             self.stack.parameters(), lr=tcfg.lr, betas=tcfg.adam_betas, fused=device.type in ("cpu", "cuda") or None
@@ -366,9 +541,10 @@ class _Trainer:
             raise ValueError(f"the MLP inputs or outputs of layers {flat} are all zero: nothing to learn there")
         self.stack.b_dec.copy_(y.mean(1) / self.scale_out[:, None])
         # Scale each encoder so the features' initial output has mean norm INIT_OUTPUT_NORM
-        # (the target y' has mean norm 1); ReLU is positively homogeneous, so this is exact.
+        # (the target y' has mean norm 1); ReLU and TopK are positively homogeneous, so this is
+        # exact for them (JumpReLU's small initial threshold makes it nearly so).
         sample = x[:, :4096] / self.scale_in[:, None, None]
-        z = torch.relu(torch.baddbmm(self.stack.b_enc.unsqueeze(1), sample, self.stack.W_enc))
+        z = self.stack.train_activation(torch.baddbmm(self.stack.b_enc.unsqueeze(1), sample, self.stack.W_enc))
         norm = torch.bmm(z, self.stack.W_dec).norm(dim=-1).mean(-1).clamp_min(1e-8)  # [L]
         self.stack.W_enc.mul_((INIT_OUTPUT_NORM / norm)[:, None, None])
 
@@ -376,8 +552,10 @@ class _Trainer:
         x = x_raw / self.scale_in[:, None, None]  # x' (choice 1)
         y = y_raw / self.scale_out[:, None, None]  # y'
         lr = self.tcfg.lr * lr_factor(self.step, self.tcfg)
-        l1_coefficient = self.tcfg.l1_coefficient * l1_factor(self.step, self.tcfg)
-        terms = self.stack.loss_and_grads(x, y, l1_coefficient)
+        coefficient = self.tcfg.l0_coefficient if self.tcfg.activation == "jumprelu" else self.tcfg.l1_coefficient
+        l1_coefficient = coefficient * l1_factor(self.step, self.tcfg)
+        dead = None if self.stack.fast else self.since_fired >= self.dead_window
+        terms = self.stack.terms_and_grads(x, y, l1_coefficient, dead=dead)
         loss, counts = terms["loss"], terms["counts"]
         if not bool(torch.isfinite(loss).all()):
             self._raise_non_finite(loss, x_raw, y_raw)
@@ -460,8 +638,7 @@ class _Trainer:
         steps = int(self.sums["steps"])
         if steps == 0:
             return
-        window = max(1, math.ceil(self.tcfg.dead_window_tokens / self.batch_tokens))
-        dead = (self.since_fired >= min(window, self.step)).double().mean(-1)  # [L]
+        dead = (self.since_fired >= min(self.dead_window, self.step)).double().mean(-1)  # [L]
         means = {name: (self.sums[name] / steps).tolist() for name in ("loss", "mse", "fvu", "l1", "l0")}
         for i, layer in enumerate(self.layers):
             row = {
@@ -555,14 +732,22 @@ class _Trainer:
         out = {}
         for i, layer in enumerate(self.layers):
             s_in, s_out = float(self.scale_in[i]), float(self.scale_out[i])
+            tcfg = self.tcfg
             cfg = TranscoderConfig(
                 d_model=self.d_model, d_transcoder=self.d_tc, layer=layer, input_scale=s_in, output_scale=s_out,
-                **self.provenance,
+                activation=tcfg.activation, k=tcfg.k if tcfg.activation in TOPK_ACTIVATIONS else None,
+                skip=tcfg.skip, **self.provenance,
             )
-            transcoder = Transcoder(cfg, train_config=self.tcfg)
+            transcoder = Transcoder(cfg, train_config=tcfg)
             transcoder.W_enc.copy_(self.stack.W_enc[i] * (s_out / s_in))
             transcoder.b_enc.copy_(self.stack.b_enc[i] * s_out)
             transcoder.W_dec.copy_(self.stack.W_dec[i])
             transcoder.b_dec.copy_(self.stack.b_dec[i] * s_out)
+            if self.stack.W_skip is not None:
+                transcoder.W_skip.copy_(self.stack.W_skip[i] * (s_out / s_in))
+            if self.stack.log_threshold is not None:
+                transcoder.threshold.copy_(self.stack.log_threshold[i].exp() * s_out)
+            if self.stack.threshold is not None:
+                transcoder.threshold.copy_(self.stack.threshold[i] * s_out)
             out[layer] = transcoder.cpu()
         return out

@@ -83,6 +83,15 @@ class LinearisedWeights(Protocol):
         """(v, c): the MLP input of ``layer`` at ``position`` dotted with w is r . v + c, r the residual
         it reads (r_l, or r_l + Attn_l(r_l) with ``mlp_reads_attention``)."""
 
+    def mlp_input_bias(self, layer: int) -> Float[Tensor, "d_model"]:
+        """The MLP input of ``layer`` for a residual of zero under the frozen norm (its norm's bias)."""
+
+    def mlp_input_transpose(
+        self, run: Any, layer: int, grad: Float[Tensor, "target pos d_model"]
+    ) -> Float[Tensor, "target pos d_model"]:
+        """The transpose of the frozen map from the residual ``layer``'s MLP reads to its input,
+        applied to a gradient at the MLP input (a skip transcoder's W_skip path goes through it)."""
+
     def logit_reading(self, run: Any, position: int, token: int) -> tuple[Float[Tensor, "d_model"], float]:
         """(v, c): the frozen logit of ``token`` at ``position`` is r_L . v + c."""
 

@@ -199,6 +199,15 @@ class Gemma2Weights:
         """(v, c) with m_in[t] . w = r_mid[t] . v + c under the frozen pre-feed-forward scale."""
         return run.pre_feedforward_scale[layer, position] * self.layers[layer].pre_feedforward_gain * w, 0.0
 
+    def mlp_input_bias(self, layer: int) -> Float[Tensor, "d_model"]:
+        return torch.zeros_like(self.layers[layer].pre_feedforward_gain)  # RMS norms have no bias
+
+    def mlp_input_transpose(
+        self, run: "Gemma2Run", layer: int, grad: Float[Tensor, "target pos d_model"]
+    ) -> Float[Tensor, "target pos d_model"]:
+        """The frozen pre-feed-forward RMS norm is diagonal: (1 + w) ⊙ rho^-1[s]."""
+        return grad * self.layers[layer].pre_feedforward_gain * run.pre_feedforward_scale[layer, : grad.shape[1], None]
+
     def logit_reading(self, run: "Gemma2Run", position: int, token: int) -> tuple[Float[Tensor, "d_model"], float]:
         """(v, c) with logit[t, token] = r_L[t] . v + c under the frozen final scale and soft-cap ratio."""
         ratio = run.final_softcap_ratio[position, token]

@@ -177,6 +177,15 @@ class NeoXWeights:
         lw = self.layers[layer]
         return run.ln_scale[layer, position] * center(lw.ln2_weight * w), float(lw.ln2_bias @ w)
 
+    def mlp_input_bias(self, layer: int) -> Float[Tensor, "d_model"]:
+        return self.layers[layer].ln2_bias
+
+    def mlp_input_transpose(
+        self, run: "ModelRun", layer: int, grad: Float[Tensor, "target pos d_model"]
+    ) -> Float[Tensor, "target pos d_model"]:
+        """LN2_l^T: g2 ⊙ sigma^-1[s], then the mean-centering C (symmetric)."""
+        return center(grad * self.layers[layer].ln2_weight * run.ln_scale[layer, : grad.shape[1], None])
+
     def logit_reading(self, run: "ModelRun", position: int, token: int) -> tuple[Float[Tensor, "d_model"], float]:
         """(v, c) with logit[t, token] = r_L[t] . v + c under the frozen final scale."""
         w = self.W_U[token]
