@@ -22,12 +22,14 @@
 4. :func:`replacement_forward` runs this model forward: frozen (linear in the sources) or with the
    patterns and layer-norm scales recomputed from the current residual (the replacement model proper,
    errors still fixed); with the features given as inputs (leaves for autograd) or recomputed by the
-   transcoder encoders from the current residual, optionally with a set of features ablated (zeroed).
+   transcoder encoders from the current residual, optionally with a set of features ablated (zeroed)
+   or each layer's activations edited by a function (the interventions of
+   :mod:`c2srepro.attribution.intervene`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -279,6 +281,7 @@ def replacement_forward(
     ablate: Iterable[Node] = (),
     embeddings: Float[Tensor, "pos d_model"] | None = None,
     errors: Float[Tensor, "layer pos d_model"] | None = None,
+    edit: Callable[[int, Float[Tensor, "pos d_tc"]], Float[Tensor, "pos d_tc"]] | None = None,
 ) -> ReplacementOutput:
     """Run the replacement model (step 4 of the module docstring).
 
@@ -287,6 +290,8 @@ def replacement_forward(
     feature_acts: per-layer activations used as given (inputs, e.g. leaves for autograd);
         None recomputes z_l = ReLU(x_l W_enc + b_enc) from the current residual.
     ablate: feature nodes whose activation is set to zero (after recomputation, if any).
+    edit: ``edit(layer, z)`` returns the activations layer ``layer`` writes instead of z (after
+        ablation); downstream layers see its effect.
     embeddings, errors: the r_0 and e_l inputs (default: the prompt's).
     """
     weights, run = rep.weights, rep.run
@@ -308,6 +313,8 @@ def replacement_forward(
         z = torch.relu(pre) if feature_acts is None else feature_acts[layer]
         if keep[layer] is not None:
             z = z * keep[layer]
+        if edit is not None:
+            z = edit(layer, z)
         r = r + attention_output(lw, x_attn, pattern) + (z @ tc.W_dec + tc.b_dec) + errors[layer]  # eq. 2 + e_l
         resid.append(r)
         pre_acts.append(pre)
