@@ -267,10 +267,14 @@ def traced(setup, spliced):
     return trace_cell(model, transcoders, cell_tokenizer, CELL, label, k=5, depth=2)
 
 
+@pytest.fixture(scope="module")
+def graph(traced):
+    return build_graph(traced.replacement, traced.target, max_feature_nodes=60)
+
+
 @pytest.mark.parametrize("freeze", MODES)
-def test_switching_off_the_graphs_top_features(setup, spliced, traced, freeze):
+def test_switching_off_the_graphs_top_features(setup, spliced, traced, graph, freeze):
     model, transcoders, cell_tokenizer, _ = setup
-    graph = build_graph(traced.replacement, traced.target)
     study = switch_off_top_features(model, transcoders, cell_tokenizer, traced, graph, LABELS,
                                     top_n=4, n_random=6, seed=3, freeze_attention=freeze)
     influence = graph.node_influence()
@@ -298,16 +302,16 @@ def test_switching_off_the_graphs_top_features(setup, spliced, traced, freeze):
     assert other.random_features != study.random_features
 
 
-def test_switch_off_bad_input(setup, traced, prompt_rep):
+def test_switch_off_bad_input(setup, traced, graph):
     model, transcoders, cell_tokenizer, prompt = setup
-    graph = build_graph(traced.replacement, traced.target)
     with pytest.raises(ValueError, match="fewer than top_n=10000"):
         switch_off_top_features(model, transcoders, cell_tokenizer, traced, graph, LABELS, top_n=10_000)
     with pytest.raises(ValueError, match="the traced label .* is not among the candidates"):
         switch_off_top_features(model, transcoders, cell_tokenizer, traced, graph, LABELS[:0] + ["other"])
     shorter = build_replacement(model, transcoders, prompt[:-1])
     other_graph = build_graph(shorter, Node.feature(shorter.n_layers - 1, shorter.n_pos - 1,
-                                                    shorter.top_features(shorter.n_layers - 1, shorter.n_pos - 1)[0][0]))
+                                                    shorter.top_features(shorter.n_layers - 1, shorter.n_pos - 1)[0][0]),
+                              max_feature_nodes=10)
     with pytest.raises(ValueError, match="built on another prompt than the traced cell's"):
         switch_off_top_features(model, transcoders, cell_tokenizer, traced, other_graph, LABELS)
     with pytest.raises(ValueError, match="top_n and n_random must be >= 1"):

@@ -80,6 +80,8 @@ def _indices(values: int | Sequence[int], what: str) -> tuple[int, ...]:
     items = [values] if isinstance(values, (int, np.integer)) or (
         isinstance(values, Tensor) and values.dim() == 0) else list(values)
     try:
+        if any(isinstance(v, bool) for v in items):
+            raise TypeError
         indices = tuple(dict.fromkeys(operator.index(v) for v in items))
     except TypeError:
         raise TypeError(f"{what} must be integer indices, got {items!r}") from None
@@ -223,7 +225,7 @@ def check_interventions(
     """Interventions checked against a model of ``n_layers`` layers with transcoders of widths ``d_tc``
     and a prompt of ``n_pos`` tokens; ValueError naming the problem and the fix."""
     items = [interventions] if isinstance(interventions, Intervention) else list(interventions)
-    entries: dict[int, dict[tuple[int, int], tuple[Intervention, tuple[float, ...]]]] = {}
+    by_layer: dict[int, list[Intervention]] = {}
     for item in items:
         if not isinstance(item, Intervention):
             raise TypeError(
@@ -239,8 +241,7 @@ def check_interventions(
                 f"{item}: feature {bad_features[0]} is out of range: layer {item.layer}'s transcoder has "
                 f"{width} features (0..{width - 1})"
             )
-        positions = range(n_pos) if item.positions is None else item.positions
-        bad_positions = [p for p in positions if not 0 <= p < n_pos]
+        bad_positions = [p for p in item.positions or () if not 0 <= p < n_pos]
         if bad_positions:
             p = bad_positions[0]
             where = "is past the prompt" if p >= n_pos else "is not a position"
@@ -248,25 +249,31 @@ def check_interventions(
                 f"{item}: position {p} {where} ({n_pos} tokens, positions 0..{n_pos - 1}): interventions act "
                 "on the prompt's tokens; the answer's tokens are scored, not edited"
             )
-        layer_entries = entries.setdefault(item.layer, {})
-        coefficients = item.coefficients()
-        for position in positions:
-            for feature in item.features:
-                earlier = layer_entries.get((position, feature))
-                if earlier is not None:
-                    raise ValueError(
-                        f"feature {feature} at layer {item.layer}, position {position} is named by two interventions "
-                        f"({earlier[0]}; {item}): give each (layer, position, feature) one intervention"
-                    )
-                layer_entries[(position, feature)] = (item, coefficients)
+        by_layer.setdefault(item.layer, []).append(item)
     layers = {}
-    for layer, named in sorted(entries.items()):
-        keys = list(named)
-        layers[layer] = _LayerEdit(
-            position=torch.tensor([p for p, _ in keys], dtype=torch.long),
-            feature=torch.tensor([f for _, f in keys], dtype=torch.long),
-            coefficients=torch.tensor([c for _, c in named.values()], dtype=torch.float64).T.contiguous(),
-        )
+    for layer, named in sorted(by_layer.items()):
+        positions, features, coefficients, owner = [], [], [], []
+        for k, item in enumerate(named):
+            grid_pos, grid_feat = torch.meshgrid(
+                torch.arange(n_pos) if item.positions is None else torch.tensor(item.positions),
+                torch.tensor(item.features), indexing="ij",
+            )
+            positions.append(grid_pos.flatten())
+            features.append(grid_feat.flatten())
+            coefficients.append(torch.tensor(item.coefficients(), dtype=torch.float64)[:, None].expand(4, grid_pos.numel()))
+            owner.append(torch.full((grid_pos.numel(),), k))
+        position, feature, owner_of = torch.cat(positions), torch.cat(features), torch.cat(owner)
+        keys = position * d_tc[layer] + feature
+        order = keys.argsort(stable=True)
+        repeated = (keys[order][1:] == keys[order][:-1]).nonzero().flatten()
+        if len(repeated):
+            first, second = order[repeated[0]], order[repeated[0] + 1]
+            raise ValueError(
+                f"feature {int(feature[first])} at layer {layer}, position {int(position[first])} is named by two "
+                f"interventions ({named[int(owner_of[first])]}; {named[int(owner_of[second])]}): give each "
+                "(layer, position, feature) one intervention"
+            )
+        layers[layer] = _LayerEdit(position, feature, torch.cat(coefficients, dim=1).contiguous())
     return FeatureEdits(layers)
 
 
