@@ -37,10 +37,10 @@ LABELS = ["CD14+ Monocyte", "CD56+ NK", "CD19+ B", "Dendritic"]
 MODES = [pytest.param(False, id="recomputed"), pytest.param(True, id="frozen")]
 
 
-def make_setup(tokenizer, *, parallel: bool = True):
+def make_setup(tokenizer, *, parallel: bool = True, dtype: torch.dtype = torch.float64):
     texts = [build_prompt(CELL, with_answer=True).text] + [answer_text(label) for label in LABELS]
     cell_tokenizer = CellTokenizer(tokenizer.bpe, build_vocabulary(texts, tokenizer.bpe))
-    model = tiny_model(vocab_size=cell_tokenizer.vocab_size, max_positions=128, parallel=parallel)
+    model = tiny_model(vocab_size=cell_tokenizer.vocab_size, max_positions=128, parallel=parallel, dtype=dtype)
     prompt = cell_tokenizer.encode(build_prompt(CELL).text)[0]
     transcoders = tiny_transcoders(model, torch.tensor(prompt), firing=0.1)
     return model, transcoders, cell_tokenizer, prompt
@@ -117,6 +117,17 @@ def test_identity_edits_at_every_layer_are_exact(spliced, freeze):
         result = spliced.run(edits, freeze_attention=freeze)
         assert result.n_edited == sum(spliced.d_tc) * spliced.n_pos
         assert np.array_equal(result.intervened_log_likelihood, clean.clean_log_likelihood)
+
+
+@pytest.mark.parametrize("freeze", MODES)
+def test_float32_model_is_exact_too(tokenizer, freeze):
+    model, transcoders, cell_tokenizer, prompt = make_setup(tokenizer, dtype=torch.float32)
+    spliced = SplicedModel(model, transcoders, cell_tokenizer, prompt, LABELS)
+    edits = [scale_features(layer, every_feature(spliced, layer), factor=1.0) for layer in range(spliced.n_layers)]
+    result = spliced.run(edits, freeze_attention=freeze)
+    assert np.array_equal(result.intervened_log_likelihood, result.clean_log_likelihood)
+    if not freeze:
+        assert np.array_equal(result.clean_log_likelihood, score_labels(model, cell_tokenizer, [CELL], LABELS)[0])
 
 
 def test_sequential_residual_is_exact_recomputed_and_refused_frozen(tokenizer):

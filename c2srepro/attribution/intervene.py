@@ -90,6 +90,13 @@ def _indices(values: int | Sequence[int], what: str) -> tuple[int, ...]:
     return indices
 
 
+def _shown(indices: tuple[int, ...], most: int = 8) -> str:
+    """A list of indices for a message, cut after ``most``."""
+    if len(indices) <= most:
+        return str(list(indices))
+    return f"[{', '.join(map(str, indices[:most]))}, ... ({len(indices)} in all)]"
+
+
 def _finite(value: float, what: str) -> float:
     try:
         number = float(value)
@@ -136,8 +143,8 @@ class Intervention:
         what = {"set": f"set to {self.value:g}", "scale": f"scaled by {self.factor:g}", "zero": "zeroed",
                 "clamp": f"clamped to [{'-inf' if self.low is None else f'{self.low:g}'}, "
                          f"{'inf' if self.high is None else f'{self.high:g}'}]"}[self.op]
-        where = "every position" if self.positions is None else f"positions {list(self.positions)}"
-        return f"layer {self.layer} features {list(self.features)} at {where} {what}"
+        where = "every position" if self.positions is None else f"positions {_shown(self.positions)}"
+        return f"layer {self.layer} features {_shown(self.features)} at {where} {what}"
 
     def coefficients(self) -> tuple[float, float, float, float]:
         """(a, b, low, high) of the map z -> clamp(a z + b, low, high) (module docstring, step 1)."""
