@@ -204,7 +204,8 @@ def test_set_scale_and_clamp_agree_where_they_must(spliced, prompt_rep, freeze):
     assert np.array_equal(run(clamp_features(layer, node.index, low=2 * activation, **at)), doubled)
     halved = run(set_features(layer, node.index, value=activation / 2, **at))
     assert np.array_equal(run(clamp_features(layer, node.index, high=activation / 2, **at)), halved)
-    assert np.array_equal(run(zero_features(layer, node.index, **at)), run(set_features(layer, node.index, value=0.0, **at)))
+    zeroed = run(set_features(layer, node.index, value=0.0, **at))
+    assert np.array_equal(run(zero_features(layer, node.index, **at)), zeroed)
     inside = run(clamp_features(layer, node.index, low=activation / 2, high=2 * activation, **at))
     assert np.array_equal(inside, spliced.run([], freeze_attention=freeze).clean_log_likelihood)
     assert not np.array_equal(doubled, halved)
@@ -230,7 +231,8 @@ def test_interventions_out_of_range_are_clear_errors(spliced):
     n_pos, width, n_layers = spliced.n_pos, spliced.d_tc[1], spliced.n_layers
     with pytest.raises(ValueError, match=f"feature {width} is out of range: layer 1's transcoder has {width} features"):
         spliced.run(zero_features(1, [0, width]))
-    with pytest.raises(ValueError, match=f"position {n_pos} is past the prompt \\({n_pos} tokens, positions 0..{n_pos - 1}\\)"):
+    past = f"position {n_pos} is past the prompt \\({n_pos} tokens, positions 0..{n_pos - 1}\\)"
+    with pytest.raises(ValueError, match=past):
         spliced.run(zero_features(1, 0, positions=[0, n_pos]))
     with pytest.raises(ValueError, match=f"layer {n_layers} does not exist: the model has layers 0..{n_layers - 1}"):
         spliced.run(zero_features(n_layers, 0))
@@ -320,8 +322,8 @@ def test_switch_off_bad_input(setup, traced, graph):
     with pytest.raises(ValueError, match="the traced label .* is not among the candidates"):
         switch_off_top_features(model, transcoders, cell_tokenizer, traced, graph, LABELS[:0] + ["other"])
     shorter = build_replacement(model, transcoders, prompt[:-1])
-    other_graph = build_graph(shorter, Node.feature(shorter.n_layers - 1, shorter.n_pos - 1,
-                                                    shorter.top_features(shorter.n_layers - 1, shorter.n_pos - 1)[0][0]),
+    last, final = shorter.n_layers - 1, shorter.n_pos - 1
+    other_graph = build_graph(shorter, Node.feature(last, final, shorter.top_features(last, final)[0][0]),
                               max_feature_nodes=10)
     with pytest.raises(ValueError, match="built on another prompt than the traced cell's"):
         switch_off_top_features(model, transcoders, cell_tokenizer, traced, other_graph, LABELS)

@@ -135,7 +135,9 @@ class Intervention:
                 object.__setattr__(self, name, _finite(getattr(self, name), f"clamp's {name} bound"))
         if self.op == "clamp":
             if self.low is None and self.high is None:
-                raise ValueError("clamp_features needs low=, high= or both (to hold a feature at a value, use set_features)")
+                raise ValueError(
+                    "clamp_features needs low=, high= or both (to hold a feature at a value, use set_features)"
+                )
             if self.low is not None and self.high is not None and self.low > self.high:
                 raise ValueError(f"clamp's low bound {self.low} is above its high bound {self.high}: swap them")
 
@@ -157,7 +159,9 @@ class Intervention:
 def _positions(positions: Positions) -> tuple[int, ...] | None:
     if isinstance(positions, str):
         if positions != ALL_POSITIONS:
-            raise ValueError(f"positions must be a position, a list of positions or {ALL_POSITIONS!r}, got {positions!r}")
+            raise ValueError(
+                f"positions must be a position, a list of positions or {ALL_POSITIONS!r}, got {positions!r}"
+            )
         return None
     return positions  # checked by Intervention
 
@@ -267,7 +271,8 @@ def check_interventions(
             )
             positions.append(grid_pos.flatten())
             features.append(grid_feat.flatten())
-            coefficients.append(torch.tensor(item.coefficients(), dtype=torch.float64)[:, None].expand(4, grid_pos.numel()))
+            coefficient = torch.tensor(item.coefficients(), dtype=torch.float64)
+            coefficients.append(coefficient[:, None].expand(4, grid_pos.numel()))
             owner.append(torch.full((grid_pos.numel(),), k))
         position, feature, owner_of = torch.cat(positions), torch.cat(features), torch.cat(owner)
         keys = position * d_tc[layer] + feature
