@@ -13,12 +13,12 @@ VOCAB = 97
 
 def tiny_model(
     *, n_layers: int = 3, d_model: int = 64, n_heads: int = 4, max_positions: int = 64,
-    parallel: bool = True, dtype: torch.dtype = torch.float64, seed: int = 0,
+    parallel: bool = True, dtype: torch.dtype = torch.float64, seed: int = 0, vocab_size: int = VOCAB,
 ) -> GPTNeoXForCausalLM:
     """A random Pythia-shaped model with every weight, bias and layer-norm parameter perturbed (nonzero)."""
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+        vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
         intermediate_size=4 * d_model, rotary_pct=0.25, use_parallel_residual=parallel,
         max_position_embeddings=max_positions,
     )

@@ -10,6 +10,8 @@ Typical use::
     faithfulness = ablate(rep, graph, n_random=20)                 # ablation.py
     full = build_graph(rep, target, max_feature_nodes=500, genes=genes)   # full_graph.py: every node
     pruned = full.prune(); full.scores(); gene_view(full).genes; greedy_paths(full, k=10, depth=3)
+    spliced = SplicedModel(model, transcoders, tokenizer, input_ids, labels)   # intervene.py: the real model
+    spliced.run([zero_features(3, [12, 40], positions=[7])], freeze_attention=False).table()
 """
 
 from c2srepro.attribution.ablation import ablate, candidate_pool
@@ -25,6 +27,19 @@ from c2srepro.attribution.full_graph import (
     prune_graph,
 )
 from c2srepro.attribution.graph import circuit_from_json, circuit_to_json, draw_circuit, load_circuit, save_circuit
+from c2srepro.attribution.intervene import (
+    Intervention,
+    InterventionResult,
+    SplicedModel,
+    SwitchOffResult,
+    clamp_features,
+    intervene,
+    scale_features,
+    set_features,
+    switch_off_top_features,
+    zero_features,
+    zero_nodes,
+)
 from c2srepro.attribution.linearised import LinearisedReplacement, build_replacement, replacement_forward
 from c2srepro.attribution.nodes import Node
 
@@ -33,9 +48,13 @@ __all__ = [
     "AttributionGraph",
     "GeneGraph",
     "HeadPaths",
+    "Intervention",
+    "InterventionResult",
     "LinearisedReplacement",
     "Node",
     "Pruning",
+    "SplicedModel",
+    "SwitchOffResult",
     "ablate",
     "attribute",
     "attribute_many",
@@ -46,14 +65,21 @@ __all__ = [
     "circuit_from_json",
     "circuit_genes",
     "circuit_to_json",
+    "clamp_features",
     "draw_circuit",
     "find_circuit",
     "gene_view",
     "graph_node",
     "greedy_paths",
     "head_contributions",
+    "intervene",
     "load_circuit",
     "prune_graph",
     "replacement_forward",
     "save_circuit",
+    "scale_features",
+    "set_features",
+    "switch_off_top_features",
+    "zero_features",
+    "zero_nodes",
 ]

@@ -34,12 +34,14 @@
 4. :func:`replacement_forward` runs this model forward: frozen (linear in the sources) or with the
    patterns and layer-norm scales recomputed from the current residual (the replacement model proper,
    errors still fixed); with the features given as inputs (leaves for autograd) or recomputed by the
-   transcoder encoders from the current residual, optionally with a set of features ablated (zeroed).
+   transcoder encoders from the current residual, optionally with a set of features ablated (zeroed)
+   or each layer's activations edited by a function (the interventions of
+   :mod:`c2srepro.attribution.intervene`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,9 +216,9 @@ class LinearisedReplacement:
             )
 
 
-def _transcoder_weights(tc: Transcoder, weights: LinearisedWeights) -> TranscoderWeights:
-    device, dtype = weights.embed.device, weights.dtype
-    cast = lambda p: None if p is None else p.detach().to(device=device, dtype=dtype)  # noqa: E731
+def transcoder_weights(tc: Transcoder, *, device: torch.device, dtype: torch.dtype | None = None) -> TranscoderWeights:
+    """Detached copies of a transcoder's weights on ``device`` (in ``dtype``, default its own)."""
+    cast = lambda p: None if p is None else p.detach().to(device=device, dtype=dtype or p.dtype)  # noqa: E731
     return TranscoderWeights(
         *(cast(p) for p in (tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec, tc.W_skip, tc.threshold)),
         activation=tc.cfg.activation, k=tc.cfg.k,
@@ -248,7 +250,7 @@ def build_replacement(
     hooked = as_hooked(model)
     weights = hooked.adapter.linearised()
     fitting = check_transcoders_fit(hooked, transcoders, every_layer=True)
-    tcs = [_transcoder_weights(tc, weights) for tc in fitting.values()]
+    tcs = [transcoder_weights(tc, device=weights.embed.device, dtype=weights.dtype) for tc in fitting.values()]
     ids = hooked.check_prompt(input_ids)
     run = run_model(hooked, ids)
     errors, active, written = [], [], []
@@ -299,6 +301,7 @@ def replacement_forward(
     ablate: Iterable[Node] = (),
     embeddings: Float[Tensor, "pos d_model"] | None = None,
     errors: Float[Tensor, "layer pos d_model"] | None = None,
+    edit: Callable[[int, Float[Tensor, "pos d_tc"]], Float[Tensor, "pos d_tc"]] | None = None,
 ) -> ReplacementOutput:
     """Run the replacement model (step 4 of the module docstring).
 
@@ -307,6 +310,8 @@ def replacement_forward(
     feature_acts: per-layer activations used as given (inputs, e.g. leaves for autograd);
         None recomputes z_l = act(x_l W_enc + b_enc) from the current residual.
     ablate: feature nodes whose activation is set to zero (after recomputation, if any).
+    edit: ``edit(layer, z)`` returns the activations layer ``layer`` writes instead of z (after
+        ablation); downstream layers see its effect.
     embeddings, errors: the r_0 and e_l inputs (default: the prompt's).
     """
     weights, run = rep.weights, rep.run
@@ -325,6 +330,8 @@ def replacement_forward(
         z = tc.activate(pre) if feature_acts is None else feature_acts[layer]
         if keep[layer] is not None:
             z = z * keep[layer]
+        if edit is not None:
+            z = edit(layer, z)
         out = z @ tc.W_dec + tc.b_dec  # eq. 2
         if tc.W_skip is not None:
             out = out + x_mlp @ tc.W_skip
