@@ -10,11 +10,13 @@ Typical use::
     faithfulness = ablate(rep, graph, n_random=20)                 # ablation.py
     full = build_graph(rep, target, max_feature_nodes=500, genes=genes)   # full_graph.py: every node
     pruned = full.prune(); full.scores(); gene_view(full).genes; greedy_paths(full, k=10, depth=3)
+    export_viewer_files(full, "viewer-data", slug="cell0")       # export.py: circuit-tracer's viewer
 """
 
 from c2srepro.attribution.ablation import ablate, candidate_pool
 from c2srepro.attribution.contributions import Attribution, HeadPaths, attribute, attribute_many, head_contributions
 from c2srepro.attribution.circuit import circuit_features, circuit_genes, find_circuit, graph_node
+from c2srepro.attribution.export import export_viewer_files, viewer_feature, viewer_features, viewer_graph
 from c2srepro.attribution.full_graph import (
     AttributionGraph,
     GeneGraph,
@@ -47,6 +49,7 @@ __all__ = [
     "circuit_genes",
     "circuit_to_json",
     "draw_circuit",
+    "export_viewer_files",
     "find_circuit",
     "gene_view",
     "graph_node",
@@ -56,4 +59,7 @@ __all__ = [
     "prune_graph",
     "replacement_forward",
     "save_circuit",
+    "viewer_feature",
+    "viewer_features",
+    "viewer_graph",
 ]
