@@ -105,8 +105,9 @@ def viewer_graph(
     """The graph as the JSON of circuit-tracer's ``graph_models.Model`` (module docstring, steps 1-4).
 
     stats: feature statistics per layer, for the top genes in feature labels. tokenizer: decodes
-    the prompt's and the logit targets' tokens (else the graph's ``tokens`` and ``<id>``). logit_probabilities: {token id: probability} of
-    the logit targets, shown in their labels (else ``p=?``).
+    the prompt's and the logit targets' tokens (else the graph's ``tokens`` and ``<id>``).
+    logit_probabilities: {token id: probability} of the logit targets, shown in their labels
+    (else ``p=?``).
     """
     graph = _as_graph(graph)
     _check_name("slug", slug)
