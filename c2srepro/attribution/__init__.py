@@ -12,11 +12,13 @@ Typical use::
     pruned = full.prune(); full.scores(); gene_view(full).genes; greedy_paths(full, k=10, depth=3)
     spliced = SplicedModel(model, transcoders, tokenizer, input_ids, labels)   # intervene.py: the real model
     spliced.run([zero_features(3, [12, 40], positions=[7])], freeze_attention=False).table()
+    export_viewer_files(full, "viewer-data", slug="cell0")       # export.py: circuit-tracer's viewer
 """
 
 from c2srepro.attribution.ablation import ablate, candidate_pool
 from c2srepro.attribution.contributions import Attribution, HeadPaths, attribute, attribute_many, head_contributions
 from c2srepro.attribution.circuit import circuit_features, circuit_genes, find_circuit, graph_node
+from c2srepro.attribution.export import export_viewer_files, viewer_feature, viewer_features, viewer_graph
 from c2srepro.attribution.full_graph import (
     AttributionGraph,
     GeneGraph,
@@ -67,6 +69,7 @@ __all__ = [
     "circuit_to_json",
     "clamp_features",
     "draw_circuit",
+    "export_viewer_files",
     "find_circuit",
     "gene_view",
     "graph_node",
@@ -80,6 +83,9 @@ __all__ = [
     "scale_features",
     "set_features",
     "switch_off_top_features",
+    "viewer_feature",
+    "viewer_features",
+    "viewer_graph",
     "zero_features",
     "zero_nodes",
 ]

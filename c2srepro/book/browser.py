@@ -32,6 +32,10 @@ problems, empty when the book is sound:
 8. With ``screenshot``: a full-page PNG of the first page showing a figure (else of index.html);
    with ``screenshot_dir``: a full-page PNG of every page, named after it.
 
+:func:`open_page` opens one page of any served folder the same way (offline, CDN scripts from npm
+packages or given files) and reports what matched a selector, JavaScript errors and refused
+requests: the check of the files for circuit-tracer's graph viewer uses it.
+
 Chromium is found at ``$C2SREPRO_CHROMIUM``, else as ``chromium`` / ``chromium-browser`` on PATH
 (Debian: ``apt-get install -y chromium``). Playwright's own browser download is not used.
 """
@@ -54,7 +58,8 @@ import sys
 import tarfile
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -77,9 +82,10 @@ COLUMN_SELECTOR = "main, #quarto-document-content, .bd-article, article"
 # Code cells' sources may legitimately name these (logging.WARNING); outputs and prose may not.
 CODE_SELECTOR = ".cell-code, details.code-fold, .cell_input, script, style, noscript"
 FORBIDDEN_TEXT = ("Warning", "WARNING", "Traceback", "it/s]")
-# jsDelivr's npm URLs: https://cdn.jsdelivr.net/npm/NAME@VERSION/PATH (NAME may be @scope/name).
+# jsDelivr's and unpkg's npm URLs: https://cdn.jsdelivr.net/npm/NAME@VERSION/PATH,
+# https://unpkg.com/NAME@VERSION/PATH (NAME may be @scope/name).
 SCRIPT_TAG = re.compile(r'<script[^>]*\ssrc="(https://cdn\.jsdelivr\.net/npm/[^"]+)"[^>]*>')
-NPM_CDN = re.compile(r"^https://cdn\.jsdelivr\.net/npm/((?:@[^/@]+/)?[^/@]+)@([^/]+)/(.+)$")
+NPM_CDN = re.compile(r"^https://(?:cdn\.jsdelivr\.net/npm|unpkg\.com)/((?:@[^/@]+/)?[^/@]+)@([^/]+)/(.+)$")
 # JavaScript errors of the renderer itself, not of the book's content, with why each is harmless.
 KNOWN_RENDERER_ERRORS = {
     "Identifier 'THEBE_JS_URL' has already been declared":
@@ -174,7 +180,7 @@ def npm_package_dir(name: str, version: str, *, vendor_dir: Path | None = None) 
 
 
 def _npm_substitute(url: str, vendor_dir: str | os.PathLike | None) -> Path | None:
-    """The file of the npm package that a jsDelivr npm URL serves, or None for any other URL."""
+    """The file of the npm package that a jsDelivr or unpkg npm URL serves, or None for any other URL."""
     cdn = NPM_CDN.match(url.split("?")[0])
     if cdn is None:
         return None
@@ -381,6 +387,101 @@ def check_book(html_dir: str | os.PathLike, *, screenshot: str | os.PathLike | N
         if not page_path.is_file():
             problems.append(f"{page_path.relative_to(html_dir)}: chapter {chapter} has no rendered page")
     return list(dict.fromkeys(problems))  # a heading repeated in the page's header is one problem
+
+
+def _substitute_file(part: tuple[str, str, str] | Path, vendor_dir: str | os.PathLike | None) -> Path:
+    if isinstance(part, Path):
+        return part
+    name, version, path = part
+    file = npm_package_dir(name, version, vendor_dir=vendor_dir) / path
+    if not file.is_file():
+        raise FileNotFoundError(f"npm package {name}@{version} has no file {path}")
+    return file
+
+
+@dataclass(frozen=True)
+class PageCheck:
+    """What :func:`open_page` saw: elements matching the selector, errors, refused requests."""
+
+    count: int  # elements matching ``selector`` once the page settled (0 if none appeared in time)
+    errors: list[str]  # JavaScript errors and failed local requests
+    refused: list[str]  # requests for anything outside the folder that no npm package answers
+    value: object = None  # what ``evaluate`` returned
+
+
+def open_page(
+    root: str | os.PathLike,
+    page: str,
+    *,
+    selector: str,
+    substitutes: Mapping[str, Sequence[tuple[str, str, str] | Path]] | None = None,
+    vendor_dir: str | os.PathLike | None = None,
+    evaluate: str | None = None,
+    screenshot: str | os.PathLike | None = None,
+    timeout_ms: int = 30_000,
+) -> PageCheck:
+    """Serve ``root`` on 127.0.0.1, open ``page`` (a path below it, with its query) in headless
+    Chromium offline, and wait until an element matches ``selector``.
+
+    Requests outside the folder are answered from npm packages: jsDelivr and unpkg npm URLs, and
+    each URL that ``substitutes`` maps to files: npm files (package, version, path) or local
+    paths, several served as one script in order; any other request is refused and listed. ``evaluate``: a
+    JavaScript function (may be async) run in the page once it settled; its result is ``value``.
+    """
+    root = Path(root).resolve()
+    if timeout_ms <= 0:
+        raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
+    executable = find_chromium()
+    try:
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+        from playwright.sync_api import sync_playwright
+    except ImportError as error:
+        raise ImportError("open_page needs Playwright for Python: `pip install playwright` "
+                          "(no browser download is needed; it drives the system Chromium)") from error
+    errors: list[str] = []
+    refused: list[str] = []
+    with serve(root) as base, sync_playwright() as playwright:
+
+        def route(route, request):
+            url = request.url
+            if url.startswith(base) or url.startswith(("data:", "blob:", "about:")):
+                return route.continue_()
+            parts = (substitutes or {}).get(url.split("?")[0])
+            if parts:
+                body = b"\n;\n".join(_substitute_file(part, vendor_dir).read_bytes() for part in parts)
+                return route.fulfill(body=body, content_type="text/javascript",
+                                     headers={"Access-Control-Allow-Origin": "*"})
+            file = _npm_substitute(url, vendor_dir)
+            if file is not None:
+                return route.fulfill(path=str(file), headers={"Access-Control-Allow-Origin": "*"})
+            refused.append(url)
+            return route.abort()
+
+        browser = playwright.chromium.launch(executable_path=executable, args=list(CHROMIUM_ARGS))
+        try:
+            context = browser.new_context(viewport=VIEWPORT)
+            context.route(re.compile(".*"), route)
+            tab = context.new_page()
+            tab.set_default_timeout(timeout_ms)
+            tab.on("pageerror", lambda error: errors.append(f"JavaScript error: {error}"))
+            tab.on("requestfailed", lambda request: errors.append(f"missing local file {request.url}")
+                   if request.url.startswith(base) else None)
+            tab.on("response", lambda response: errors.append(f"HTTP {response.status} for {response.url}")
+                   if response.url.startswith(base) and response.status >= 400 else None)
+            tab.goto(base + page.lstrip("/"), wait_until="load")
+            try:
+                tab.wait_for_selector(selector, state="attached")
+            except PlaywrightTimeout:
+                pass  # reported as count 0 with the errors that explain it
+            count = tab.eval_on_selector_all(selector, "els => els.length")
+            value = tab.evaluate(evaluate) if evaluate is not None else None
+            if screenshot is not None:
+                Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
+                tab.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return PageCheck(count=count, errors=list(dict.fromkeys(errors)), refused=list(dict.fromkeys(refused)),
+                     value=value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@ features of cells as an AnnData for scanpy."""
 
 from c2srepro.features.anndata import feature_activations, feature_name
 
-from c2srepro.features.collect import collect_feature_stats
+from c2srepro.features.collect import ExampleWindow, collect_feature_stats, example_activations
 from c2srepro.features.interpret import (
     InterpretRule,
     activating_tokens,
@@ -41,6 +41,7 @@ from c2srepro.features.table4 import (
 __all__ = [
     "CORPUS_FRACTION",
     "CORPUS_RANDOM_FRACTION",
+    "ExampleWindow",
     "LIVE_THRESHOLD_FIGURE3",
     "LIVE_THRESHOLD_TABLE4",
     "POSITION_MODES",
@@ -53,6 +54,7 @@ __all__ = [
     "collect_feature_stats",
     "compare_backgrounds",
     "enrich_layer",
+    "example_activations",
     "feature_activations",
     "feature_key",
     "feature_name",

@@ -21,12 +21,17 @@
    would hold 8192 x 30k values per layer at the paper's scale.
 7. Token strings and context windows are decoded for the kept examples only, once per distinct
    (prompt, position).
+
+:func:`example_activations` goes back to the kept examples of chosen features for a viewer:
+the prompts they come from are rerun (batched as in steps 1-3) and z_f is read at every token
+of each example's window, so a feature panel can colour the whole context, not only its peak.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,7 +41,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from c2srepro.data.prompts import pad_right
-from c2srepro.features.stats import EXAMPLE_COLUMNS, LIVE_THRESHOLD_TABLE4, POSITION_MODES, LayerFeatureStats
+from c2srepro.features.stats import (
+    EXAMPLE_COLUMNS,
+    LIVE_THRESHOLD_TABLE4,
+    POSITION_MODES,
+    LayerFeatureStats,
+    feature_key,
+)
 from c2srepro.models.hooked import HookedModel, as_hooked, hook_name
 from c2srepro.transcoder.fit import check_transcoders_fit
 from c2srepro.transcoder.model import Transcoder
@@ -366,3 +377,100 @@ class _ExampleDecoder:
             },
             columns=EXAMPLE_COLUMNS,
         )
+
+
+@dataclass(frozen=True)
+class ExampleWindow:
+    """One kept top example of a feature with its feature's activation at every token around it."""
+
+    prompt: int  # index in the corpus the statistics were collected on
+    position: int  # the example's token in the prompt
+    start: int  # first position of the window
+    tokens: list[str]  # the window's token strings, as the tokenizer decodes them
+    activations: list[float]  # z_f at each token of the window
+    gene: str | None  # the gene the example's token lies in
+
+    @property
+    def center(self) -> int:
+        """Index of the example's token in ``tokens``."""
+        return self.position - self.start
+
+
+def example_activations(
+    model: nn.Module | HookedModel,
+    transcoders: Sequence[Transcoder] | Mapping[int, Transcoder],
+    prompts,
+    stats: Mapping[int, LayerFeatureStats],
+    features: Iterable[tuple[int, int]],
+    *,
+    n_examples: int = DEFAULT_TOP_EXAMPLES,
+    context: int = DEFAULT_CONTEXT,
+    tokenizer=None,
+    batch_size: int = 16,
+    rtol: float = 1e-3,
+) -> dict[tuple[int, int], list[ExampleWindow]]:
+    """{(layer, feature): its top ``n_examples`` examples with token-level activations}.
+
+    ``stats``: what :func:`collect_feature_stats` returned for ``prompts`` (the examples name
+    prompts by index). Each example's window spans ``context`` tokens either side. Each distinct
+    prompt is run once; the activation recomputed at an example's own token must match the one
+    the statistics kept (relative tolerance ``rtol``), else the prompts are not the statistics'.
+    """
+    hooked = as_hooked(model)
+    by_layer = _check_inputs(hooked, transcoders, prompts, "all")
+    if n_examples < 1 or context < 0 or batch_size < 1:
+        raise ValueError(f"need n_examples >= 1, context >= 0, batch_size >= 1; got {n_examples}, {context}, {batch_size}")
+    wanted: dict[tuple[int, int], pd.DataFrame] = {}
+    for layer, feature in dict.fromkeys((int(l), int(f)) for l, f in features):
+        if layer not in stats or layer not in by_layer:
+            raise ValueError(f"layer {layer} has no feature statistics or no transcoder: collect them with "
+                             "collect_feature_stats on every layer the features come from")
+        examples = stats[layer].top_examples(feature, n_examples)
+        if len(examples) and int(examples["prompt"].max()) >= len(prompts.input_ids):
+            raise ValueError(f"the statistics of layer {layer} name prompt {int(examples['prompt'].max())}, but only "
+                             f"{len(prompts.input_ids)} prompts were given: pass the prompts they were collected on")
+        wanted[(layer, feature)] = examples
+    needed = sorted({int(p) for examples in wanted.values() for p in examples["prompt"]},
+                    key=lambda i: len(prompts.input_ids[i]))
+    layers = sorted({layer for layer, _ in wanted})
+    names = {layer: hook_name(layer, "hook_mlp_in") for layer in layers}
+    columns = {layer: sorted({f for l, f in wanted if l == layer}) for layer in layers}
+    acts: dict[tuple[int, int], np.ndarray] = {}  # (layer, prompt) -> z [pos, len(columns[layer])]
+    was_training = hooked.model.training
+    hooked.model.eval()
+    try:
+        for start in range(0, len(needed), batch_size):
+            batch = needed[start : start + batch_size]
+            ids, mask = pad_right([prompts.input_ids[i] for i in batch])
+            record = hooked.cache(ids.to(hooked.device), names.values(), attention_mask=mask.to(hooked.device))
+            for layer in layers:
+                tc = by_layer[layer]
+                x = record[names[layer]].to(tc.W_enc.device, tc.W_enc.dtype)
+                with torch.no_grad():
+                    z = tc.encode(x)[..., columns[layer]].to(torch.float64).cpu().numpy()  # eq. 1
+                for row, i in enumerate(batch):
+                    acts[(layer, i)] = z[row, : len(prompts.input_ids[i])]
+    finally:
+        hooked.model.train(was_training)
+
+    piece = _ExampleDecoder(prompts, tokenizer, context).piece
+    out: dict[tuple[int, int], list[ExampleWindow]] = {}
+    for (layer, feature), examples in wanted.items():
+        column = columns[layer].index(feature)
+        windows = []
+        for example in examples.itertuples():
+            prompt, position = int(example.prompt), int(example.position)
+            z = acts[(layer, prompt)][:, column]
+            if not np.isclose(z[position], example.activation, rtol=rtol, atol=1e-6):
+                raise ValueError(
+                    f"feature {feature_key(layer, feature)} fires {z[position]:.6g} at prompt {prompt}, position "
+                    f"{position}, but its statistics kept {example.activation:.6g} there: the prompts, model or "
+                    "transcoders are not those the statistics were collected with")
+            lo, hi = max(0, position - context), min(len(z), position + context + 1)
+            windows.append(ExampleWindow(
+                prompt=prompt, position=position, start=lo,
+                tokens=[piece(int(t)) for t in prompts.input_ids[prompt][lo:hi]],
+                activations=z[lo:hi].tolist(), gene=example.gene if isinstance(example.gene, str) else None,
+            ))
+        out[(layer, feature)] = windows
+    return out
