@@ -219,6 +219,13 @@ def prerank(ranking: pd.Series, library: GeneSetLibrary, *, permutation_num: int
     overlap = ranking.index.isin(list(library.genes))
     if not overlap.any():
         raise ValueError(f"no gene of the ranking is in library {library.name!r}: check the symbols' case")
+    ranked = set(ranking.index)
+    sizes = [len(genes & ranked) for genes in library.sets.values()]
+    if not any(min_size <= size <= max_size for size in sizes):
+        # gseapy raises on a library with no testable set; an empty table says the same plainly
+        log.info("prerank: no set of %s has %d..%d of the ranking's genes", library.name, min_size, max_size)
+        return pd.DataFrame(columns=["Name", "Term", "ES", "NES", "NOM p-val", "FDR q-val", "FWER p-val",
+                                     "Tag %", "Gene %", "Lead_genes"])
     result = gseapy.prerank(rnk=ranking, gene_sets=library.to_dict(), permutation_num=permutation_num, seed=seed,
                             min_size=min_size, max_size=max_size, threads=1, outdir=None, no_plot=True,
                             verbose=False)

@@ -205,20 +205,22 @@ def cell_faithfulness(
 
 
 def faithfulness_cells(
-    cells: Sequence[CellSentence], predicted: Sequence[str], *, n_cells: int, min_per_type: int = 1
+    cells: Sequence[CellSentence], predicted: Sequence[str], *, n_cells: int, correct_only: bool = True
 ) -> list[int]:
-    """Indices of up to ``n_cells`` correctly classified cells, drawn round-robin over the cell types
-    (in order of appearance within a type), so that every type with a correct cell is represented."""
+    """Indices of up to ``n_cells`` correctly classified cells (any cells with ``correct_only=False``,
+    for a model that classifies none, such as an untrained one), drawn round-robin over the cell
+    types (in order of appearance within a type), so that every such type is represented."""
     if len(cells) != len(predicted):
         raise ValueError(f"{len(cells)} cells but {len(predicted)} predictions")
     if n_cells < 1:
         raise ValueError(f"n_cells must be >= 1, got {n_cells}")
     by_type: dict[str, list[int]] = {}
     for i, (cell, label) in enumerate(zip(cells, predicted)):
-        if cell.label == label:
+        if cell.label == label or not correct_only:
             by_type.setdefault(cell.label, []).append(i)
     if not by_type:
-        raise ValueError("the model classifies none of the cells correctly: no cell to test")
+        raise ValueError("the model classifies none of the cells correctly: no cell to test "
+                         "(correct_only=False takes cells whatever their prediction)")
     chosen: list[int] = []
     queues = [list(v) for _, v in sorted(by_type.items())]
     while len(chosen) < n_cells and any(queues):

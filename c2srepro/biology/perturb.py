@@ -11,9 +11,11 @@ place in that list. A perturbation edits the list as C2S would see an edited cel
    follows the new length.
 2. :func:`label_scores`: for every (sentence, candidate label) pair, the summed log-probability of
    the answer tokens `` {label}.`` after the prompt, as
-   :func:`c2srepro.models.predict.score_labels` defines it, computed in batches: each pair is one
-   sequence prompt + answer, the sequences are sorted by length, right-padded, ``batch_size`` at a
-   time through one forward pass (causal attention: padding after a sequence never reaches it).
+   :func:`c2srepro.models.predict.score_labels` defines it, computed in batches: prompts of equal
+   token length (a removal shortens a prompt by the gene's one to four tokens, so a cell's
+   perturbations fall in a few lengths) go through the model together without padding, and
+   their key/value cache is shared by every candidate's answer tokens, ``batch_size`` answer
+   sequences per pass.
 3. :func:`perturbation_effects`: the scores of the unperturbed cell and of each perturbed one; the
    change in the log-probability of the cell's label (by default the predicted one, the best
    score of the unperturbed cell), and the label distribution (softmax of the scores over the
@@ -115,22 +117,28 @@ def label_scores(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompts = encode_prompts(sentences, tokenizer, **prompt_options)
     answers = [tokenizer.encode(answer_text(label))[0] for label in candidates]
-    pairs = [(s, c) for s in range(len(prompts)) for c in range(len(answers))]
-    lengths = [len(prompts.input_ids[s]) + len(answers[c]) for s, c in pairs]
-    order = np.argsort(lengths, kind="stable")  # similar lengths together: less padding
     device = next(model.parameters()).device
+    answer_ids, answer_mask = (t.to(device) for t in pad_right(answers, pad_id=tokenizer.pad_id))  # [candidate, pos]
+    by_length: dict[int, list[int]] = {}
+    for row, ids in enumerate(prompts.input_ids):
+        by_length.setdefault(len(ids), []).append(row)
+    per_pass = max(1, batch_size // len(answers))  # prompts per pass: each continues into every candidate
+    chunks = [rows[i : i + per_pass] for rows in by_length.values() for i in range(0, len(rows), per_pass)]
     scores = np.zeros((len(prompts), len(answers)))
-    batches = range(0, len(pairs), batch_size)
-    for start in tqdm(batches, desc="label scores", disable=not progress):
-        chunk = [pairs[i] for i in order[start : start + batch_size]]
-        sequences = [prompts.input_ids[s] + answers[c] for s, c in chunk]
-        ids, mask = (t.to(device) for t in pad_right(sequences, pad_id=tokenizer.pad_id))
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        for row, (s, c) in enumerate(chunk):
-            n_prompt, answer = len(prompts.input_ids[s]), answers[c]
-            # position n_prompt - 1 + j predicts answer token j
-            read = logits[row, n_prompt - 1 : n_prompt - 1 + len(answer)].float().log_softmax(-1)
-            scores[s, c] = float(read.gather(-1, torch.tensor(answer, device=device)[:, None]).sum())
+    for rows in tqdm(chunks, desc="label scores", disable=not progress):
+        prompt = torch.tensor([prompts.input_ids[r] for r in rows], device=device)  # [rows, pos], one length
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [rows, vocab]
+        cache = out.cache  # transformers >= 5.24 names the KV cache ``cache``
+        cache.batch_repeat_interleave(len(answers))  # row-major: prompt r's candidates are adjacent
+        ones = torch.ones(len(rows) * len(answers), prompt.shape[1], dtype=answer_mask.dtype, device=device)
+        mask = torch.cat([ones, answer_mask.repeat(len(rows), 1)], 1)
+        rest = model(input_ids=answer_ids.repeat(len(rows), 1), attention_mask=mask, cache=cache).logits
+        rest = torch.log_softmax(rest.float(), -1).view(len(rows), len(answers), answer_ids.shape[1], -1)
+        # rest[r, c, j] predicts answer token j + 1
+        following = rest[:, :, :-1].gather(-1, answer_ids[None, :, 1:, None].expand(len(rows), -1, -1, 1))[..., 0]
+        following = (following * answer_mask[None, :, 1:]).sum(-1)  # [rows, candidate]
+        scores[rows] = (first[:, answer_ids[:, 0]] + following).cpu().numpy()
     return scores
 
 
