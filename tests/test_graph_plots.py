@@ -45,7 +45,8 @@ def test_figure_draws_the_pruned_gene_view_with_full_graph_influence(graph):
         assert float(row[8]) == pytest.approx(influence[node], rel=1e-3, abs=1e-6)
     # A gene's influence is its tokens' summed influence in the token-level graph.
     tokens = graph.node_influence()
-    vwf = [i for i, (k, p) in enumerate(zip(graph.nodes["kind"], graph.nodes["position"])) if k == "embedding" and GENES[p] == "VWF"]
+    vwf = [i for i, (k, p) in enumerate(zip(graph.nodes["kind"], graph.nodes["position"]))
+           if k == "embedding" and GENES[p] == "VWF"]
     assert float(drawn["gene:VWF"][8]) == pytest.approx(float(tokens[vwf].sum()), rel=1e-3)
 
 

@@ -52,7 +52,8 @@ def _plotly():
     try:
         import plotly.graph_objects as go
     except ImportError as error:
-        raise ImportError("graph_figure needs plotly: `pip install plotly` (c2srepro lists it as a dependency)") from error
+        raise ImportError("graph_figure needs plotly: `pip install plotly` "
+                          "(c2srepro lists it as a dependency)") from error
     return go
 
 
@@ -152,7 +153,8 @@ def graph_figure(
         custom = [[
             n, KIND_NAMES[d["kind"]] + (" (target)" if d["is_target"] else ""), d["layer"], d["position"],
             _text(d["token"]), d["gene"] or "-",
-            ("logit" if d["kind"] == "logit" else "activation") + (f" {d['activation']:.4g}" if d["activation"] is not None else " -"),
+            ("logit" if d["kind"] == "logit" else "activation")
+            + (f" {d['activation']:.4g}" if d["activation"] is not None else " -"),
             _top(top_genes, d), f"{d['influence']:.4g}",
         ] for n, d in zip(ids, data)]
         fig.add_trace(go.Scatter(

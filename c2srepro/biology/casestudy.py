@@ -540,7 +540,8 @@ def traced_own_type_rate(
     ``(rows, rate)``; with no correctly classified cell, an empty table and None.
     """
     if circuit not in ("greedy", "graph"):
-        raise ValueError(f"circuit must be 'greedy' (the paper's path search) or 'graph' (the full graph), got {circuit!r}")
+        raise ValueError(f"circuit must be 'greedy' (the paper's path search) or 'graph' (the full graph), "
+                         f"got {circuit!r}")
     if len(cells) != len(predicted):
         raise ValueError(f"{len(cells)} cells but {len(predicted)} predictions: pass one prediction per cell")
     if n_cells < 1:
