@@ -21,6 +21,12 @@ ax.plot([0, 1, 2], [scale * v for v in (0, 1, 4)], marker="o")
 ax.set(title="toy figure", xlabel="x", ylabel="y")
 plt.show()"""
 TABLE_CELL = 'pd.DataFrame({"layer": [0, 1], "fraction": [0.5 * scale, 0.75]})'
+# The library's interactive graph of a tiny attribution graph that the test saved beside the book.
+INTERACTIVE_CELL = """\
+from c2srepro.attribution import AttributionGraph
+from c2srepro.attribution.plots import graph_figure
+from c2srepro.book.display import interactive
+interactive(graph_figure(AttributionGraph.load("toy-graph.safetensors"), node_threshold=1.0, edge_threshold=1.0))"""
 # A chapter that runs to the end (papermill stops on a raised error) yet shows a traceback on stderr.
 STDERR_TRACEBACK_CELL = """\
 import traceback
@@ -46,6 +52,14 @@ def _notebook(path: Path, title: str, cells: list[tuple[str, list[str]]]) -> Non
 def _execute(root: Path, chapters: dict[str, tuple[str, list]]) -> Path:
     """A toy book executed by the book runner; returns the executed book's folder."""
     (root / "chapters" / "profiles").mkdir(parents=True)
+    if "interactive" in chapters:
+        from _tiny_neox import GENES, TOKENS, sentence_replacement
+
+        from c2srepro.attribution import build_graph
+
+        rep = sentence_replacement()
+        target = rep.logit_node(rep.n_pos - 1, 5)
+        build_graph(rep, target, tokens=TOKENS, genes=GENES).save(root / "toy-graph.safetensors")
     (root / "chapters" / "profiles" / "default.yml").write_text("all: {}\nchapters: {}\n")
     (root / "index.qmd").write_text("# Toy book\n\nA toy book for the browser check, profile {{< var profile >}}.\n")
     (root / "_quarto.yml").write_text(yaml.safe_dump({"project": {"type": "book"}, "book": {
@@ -71,6 +85,7 @@ def toy_book(tmp_path_factory) -> Path:
     return _execute(tmp_path_factory.mktemp("toybook"), {
         "figures": ("Figures and tables", [(FIGURE_CELL, []), (TABLE_CELL, [])]),
         "broken": ("A chapter with errors", [(STDERR_TRACEBACK_CELL, [])]),
+        "interactive": ("An interactive graph", [(INTERACTIVE_CELL, [])]),
     })
 
 
@@ -120,12 +135,31 @@ def test_rendered_book_in_chromium(rendered, tmp_path):
     assert any(f.name in (html / "chapters" / "figures.html").read_text() for f in figures)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     assert {"chapters-broken.png", "chapters-figures.png", "index.png"} <= {p.name for p in shots.iterdir()}
+    # The interactive graph carries plotly.js itself (drawn offline: no problem reported for its page).
+    interactive = (html / "chapters" / "interactive.html").read_text()
+    assert "plotly-graph-div" in interactive and "plotly.js v" in interactive
+    assert not re.search(r'<script[^>]*\ssrc="[^"]*plotly', interactive)  # no script tag loads it from elsewhere
     front = (html / "index.html").read_text()
     assert "profile default" in re.sub(r"<[^>]+>", "", front)  # {{< var profile >}} filled in
     if os.environ.get("C2SREPRO_SCREENSHOT_DIR"):
         target = Path(os.environ["C2SREPRO_SCREENSHOT_DIR"])
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy2(shot, target / f"toy-book-{renderer}.png")
+
+
+def test_an_interactive_figure_that_is_not_drawn_is_found(toy_html, tmp_path):
+    html = tmp_path / "html"
+    shutil.copytree(toy_html, html)
+    page = html / "chapters" / "interactive.html"
+    # plotly.js is the one inline script that starts with its licence banner: without it nothing draws.
+    embedded = re.compile(r"<script[^>]*>\s*/\*\*\s*\* plotly\.js v.*?</script>", re.DOTALL)
+    text = page.read_text()
+    assert embedded.search(text), "the page does not embed plotly.js: the check below would be vacuous"
+    page.write_text(embedded.sub('<script src="https://cdn.plot.ly/plotly-3.0.1.min.js"></script>', text, count=1))
+    problems = "\n".join(check_book(html))
+    assert "chapters/interactive.html: interactive figure plotly-" in problems and "was not drawn" in problems
+    assert "chapters/interactive.html: loads plotly.js from https://cdn.plot.ly/plotly-3.0.1.min.js" in problems
+    assert "chapters/figures.html" not in problems  # pages without a figure are not affected
 
 
 def test_text_layout_and_anchor_problems_are_found(toy_html, tmp_path):

@@ -444,6 +444,22 @@ def test_traced_own_type_rate_traces_the_first_correct_cells(tokenizer, librarie
     pd.testing.assert_frame_equal(rows, expected_rows)
     assert rate == expected_rate and rows["label"].tolist() == ["CD14+ Monocyte", "CD56+ NK"]
 
+    # circuit="graph": each cell's influential genes in its full attribution graph, composed by hand.
+    from c2srepro.attribution import gene_view
+    from c2srepro.attribution.trace import graph_cell
+    from c2srepro.biology.casestudy import influential_genes
+
+    graph_rows, graph_rate = traced_own_type_rate(model, transcoders, cell_tokenizer, cells, predicted, library,
+                                                  dataset="pbmc68k_reduced", n_cells=2, circuit="graph",
+                                                  gene_threshold=0.5, progress=False)
+    by_graph = [(c.label, influential_genes(gene_view(graph_cell(model, transcoders, cell_tokenizer, c, c.label).graph).genes,
+                                            threshold=0.5)) for c in cells[:2]]
+    pd.testing.assert_frame_equal(graph_rows, own_type_rate(by_graph, library, dataset="pbmc68k_reduced")[0])
+    assert graph_rate == own_type_rate(by_graph, library, dataset="pbmc68k_reduced")[1]
+    with pytest.raises(ValueError, match="circuit must be 'greedy'"):
+        traced_own_type_rate(model, transcoders, cell_tokenizer, cells, predicted, library,
+                             dataset="pbmc68k_reduced", n_cells=2, circuit="pruned")
+
     none_correct, no_rate = traced_own_type_rate(model, transcoders, cell_tokenizer, cells[2:3], ["CD56+ NK"], library,
                                                  dataset="pbmc68k_reduced", n_cells=5, progress=False)
     assert none_correct.empty and no_rate is None

@@ -44,7 +44,8 @@ def _results(folder: Path, *, model: str = PAPER_MODEL, n_layers: int = 24, d_mo
     _table(folder / "table4.csv", pd.DataFrame({"layer": range(len(fractions)), "fraction": fractions,
                                                 RANDOM_FRACTION: 0.1}), {"live_threshold": -3.0, "fdr": 0.05})
     _json(folder / "circuit_summary.json", {
-        "cell_label": "endothelial cell", "genes": list(PAPER_CIRCUIT_GENES), "top_marker_library": library,
+        "cell_label": "endothelial cell", "genes": list(PAPER_CIRCUIT_GENES), "greedy_genes": list(PAPER_CIRCUIT_GENES),
+        "greedy_k": 10, "greedy_depth": 3, "gene_threshold": 0.8, "top_marker_library": library,
         "top_marker_term": "Endothelial cell: heart", "top_marker_fdr": 0.002, "top_marker_combined_score": 300.0,
         "top_marker_matches_cell_type": True, "prompt_subset_percentile": 97.0, "prompt_subset_p_value": 0.03,
         "ablation_drop": 1.0, "random_ablation_drop": 0.1, "own_type_rate": 0.6, "own_type_rate_cells": 20,
@@ -80,7 +81,8 @@ def test_paper_like_results_are_reproduced(tmp_path):
     for key in ("loss_original", "loss_transcoder", "loss_no_mlp", "kl_transcoder", "kl_no_mlp", "loss_ordering",
                 "kl_ordering", "fraction_loss_recovered", "table3_interpretable", "table4_mean_fraction",
                 "table4_most_layers_over_80", "table4_layer0_dip", "top_marker_own_type", "top_marker_fdr",
-                "top_marker_combined_score", "circuit_n_genes", "circuit_paper_genes", "d_tc", "lr", "model_layers"):
+                "top_marker_combined_score", "circuit_n_genes", "circuit_n_genes_greedy", "circuit_paper_genes", "d_tc", "lr",
+                "model_layers"):
         assert rows[key]["verdict"] == "reproduced", (key, rows[key])
     assert all(rows[f"table4_fraction_layer_{i}"]["verdict"] == "reproduced" for i in range(24))
     assert rows["loss_original"]["difference"] == pytest.approx(2.5 - 2.48)
@@ -104,6 +106,20 @@ def test_tolerances_and_orderings_decide_differs(tmp_path):
     assert rows["table4_fraction_layer_0"]["verdict"] == "differs"
     assert rows["circuit_n_genes"]["verdict"] == "differs"  # 3 genes against 9, beyond 50%
     assert rows["circuit_paper_genes"]["verdict"] == "differs" and "1 of 9 shared: VWF" in rows["circuit_paper_genes"]["note"]
+
+
+def test_both_circuit_gene_counts_are_compared_with_the_papers_nine(tmp_path):
+    # The pruned graph's 12 genes are within 50% of 9; the greedy circuit's 25 are not.
+    genes = [f"G{i}" for i in range(25)]
+    rows = _by_key(build_scorecard(_results(tmp_path, circuit={"genes": genes[:12], "greedy_genes": genes, "greedy_k": 60}),
+                                   profile="paper"))
+    graph, greedy = rows["circuit_n_genes"], rows["circuit_n_genes_greedy"]
+    assert (graph["paper"], graph["reproduced"], graph["verdict"]) == (9, 12, "reproduced")
+    assert "80% of the genes' influence" in graph["note"]
+    assert (greedy["paper"], greedy["reproduced"], greedy["verdict"]) == (9, 25, "differs")
+    assert "beam k = 60, depth 3" in greedy["note"] and "higher than the paper's" in greedy["note"]
+    old = _by_key(build_scorecard(_results(tmp_path / "old", circuit={"greedy_genes": None}), profile="paper"))
+    assert "greedy_genes is absent" in old["circuit_n_genes_greedy"]["note"]  # a summary from before the graph
 
 
 def test_table3_uses_fishers_exact_test(tmp_path):

@@ -74,3 +74,23 @@ def test_trace_rejects_bad_targets(tiny):
     silent = next(f for f in range(transcoders[1].cfg.d_tc) if f not in firing)
     with pytest.raises(ValueError, match="does not fire|not active|inactive"):
         trace_cell(model, transcoders, cell_tokenizer, CELLS[0], "x", feature=silent)
+
+
+@pytest.mark.parametrize("target", ["feature", "logit"])
+def test_graph_cell_builds_the_full_graph_of_the_same_target(tiny, target):
+    from c2srepro.attribution import gene_view, greedy_paths
+    from c2srepro.attribution.trace import graph_cell
+
+    model, transcoders, cell_tokenizer = tiny
+    traced = trace_cell(model, transcoders, cell_tokenizer, CELLS[0], "CD14+ Monocyte", target=target, k=5, depth=2)
+    cell_graph = graph_cell(model, transcoders, cell_tokenizer, CELLS[0], "CD14+ Monocyte", target=target)
+    assert cell_graph.target == traced.target
+    assert cell_graph.graph.node(cell_graph.graph.targets[0]) == traced.target
+    # Uncapped, the paper's search read off the graph is the circuit trace_cell found by its own passes.
+    greedy = greedy_paths(cell_graph.graph, k=5, depth=2)
+    assert set(greedy.nodes) == set(traced.graph.nodes) and set(greedy.edges) == set(traced.graph.edges)
+    assert set(gene_view(cell_graph.graph).genes["gene"]) == set(CELLS[0].genes)
+    capped = graph_cell(model, transcoders, cell_tokenizer, CELLS[0], "CD14+ Monocyte", target=target, max_feature_nodes=3)
+    assert (capped.graph.nodes["kind"] == "feature").sum() == max(3, int(target == "feature"))
+    with pytest.raises(ValueError, match="target must be one of"):
+        graph_cell(model, transcoders, cell_tokenizer, CELLS[0], "CD14+ Monocyte", target="gene")

@@ -9,7 +9,9 @@
    ``feature``, else the one firing most strongly, as the paper takes "features that strongly
    activated on the final token in the last layer"); or ``"logit"``, the logit of the first token
    of the predicted answer at the final token.
-4. The greedy path search of ``c2srepro.attribution.circuit``, with each token's string and gene.
+4. The greedy path search of ``c2srepro.attribution.circuit`` (:func:`trace_cell`), or the full
+   attribution graph of ``c2srepro.attribution.full_graph`` (:func:`graph_cell`), with each token's
+   string and gene.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Mapping, Sequence
 import networkx as nx
 
 from c2srepro.attribution.circuit import find_circuit
+from c2srepro.attribution.full_graph import AttributionGraph, build_graph
 from c2srepro.attribution.linearised import LinearisedReplacement, build_replacement
 from c2srepro.attribution.nodes import Node
 from c2srepro.data.cells import CellSentence
@@ -39,6 +42,17 @@ class CellCircuit:
     replacement: LinearisedReplacement
     target: Node
     graph: nx.DiGraph
+
+
+@dataclass
+class CellGraph:
+    cell: CellSentence
+    predicted_label: str
+    prompt: EncodedPrompts  # the one prompt, without answer
+    tokens: list[str]
+    replacement: LinearisedReplacement
+    target: Node
+    graph: AttributionGraph
 
 
 def pick_cell(
@@ -64,6 +78,26 @@ def pick_cell(
     return cells[correct[0]], predicted[correct[0]]
 
 
+def _prepare(model, transcoders, tokenizer, cell, predicted_label, *, target, feature):
+    """Steps 2-3: the prompt, its tokens, the replacement and the target node."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    prompt = encode_prompts([cell], tokenizer)
+    ids = prompt.input_ids[0]
+    tokens = tokenizer.tokens(ids)
+    replacement = build_replacement(model, transcoders, ids)
+    last_layer, final = replacement.n_layers - 1, replacement.n_pos - 1
+    if target == "logit":
+        answer_first_token = tokenizer.encode(answer_text(predicted_label))[0][0]
+        return prompt, tokens, replacement, replacement.logit_node(final, answer_first_token)
+    if feature is None:
+        top = replacement.top_features(last_layer, final, n=1)
+        if not top:
+            raise ValueError(f"no transcoder feature of layer {last_layer} fires on the final token")
+        feature = top[0][0]
+    return prompt, tokens, replacement, Node.feature(last_layer, final, feature)
+
+
 def trace_cell(
     model,
     transcoders: Mapping[int, Transcoder] | Sequence[Transcoder],
@@ -78,24 +112,32 @@ def trace_cell(
     threshold: float = 0.0,
 ) -> CellCircuit:
     """Build the replacement for ``cell``'s prompt and trace the circuit behind ``target``."""
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    prompt = encode_prompts([cell], tokenizer)
-    ids = prompt.input_ids[0]
-    tokens = tokenizer.tokens(ids)
-    replacement = build_replacement(model, transcoders, ids)
-    last_layer, final = replacement.n_layers - 1, replacement.n_pos - 1
-    if target == "logit":
-        answer_first_token = tokenizer.encode(answer_text(predicted_label))[0][0]
-        node = replacement.logit_node(final, answer_first_token)
-    else:
-        if feature is None:
-            top = replacement.top_features(last_layer, final, n=1)
-            if not top:
-                raise ValueError(f"no transcoder feature of layer {last_layer} fires on the final token")
-            feature = top[0][0]
-        node = Node.feature(last_layer, final, feature)
+    prompt, tokens, replacement, node = _prepare(
+        model, transcoders, tokenizer, cell, predicted_label, target=target, feature=feature
+    )
     graph = find_circuit(
         replacement, node, k=k, depth=depth, threshold=threshold, genes=prompt.gene_of_token[0], tokens=tokens
     )
     return CellCircuit(cell, predicted_label, prompt, tokens, replacement, node, graph)
+
+
+def graph_cell(
+    model,
+    transcoders: Mapping[int, Transcoder] | Sequence[Transcoder],
+    tokenizer: CellTokenizer,
+    cell: CellSentence,
+    predicted_label: str,
+    *,
+    target: str = "feature",
+    feature: int | None = None,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 64,
+) -> CellGraph:
+    """Build the replacement for ``cell``'s prompt and the full attribution graph of ``target``
+    (:func:`c2srepro.attribution.full_graph.build_graph`, at most ``max_feature_nodes`` features)."""
+    prompt, tokens, replacement, node = _prepare(
+        model, transcoders, tokenizer, cell, predicted_label, target=target, feature=feature
+    )
+    graph = build_graph(replacement, node, max_feature_nodes=max_feature_nodes, batch_size=batch_size,
+                        tokens=tokens, genes=prompt.gene_of_token[0])
+    return CellGraph(cell, predicted_label, prompt, tokens, replacement, node, graph)

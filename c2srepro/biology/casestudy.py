@@ -26,8 +26,16 @@ combined score among those with FDR < 0.05 ("Endothelial cell: heart", FDR 0.001
 4. :func:`own_type_rate` runs step 2 for many cells' circuits in one call and reports, per cell, the
    top term and whether it is in the cell's own-type terms (step 1), and the rate over cells.
    :func:`traced_own_type_rate` first traces those circuits: for the first ``n_cells`` cells the
-   model classifies correctly, the circuit of :func:`c2srepro.attribution.trace.trace_cell` and its
-   gene-token genes.
+   model classifies correctly, either the greedy circuit of
+   :func:`c2srepro.attribution.trace.trace_cell` and its genes (``circuit="greedy"``), or the full
+   attribution graph of :func:`c2srepro.attribution.trace.graph_cell` and its influential genes
+   (``circuit="graph"``, below).
+
+Influential genes of a full graph: :func:`influential_genes` takes the gene view's table
+(:func:`c2srepro.attribution.gene_view`, genes ranked by their influence on the target) and keeps
+the fewest top-ranked genes whose cumulative share of the genes' total influence reaches
+``threshold``: the node rule of influence pruning, applied to gene nodes (pruning itself keeps every
+token node, so it names no gene list of its own).
 5. :func:`summarise_circuit` gathers a circuit's graph, labels, enrichment, control and ablation
    (:func:`c2srepro.attribution.ablate`) into the JSON-ready dict of ``circuit_summary.json``.
 
@@ -53,7 +61,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from c2srepro.attribution.circuit import circuit_features, circuit_genes
-from c2srepro.attribution.trace import trace_cell
+from c2srepro.attribution.full_graph import gene_view
+from c2srepro.attribution.trace import graph_cell, trace_cell
 from c2srepro.data.cells import CellSentence
 from c2srepro.enrichment import GeneSetLibrary, enrich, load_library
 
@@ -297,6 +306,23 @@ def top_marker_ties(
     return ranked.loc[tied, "Term"].astype(str).tolist()
 
 
+def influential_genes(genes: pd.DataFrame, *, threshold: float = 0.8) -> list[str]:
+    """The fewest top genes of a gene view's table (``gene_view(graph).genes``) that carry
+    ``threshold`` of the genes' total influence, in influence order (module docstring)."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1] (a share of the genes' total influence), got {threshold}")
+    missing = sorted({"gene", "influence"} - set(genes.columns))
+    if missing:
+        raise ValueError(f"influential_genes: the table lacks columns {missing}; pass gene_view(graph).genes")
+    ranked = genes.sort_values("influence", ascending=False, kind="stable")
+    total = float(ranked["influence"].sum())
+    if not len(ranked) or total <= 0:
+        return []
+    share = ranked["influence"].cumsum().to_numpy() / total
+    n = min(int(np.searchsorted(share, threshold - 1e-12)) + 1, len(ranked))
+    return ranked["gene"].iloc[:n].tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. The same-prompt random-subset control
 
@@ -494,9 +520,12 @@ def traced_own_type_rate(
     dataset: str | os.PathLike,
     n_cells: int,
     target: str = "feature",
+    circuit: str = "greedy",
     k: int = 10,
     depth: int = 3,
     threshold: float = 0.0,
+    max_feature_nodes: int | None = None,
+    gene_threshold: float = 0.8,
     fdr: float = DEFAULT_FDR,
     strict: bool = False,
     progress: bool = True,
@@ -504,10 +533,15 @@ def traced_own_type_rate(
     """:func:`own_type_rate` over the traced circuits of the first ``n_cells`` of ``cells`` whose
     prediction (``predicted``, one per cell) is their label (module docstring, step 4).
 
-    ``target``, ``k``, ``depth`` and ``threshold`` are :func:`c2srepro.attribution.trace.trace_cell`'s;
-    each cell's target is its own strongest last-layer feature (or its answer's logit). Returns
+    circuit: ``"greedy"``, the genes of :func:`c2srepro.attribution.trace.trace_cell`'s path search
+    (``k``, ``depth``, ``threshold``); ``"graph"``, the :func:`influential_genes` (``gene_threshold``)
+    of :func:`c2srepro.attribution.trace.graph_cell`'s full graph (``max_feature_nodes``). Each
+    cell's target is its own strongest last-layer feature (or its answer's logit). Returns
     ``(rows, rate)``; with no correctly classified cell, an empty table and None.
     """
+    if circuit not in ("greedy", "graph"):
+        raise ValueError(f"circuit must be 'greedy' (the paper's path search) or 'graph' (the full graph), "
+                         f"got {circuit!r}")
     if len(cells) != len(predicted):
         raise ValueError(f"{len(cells)} cells but {len(predicted)} predictions: pass one prediction per cell")
     if n_cells < 1:
@@ -515,11 +549,17 @@ def traced_own_type_rate(
     correct = [(cell, label) for cell, label in zip(cells, predicted) if cell.label == label][:n_cells]
     if not correct:
         return pd.DataFrame(), None
-    traced = [
-        (cell.label, circuit_genes(trace_cell(model, transcoders, tokenizer, cell, label, target=target, k=k,
-                                              depth=depth, threshold=threshold).graph))
-        for cell, label in tqdm(correct, desc="tracing cells", disable=not progress)
-    ]
+
+    def genes_of(cell: CellSentence, label: str) -> list[str]:
+        if circuit == "greedy":
+            return circuit_genes(trace_cell(model, transcoders, tokenizer, cell, label, target=target, k=k,
+                                            depth=depth, threshold=threshold).graph)
+        graph = graph_cell(model, transcoders, tokenizer, cell, label, target=target,
+                           max_feature_nodes=max_feature_nodes).graph
+        return influential_genes(gene_view(graph).genes, threshold=gene_threshold)
+
+    traced = [(cell.label, genes_of(cell, label))
+              for cell, label in tqdm(correct, desc="tracing cells", disable=not progress)]
     return own_type_rate(traced, library, dataset=dataset, fdr=fdr, strict=strict)
 
 
@@ -537,6 +577,7 @@ def summarise_circuit(
     cell_label: str,
     predicted_label: str,
     enrichment: pd.DataFrame | None,
+    genes: Sequence[str] | None = None,
     control: Mapping | None = None,
     ablation: Mapping | None = None,
     dataset: str | os.PathLike | None = None,
@@ -547,8 +588,10 @@ def summarise_circuit(
 ) -> dict:
     """The JSON-ready summary of one circuit (``results/<profile>/circuit_summary.json``).
 
-    graph: from :func:`c2srepro.attribution.find_circuit`; enrichment: :func:`circuit_enrichment` of
-    its genes, or None for a circuit without genes (then no term, and no match); control:
+    graph: from :func:`c2srepro.attribution.find_circuit` (or ``greedy_paths``); genes: the circuit's
+    gene list (default: the graph's, :func:`c2srepro.attribution.circuit_genes`; a full graph's
+    :func:`influential_genes`); enrichment: :func:`circuit_enrichment` of those genes, or None for a
+    circuit without genes (then no term, and no match); control:
     :func:`prompt_subset_control`'s dict; ablation: :func:`c2srepro.attribution.ablate`'s.
     The own-type terms are ``target_terms`` or, with ``dataset``, :func:`label_marker_terms` of
     ``cell_label`` in the top term's library. ``library`` picks one Gene_set of a multi-library table.
@@ -588,7 +631,7 @@ def summarise_circuit(
         "n_nodes": graph.number_of_nodes(),
         "n_edges": graph.number_of_edges(),
         "n_feature_nodes": len(circuit_features(graph)),
-        "genes": circuit_genes(graph),
+        "genes": list(genes) if genes is not None else circuit_genes(graph),
         "top_marker_library": library_name,
         "top_marker_term": top.term if top else None,
         "top_marker_fdr": top.fdr if top else None,

@@ -29,7 +29,11 @@ problems, empty when the book is sound:
    must be listed in the navigation of ``index.html`` (Sphinx's ``genindex``/``search`` pages
    excepted). With ``chapters`` (the book's chapter list, e.g.
    :func:`c2srepro.book.runner.chapter_files`), each chapter must have its page.
-8. With ``screenshot``: a full-page PNG of the first page showing a figure (else of index.html);
+8. Interactive figures: every plotly figure (``.plotly-graph-div``) must be drawn, i.e. become a
+   ``.js-plotly-plot`` with at least one trace in its SVG, within ``PLOTLY_WAIT_MS``; one that is
+   not drawn (plotly.js missing or failing) is a problem. plotly.js must come with the page: a
+   request for it from anywhere outside the book is a problem even where npm could supply it.
+9. With ``screenshot``: a full-page PNG of the first page showing a figure (else of index.html);
    with ``screenshot_dir``: a full-page PNG of every page, named after it.
 
 :func:`open_page` opens one page of any served folder the same way (offline, CDN scripts from npm
@@ -93,6 +97,8 @@ KNOWN_RENDERER_ERRORS = {
         "online live-code button reads it",
 }
 _QUARTO_ATTRIBUTES = re.compile(r"\{[.#][\w:-][^}]*\}")
+PLOTLY_WAIT_MS = 10_000
+_PLOTLY_URL = re.compile(r"plotly", re.IGNORECASE)
 
 # Runs in the page: load every image eagerly, wait for each to decode (or fail), report them with
 # their rendered width and the width of the content column they sit in.
@@ -116,6 +122,18 @@ _ERRORS_JS = """
     if (e.innerText.includes("Traceback")) found.push(e.innerText.slice(-300));
   }
   return found;
+}
+"""
+# Runs in the page: wait (up to a limit) until every plotly figure has drawn a trace; report each.
+_PLOTLY_JS = """
+async (waitMs) => {
+  const figures = Array.from(document.querySelectorAll(".plotly-graph-div"));
+  const traces = e => e.classList.contains("js-plotly-plot") ? e.querySelectorAll(".main-svg .trace").length : 0;
+  const start = Date.now();
+  while (!figures.every(e => traces(e) > 0) && Date.now() - start < waitMs) {
+    await new Promise(resolve => setTimeout(resolve, 100));
+  }
+  return figures.map(e => ({id: e.id, traces: traces(e)}));
 }
 """
 _READER_TEXT_JS = """
@@ -239,7 +257,7 @@ def check_book(html_dir: str | os.PathLike, *, screenshot: str | os.PathLike | N
     """Open every page of the rendered book in headless Chromium; return the problems found.
 
     html_dir: the folder holding the book's ``index.html``. screenshot / screenshot_dir: PNGs to
-    write (step 8 of the module docstring). chapters: source paths relative to the book
+    write (step 9 of the module docstring). chapters: source paths relative to the book
     (``index.qmd``, ``chapters/01-model.ipynb``); each must have rendered to its ``.html``.
     forbidden_paths: absolute paths no page may contain (the checkout, the cache). vendor_dir:
     where npm packages for CDN scripts are unpacked. Raises FileNotFoundError when the folder has
@@ -277,6 +295,9 @@ def check_book(html_dir: str | os.PathLike, *, screenshot: str | os.PathLike | N
                                      content_type="text/html; charset=utf-8")
             if url.startswith(base) or url.startswith(("data:", "blob:", "about:")):
                 return route.continue_()
+            if _PLOTLY_URL.search(url):
+                plotly_cdn.append(url)
+                return route.abort()
             file = _npm_substitute(url, vendor_dir)
             if file is not None:
                 return route.fulfill(path=str(file), headers={"Access-Control-Allow-Origin": "*"})
@@ -284,6 +305,7 @@ def check_book(html_dir: str | os.PathLike, *, screenshot: str | os.PathLike | N
             return route.abort()
 
         outside: list[str] = []
+        plotly_cdn: list[str] = []
         browser = playwright.chromium.launch(executable_path=executable, args=list(CHROMIUM_ARGS))
         try:
             context = browser.new_context(viewport=VIEWPORT)
@@ -295,6 +317,7 @@ def check_book(html_dir: str | os.PathLike, *, screenshot: str | os.PathLike | N
                 page.set_default_timeout(timeout_ms)
                 failed: list[str] = []
                 outside.clear()
+                plotly_cdn.clear()
                 page.on("pageerror", lambda error, failed=failed: None if str(error) in KNOWN_RENDERER_ERRORS
                         else failed.append(f"JavaScript error: {error}"))
                 page.on("requestfailed", lambda request, failed=failed: failed.append(
@@ -320,6 +343,10 @@ def check_book(html_dir: str | os.PathLike, *, screenshot: str | os.PathLike | N
                                         f"({image['shown']:.0f} px > {image['column']:.0f} px)")
                 if figure_page is None and any(i["width"] > 0 for i in images):
                     figure_page = page_path
+                for figure in page.evaluate(_PLOTLY_JS, PLOTLY_WAIT_MS):
+                    if figure["traces"] == 0:
+                        problems.append(f"{name}: interactive figure {figure['id'] or '(no id)'} was not drawn "
+                                        "(plotly.js missing or failed: embed it with include_plotlyjs=True)")
                 for text in page.evaluate(_ERRORS_JS, ERROR_SELECTOR):
                     # A traceback's last line names the exception.
                     lines = [line for line in text.splitlines() if line.strip()]
@@ -355,6 +382,9 @@ def check_book(html_dir: str | os.PathLike, *, screenshot: str | os.PathLike | N
                 problems.extend(f"{name}: {message}" for message in failed)
                 problems.extend(f"{name}: requests {url} from outside the book (offline it fails)"
                                 for url in dict.fromkeys(outside))
+                problems.extend(f"{name}: loads plotly.js from {url}, outside the book: embed it in the page "
+                                "(include_plotlyjs=True, c2srepro.book.display.interactive)"
+                                for url in dict.fromkeys(plotly_cdn))
                 if screenshot_dir is not None:
                     shot_path = Path(screenshot_dir) / (name.removesuffix(".html").replace("/", "-") + ".png")
                     shot_path.parent.mkdir(parents=True, exist_ok=True)

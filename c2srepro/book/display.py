@@ -17,6 +17,11 @@ display; the numbers themselves are untouched (the CSV and JSON results keep ful
    survive Quarto, which drops a Styler's ``<style>`` block from rendered pages, goes inline: see
    :func:`badge`.
 5. The table's id is derived from its content, so an executed notebook is the same on every run.
+
+Interactive figures: :func:`interactive` turns a plotly figure into HTML output that carries
+plotly.js itself (``include_plotlyjs=True``), so the rendered book draws it offline; plotly's
+notebook renderers (``notebook_connected``, ``plotly_mimetype``) would load plotly.js from a CDN.
+Its element id, too, is derived from the figure's content.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from collections.abc import Sequence
 import pandas as pd
 from pandas.io.formats.style import Styler
 
-__all__ = ["badge", "format_number", "format_p", "is_p_column", "table"]
+__all__ = ["badge", "format_number", "format_p", "interactive", "is_p_column", "table"]
 
 # Column names that hold p-values or FDRs (matched case-insensitively, as whole words).
 _P_NAMES = re.compile(r"(^|[\s_])(p[\s_-]?value|fdr|q[\s_-]?value)($|[\s_])", re.IGNORECASE)
@@ -84,6 +89,17 @@ def badge(text: str, *, background: str | None = None, font_size: str | None = N
         f"font-size: {font_size}" if font_size else "",
     ) if part)
     return f'<span style="{style}">{text}</span>' if style else text
+
+
+def interactive(figure):
+    """A plotly figure as an ``IPython.display.HTML`` output with plotly.js embedded (module docstring)."""
+    from IPython.display import HTML
+
+    if not hasattr(figure, "to_html") or not hasattr(figure, "to_json"):
+        raise TypeError(f"interactive() takes a plotly Figure (e.g. from graph_figure), got {type(figure).__name__}")
+    div_id = "plotly-" + hashlib.sha256(figure.to_json().encode()).hexdigest()[:12]
+    return HTML(figure.to_html(full_html=False, include_plotlyjs=True, div_id=div_id,
+                               config={"responsive": True, "displaylogo": False}))
 
 
 def _frame(data: pd.DataFrame | pd.Series) -> pd.DataFrame:

@@ -142,7 +142,10 @@ def _paper_values() -> dict[str, PaperValue]:
             "Table 4: layer 0 has the lowest fraction", f"layer 0: {TABLE4['fraction'].iloc[0]:.3f}",
             "Table 4, text", "claim"),
         "prompt_genes": PaperValue("genes per prompt", h["prompt_genes"], "Figure 4", "setting"),
-        "circuit_n_genes": PaperValue("circuit gene-token nodes", len(CIRCUIT_GENES), "Case study", "result"),
+        "circuit_n_genes": PaperValue(
+            "circuit genes: the pruned graph's, by influence", len(CIRCUIT_GENES), "Case study", "result"),
+        "circuit_n_genes_greedy": PaperValue(
+            "circuit genes: the greedy path search's", len(CIRCUIT_GENES), "Case study", "result"),
         "circuit_paper_genes": PaperValue(
             "paper's circuit genes recovered", ", ".join(CIRCUIT_GENES), "Case study", "result"),
         "top_marker_own_type": PaperValue(
