@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from c2srepro._cache import cache_dir
 from c2srepro.transcoder import Transcoder, TranscoderConfig
 from c2srepro.transcoder.formats import (
     export_circuit_tracer,
@@ -123,16 +125,33 @@ def test_formats_refuse_what_they_cannot_hold(tmp_path):
 
 
 # --- SAELens itself ---------------------------------------------------------------------------
-# sae-lens is not among the project's pins (it needs transformer-lens, datasets, wandb, ...), so
-# this test runs where it is importable: installed, or on the path C2SREPRO_SAELENS_PATH names
-# (e.g. a folder filled with `pip install --no-deps --target <dir> sae-lens transformer-lens ...`).
+# sae-lens's pins conflict with the project's (it needs transformer-lens, datasets, wandb, ...), so
+# the test installs it once, without dependency resolution, into a scratch folder of the cache and
+# appends that folder to sys.path (the project's own packages keep precedence). The versions are
+# those the test was written against; pip's registry is reachable in CI and on developer machines.
+SAELENS_PACKAGES = (
+    "sae-lens==6.54.12", "transformer-lens==2.18.0", "accelerate==1.15.0", "babe==0.0.8", "beartype==0.23.1",
+    "better-abc==0.0.3", "datasets==5.2.0", "dill==0.4.1", "docstring-parser==0.18.0", "einops==0.8.2",
+    "fancy-einsum==0.0.3", "fsspec==2026.9.0", "multiprocess==0.70.19", "narwhals==2.29.0", "nltk==3.10.4",
+    "protobuf==7.36.2", "pyarrow==26.0.1", "sentencepiece==0.2.3", "simple-parsing==0.1.9",
+    "transformers-stream-generator==0.0.5", "typeguard==4.6.1", "wandb==0.31.0", "xxhash==4.1.0",
+)
 
 
 def _sae_lens():
-    extra = os.environ.get("C2SREPRO_SAELENS_PATH")
-    if extra and extra not in sys.path:
-        sys.path.append(extra)  # appended: the project's own packages keep precedence
-    return pytest.importorskip("sae_lens", reason="sae-lens is not installed (set C2SREPRO_SAELENS_PATH)")
+    target = cache_dir("scratch") / "sae-lens-6.54.12"
+    if not (target / "sae_lens").is_dir():
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(partial),
+                                 *SAELENS_PACKAGES], capture_output=True, text=True)
+        assert result.returncode == 0, f"pip install of sae-lens into {partial} failed: {result.stderr[-800:]}"
+        partial.rename(target)
+    if str(target) not in sys.path:
+        sys.path.append(str(target))
+    import sae_lens
+
+    return sae_lens
 
 
 @pytest.mark.parametrize("activation,skip", EXPORTABLE)
