@@ -1,4 +1,5 @@
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -172,3 +173,44 @@ def test_an_annotated_parameter_takes_each_of_its_types():
         book.check_overrides([book.parse_overrides(["06-circuit.cell=[1]"], ["chapters/06-circuit.ipynb"])], declared)
     with pytest.raises(ValueError, match="unknown type"):
         book._annotation("Path")
+
+
+def test_declared_ranges_refuse_out_of_range_overrides_before_any_chapter_runs():
+    chapters = book.chapter_files(ROOT)
+    declared = book.declared_parameters(ROOT, chapters)
+    for item, message in [
+        ("03-validation.max_accuracy_cells=0", r"03-validation.max_accuracy_cells=0: out of range, the chapter allows \[1, inf\)"),
+        ("01-model.example_cell=-1", r"01-model.example_cell=-1: out of range, the chapter allows \[0, inf\)"),
+        ("01-model.heldout_fraction=1", r"heldout_fraction=1: out of range, the chapter allows \(0, 1\)"),
+        ("04-features.layer=-2", r"04-features.layer=-2: out of range"),
+        ("04-features.positions=tokens", r"positions='tokens': out of range, the chapter allows \{'all', 'genes', 'prompt'\}"),
+        ("02-transcoders.lr=0", r"02-transcoders.lr=0: out of range, the chapter allows \(0, inf\)"),
+        ("top_k=2.5", r"01-model.top_k=2.5: expected int"),
+        ("top_k=0", r"01-model.top_k=0: out of range"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            book.check_overrides([book.parse_overrides([item], chapters)], declared)
+    for ok in ("03-validation.max_accuracy_cells=1", "04-features.layer=null", "02-transcoders.lr=1e-4", "fdr=1"):
+        book.check_overrides([book.parse_overrides([ok], chapters)], declared)
+
+
+def test_every_default_and_profile_lies_in_its_declared_range():
+    chapters = book.chapter_files(ROOT)
+    declared = book.declared_parameters(ROOT, chapters)
+    defaults = {"all": {}, "chapters": {c: {n: p.default for n, p in ps.items()} for c, ps in declared.items()}}
+    book.check_overrides([defaults], declared)
+    for profile in sorted((ROOT / book.PROFILE_DIR).glob("*.yml")):
+        book.check_overrides([book.load_profile(ROOT, profile.stem)], declared)
+    assert sum(p.allowed is not None for ps in declared.values() for p in ps.values()) >= 25
+
+
+def test_range_syntax():
+    assert book.parse_range("in [1, inf); genes per cell", where="x") == book.Interval(1, math.inf, True, False)
+    assert 0.5 in book.parse_range("in (0, 1]", where="x") and 0 not in book.parse_range("in (0, 1]", where="x")
+    assert book.parse_range('in {"a", "b"}; the mode', where="x") == frozenset({"a", "b"})
+    assert book.parse_range("None: every held-out cell", where="x") is None
+    assert book.parse_range("in the paper: 1.4e-4", where="x") is None  # a description, not a range
+    with pytest.raises(ValueError, match=r"c.k: range '\[a, 1\]' is not an interval"):
+        book.parse_range("in [a, 1]", where="c.k")
+    with pytest.raises(ValueError, match="is empty"):
+        book.parse_range("in [2, 1]", where="c.k")

@@ -4,7 +4,12 @@
 2. Each notebook chapter is executed with papermill into ``results/<profile>/book/`` with its
    parameters resolved in order: the notebook's own defaults (the ``default`` profile), then
    ``chapters/profiles/<profile>.yml`` (``all:`` then ``chapters: {name: ...}``), then
-   ``--set key=value`` / ``--set chapter.key=value``. Unknown parameter names are an error.
+   ``--set key=value`` / ``--set chapter.key=value``. Every override is checked against the
+   declared parameters before any chapter runs: unknown names, values of another type (from the
+   default, or the annotation ``cell: "Union[int, str]" = ...``) and values out of the declared
+   range are errors. A range opens the parameter's comment: ``top_k = 64  # in [1, inf); ...``
+   (an interval, ``[``/``]`` closed, ``(``/``)`` open, ``inf`` unbounded) or
+   ``positions = "all"  # in {"all", "genes"}; ...`` (the allowed values); None passes a range.
    ``results_dir`` is passed relative to the checkout (chapters run there), so no page shows
    the machine's paths.
 3. An executed notebook is cleaned for reading (``clean_executed_notebook``): every stderr
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
+import math
 import os
 import re
 import shutil
@@ -48,6 +54,9 @@ VERSIONED_PACKAGES = ("c2srepro", "torch", "transformers", "scanpy", "anndata", 
 INJECTED_COMMENT = "# This run's values: the profile and --set overrides (the book runner's)"
 ANNOTATION_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict,
                     "None": type(None)}
+# The range that opens a parameter's comment (papermill's "help"): no "=" (papermill skips a
+# line with two), so an interval or a set literal, then "; " and the description.
+RANGE = re.compile(r"in\s+(?P<range>[\[(][^;]*[\])]|\{[^;]*\})\s*(?:;|$)")
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 QUARTO_VARIABLE = re.compile(r"\{\{<\s*var\s+([\w.-]+)\s*>\}\}")
@@ -137,14 +146,56 @@ def declared_parameters(root: Path, chapters: Iterable[str]) -> dict[str, dict[s
         if chapter.endswith(".ipynb"):
             found = papermill.inspect_notebook(str(root / chapter))
             declared[chapter_name(chapter)] = {
-                name: Parameter(_literal(info["default"]), _annotation(info["inferred_type_name"]))
+                name: Parameter(_literal(info["default"]), _annotation(info["inferred_type_name"]),
+                                parse_range(info["help"], where=f"{chapter_name(chapter)}.{name}"))
                 for name, info in found.items()}
     return declared
+
+
+class Interval(NamedTuple):
+    low: float
+    high: float
+    closed_low: bool
+    closed_high: bool
+
+    def __contains__(self, value: Any) -> bool:
+        above = value >= self.low if self.closed_low else value > self.low
+        below = value <= self.high if self.closed_high else value < self.high
+        return above and below
+
+    def __str__(self) -> str:
+        def bound(x: float) -> str:
+            return str(int(x)) if math.isfinite(x) and x == int(x) else str(x)
+
+        return f"{'[' if self.closed_low else '('}{bound(self.low)}, {bound(self.high)}{']' if self.closed_high else ')'}"
 
 
 class Parameter(NamedTuple):
     default: Any
     types: tuple[type, ...] | None  # from an annotation: ``cell: "Union[int, str]" = "CD14+ Monocyte"``
+    allowed: Interval | frozenset | None = None  # from the comment: ``# in [1, inf); ...``
+
+
+def parse_range(help_text: str, *, where: str) -> Interval | frozenset | None:
+    """The range opening a parameter's comment (``in [0, 1)``, ``in (0, inf)``, ``in {"a", "b"}``), or None."""
+    match = RANGE.match(help_text.strip())
+    if not match:
+        return None
+    text = match.group("range")
+    if text.startswith("{"):
+        try:
+            values = ast.literal_eval(text)
+        except (ValueError, SyntaxError) as error:
+            raise ValueError(f"{where}: range {text!r} is not a set of literals such as {{\"a\", \"b\"}}") from error
+        return frozenset(values)
+    bounds = [b.strip() for b in text[1:-1].split(",")]
+    try:
+        low, high = (float(b) for b in bounds)
+    except ValueError as error:
+        raise ValueError(f"{where}: range {text!r} is not an interval such as [1, inf) or (0, 1]") from error
+    if low > high:
+        raise ValueError(f"{where}: range {text!r} is empty")
+    return Interval(low, high, text[0] == "[", text[-1] == "]")
 
 
 def _annotation(text: str) -> tuple[type, ...] | None:
@@ -169,8 +220,9 @@ def _literal(source: str) -> Any:
 
 
 def check_overrides(layers: list[dict[str, Any]], declared: dict[str, dict[str, Any]]) -> None:
-    """Refuse, before any chapter runs, a parameter no chapter declares or a value of another type
-    than the chapter's default (an int for an int, a number for a float, ...; a None default takes any)."""
+    """Refuse, before any chapter runs, a parameter no chapter declares, a value of another type
+    than the chapter's default (an int for an int, a number for a float, ...; a None default takes
+    any) or a value out of the declared range."""
     everywhere = {name for params in declared.values() for name in params}
     for layer in layers:
         unknown = set(layer["all"]) - everywhere
@@ -182,14 +234,24 @@ def check_overrides(layers: list[dict[str, Any]], declared: dict[str, dict[str, 
             if unknown:
                 raise ValueError(f"chapter {chapter!r} has no parameter(s) {sorted(unknown)}; it declares {sorted(params)}")
             for name, value in {**{k: v for k, v in layer["all"].items() if k in params}, **own}.items():
-                default, types = params[name]
-                if types is None and default is None:
-                    continue
-                allowed = types or (type(default),)
-                if not any(_same_kind(value, kind) for kind in allowed):
-                    expected = " | ".join(k.__name__ for k in allowed)
-                    raise ValueError(f"{chapter}.{name}={value!r}: expected {expected} (the chapter's default is "
-                                     f"{default!r}), got {type(value).__name__}")
+                default, types, allowed = params[name]
+                if types is not None or default is not None:
+                    kinds = types or (type(default),)
+                    if not any(_same_kind(value, kind) for kind in kinds):
+                        expected = " | ".join("None" if k is type(None) else k.__name__ for k in kinds)
+                        raise ValueError(f"{chapter}.{name}={value!r}: expected {expected} (the chapter's default is "
+                                         f"{default!r}), got {type(value).__name__}")
+                if not _in_range(value, allowed):
+                    shown = "{" + ", ".join(sorted(map(repr, allowed))) + "}" if isinstance(allowed, frozenset) else allowed
+                    raise ValueError(f"{chapter}.{name}={value!r}: out of range, the chapter allows {shown}")
+
+
+def _in_range(value: Any, allowed: Interval | frozenset | None) -> bool:
+    if allowed is None or value is None:
+        return True
+    if isinstance(allowed, frozenset):
+        return value in allowed
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value in allowed
 
 
 def _same_kind(value: Any, kind: type) -> bool:
