@@ -214,3 +214,68 @@ def test_range_syntax():
         book.parse_range("in [a, 1]", where="c.k")
     with pytest.raises(ValueError, match="is empty"):
         book.parse_range("in [2, 1]", where="c.k")
+
+
+def test_a_failed_chapter_leaves_the_results_it_found(tmp_path):
+    root = _toy_book(tmp_path, "import os, pathlib\n"
+                               "r = pathlib.Path(results_dir)\n"
+                               "(r / 'model.json').write_text('{\"heldout_accuracy\": NaN')\n"  # half-written, in place
+                               "(r / 'new.json').write_text('{}')\n"
+                               "(r / 'transcoders' / 'layer_09').mkdir(parents=True)\n"
+                               "(r / 'activations').mkdir(exist_ok=True)\n"
+                               "(r / 'activations' / 'shard-1').write_text('resumable')\n"
+                               "if x == 1: raise RuntimeError('boom')\n")
+    results = root / "results" / "default"
+    (results / "transcoders" / "layer_00").mkdir(parents=True)
+    big = results / "transcoders" / "layer_00" / "w.bin"
+    big.write_bytes(b"w" * (book.JOURNAL_COPY_BELOW + 1))  # saved by a hard link
+    (results / "model.json").write_text('{"heldout_accuracy": 0.9}')
+    with pytest.raises(RuntimeError, match="RuntimeError: boom"):
+        book.execute_chapters(root, "default")
+    assert json.loads((results / "model.json").read_text()) == {"heldout_accuracy": 0.9}
+    assert sorted(p.name for p in results.iterdir()) == ["activations", "book", "model.json", "transcoders"]
+    assert sorted(p.name for p in (results / "transcoders").iterdir()) == ["layer_00"] and big.stat().st_size > 8 << 20
+    assert (results / "activations" / "shard-1").read_text() == "resumable"  # kept for the rerun to resume
+    assert (results / "book" / "chapters" / "toy.failed.ipynb").is_file()
+    book.execute_chapters(root, "default", overrides=["x=2"])  # a chapter that succeeds keeps what it wrote
+    assert (results / "new.json").is_file() and not (results / book.JOURNAL).exists()
+    assert (results / "model.json").read_text().startswith('{"heldout_accuracy": NaN')
+
+
+def test_results_of_a_killed_chapter_are_put_back_on_the_next_start(tmp_path):
+    root = _toy_book(tmp_path, "import pathlib\npathlib.Path(results_dir, 'ran').write_text(str(x))")
+    results = root / "results" / "default"
+    results.mkdir(parents=True)
+    (results / "table.csv").write_text("old")
+    # What a runner killed (kill -9) during a chapter leaves: the journal as it was while the
+    # chapter ran (copied from inside the block), and the chapter's writes.
+    with book.chapter_journal(results, "chapters/toy.ipynb"):
+        (results / "table.csv").unlink()
+        (results / "table.csv").write_text("half")
+        (results / "stray.json").write_text("{")
+        shutil.copytree(results / book.JOURNAL, tmp_path / "killed")
+    shutil.copytree(tmp_path / "killed", results / book.JOURNAL)
+    (results / "table.csv").write_text("half")
+    (results / "stray.json").write_text("{")
+    book.execute_chapters(root, "default")
+    assert (results / "table.csv").read_text() == "old" and not (results / "stray.json").exists()
+    assert (results / "ran").read_text() == "1" and not (results / book.JOURNAL).exists()
+
+
+def test_a_results_folder_that_cannot_be_saved_stops_before_the_chapter(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    root = _toy_book(tmp_path, "import pathlib\npathlib.Path('ran').write_text('yes')")
+    results = root / "results" / "default"
+    results.mkdir(parents=True)
+    (results / "model.json").write_text("{}")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(book.shutil, "copy2", full)
+    with pytest.raises(book.JournalError, match=r"cannot save .*results/default before chapter chapters/toy.ipynb runs "
+                                                r"\(No space left on device\): make the folder writable, or free space"):
+        book.execute_chapters(root, "default")
+    assert not (root / "ran").exists() and not (results / book.JOURNAL).exists()

@@ -17,6 +17,11 @@
    are dropped, and papermill's injected parameters cell is labelled and shown unfolded. It is
    moved into place only when it ran to the end; a failed one is kept as ``*.failed.ipynb`` and
    its error (exception, message, last frames) is raised with the notebook's path.
+   A chapter's results count only when it succeeds (``chapter_journal``): before it runs,
+   ``results/<profile>/`` is saved by hard links (small files copied) into ``.journal/``; when it
+   fails, or the runner was killed during it, the saved results are put back (the book folder and
+   the resumable folders, ``stages.RESUMABLE_DIRECTORIES``, are kept as they are), so no
+   half-written file is left for a later chapter.
 4. The book's front matter: ``_quarto.yml``, the bibliography and stylesheets of the checkout's
    root, and ``_variables.yml`` (profile, package versions, commit) that ``index.qmd`` reads
    with Quarto's ``{{< var name >}}``.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import logging
 import math
 import os
@@ -38,8 +44,9 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import yaml
 
@@ -49,6 +56,11 @@ QUARTO_FILE = "_quarto.yml"
 PROFILE_DIR = Path("chapters") / "profiles"
 RUNNER_PARAMETERS = ("profile", "results_dir")
 VARIABLES_FILE = "_variables.yml"
+JOURNAL = ".journal"
+JOURNAL_RECORD = "journal.json"
+# A chapter may write a small file in place (a figure's savefig), which would change a hard link
+# too: those are copied. Large files come from c2srepro's atomic writers (a new file each time).
+JOURNAL_COPY_BELOW = 8 << 20
 FRONT_MATTER_SUFFIXES = {".bib", ".css", ".scss"}
 VERSIONED_PACKAGES = ("c2srepro", "torch", "transformers", "scanpy", "anndata", "gseapy", "papermill")
 INJECTED_COMMENT = "# This run's values: the profile and --set overrides (the book runner's)"
@@ -301,10 +313,13 @@ def execute_chapters(
         failed = target.with_suffix(".failed.ipynb")
         log.info("executing %s with %s", chapter, params)
         try:
-            papermill.execute_notebook(
-                str(source), str(partial), parameters=params, cwd=str(root), kernel_name="python3",
-                progress_bar=False, log_output=True,
-            )
+            with chapter_journal(root / params["results_dir"], chapter):
+                papermill.execute_notebook(
+                    str(source), str(partial), parameters=params, cwd=str(root), kernel_name="python3",
+                    progress_bar=False, log_output=True,
+                )
+        except JournalError:
+            raise
         except Exception as error:  # papermill raises its own types and the kernel's
             try:
                 if partial.exists():
@@ -326,6 +341,85 @@ def execute_chapters(
         shutil.copy2(root / extra, out_root / extra)
     (out_root / VARIABLES_FILE).write_text(yaml.safe_dump(book_variables(root, profile), sort_keys=False))
     return out_root
+
+
+class JournalError(RuntimeError):
+    """The results folder cannot be saved before a chapter runs (read-only, full)."""
+
+
+@contextmanager
+def chapter_journal(results: Path, chapter: str) -> Iterator[None]:
+    """Run a block (a chapter) whose writes to ``results`` are undone if it fails (step 3)."""
+    from c2srepro._cache import write_json_atomic
+
+    restore_journal(results)
+    journal = results / JOURNAL
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        (journal / "saved").mkdir(parents=True)
+        names = sorted(p.name for p in results.iterdir() if p.name not in _kept_names())
+        for name in names:
+            _save(results / name, journal / "saved" / name)
+        # Written last: a journal without its record was never complete, and the results are untouched.
+        write_json_atomic(journal / JOURNAL_RECORD, {"chapter": chapter, "names": names})
+    except OSError as error:
+        shutil.rmtree(journal, ignore_errors=True)
+        raise JournalError(f"cannot save {results} before chapter {chapter} runs ({error.strerror or error}): "
+                           "make the folder writable, or free space on its disk") from error
+    try:
+        yield
+    except BaseException:
+        restore_journal(results)
+        raise
+    shutil.rmtree(journal)
+
+
+def restore_journal(results: Path) -> None:
+    """Put back the results saved before a chapter that failed or was killed; idempotent, so a
+    restore that is itself interrupted completes on the next start."""
+    journal = results / JOURNAL
+    record = journal / JOURNAL_RECORD
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        names = set(saved["names"])
+        log.warning("chapter %s did not finish: putting back the results it found in %s", saved["chapter"], results)
+        for entry in results.iterdir():
+            if entry.name not in names and entry.name not in _kept_names():
+                _remove(entry)  # written by the chapter that failed
+        for name in sorted(names):
+            kept = journal / "saved" / name
+            if kept.exists() or kept.is_symlink():
+                _remove(results / name)
+                os.replace(kept, results / name)
+    shutil.rmtree(journal, ignore_errors=True)
+
+
+def _kept_names() -> set[str]:
+    from c2srepro.book.stages import RESUMABLE_DIRECTORIES
+
+    return {"book", JOURNAL, *RESUMABLE_DIRECTORIES}
+
+
+def _save(source: Path, target: Path) -> None:
+    def link_or_copy(src: str, dst: str) -> None:
+        if Path(src).stat().st_size < JOURNAL_COPY_BELOW:
+            shutil.copy2(src, dst)
+        else:
+            os.link(src, dst)
+
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, target, symlinks=True, copy_function=link_or_copy)
+    elif source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    else:
+        link_or_copy(str(source), str(target))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def chapter_error(error: BaseException, *, frames: int = 6) -> str:

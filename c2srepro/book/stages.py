@@ -36,6 +36,10 @@ TRANSCODER_RESULT = "transcoders.json"
 TRANSCODER_DIRECTORY = "transcoders"
 FEATURE_STATS_DIRECTORY = "feature_stats"
 FEATURE_STATS_RESULT = "table3.csv"  # written with the statistics; its provenance records what made them
+# Folders of results/<profile>/ that chapters resume from (harvested activations, training
+# checkpoints, the appendix's work folder): named by what made them and checked by their own
+# manifests, they are kept when a chapter fails so that its rerun resumes (the runner's journal).
+RESUMABLE_DIRECTORIES = ("activations", "transcoders-checkpoint", "your-data")
 SPLIT_PARAMETERS = ("dataset", "label_column", "symbol_column", "use_raw", "top_k", "heldout_fraction", "seed")
 
 
