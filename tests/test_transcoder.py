@@ -23,7 +23,7 @@ from c2srepro.transcoder import (
     save_transcoders,
     train_transcoders,
 )
-from c2srepro._cache import CHECKSUMS_FILENAME, CorruptFileError
+from c2srepro._cache import CHECKSUMS_FILENAME, CorruptFileError, record_checksums
 from c2srepro.transcoder.model import CONFIG_FILENAME, TRAINING_FILENAME, WEIGHTS_FILENAME
 from c2srepro.transcoder.train import CHECKPOINT_FILENAME, l1_factor, lr_factor
 
@@ -237,8 +237,27 @@ def test_a_checkpoint_of_another_format_is_refused(tmp_path):
     state = torch.load(path, weights_only=True)
     state["format"] = "c2srepro-transcoder-training/2"
     torch.save(state, path)
+    record_checksums(tmp_path, [CHECKPOINT_FILENAME])  # written whole, by another version
     with pytest.raises(ValueError, match="not a transcoder training checkpoint of this c2srepro .* fresh"):
         train_transcoders(TensorActivations(x, y), tcfg, checkpoint_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["recorded", "saved-before-checksums"])
+def test_a_damaged_checkpoint_is_named_and_training_starts_afresh(tmp_path, caplog, checksums):
+    x, y = relu_mlp_data(2000)
+    tcfg = quick(expansion_factor=2, tokens_per_batch=128, training_tokens=128 * 4)
+    reference = train_transcoders(TensorActivations(x, y), tcfg, progress=False)
+    with pytest.warns(UserWarning, match="paused"):
+        train_transcoders(TensorActivations(x, y), tcfg, checkpoint_dir=tmp_path, max_steps=2, progress=False)
+    path = tmp_path / CHECKPOINT_FILENAME
+    path.write_bytes(path.read_bytes()[:2000])  # truncated, as by a full disk
+    if not checksums:
+        (tmp_path / CHECKSUMS_FILENAME).unlink()
+    with caplog.at_level("WARNING"):
+        again = train_transcoders(TensorActivations(x, y), tcfg, checkpoint_dir=tmp_path, progress=False)
+    message = "is damaged: its sha256" if checksums else "cannot be read"
+    assert f"{CHECKPOINT_FILENAME} {message}" in caplog.text and "training from step 0" in caplog.text
+    _assert_same_weights(reference.transcoders, again.transcoders)
 
 
 def _assert_same_weights(a: dict[int, Transcoder], b: dict[int, Transcoder]) -> None:
