@@ -243,21 +243,23 @@ def test_a_failed_chapter_leaves_the_results_it_found(tmp_path):
 
 
 def test_results_of_a_killed_chapter_are_put_back_on_the_next_start(tmp_path):
+    import os
+    import subprocess
+    import sys
+
     root = _toy_book(tmp_path, "import pathlib\npathlib.Path(results_dir, 'ran').write_text(str(x))")
     results = root / "results" / "default"
     results.mkdir(parents=True)
     (results / "table.csv").write_text("old")
-    # What a runner killed (kill -9) during a chapter leaves: the journal as it was while the
-    # chapter ran (copied from inside the block), and the chapter's writes.
-    with book.chapter_journal(results, "chapters/toy.ipynb"):
-        (results / "table.csv").unlink()
-        (results / "table.csv").write_text("half")
-        (results / "stray.json").write_text("{")
-        shutil.copytree(results / book.JOURNAL, tmp_path / "killed")
-    shutil.copytree(tmp_path / "killed", results / book.JOURNAL)
-    (results / "table.csv").write_text("half")
-    (results / "stray.json").write_text("{")
-    book.execute_chapters(root, "default")
+    killed = (f"import os, signal, pathlib\nfrom c2srepro.book.runner import chapter_journal\n"
+              f"r = pathlib.Path({str(results)!r})\n"
+              "with chapter_journal(r, 'chapters/toy.ipynb'):\n"
+              "    (r / 'table.csv').write_text('half')\n"  # in place, as a figure's savefig writes
+              "    (r / 'stray.json').write_text('{')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    run = subprocess.run([sys.executable, "-c", killed], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == -9 and (results / "table.csv").read_text() == "half"  # as kill -9 left it
+    book.execute_chapters(root, "default")  # the next start puts the results back, then runs
     assert (results / "table.csv").read_text() == "old" and not (results / "stray.json").exists()
     assert (results / "ran").read_text() == "1" and not (results / book.JOURNAL).exists()
 
