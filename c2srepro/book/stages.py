@@ -90,7 +90,7 @@ def model_stage(results_dir: str | os.PathLike, *, device: str = "cpu") -> Model
     try:
         model, tokenizer = load_c2s_model(summary["model_source"], device=device)
     except CorruptFileError as error:
-        raise CorruptFileError(f"{error}; then {_rerun('01-model')}") from error
+        raise CorruptFileError(f"{error} (in the book: {_rerun('01-model')})") from error
     split_params = {k: summary["provenance"]["params"][k] for k in SPLIT_PARAMETERS}
     split_params["dataset"] = resolve_dataset(split_params["dataset"])
     split = labelled_split(**split_params)
@@ -141,7 +141,7 @@ def transcoders(results_dir: str | os.PathLike, *, device: str = "cpu", model=No
     try:
         loaded = load_transcoders(directory, device=device)
     except CorruptFileError as error:
-        raise CorruptFileError(f"{error}; or {rerun}") from error
+        raise CorruptFileError(f"{error} (in the book: {rerun})") from error
     model = stage.model if stage is not None else model
     if model is not None:
         try:
