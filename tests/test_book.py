@@ -209,6 +209,12 @@ def test_range_syntax():
     assert 0.5 in book.parse_range("in (0, 1]", where="x") and 0 not in book.parse_range("in (0, 1]", where="x")
     assert book.parse_range('in {"a", "b"}; the mode', where="x") == frozenset({"a", "b"})
     assert book.parse_range("None: every held-out cell", where="x") is None
+    index_or_label = {"06-circuit": {"cell": book.Parameter("B", book._annotation("Union[int, str]"),
+                                                            book.parse_range("in [0, inf); an index or a label", where="x"))}}
+    for ok in ("06-circuit.cell=3", "06-circuit.cell=CD14+ Monocyte"):  # an interval bounds the numbers only
+        book.check_overrides([book.parse_overrides([ok], ["chapters/06-circuit.ipynb"])], index_or_label)
+    with pytest.raises(ValueError, match=r"06-circuit.cell=-1: out of range"):
+        book.check_overrides([book.parse_overrides(["06-circuit.cell=-1"], ["chapters/06-circuit.ipynb"])], index_or_label)
     assert book.parse_range("in the paper: 1.4e-4", where="x") is None  # a description, not a range
     with pytest.raises(ValueError, match=r"c.k: range '\[a, 1\]' is not an interval"):
         book.parse_range("in [a, 1]", where="c.k")

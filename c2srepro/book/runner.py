@@ -263,7 +263,8 @@ def _in_range(value: Any, allowed: Interval | frozenset | None) -> bool:
         return True
     if isinstance(allowed, frozenset):
         return value in allowed
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value in allowed
+    # An interval bounds numbers; another type the annotation allows (a label beside an index) passes.
+    return not isinstance(value, (int, float)) or isinstance(value, bool) or value in allowed
 
 
 def _same_kind(value: Any, kind: type) -> bool:
