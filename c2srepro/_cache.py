@@ -1,4 +1,9 @@
-"""Where c2srepro keeps downloaded inputs and trained models, and how it writes files safely."""
+"""Where c2srepro keeps downloaded inputs and trained models, and how it writes files safely.
+
+Cached files are trusted only as far as their checksums: ``record_checksums`` writes each file's
+sha256 into ``sha256.json`` beside it when the file is written, and ``verify_checksums`` compares
+them on load, so a damaged or truncated file is named (``CorruptFileError``) instead of being
+read, or failing every rerun the same way."""
 
 from __future__ import annotations
 
@@ -10,9 +15,14 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 CACHE_ENV = "C2SREPRO_CACHE"
+CHECKSUMS_FILENAME = "sha256.json"
+
+
+class CorruptFileError(ValueError):
+    """A cached file differs from the checksum recorded when it was written."""
 
 
 def cache_dir(*parts: str) -> Path:
@@ -29,6 +39,43 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def record_checksums(directory: str | os.PathLike, names: Iterable[str]) -> dict[str, str]:
+    """Record the sha256 of ``directory/name`` for each name (and no other) in
+    ``directory/sha256.json``; returns what was recorded."""
+    directory = Path(directory)
+    recorded = {name: sha256_file(directory / name) for name in names}
+    write_json_atomic(directory / CHECKSUMS_FILENAME, recorded)
+    return recorded
+
+
+def verify_checksums(directory: str | os.PathLike, *, fix: str) -> dict[str, str]:
+    """The checksums recorded in ``directory/sha256.json``, after checking each file against its
+    own; a missing or changed file raises ``CorruptFileError`` naming it, with ``fix`` (what to
+    delete or rerun). A directory written before checksums were recorded has none: ``{}``."""
+    directory = Path(directory)
+    recorded = _read_checksums(directory)
+    for name, expected in sorted(recorded.items()):
+        path = directory / name
+        if not path.is_file():
+            raise CorruptFileError(f"{path} is missing (its checksum is recorded in {directory / CHECKSUMS_FILENAME}): {fix}")
+        found = sha256_file(path)
+        if found != expected:
+            raise CorruptFileError(f"{path} is damaged: its sha256 {found[:12]}... differs from {expected[:12]}... "
+                                   f"recorded when it was written ({path.stat().st_size} bytes now): {fix}")
+    return recorded
+
+
+def _read_checksums(directory: Path) -> dict[str, str]:
+    path = directory / CHECKSUMS_FILENAME
+    if not path.is_file():
+        return {}
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError as error:
+        raise CorruptFileError(f"{path} is damaged ({error}): delete {directory} to rebuild it") from error
+    return recorded
 
 
 def current_umask() -> int:

@@ -1,4 +1,5 @@
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -172,3 +173,117 @@ def test_an_annotated_parameter_takes_each_of_its_types():
         book.check_overrides([book.parse_overrides(["06-circuit.cell=[1]"], ["chapters/06-circuit.ipynb"])], declared)
     with pytest.raises(ValueError, match="unknown type"):
         book._annotation("Path")
+
+
+def test_declared_ranges_refuse_out_of_range_overrides_before_any_chapter_runs():
+    chapters = book.chapter_files(ROOT)
+    declared = book.declared_parameters(ROOT, chapters)
+    for item, message in [
+        ("03-validation.max_accuracy_cells=0", r"03-validation.max_accuracy_cells=0: out of range, the chapter allows \[1, inf\)"),
+        ("01-model.example_cell=-1", r"01-model.example_cell=-1: out of range, the chapter allows \[0, inf\)"),
+        ("01-model.heldout_fraction=1", r"heldout_fraction=1: out of range, the chapter allows \(0, 1\)"),
+        ("04-features.layer=-2", r"04-features.layer=-2: out of range"),
+        ("04-features.positions=tokens", r"positions='tokens': out of range, the chapter allows \{'all', 'genes', 'prompt'\}"),
+        ("02-transcoders.lr=0", r"02-transcoders.lr=0: out of range, the chapter allows \(0, inf\)"),
+        ("top_k=2.5", r"01-model.top_k=2.5: expected int"),
+        ("top_k=0", r"01-model.top_k=0: out of range"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            book.check_overrides([book.parse_overrides([item], chapters)], declared)
+    for ok in ("03-validation.max_accuracy_cells=1", "04-features.layer=null", "02-transcoders.lr=1e-4", "fdr=1"):
+        book.check_overrides([book.parse_overrides([ok], chapters)], declared)
+
+
+def test_every_default_and_profile_lies_in_its_declared_range():
+    chapters = book.chapter_files(ROOT)
+    declared = book.declared_parameters(ROOT, chapters)
+    defaults = {"all": {}, "chapters": {c: {n: p.default for n, p in ps.items()} for c, ps in declared.items()}}
+    book.check_overrides([defaults], declared)
+    for profile in sorted((ROOT / book.PROFILE_DIR).glob("*.yml")):
+        book.check_overrides([book.load_profile(ROOT, profile.stem)], declared)
+    assert sum(p.allowed is not None for ps in declared.values() for p in ps.values()) >= 25
+
+
+def test_range_syntax():
+    assert book.parse_range("in [1, inf); genes per cell", where="x") == book.Interval(1, math.inf, True, False)
+    assert 0.5 in book.parse_range("in (0, 1]", where="x") and 0 not in book.parse_range("in (0, 1]", where="x")
+    assert book.parse_range('in {"a", "b"}; the mode', where="x") == frozenset({"a", "b"})
+    assert book.parse_range("None: every held-out cell", where="x") is None
+    index_or_label = {"06-circuit": {"cell": book.Parameter("B", book._annotation("Union[int, str]"),
+                                                            book.parse_range("in [0, inf); an index or a label", where="x"))}}
+    for ok in ("06-circuit.cell=3", "06-circuit.cell=CD14+ Monocyte"):  # an interval bounds the numbers only
+        book.check_overrides([book.parse_overrides([ok], ["chapters/06-circuit.ipynb"])], index_or_label)
+    with pytest.raises(ValueError, match=r"06-circuit.cell=-1: out of range"):
+        book.check_overrides([book.parse_overrides(["06-circuit.cell=-1"], ["chapters/06-circuit.ipynb"])], index_or_label)
+    assert book.parse_range("in the paper: 1.4e-4", where="x") is None  # a description, not a range
+    with pytest.raises(ValueError, match=r"c.k: range '\[a, 1\]' is not an interval"):
+        book.parse_range("in [a, 1]", where="c.k")
+    with pytest.raises(ValueError, match="is empty"):
+        book.parse_range("in [2, 1]", where="c.k")
+
+
+def test_a_failed_chapter_leaves_the_results_it_found(tmp_path):
+    root = _toy_book(tmp_path, "import os, pathlib\n"
+                               "r = pathlib.Path(results_dir)\n"
+                               "(r / 'model.json').write_text('{\"heldout_accuracy\": NaN')\n"  # half-written, in place
+                               "(r / 'new.json').write_text('{}')\n"
+                               "(r / 'transcoders' / 'layer_09').mkdir(parents=True)\n"
+                               "(r / 'activations').mkdir(exist_ok=True)\n"
+                               "(r / 'activations' / 'shard-1').write_text('resumable')\n"
+                               "if x == 1: raise RuntimeError('boom')\n")
+    results = root / "results" / "default"
+    (results / "transcoders" / "layer_00").mkdir(parents=True)
+    big = results / "transcoders" / "layer_00" / "w.bin"
+    big.write_bytes(b"w" * (book.JOURNAL_COPY_BELOW + 1))  # saved by a hard link
+    (results / "model.json").write_text('{"heldout_accuracy": 0.9}')
+    with pytest.raises(RuntimeError, match="RuntimeError: boom"):
+        book.execute_chapters(root, "default")
+    assert json.loads((results / "model.json").read_text()) == {"heldout_accuracy": 0.9}
+    assert sorted(p.name for p in results.iterdir()) == ["activations", "book", "model.json", "transcoders"]
+    assert sorted(p.name for p in (results / "transcoders").iterdir()) == ["layer_00"] and big.stat().st_size > 8 << 20
+    assert (results / "activations" / "shard-1").read_text() == "resumable"  # kept for the rerun to resume
+    assert (results / "book" / "chapters" / "toy.failed.ipynb").is_file()
+    book.execute_chapters(root, "default", overrides=["x=2"])  # a chapter that succeeds keeps what it wrote
+    assert (results / "new.json").is_file() and not (results / book.JOURNAL).exists()
+    assert (results / "model.json").read_text().startswith('{"heldout_accuracy": NaN')
+
+
+def test_results_of_a_killed_chapter_are_put_back_on_the_next_start(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = _toy_book(tmp_path, "import pathlib\npathlib.Path(results_dir, 'ran').write_text(str(x))")
+    results = root / "results" / "default"
+    results.mkdir(parents=True)
+    (results / "table.csv").write_text("old")
+    killed = (f"import os, signal, pathlib\nfrom c2srepro.book.runner import chapter_journal\n"
+              f"r = pathlib.Path({str(results)!r})\n"
+              "with chapter_journal(r, 'chapters/toy.ipynb'):\n"
+              "    (r / 'table.csv').write_text('half')\n"  # in place, as a figure's savefig writes
+              "    (r / 'stray.json').write_text('{')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    run = subprocess.run([sys.executable, "-c", killed], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == -9 and (results / "table.csv").read_text() == "half"  # as kill -9 left it
+    book.execute_chapters(root, "default")  # the next start puts the results back, then runs
+    assert (results / "table.csv").read_text() == "old" and not (results / "stray.json").exists()
+    assert (results / "ran").read_text() == "1" and not (results / book.JOURNAL).exists()
+
+
+def test_a_results_folder_that_cannot_be_saved_stops_before_the_chapter(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    root = _toy_book(tmp_path, "import pathlib\npathlib.Path('ran').write_text('yes')")
+    results = root / "results" / "default"
+    results.mkdir(parents=True)
+    (results / "model.json").write_text("{}")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(book.shutil, "copy2", full)
+    with pytest.raises(book.JournalError, match=r"cannot save .*results/default before chapter chapters/toy.ipynb runs "
+                                                r"\(No space left on device\): make the folder writable, or free space"):
+        book.execute_chapters(root, "default")
+    assert not (root / "ran").exists() and not (results / book.JOURNAL).exists()

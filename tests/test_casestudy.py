@@ -469,3 +469,19 @@ def test_traced_own_type_rate_traces_the_first_correct_cells(tokenizer, librarie
     with pytest.raises(ValueError, match="n_cells must be >= 1"):
         traced_own_type_rate(model, transcoders, cell_tokenizer, cells, predicted, library,
                              dataset="pbmc68k_reduced", n_cells=0)
+
+
+def test_a_marker_library_the_circuit_misses_is_reported_as_no_term():
+    markers = GeneSetLibrary("markers", {"B cell": ["CD79A", "MS4A1"], "NK": ["NKG7", "GNLY"]},
+                             source="test", version="1", sha256="-")
+    pathways = GeneSetLibrary("pathways", {"lysosome": ["LYZ", "CTSS", "FTL"]}, source="test", version="1", sha256="-")
+    enrichment = circuit_enrichment(["LYZ", "CTSS"], [markers, pathways])
+    assert set(enrichment["Gene_set"]) == {"pathways"}  # no marker term holds a circuit gene
+    assert top_marker_term(enrichment, library="markers") is None
+    summary = summarise_circuit(synthetic_graph({1: "LYZ", 2: "CTSS"}), cell_label="CD14+ Monocyte",
+                                predicted_label="CD14+ Monocyte", enrichment=enrichment, library=markers,
+                                target_terms=["monocyte"])
+    assert summary["top_marker_library"] == "markers" and summary["top_marker_term"] is None
+    assert summary["top_marker_matches_cell_type"] is False
+    with pytest.raises(ValueError, match="library 'markerz' is not in the enrichment"):  # a typo still is an error
+        top_marker_term(enrichment, library="markerz")

@@ -108,6 +108,24 @@ def test_cached_harvest_resumes_after_interruption(model, prompts, tmp_path, mon
     assert batches == []  # a finished harvest is reused
 
 
+def test_a_damaged_shard_is_named_when_read(model, prompts, tmp_path):
+    from c2srepro._cache import CorruptFileError
+
+    harvest_activations(model, prompts, batch_prompts=3, directory=tmp_path, shard_mb=0.05, progress=False)
+    shard = json.loads((tmp_path / MANIFEST_FILENAME).read_text())["shards"][1]
+    path = tmp_path / shard["file"]
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # a flipped byte: same size, other content
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=rf"{shard['file']} is damaged .*delete .* and harvest again"):
+        CachedActivations(tmp_path).read_all()
+    path.write_bytes(bytes(data[:100]))  # truncated
+    cached = CachedActivations(tmp_path)
+    cached.block(0, 0)
+    with pytest.raises(CorruptFileError, match=rf"{shard['file']} is damaged \(100 bytes, the manifest records {shard['bytes']}"):
+        cached.block(0, 1)
+
+
 def test_cached_harvest_refuses_other_prompts(model, prompts, tmp_path):
     harvest_activations(model, prompts, batch_prompts=4, directory=tmp_path, progress=False)
     with pytest.raises(ValueError, match="different .*prompts_fingerprint"):

@@ -55,6 +55,27 @@ def test_cached_model_is_reused(tiny_model):
     assert set(meta["train_cells"]).isdisjoint(meta["heldout_cells"])
 
 
+def test_a_damaged_cached_model_is_named_on_load_and_trained_again(tiny_model, tmp_path, caplog):
+    import shutil
+
+    from c2srepro._cache import CHECKSUMS_FILENAME, CorruptFileError
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(tiny_model, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a full disk
+    with pytest.raises(CorruptFileError, match=r"damaged/model.safetensors is damaged: its sha256 .* \(1000 bytes now\): delete"):
+        load_c2s_model(copy)
+    with caplog.at_level("WARNING"):
+        assert train_mini_c2s(MiniC2SConfig(**TINY), directory=copy) == copy
+    assert "model.safetensors is damaged" in caplog.text
+    assert (copy / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+    (copy / CHECKSUMS_FILENAME).unlink()  # a cache written before checksums were recorded
+    stamp = weights.stat().st_mtime_ns
+    train_mini_c2s(MiniC2SConfig(**TINY), directory=copy)
+    assert weights.stat().st_mtime_ns != stamp and (copy / CHECKSUMS_FILENAME).is_file()
+
+
 def test_prediction_returns_candidates(tiny_model):
     model, tokenizer = load_c2s_model(tiny_model)
     split = pbmc_split(MiniC2SConfig(**TINY))

@@ -23,6 +23,7 @@ from c2srepro.transcoder import (
     save_transcoders,
     train_transcoders,
 )
+from c2srepro._cache import CHECKSUMS_FILENAME, CorruptFileError, record_checksums
 from c2srepro.transcoder.model import CONFIG_FILENAME, TRAINING_FILENAME, WEIGHTS_FILENAME
 from c2srepro.transcoder.train import CHECKPOINT_FILENAME, l1_factor, lr_factor
 
@@ -87,7 +88,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
         for param in transcoder.parameters():
             param.add_(torch.randn_like(param))
     directory = transcoder.save(tmp_path / "one")
-    assert sorted(p.name for p in directory.iterdir()) == sorted([WEIGHTS_FILENAME, CONFIG_FILENAME, TRAINING_FILENAME])
+    assert sorted(p.name for p in directory.iterdir()) == sorted([WEIGHTS_FILENAME, CONFIG_FILENAME, TRAINING_FILENAME, CHECKSUMS_FILENAME])
     assert json.loads((directory / CONFIG_FILENAME).read_text()) == cfg.to_dict()
     assert TrainConfig.from_dict(json.loads((directory / TRAINING_FILENAME).read_text())) == tcfg
     loaded = Transcoder.load(directory)
@@ -117,6 +118,9 @@ def test_save_load_round_trip_is_exact(tmp_path):
         save_transcoders({0: transcoder}, tmp_path / "wrong")
     (tmp_path / "all" / "layer_03" / CONFIG_FILENAME).write_text(
         json.dumps(dataclasses.replace(cfg, d_transcoder=32).to_dict()))
+    with pytest.raises(CorruptFileError, match=r"layer_03/cfg.json is damaged: its sha256 .* differs"):
+        load_transcoders(tmp_path / "all")
+    (tmp_path / "all" / "layer_03" / CHECKSUMS_FILENAME).unlink()  # as saved before checksums were recorded
     with pytest.raises(ValueError, match="holds weights of shapes"):
         load_transcoders(tmp_path / "all")
     with pytest.raises(FileNotFoundError, match="cfg.json not found.* must be trained again"):
@@ -233,8 +237,27 @@ def test_a_checkpoint_of_another_format_is_refused(tmp_path):
     state = torch.load(path, weights_only=True)
     state["format"] = "c2srepro-transcoder-training/2"
     torch.save(state, path)
+    record_checksums(tmp_path, [CHECKPOINT_FILENAME])  # written whole, by another version
     with pytest.raises(ValueError, match="not a transcoder training checkpoint of this c2srepro .* fresh"):
         train_transcoders(TensorActivations(x, y), tcfg, checkpoint_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["recorded", "saved-before-checksums"])
+def test_a_damaged_checkpoint_is_named_and_training_starts_afresh(tmp_path, caplog, checksums):
+    x, y = relu_mlp_data(2000)
+    tcfg = quick(expansion_factor=2, tokens_per_batch=128, training_tokens=128 * 4)
+    reference = train_transcoders(TensorActivations(x, y), tcfg, progress=False)
+    with pytest.warns(UserWarning, match="paused"):
+        train_transcoders(TensorActivations(x, y), tcfg, checkpoint_dir=tmp_path, max_steps=2, progress=False)
+    path = tmp_path / CHECKPOINT_FILENAME
+    path.write_bytes(path.read_bytes()[:2000])  # truncated, as by a full disk
+    if not checksums:
+        (tmp_path / CHECKSUMS_FILENAME).unlink()
+    with caplog.at_level("WARNING"):
+        again = train_transcoders(TensorActivations(x, y), tcfg, checkpoint_dir=tmp_path, progress=False)
+    message = "is damaged: its sha256" if checksums else "cannot be read"
+    assert f"{CHECKPOINT_FILENAME} {message}" in caplog.text and "training from step 0" in caplog.text
+    _assert_same_weights(reference.transcoders, again.transcoders)
 
 
 def _assert_same_weights(a: dict[int, Transcoder], b: dict[int, Transcoder]) -> None:
@@ -373,3 +396,16 @@ def test_pythia_410m_shape_harvest_and_train(tmp_path):
     assert result.complete and sorted(result.transcoders) == list(range(24))
     assert result.transcoders[23].W_enc.shape == (1024, 8192)
     assert len(result.history) == 3 * 24 and result.history[["loss", "fvu", "l0"]].notna().all().all()
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["recorded", "saved-before-checksums"])
+def test_a_truncated_transcoder_is_named_with_its_layer(tmp_path, checksums):
+    transcoder = Transcoder(TranscoderConfig(d_model=8, d_transcoder=24, layer=1), seed=0)
+    save_transcoders({1: transcoder}, tmp_path)
+    weights = tmp_path / "layer_01" / WEIGHTS_FILENAME
+    weights.write_bytes(weights.read_bytes()[:40])
+    if not checksums:
+        (tmp_path / "layer_01" / CHECKSUMS_FILENAME).unlink()
+    message = r"damaged: its sha256" if checksums else r"\(the layer-1 transcoder\) cannot be read"
+    with pytest.raises(CorruptFileError, match=rf"layer_01/transcoder.safetensors.*{message}.*train the layer-1 transcoder again"):
+        load_transcoders(tmp_path)

@@ -231,7 +231,10 @@ def circuit_enrichment(
     Columns: enrich's (query, Gene_set, Term, Overlap, P-value, Adjusted P-value, Odds Ratio, Combined
     Score, Genes) plus ``significant`` (Adjusted P-value < fdr). Libraries stay in input order; within
     one, significant terms come first, by combined score (descending). ``background`` as in ``enrich``
-    (None: each library's own genes). Raises ValueError on an empty gene list.
+    (None: each library's own genes). Raises ValueError on an empty gene list. A library none of
+    whose terms holds a gene of the list has no rows; ``table.attrs["libraries"]`` names every
+    library tested, so that :func:`top_marker_term` and :func:`summarise_circuit` report no term
+    for it rather than an unknown library.
     """
     _check_fdr(fdr)
     genes = _clean_genes(genes, "genes")
@@ -241,14 +244,17 @@ def circuit_enrichment(
     # Library order is the input order: keep it through the sort with a positional key.
     order = {name: i for i, name in enumerate(dict.fromkeys(table["Gene_set"]))}
     table = table.assign(_library=table["Gene_set"].map(order))
-    return _rank_terms(table, fdr=fdr, score="Combined Score", by=["_library"]).drop(columns="_library")
+    ranked = _rank_terms(table, fdr=fdr, score="Combined Score", by=["_library"]).drop(columns="_library")
+    tested = libraries if isinstance(libraries, (list, tuple)) else [libraries]
+    ranked.attrs["libraries"] = [_library_name(library) for library in tested]
+    return ranked
 
 
 def _library_rows(enrichment: pd.DataFrame, library: GeneSetLibrary | str | None) -> pd.DataFrame:
     if library is not None:
         name = _library_name(library)
         present = set(enrichment["Gene_set"])
-        if present and name not in present:
+        if present and name not in present and name not in enrichment.attrs.get("libraries", ()):
             raise ValueError(f"library {name!r} is not in the enrichment (it has {sorted(present)})")
         return enrichment[enrichment["Gene_set"] == name]
     names = enrichment["Gene_set"].unique()

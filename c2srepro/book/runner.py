@@ -4,7 +4,12 @@
 2. Each notebook chapter is executed with papermill into ``results/<profile>/book/`` with its
    parameters resolved in order: the notebook's own defaults (the ``default`` profile), then
    ``chapters/profiles/<profile>.yml`` (``all:`` then ``chapters: {name: ...}``), then
-   ``--set key=value`` / ``--set chapter.key=value``. Unknown parameter names are an error.
+   ``--set key=value`` / ``--set chapter.key=value``. Every override is checked against the
+   declared parameters before any chapter runs: unknown names, values of another type (from the
+   default, or the annotation ``cell: "Union[int, str]" = ...``) and values out of the declared
+   range are errors. A range opens the parameter's comment: ``top_k = 64  # in [1, inf); ...``
+   (an interval, ``[``/``]`` closed, ``(``/``)`` open, ``inf`` unbounded) or
+   ``positions = "all"  # in {"all", "genes"}; ...`` (the allowed values); None passes a range.
    ``results_dir`` is passed relative to the checkout (chapters run there), so no page shows
    the machine's paths.
 3. An executed notebook is cleaned for reading (``clean_executed_notebook``): every stderr
@@ -12,6 +17,11 @@
    are dropped, and papermill's injected parameters cell is labelled and shown unfolded. It is
    moved into place only when it ran to the end; a failed one is kept as ``*.failed.ipynb`` and
    its error (exception, message, last frames) is raised with the notebook's path.
+   A chapter's results count only when it succeeds (``chapter_journal``): before it runs,
+   ``results/<profile>/`` is saved by hard links (small files copied) into ``.journal/``; when it
+   fails, or the runner was killed during it, the saved results are put back (the book folder and
+   the resumable folders, ``stages.RESUMABLE_DIRECTORIES``, are kept as they are), so no
+   half-written file is left for a later chapter.
 4. The book's front matter: ``_quarto.yml``, the bibliography and stylesheets of the checkout's
    root, and ``_variables.yml`` (profile, package versions, commit) that ``index.qmd`` reads
    with Quarto's ``{{< var name >}}``.
@@ -25,15 +35,18 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import logging
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import yaml
 
@@ -43,11 +56,19 @@ QUARTO_FILE = "_quarto.yml"
 PROFILE_DIR = Path("chapters") / "profiles"
 RUNNER_PARAMETERS = ("profile", "results_dir")
 VARIABLES_FILE = "_variables.yml"
+JOURNAL = ".journal"
+JOURNAL_RECORD = "journal.json"
+# A chapter may write a small file in place (a figure's savefig), which would change a hard link
+# too: those are copied. Large files come from c2srepro's atomic writers (a new file each time).
+JOURNAL_COPY_BELOW = 8 << 20
 FRONT_MATTER_SUFFIXES = {".bib", ".css", ".scss"}
 VERSIONED_PACKAGES = ("c2srepro", "torch", "transformers", "scanpy", "anndata", "gseapy", "papermill")
 INJECTED_COMMENT = "# This run's values: the profile and --set overrides (the book runner's)"
 ANNOTATION_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict,
                     "None": type(None)}
+# The range that opens a parameter's comment (papermill's "help"): no "=" (papermill skips a
+# line with two), so an interval or a set literal, then "; " and the description.
+RANGE = re.compile(r"in\s+(?P<range>[\[(][^;]*[\])]|\{[^;]*\})\s*(?:;|$)")
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 QUARTO_VARIABLE = re.compile(r"\{\{<\s*var\s+([\w.-]+)\s*>\}\}")
@@ -137,14 +158,56 @@ def declared_parameters(root: Path, chapters: Iterable[str]) -> dict[str, dict[s
         if chapter.endswith(".ipynb"):
             found = papermill.inspect_notebook(str(root / chapter))
             declared[chapter_name(chapter)] = {
-                name: Parameter(_literal(info["default"]), _annotation(info["inferred_type_name"]))
+                name: Parameter(_literal(info["default"]), _annotation(info["inferred_type_name"]),
+                                parse_range(info["help"], where=f"{chapter_name(chapter)}.{name}"))
                 for name, info in found.items()}
     return declared
+
+
+class Interval(NamedTuple):
+    low: float
+    high: float
+    closed_low: bool
+    closed_high: bool
+
+    def __contains__(self, value: Any) -> bool:
+        above = value >= self.low if self.closed_low else value > self.low
+        below = value <= self.high if self.closed_high else value < self.high
+        return above and below
+
+    def __str__(self) -> str:
+        def bound(x: float) -> str:
+            return str(int(x)) if math.isfinite(x) and x == int(x) else str(x)
+
+        return f"{'[' if self.closed_low else '('}{bound(self.low)}, {bound(self.high)}{']' if self.closed_high else ')'}"
 
 
 class Parameter(NamedTuple):
     default: Any
     types: tuple[type, ...] | None  # from an annotation: ``cell: "Union[int, str]" = "CD14+ Monocyte"``
+    allowed: Interval | frozenset | None = None  # from the comment: ``# in [1, inf); ...``
+
+
+def parse_range(help_text: str, *, where: str) -> Interval | frozenset | None:
+    """The range opening a parameter's comment (``in [0, 1)``, ``in (0, inf)``, ``in {"a", "b"}``), or None."""
+    match = RANGE.match(help_text.strip())
+    if not match:
+        return None
+    text = match.group("range")
+    if text.startswith("{"):
+        try:
+            values = ast.literal_eval(text)
+        except (ValueError, SyntaxError) as error:
+            raise ValueError(f"{where}: range {text!r} is not a set of literals such as {{\"a\", \"b\"}}") from error
+        return frozenset(values)
+    bounds = [b.strip() for b in text[1:-1].split(",")]
+    try:
+        low, high = (float(b) for b in bounds)
+    except ValueError as error:
+        raise ValueError(f"{where}: range {text!r} is not an interval such as [1, inf) or (0, 1]") from error
+    if low > high:
+        raise ValueError(f"{where}: range {text!r} is empty")
+    return Interval(low, high, text[0] == "[", text[-1] == "]")
 
 
 def _annotation(text: str) -> tuple[type, ...] | None:
@@ -169,8 +232,9 @@ def _literal(source: str) -> Any:
 
 
 def check_overrides(layers: list[dict[str, Any]], declared: dict[str, dict[str, Any]]) -> None:
-    """Refuse, before any chapter runs, a parameter no chapter declares or a value of another type
-    than the chapter's default (an int for an int, a number for a float, ...; a None default takes any)."""
+    """Refuse, before any chapter runs, a parameter no chapter declares, a value of another type
+    than the chapter's default (an int for an int, a number for a float, ...; a None default takes
+    any) or a value out of the declared range."""
     everywhere = {name for params in declared.values() for name in params}
     for layer in layers:
         unknown = set(layer["all"]) - everywhere
@@ -182,14 +246,25 @@ def check_overrides(layers: list[dict[str, Any]], declared: dict[str, dict[str, 
             if unknown:
                 raise ValueError(f"chapter {chapter!r} has no parameter(s) {sorted(unknown)}; it declares {sorted(params)}")
             for name, value in {**{k: v for k, v in layer["all"].items() if k in params}, **own}.items():
-                default, types = params[name]
-                if types is None and default is None:
-                    continue
-                allowed = types or (type(default),)
-                if not any(_same_kind(value, kind) for kind in allowed):
-                    expected = " | ".join(k.__name__ for k in allowed)
-                    raise ValueError(f"{chapter}.{name}={value!r}: expected {expected} (the chapter's default is "
-                                     f"{default!r}), got {type(value).__name__}")
+                default, types, allowed = params[name]
+                if types is not None or default is not None:
+                    kinds = types or (type(default),)
+                    if not any(_same_kind(value, kind) for kind in kinds):
+                        expected = " | ".join("None" if k is type(None) else k.__name__ for k in kinds)
+                        raise ValueError(f"{chapter}.{name}={value!r}: expected {expected} (the chapter's default is "
+                                         f"{default!r}), got {type(value).__name__}")
+                if not _in_range(value, allowed):
+                    shown = "{" + ", ".join(sorted(map(repr, allowed))) + "}" if isinstance(allowed, frozenset) else allowed
+                    raise ValueError(f"{chapter}.{name}={value!r}: out of range, the chapter allows {shown}")
+
+
+def _in_range(value: Any, allowed: Interval | frozenset | None) -> bool:
+    if allowed is None or value is None:
+        return True
+    if isinstance(allowed, frozenset):
+        return value in allowed
+    # An interval bounds numbers; another type the annotation allows (a label beside an index) passes.
+    return not isinstance(value, (int, float)) or isinstance(value, bool) or value in allowed
 
 
 def _same_kind(value: Any, kind: type) -> bool:
@@ -239,10 +314,13 @@ def execute_chapters(
         failed = target.with_suffix(".failed.ipynb")
         log.info("executing %s with %s", chapter, params)
         try:
-            papermill.execute_notebook(
-                str(source), str(partial), parameters=params, cwd=str(root), kernel_name="python3",
-                progress_bar=False, log_output=True,
-            )
+            with chapter_journal(root / params["results_dir"], chapter):
+                papermill.execute_notebook(
+                    str(source), str(partial), parameters=params, cwd=str(root), kernel_name="python3",
+                    progress_bar=False, log_output=True,
+                )
+        except JournalError:
+            raise
         except Exception as error:  # papermill raises its own types and the kernel's
             try:
                 if partial.exists():
@@ -264,6 +342,85 @@ def execute_chapters(
         shutil.copy2(root / extra, out_root / extra)
     (out_root / VARIABLES_FILE).write_text(yaml.safe_dump(book_variables(root, profile), sort_keys=False))
     return out_root
+
+
+class JournalError(RuntimeError):
+    """The results folder cannot be saved before a chapter runs (read-only, full)."""
+
+
+@contextmanager
+def chapter_journal(results: Path, chapter: str) -> Iterator[None]:
+    """Run a block (a chapter) whose writes to ``results`` are undone if it fails (step 3)."""
+    from c2srepro._cache import write_json_atomic
+
+    restore_journal(results)
+    journal = results / JOURNAL
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        (journal / "saved").mkdir(parents=True)
+        names = sorted(p.name for p in results.iterdir() if p.name not in _kept_names())
+        for name in names:
+            _save(results / name, journal / "saved" / name)
+        # Written last: a journal without its record was never complete, and the results are untouched.
+        write_json_atomic(journal / JOURNAL_RECORD, {"chapter": chapter, "names": names})
+    except OSError as error:
+        shutil.rmtree(journal, ignore_errors=True)
+        raise JournalError(f"cannot save {results} before chapter {chapter} runs ({error.strerror or error}): "
+                           "make the folder writable, or free space on its disk") from error
+    try:
+        yield
+    except BaseException:
+        restore_journal(results)
+        raise
+    shutil.rmtree(journal)
+
+
+def restore_journal(results: Path) -> None:
+    """Put back the results saved before a chapter that failed or was killed; idempotent, so a
+    restore that is itself interrupted completes on the next start."""
+    journal = results / JOURNAL
+    record = journal / JOURNAL_RECORD
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        names = set(saved["names"])
+        log.warning("chapter %s did not finish: putting back the results it found in %s", saved["chapter"], results)
+        for entry in results.iterdir():
+            if entry.name not in names and entry.name not in _kept_names():
+                _remove(entry)  # written by the chapter that failed
+        for name in sorted(names):
+            kept = journal / "saved" / name
+            if kept.exists() or kept.is_symlink():
+                _remove(results / name)
+                os.replace(kept, results / name)
+    shutil.rmtree(journal, ignore_errors=True)
+
+
+def _kept_names() -> set[str]:
+    from c2srepro.book.stages import RESUMABLE_DIRECTORIES
+
+    return {"book", JOURNAL, *RESUMABLE_DIRECTORIES}
+
+
+def _save(source: Path, target: Path) -> None:
+    def link_or_copy(src: str, dst: str) -> None:
+        if Path(src).stat().st_size < JOURNAL_COPY_BELOW:
+            shutil.copy2(src, dst)
+        else:
+            os.link(src, dst)
+
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, target, symlinks=True, copy_function=link_or_copy)
+    elif source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    else:
+        link_or_copy(str(source), str(target))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def chapter_error(error: BaseException, *, frames: int = 6) -> str:

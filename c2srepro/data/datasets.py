@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -36,6 +38,15 @@ class CellSplit:
         if part not in ("train", "heldout"):
             raise ValueError(f"part must be 'train' or 'heldout', got {part!r}")
         return [self.sentences[i] for i in getattr(self, part)]
+
+    def fingerprint(self) -> str:
+        """A hash of each part's cells (id, label, genes in order): equal only for the same split of
+        the same data, whatever file or parameters produced it."""
+        digest = hashlib.sha256()
+        for part in ("train", "heldout"):
+            for cell in self.cells(part):
+                digest.update(json.dumps([part, cell.cell_id, cell.label, list(cell.genes)]).encode())
+        return digest.hexdigest()[:16]
 
 
 def load_dataset(dataset):

@@ -358,12 +358,15 @@ class LayerFeatureStats:
 
 
 def save_feature_stats(stats: Mapping[int, LayerFeatureStats], directory: str | os.PathLike) -> Path:
-    """Save each layer's statistics in ``directory/layer_XX``."""
+    """Save each layer's statistics in ``directory/layer_XX``; ``directory`` is replaced as a whole
+    (no layer of an earlier, larger set stays behind)."""
     directory = Path(directory)
     for layer, layer_stats in sorted(stats.items()):
         if layer_stats.layer != layer:
             raise ValueError(f"statistics stored under layer {layer} say they are for layer {layer_stats.layer}")
-        layer_stats.save(directory / LAYER_DIRECTORY.format(layer=layer))
+    with atomic_directory(directory) as staging:
+        for layer, layer_stats in sorted(stats.items()):
+            layer_stats.save(staging / LAYER_DIRECTORY.format(layer=layer))
     return directory
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from c2srepro._cache import atomic_path
+from c2srepro._cache import atomic_directory
 from c2srepro.enrichment import GeneSetLibrary, enrich, load_library
 from c2srepro.features.stats import (
     DEFAULT_MIN_OCCURRENCES,
@@ -332,17 +332,17 @@ def compare_backgrounds(library: Table4, corpus: Table4) -> pd.DataFrame:
 
 def write_feature_tables(features: pd.DataFrame, directory: str | os.PathLike) -> list[Path]:
     """Write ``directory/layer_XX.csv`` per layer (one row per live feature: genes, status, top
-    term, FDR, library), each file atomically; returns the paths written."""
+    term, FDR, library); ``directory`` is replaced as a whole, atomically (no table of an earlier,
+    larger set stays behind). Returns the paths written."""
     missing = [c for c in FEATURE_TABLE_COLUMNS if c not in features.columns]
     if missing:
         raise ValueError(
             f"features table lacks columns {missing}: pass Table4.features or enrich_layer()'s first result"
         )
     directory = Path(directory)
-    paths = []
-    for layer, group in features.groupby("layer", sort=True):
-        path = directory / f"{LAYER_DIRECTORY.format(layer=int(layer))}.csv"
-        with atomic_path(path, suffix=".csv") as tmp:
-            group.drop(columns="layer").to_csv(tmp, index=False)
-        paths.append(path)
-    return paths
+    names = []
+    with atomic_directory(directory) as staging:
+        for layer, group in features.groupby("layer", sort=True):
+            names.append(f"{LAYER_DIRECTORY.format(layer=int(layer))}.csv")
+            group.drop(columns="layer").to_csv(staging / names[-1], index=False)
+    return [directory / name for name in names]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from c2srepro._cache import verify_checksums
 from c2srepro.data.tokenizer import BUNDLED, VOCAB_MAP_FILENAME, CellTokenizer
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def load_c2s_model(
             f"no model weights found in {source}: it has no config.json; give a directory written "
             f"by save_pretrained or a Hugging Face id such as {PAPER_MODEL}"
         )
+    if is_dir:  # a directory c2srepro wrote (the mini-C2S) carries checksums; another has none to check
+        verify_checksums(source, fix=f"delete {source} and write the model again (the mini-C2S is retrained)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, local_files_only=local_files_only, dtype=dtype or torch.float32

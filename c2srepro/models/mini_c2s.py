@@ -11,7 +11,8 @@
    few answer tokens are not drowned by ~270 sentence tokens. Augmentation: each epoch re-draws
    the shuffle that breaks expression ties, so the model sees each cell in several valid orders.
    AdamW, linear warm-up then cosine decay to 0 (``c2srepro._schedule``).
-5. The trained model is cached under a hash of its parameters and inputs, and reused.
+5. The trained model is cached under a hash of its parameters and inputs, with each file's sha256;
+   it is reused while every file matches its checksum, and trained again when one does not.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from c2srepro._cache import atomic_directory, cache_dir, write_json_atomic
+from c2srepro._cache import CorruptFileError, atomic_directory, cache_dir, record_checksums, verify_checksums, write_json_atomic
 from c2srepro._config import config_from_dict
 from c2srepro._schedule import warmup_cosine
 from c2srepro.data.datasets import PBMC, CellSplit, labelled_split, load_dataset
@@ -163,16 +164,22 @@ def train_mini_c2s(
     """Train (or reuse) the mini-C2S; return its directory (``save_pretrained`` + vocab map).
 
     The directory defaults to ``cache_dir("models", "mini-c2s-<hash of cfg and inputs>")``; an
-    existing complete model there is reused unless ``force``. Writes ``training.json`` with the
-    config, the split, per-epoch losses and wall time.
+    existing complete model there is reused unless ``force`` or a file differs from the sha256
+    recorded with it (then it is trained again). Writes ``training.json`` with the config, the
+    split, per-epoch losses and wall time, and ``sha256.json``.
     """
     from transformers import GPTNeoXForCausalLM
 
     cfg = cfg or MiniC2SConfig()
     directory = Path(directory) if directory else cache_dir("models") / f"mini-c2s-{cache_key(cfg)}"
     if (directory / TRAINING_META_FILENAME).is_file() and not force:
-        log.info("reusing the mini-C2S in %s", directory)
-        return directory
+        try:
+            if verify_checksums(directory, fix="training it again"):
+                log.info("reusing the mini-C2S in %s", directory)
+                return directory
+            log.warning("the mini-C2S in %s has no recorded checksums (an older cache): training it again", directory)
+        except CorruptFileError as error:
+            log.warning("%s", error)
 
     torch.manual_seed(cfg.seed)
     adata = load_dataset(PBMC)
@@ -235,6 +242,7 @@ def train_mini_c2s(
                 "torch_threads": torch.get_num_threads(),
             },
         )
+        record_checksums(staging, sorted(p.name for p in staging.iterdir()))
     return directory
 
 

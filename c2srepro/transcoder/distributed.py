@@ -86,6 +86,7 @@ from c2srepro.transcoder.harvest import (
     harvest_identity,
     shard_filename,
     shard_plan,
+    shard_record,
     shard_rows,
     start_manifest,
     write_shard_file,
@@ -250,7 +251,8 @@ def harvest_distributed(
                 f"rank 0 does not see shards {missing[:3]} the other ranks wrote in {directory}: put "
                 "the harvest directory on a filesystem every rank shares"
             )
-        manifest["shards"] += [{"file": name, "n_rows": rows} for name, rows in zip(names, shard_sizes)]
+        manifest["shards"] += [{"file": name, "n_rows": rows, **shard_record(directory / name)}
+                               for name, rows in zip(names, shard_sizes)]
         manifest["n_rows"] += sum(shard_sizes)
         manifest["blocks_done"] = len(block_rows)
         manifest["complete"] = True

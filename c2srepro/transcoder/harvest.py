@@ -24,7 +24,8 @@ they sit in the architecture is written into the manifest):
    (``c2srepro.transcoder.distributed``). Each shard is written atomically (safetensors),
    then the json manifest is rewritten atomically, so an interrupted harvest resumes after its
    last complete shard and a finished one is reused by any later call with the same model,
-   prompts and settings.
+   prompts and settings. The manifest records each shard's size and sha256; a reader checks the
+   size on every read and the sha256 on a process's first read of the shard.
 5. Streaming mode (``harvest_activations(...)`` without a directory): nothing is stored; the model runs on
    a batch of prompts when a consumer asks for that block of rows.
 6. Both modes are an ``ActivationSource``: per epoch, a deterministic sequence of blocks with
@@ -56,7 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from c2srepro._cache import atomic_path, write_json_atomic
+from c2srepro._cache import CorruptFileError, atomic_path, sha256_file, write_json_atomic
 from c2srepro.data.prompts import pad_right, require_encoded_prompts
 from c2srepro.models.hooked import TRANSCODER_HOOK_POINT, HookedModel, as_hooked, hook_name
 
@@ -343,6 +344,7 @@ class CachedActivations(ActivationSource):
         self._stored = None if self.layers == harvested else [harvested.index(layer) for layer in self.layers]
         self.d_model = int(self.manifest["d_model"])
         self.seed = int(self.manifest["seed"])
+        self._verified: set[str] = set()
 
     @property
     def n_rows(self) -> int:
@@ -360,6 +362,7 @@ class CachedActivations(ActivationSource):
 
     def block(self, epoch: int, index: int) -> ActivationBlock:
         shard = self.manifest["shards"][self.shard_order(epoch)[index]]
+        self._check_shard(shard)
         path = str(self.directory / shard["file"])
         if self._stored is None:
             return ActivationBlock(**load_file(path))
@@ -369,6 +372,19 @@ class CachedActivations(ActivationSource):
                 stored = f.get_slice(name)  # reads only the requested layers from the file
                 tensors[name] = torch.stack([stored[i] for i in self._stored])
         return ActivationBlock(**tensors)
+
+    def _check_shard(self, shard: dict) -> None:
+        if "sha256" not in shard:  # a harvest written before checksums were recorded
+            return
+        path = self.directory / shard["file"]
+        size = path.stat().st_size if path.is_file() else None
+        damaged = size != shard["bytes"] or (shard["file"] not in self._verified and sha256_file(path) != shard["sha256"])
+        if damaged:
+            raise CorruptFileError(
+                f"{path} is damaged ({size} bytes, the manifest records {shard['bytes']} and its sha256): delete "
+                f"{self.directory} and harvest again"
+            )
+        self._verified.add(shard["file"])
 
 
 # --------------------------------------------------------------------------- harvesting
@@ -523,10 +539,15 @@ def write_shard_file(path: Path, block: ActivationBlock) -> None:
         save_file(block.tensors(), str(tmp))
 
 
+def shard_record(path: Path) -> dict[str, int | str]:
+    """What the manifest records of a written shard to check it by: its size and sha256."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
 def _write_shard(directory: Path, manifest: dict, block: ActivationBlock, *, blocks_done: int) -> None:
     name = shard_filename(len(manifest["shards"]))
     write_shard_file(directory / name, block)
-    manifest["shards"].append({"file": name, "n_rows": len(block)})
+    manifest["shards"].append({"file": name, "n_rows": len(block), **shard_record(directory / name)})
     manifest["n_rows"] += len(block)
     manifest["blocks_done"] = blocks_done
     write_json_atomic(directory / MANIFEST_FILENAME, manifest)

@@ -21,6 +21,7 @@ Saved files, one directory per transcoder (``Transcoder.save`` / ``Transcoder.lo
     transcoder.safetensors   W_enc, b_enc, W_dec, b_dec (W_skip, threshold), in ``cfg.dtype``
     cfg.json                 ``TranscoderConfig`` (architecture, hook points, scales, provenance)
     training.json            ``TrainConfig`` of a trained transcoder (absent for a hand-made one)
+    sha256.json              the sha256 of each file above, checked by ``Transcoder.load``
 ``save_transcoders`` / ``load_transcoders`` keep a model's set as ``layer_XX`` subdirectories.
 Trained transcoders (``c2srepro.transcoder.train``) take raw MLP inputs, return raw MLP outputs,
 and have unit-norm decoder rows.
@@ -36,10 +37,11 @@ from typing import Mapping, Sequence
 
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from c2srepro._cache import atomic_directory, atomic_path, write_json_atomic
+from c2srepro._cache import CorruptFileError, atomic_directory, atomic_path, record_checksums, verify_checksums, write_json_atomic
 from c2srepro.transcoder.config import THRESHOLD_ACTIVATIONS, TrainConfig, TranscoderConfig
 
 WEIGHTS_FILENAME = "transcoder.safetensors"
@@ -144,6 +146,7 @@ class Transcoder(nn.Module):
             write_json_atomic(training, self.train_config.to_dict())
         elif training.exists():  # left by an earlier transcoder saved here: not this one's
             training.unlink()
+        record_checksums(directory, [WEIGHTS_FILENAME, CONFIG_FILENAME] + ([TRAINING_FILENAME] if self.train_config else []))
         return directory
 
     @classmethod
@@ -157,11 +160,19 @@ class Transcoder(nn.Module):
                     f"{path} not found: is {directory} a transcoder saved with Transcoder.save()? "
                     "(transcoders of c2srepro 0.1, saved with transcoder_config.json, must be trained again)"
                 )
-        cfg = TranscoderConfig.from_dict(json.loads(config_path.read_text()))
+        try:
+            cfg = TranscoderConfig.from_dict(json.loads(config_path.read_text()))
+        except ValueError as error:
+            raise CorruptFileError(f"{config_path} is damaged ({error}): delete {directory} and train its transcoder again") from error
+        again = f"delete {directory} and train the layer-{cfg.layer} transcoder again"
+        verify_checksums(directory, fix=again)
         training = directory / TRAINING_FILENAME
         train_config = TrainConfig.from_dict(json.loads(training.read_text())) if training.is_file() else None
         transcoder = cls(cfg, train_config=train_config)
-        state = load_file(str(weights_path), device=str(device))
+        try:
+            state = load_file(str(weights_path), device=str(device))
+        except SafetensorError as error:  # saved before checksums were recorded, then truncated
+            raise CorruptFileError(f"{weights_path} (the layer-{cfg.layer} transcoder) cannot be read ({error}): {again}") from error
         expected = {name: tuple(p.shape) for name, p in transcoder.named_parameters()}
         found = {name: tuple(t.shape) for name, t in state.items()}
         if found != expected:

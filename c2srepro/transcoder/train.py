@@ -58,7 +58,8 @@ the hook points and the model's architecture, name and fingerprint where the sou
 8. Checkpoints every ``checkpoint_every_steps`` steps (one atomic file: weights, Adam state,
    step, data position, dead-feature counters, resampling generators, unlogged metric sums,
    history). Training again with the same ``checkpoint_dir`` resumes, and gives the same
-   weights, bit for bit, as an uninterrupted run.
+   weights, bit for bit, as an uninterrupted run. The checkpoint's sha256 is recorded beside it;
+   a damaged or unreadable checkpoint is reported and training starts afresh.
 9. Run length. The schedules of step 4 span ``TrainConfig.total_steps``; ``steps=n`` makes a run
    of exactly n steps (short runs are whole runs, with their warm-up and decay). ``max_steps``
    instead pauses a longer run part way: it needs a ``checkpoint_dir`` to resume from, warns
@@ -114,7 +115,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from c2srepro._cache import atomic_path
+from c2srepro._cache import CorruptFileError, atomic_path, record_checksums, verify_checksums
 from c2srepro._schedule import linear_warmup, warmup_cosine
 from c2srepro.transcoder.config import TOPK_ACTIVATIONS, TrainConfig, TranscoderConfig, check_k
 from c2srepro.transcoder.harvest import (
@@ -440,8 +441,13 @@ def train_transcoders(
     buffer_args = dict(
         batch_tokens=batch_tokens, buffer_tokens=max(tcfg.buffer_tokens, batch_tokens), seed=tcfg.seed, device=device
     )
+    position = None
     if checkpoint is not None and checkpoint.is_file():
-        position = trainer.load(checkpoint, source_rows=source.n_rows)
+        try:
+            position = trainer.load(checkpoint, source_rows=source.n_rows)
+        except CorruptFileError as error:  # a cache: rebuilt from step 0 rather than failing every rerun
+            log.warning("%s: training from step 0", error)
+    if position is not None:
         buffer = ShuffleBuffer(source, position=position, **buffer_args)
         log.info("resuming transcoder training at step %d of %d from %s", trainer.step, total, checkpoint)
     else:
@@ -691,9 +697,14 @@ class _Trainer:
         }
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
+        record_checksums(path.parent, [path.name])
 
     def load(self, path: Path, *, source_rows: int) -> BufferPosition:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        verify_checksums(path.parent, fix="the checkpoint cannot be resumed from")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError) as error:  # truncated: torch's zip reader fails
+            raise CorruptFileError(f"{path} cannot be read ({str(error).splitlines()[0]})") from error
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"{path} is not a transcoder training checkpoint of this c2srepro ({CHECKPOINT_FORMAT}): "
