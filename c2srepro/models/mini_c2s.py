@@ -143,7 +143,7 @@ def _key_material(cfg: MiniC2SConfig) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "tokenizer_sha256": PYTHIA_SHA256,
         "dataset": f"scanpy {version('scanpy')} pbmc68k_reduced",
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "transformers": version("transformers"),
         # CPU float reductions are split by the intra-op thread count, so it decides the last bits
         # of every weight (1 and 2 threads train to models that differ by ~1e-8).
