@@ -19,7 +19,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from c2srepro.models.mini_c2s import TRAINING_META_FILENAME, checkpoint_path
+from c2srepro._checkpoint import CheckpointClock
+from c2srepro.models.mini_c2s import (
+    TRAINING_META_FILENAME,
+    MiniC2SConfig,
+    _key_material,
+    _LoopState,
+    _save_checkpoint,
+    checkpoint_path,
+    train_mini_c2s,
+)
+from c2srepro.transcoder import TensorActivations, TrainConfig, train_transcoders
 from c2srepro.transcoder.harvest import MANIFEST_FILENAME
 from c2srepro.transcoder.train import CHECKPOINT_FILENAME
 
@@ -96,3 +106,53 @@ def test_harvest_removes_what_a_killed_run_left_and_resumes(uninterrupted, tmp_p
     assert hidden(activations) == []
     assert json.loads((activations / MANIFEST_FILENAME).read_text())["complete"]
     assert files(activations) == files(uninterrupted / "activations")
+
+
+def test_checkpoint_rules():
+    fraction = CheckpointClock(40, every_fraction=0.1, every_seconds=None)
+    assert [step for step in range(1, 41) if fraction.due(step)] == [4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
+    both = CheckpointClock(40, every_fraction=0.5, every_seconds=None, every_steps=15, stop=33)
+    assert [step for step in range(1, 34) if both.due(step)] == [15, 20, 30, 33]
+    timed = CheckpointClock(40, every_fraction=None, every_seconds=1e-9)
+    assert timed.due(1) and timed.due(2)
+    assert not CheckpointClock(1000, every_fraction=0.1, every_seconds=3600).due(1)
+    with pytest.raises(ValueError, match=r"checkpoint_every_fraction must lie in \(0, 1\] or be None, got 0"):
+        TrainConfig(checkpoint_every_fraction=0)
+    with pytest.raises(ValueError, match="checkpoint_every_seconds must be > 0 or None"):
+        TrainConfig(checkpoint_every_seconds=-1.0)
+    with pytest.raises(ValueError, match="checkpoint_every_steps must be an integer >= 1 or None"):
+        TrainConfig(checkpoint_every_steps=0)
+
+
+def test_checkpoint_settings_do_not_change_the_transcoders(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2000, 8, generator=g)
+    source = TensorActivations(x, torch.relu(x) * 0.5)
+    tcfg = TrainConfig(expansion_factor=2, tokens_per_batch=64, training_tokens=64 * 12, buffer_tokens=256,
+                       resample_every_steps=5)
+    plain = train_transcoders(source, tcfg, progress=False).transcoders[0]
+    often = TrainConfig(**{**tcfg.to_dict(), "checkpoint_every_steps": 1, "checkpoint_every_seconds": 1e-9})
+    checkpointed = train_transcoders(source, often, checkpoint_dir=tmp_path, progress=False).transcoders[0]
+    for name, param in plain.named_parameters():
+        assert torch.equal(param, getattr(checkpointed, name)), name
+
+
+def test_a_mini_c2s_checkpoint_of_other_settings_or_unreadable_is_refused(tmp_path):
+    cfg = MiniC2SConfig(n_layers=1, d_model=32, n_heads=2, epochs=1, top_k=16, batch_size=32)
+    checkpoint = checkpoint_path(tmp_path / "model")
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    _save_checkpoint(checkpoint, cfg, model, optimizer, scheduler, _LoopState(history=[], losses=[], step=3))
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["key_material"] == _key_material(cfg)
+    state["key_material"]["torch_threads"] += 1
+    state["key_material"]["config"]["lr"] = 1.0
+    torch.save(state, checkpoint)
+    with pytest.raises(ValueError, match=r"written with different \['torch_threads', 'config.lr'\]: train with the "
+                                         r"same settings \(and thread count\) to resume, or delete it"):
+        train_mini_c2s(cfg, directory=tmp_path / "model")
+    checkpoint.write_bytes(b"not a checkpoint")
+    unreadable = r"model.checkpoint.pt cannot be read \(UnpicklingError; damaged or not a checkpoint\): delete it"
+    with pytest.raises(ValueError, match=unreadable):
+        train_mini_c2s(cfg, directory=tmp_path / "model")

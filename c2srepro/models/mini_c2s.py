@@ -317,8 +317,11 @@ def _save_checkpoint(path: Path, cfg: MiniC2SConfig, model, optimizer, scheduler
 def _load_checkpoint(path: Path, cfg: MiniC2SConfig, model, optimizer, scheduler, order_rng) -> _LoopState:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable file: the message names it and the way out
-        raise ValueError(f"the mini-C2S checkpoint {path} cannot be read ({error}): delete it to train afresh") from error
+    except Exception as error:  # any unreadable file: name it and the way out (torch's text is chained)
+        raise ValueError(
+            f"the mini-C2S checkpoint {path} cannot be read ({type(error).__name__}; damaged or not a "
+            "checkpoint): delete it to train afresh"
+        ) from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path} is not a mini-C2S checkpoint of this c2srepro ({CHECKPOINT_FORMAT}): delete it to train afresh"
