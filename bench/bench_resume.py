@@ -8,8 +8,9 @@ For the mini-C2S training and the transcoder training, with their default checkp
    an arbitrary moment after that checkpoint, as a user's kill -9 would).
 3. resumed: the run again in the killed run's folder, to the end.
 Each figure is a child's wall time seen from here, start-up (imports, data) included, which the
-resumed run pays again. Reported: the seconds of each, resumed / scratch, the seconds a resumed
-run saves, the step it resumed from and whether its weights are byte-identical to scratch's.
+resumed run pays again, and its CPU time (user + system, which other load on the machine moves
+less). Reported: the seconds of each, resumed / scratch, the seconds a resumed run saves, the
+step it resumed from and whether its weights are byte-identical to scratch's.
 
 The mini-C2S is the default configuration (``--epochs`` shortens it); the transcoders are
 chapter 2's default settings (4 layers of hidden size 128, expansion 8, 512 tokens per batch,
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -83,6 +85,11 @@ def start(what: str, work: Path, epochs: int) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # of the children waited for so far
+    return usage.ru_utime + usage.ru_stime
+
+
 def finish(process: subprocess.Popen) -> None:
     _, stderr = process.communicate()
     if process.returncode != 0:
@@ -115,14 +122,14 @@ def measure(what: str, epochs: int) -> dict:
     total = total_steps(what, epochs)
     with tempfile.TemporaryDirectory() as scratch_dir, tempfile.TemporaryDirectory() as resumed_dir:
         scratch, resumed = Path(scratch_dir), Path(resumed_dir)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), children_cpu()
         finish(start(what, scratch, epochs))
-        scratch_seconds = time.perf_counter() - started
+        scratch_seconds, scratch_cpu = time.perf_counter() - started, children_cpu() - cpu
         killed_seconds = kill_after_half(what, resumed, epochs, total)
         step = checkpoint_step(what, checkpoint_file(what, resumed))  # a later one may have landed before the kill
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), children_cpu()
         finish(start(what, resumed, epochs))
-        resumed_seconds = time.perf_counter() - started
+        resumed_seconds, resumed_cpu = time.perf_counter() - started, children_cpu() - cpu
         identical = result_bytes(what, scratch) == result_bytes(what, resumed)
     return {
         "total_steps": total,
@@ -132,6 +139,9 @@ def measure(what: str, epochs: int) -> dict:
         "resumed_seconds": round(resumed_seconds, 1),
         "resumed_over_scratch": round(resumed_seconds / scratch_seconds, 3),
         "seconds_saved": round(scratch_seconds - resumed_seconds, 1),
+        "scratch_cpu_seconds": round(scratch_cpu, 1),
+        "resumed_cpu_seconds": round(resumed_cpu, 1),
+        "resumed_over_scratch_cpu": round(resumed_cpu / scratch_cpu, 3),
         "byte_identical": identical,
     }
 
