@@ -126,6 +126,20 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def remove_temporaries(folder: str | os.PathLike, name: str) -> list[Path]:
+    """Remove what ``atomic_path`` / ``atomic_directory`` leave in ``folder`` for targets named
+    ``name`` (a glob) when the writing process is killed: ``.<name>.*`` files and folders.
+    Call it only where no other process writes those targets at the same time."""
+    removed = []
+    for leftover in sorted(Path(folder).glob(f".{name}.*")):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """Strict JSON (no NaN or Infinity, which JSON has not and other readers refuse), atomically."""
     try:

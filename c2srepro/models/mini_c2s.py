@@ -13,6 +13,9 @@
    AdamW, linear warm-up then cosine decay to 0 (``c2srepro._schedule``).
 5. The trained model is cached under a hash of its parameters and inputs, with each file's sha256;
    it is reused while every file matches its checksum, and trained again when one does not.
+6. Training checkpoints its whole state (weights, AdamW, schedule, random generators, position
+   in the epoch's order) by fraction of the run and by wall time (``c2srepro._checkpoint``);
+   a rerun after an interruption resumes there and trains to the same weights, bit for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from c2srepro._cache import CorruptFileError, atomic_directory, cache_dir, record_checksums, verify_checksums, write_json_atomic
+from c2srepro._cache import (
+    CorruptFileError, atomic_directory, atomic_path, cache_dir, record_checksums, remove_temporaries, verify_checksums,
+    write_json_atomic,
+)
+from c2srepro._checkpoint import CheckpointClock
 from c2srepro._config import config_from_dict
 from c2srepro._schedule import warmup_cosine
 from c2srepro.data.datasets import PBMC, CellSplit, labelled_split, load_dataset
@@ -41,6 +48,7 @@ from c2srepro.data.tokenizer import PYTHIA_SHA256, CellTokenizer, load_bpe_token
 log = logging.getLogger(__name__)
 
 TRAINING_META_FILENAME = "training.json"
+CHECKPOINT_FORMAT = "c2srepro-mini-c2s-training/1"
 
 
 @dataclass
@@ -128,19 +136,23 @@ def gpt_neox_config(cfg: MiniC2SConfig, vocab_size: int):
 
 
 def cache_key(cfg: MiniC2SConfig) -> str:
+    """16 hex digits naming what decides the trained weights (not how often training checkpoints)."""
+    return hashlib.sha256(json.dumps(_key_material(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _key_material(cfg: MiniC2SConfig) -> dict[str, Any]:
     from importlib.metadata import version
 
-    material = {
+    return {
         "config": cfg.to_dict(),
         "tokenizer_sha256": PYTHIA_SHA256,
         "dataset": f"scanpy {version('scanpy')} pbmc68k_reduced",
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "transformers": version("transformers"),
         # CPU float reductions are split by the intra-op thread count, so it decides the last bits
         # of every weight (1 and 2 threads train to models that differ by ~1e-8).
         "torch_threads": torch.get_num_threads(),
     }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def weighted_lm_loss(
@@ -159,7 +171,12 @@ def weighted_lm_loss(
 
 
 def train_mini_c2s(
-    cfg: MiniC2SConfig | None = None, *, directory: str | os.PathLike | None = None, force: bool = False
+    cfg: MiniC2SConfig | None = None,
+    *,
+    directory: str | os.PathLike | None = None,
+    force: bool = False,
+    checkpoint_every_fraction: float | None = 0.1,
+    checkpoint_every_seconds: float | None = 300.0,
 ) -> Path:
     """Train (or reuse) the mini-C2S; return its directory (``save_pretrained`` + vocab map).
 
@@ -167,6 +184,14 @@ def train_mini_c2s(
     existing complete model there is reused unless ``force`` or a file differs from the sha256
     recorded with it (then it is trained again). Writes ``training.json`` with the config, the
     split, per-epoch losses and wall time, and ``sha256.json``.
+
+    Training checkpoints into ``<directory>.checkpoint.pt`` (beside the directory) after every
+    ``checkpoint_every_fraction`` of its steps and every ``checkpoint_every_seconds`` of wall time
+    (``c2srepro._checkpoint``; None turns either off): model, AdamW and schedule state, random
+    generators and the position in the data order. A later call resumes from it and gives the
+    same weights, bit for bit, as an uninterrupted run; ``force`` starts afresh. The checkpoint
+    settings do not change the weights, so they are not part of the cache key. The checkpoint
+    is deleted once the model is saved.
     """
     from transformers import GPTNeoXForCausalLM
 
@@ -180,6 +205,11 @@ def train_mini_c2s(
             log.warning("the mini-C2S in %s has no recorded checksums (an older cache): training it again", directory)
         except CorruptFileError as error:
             log.warning("%s", error)
+    checkpoint = checkpoint_path(directory)
+    # A killed run leaves its staging folder and half-written checkpoint behind.
+    remove_temporaries(directory.parent, directory.name)
+    if force:
+        checkpoint.unlink(missing_ok=True)
 
     torch.manual_seed(cfg.seed)
     adata = load_dataset(PBMC)
@@ -196,16 +226,22 @@ def train_mini_c2s(
         optimizer, lambda step: warmup_cosine(step, total_steps=total, warmup_steps=warmup)
     )
     order_rng = torch.Generator().manual_seed(cfg.seed)
-    history, started = [], time.perf_counter()
+    loop = _LoopState(history=[], losses=[])
+    if checkpoint.is_file():
+        loop = _load_checkpoint(checkpoint, cfg, model, optimizer, scheduler, order_rng)
+        log.info("resuming mini-C2S training at step %d of %d from %s", loop.step, total, checkpoint)
+    clock = CheckpointClock(total, every_fraction=checkpoint_every_fraction, every_seconds=checkpoint_every_seconds)
+    started = time.perf_counter() - loop.seconds
     model.train()
-    with tqdm(total=total, desc="training mini-C2S") as bar:
-        for epoch in range(cfg.epochs):
+    with tqdm(total=total, initial=loop.step, desc="training mini-C2S") as bar:
+        for epoch in range(loop.epoch, cfg.epochs):
             epoch_split = pbmc_split(cfg, seed_offset=epoch, adata=adata) if cfg.augment_ties and epoch else split
             prompts = encode_prompts([epoch_split.sentences[i] for i in split.train], tokenizer, with_answer=True)
             _check_length(prompts, cfg.max_positions)
+            # The order generator as this epoch starts: a checkpoint keeps it to redraw the order.
+            loop.order_state = order_rng.get_state()
             order = torch.randperm(len(prompts), generator=order_rng).tolist()
-            losses = []
-            for start in range(0, len(order), cfg.batch_size):
+            for start in range(loop.batch * cfg.batch_size, len(order), cfg.batch_size):
                 batch = order[start : start + cfg.batch_size]
                 ids, mask = pad_right([prompts.input_ids[i] for i in batch], pad_id=tokenizer.pad_id)
                 logits = model(input_ids=ids, attention_mask=mask).logits
@@ -220,10 +256,16 @@ def train_mini_c2s(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
-                losses.append(loss.item())
+                loop.losses.append(loss.item())
+                loop.epoch, loop.batch, loop.step = epoch, loop.batch + 1, loop.step + 1
+                if clock.due(loop.step):
+                    loop.seconds = time.perf_counter() - started
+                    _save_checkpoint(checkpoint, cfg, model, optimizer, scheduler, loop)
+                    clock.saved()
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-            history.append({"epoch": epoch, "loss": float(np.mean(losses))})
+            loop.history.append({"epoch": epoch, "loss": float(np.mean(loop.losses))})
+            loop.batch, loop.losses = 0, []
     wall = time.perf_counter() - started
 
     # a private staging folder: two processes training the same configuration must not collide
@@ -237,13 +279,80 @@ def train_mini_c2s(
                 "config": cfg.to_dict(),
                 "train_cells": [split.sentences[i].cell_id for i in split.train],
                 "heldout_cells": [split.sentences[i].cell_id for i in split.heldout],
-                "history": history,
+                "history": loop.history,
                 "train_seconds": wall,
+                "resumed_at_steps": loop.resumed_at,
                 "torch_threads": torch.get_num_threads(),
             },
         )
         record_checksums(staging, sorted(p.name for p in staging.iterdir()))
+    checkpoint.unlink(missing_ok=True)
     return directory
+
+
+def checkpoint_path(directory: str | os.PathLike) -> Path:
+    """Where ``train_mini_c2s`` checkpoints a run that will write ``directory``."""
+    directory = Path(directory)
+    return directory.with_name(f"{directory.name}.checkpoint.pt")
+
+
+@dataclass
+class _LoopState:
+    """Where the training loop stands: the next batch is ``batch`` of ``epoch`` (whose order
+    the generator state ``order_state`` draws); ``losses`` are that epoch's so far."""
+
+    history: list[dict[str, Any]]
+    losses: list[float]
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    seconds: float = 0.0
+    order_state: torch.Tensor | None = None
+    resumed_at: list[int] = field(default_factory=list)
+
+
+def _save_checkpoint(path: Path, cfg: MiniC2SConfig, model, optimizer, scheduler, loop: _LoopState) -> None:
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "key_material": _key_material(cfg),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "loop": asdict(loop),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, cfg: MiniC2SConfig, model, optimizer, scheduler, order_rng) -> _LoopState:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file: name it and the way out (torch's text is chained)
+        raise ValueError(
+            f"the mini-C2S checkpoint {path} cannot be read ({type(error).__name__}; damaged or not a "
+            "checkpoint): delete it to train afresh"
+        ) from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} is not a mini-C2S checkpoint of this c2srepro ({CHECKPOINT_FORMAT}): delete it to train afresh"
+        )
+    mine, saved = _key_material(cfg), state["key_material"]
+    differs = [key for key in sorted(mine) if key != "config" and saved.get(key) != mine[key]]
+    differs += [f"config.{key}" for key, value in sorted(mine["config"].items()) if saved["config"].get(key) != value]
+    if differs:
+        raise ValueError(
+            f"the mini-C2S checkpoint {path} was written with different {differs}: train with the same "
+            "settings (and thread count) to resume, or delete it to train afresh"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    loop = _LoopState(**state["loop"])
+    order_rng.set_state(loop.order_state)
+    loop.resumed_at.append(loop.step)
+    return loop
 
 
 def _check_length(prompts: EncodedPrompts, max_positions: int) -> None:

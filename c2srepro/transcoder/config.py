@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from c2srepro._checkpoint import CheckpointClock
 from c2srepro._config import config_from_dict
 from c2srepro.models.hooked import TRANSCODER_HOOK_POINT, TRANSCODER_OUTPUT_HOOK_POINT
 
@@ -146,8 +147,11 @@ class TrainConfig:
     ``l1_coefficient``, ``topk`` / ``batchtopk`` keep ``k`` features per token and add the AuxK
     loss (weight ``aux_k_coefficient``, ``aux_k`` dead features, default d_model // 2),
     ``jumprelu`` uses ``l0_coefficient``, ``jumprelu_bandwidth`` and
-    ``jumprelu_init_threshold``; ``skip`` trains a ``W_skip`` path beside any of them. ``checkpoint_every_steps``
-    and ``device`` do not change the weights, so a resumed run may change them.
+    ``jumprelu_init_threshold``; ``skip`` trains a ``W_skip`` path beside any of them. With a
+    checkpoint directory, training checkpoints after every ``checkpoint_every_fraction`` of its
+    steps, every ``checkpoint_every_seconds`` of wall time and every ``checkpoint_every_steps``
+    steps (None turns a rule off; ``c2srepro._checkpoint``). These and ``device`` do not change
+    the weights, so a resumed run may change them.
     """
 
     expansion_factor: int = 8
@@ -174,16 +178,21 @@ class TrainConfig:
     dead_window_tokens: int = 10_000_000
     buffer_tokens: int = 32_768
     log_every_steps: int = 50
-    checkpoint_every_steps: int = 1000
+    checkpoint_every_fraction: float | None = 0.1
+    checkpoint_every_seconds: float | None = 300.0
+    checkpoint_every_steps: int | None = None
     device: str | None = None
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         for name in ("expansion_factor", "tokens_per_batch", "training_tokens", "dead_window_tokens",
-                     "buffer_tokens", "log_every_steps", "checkpoint_every_steps"):
+                     "buffer_tokens", "log_every_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        # the checkpoint rules check their own fields
+        CheckpointClock(self.total_steps, every_fraction=self.checkpoint_every_fraction,
+                        every_seconds=self.checkpoint_every_seconds, every_steps=self.checkpoint_every_steps)
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.activation not in ACTIVATIONS:

@@ -15,8 +15,9 @@
    single-process harvest writes: same shard files, same rows, same order, bit for bit when the
    ranks run the model on the same kind of device as the single process, since every batch is
    padded and run exactly as it is there. Interrupted, it resumes: rank 0 records the plan in
-   the manifest and a rerun with that plan skips the shard files that exist (each was written
-   whole); a rerun with another plan (another ``shard_mb``) deletes them first.
+   the manifest and a rerun with that plan skips the shard files that are complete (readable,
+   with the planned rows; an atomic write leaves no other kind) and deletes the temporary files
+   a killed rank left; a rerun with another plan (another ``shard_mb``) deletes them first.
 3. Training (``train_distributed``). Layers are dealt round-robin: rank r trains layers
    r, r + world, ... of the chosen ones (``layers_for_rank``). Each rank reads every row, but
    only of its layers (``CachedActivations(directory, layers=...)``), and runs
@@ -84,6 +85,7 @@ from c2srepro.transcoder.harvest import (
     StreamingActivations,
     as_prompt_set,
     harvest_identity,
+    is_complete_shard,
     shard_filename,
     shard_plan,
     shard_record,
@@ -238,7 +240,7 @@ def harvest_distributed(
     with bar:
         for j in mine:
             path = directory / shard_filename(plan["first_shard"] + j)
-            if not path.is_file():  # an existing file was written whole, by this plan
+            if not is_complete_shard(path, shard_sizes[j]):  # a complete file was written by this plan
                 write_shard_file(path, ActivationBlock.concat([stream.run_chunk(chunks[i]) for i in shards[j]]))
             bar.update(shard_sizes[j])
     _barrier()

@@ -25,7 +25,9 @@ they sit in the architecture is written into the manifest):
    then the json manifest is rewritten atomically, so an interrupted harvest resumes after its
    last complete shard and a finished one is reused by any later call with the same model,
    prompts and settings. The manifest records each shard's size and sha256; a reader checks the
-   size on every read and the sha256 on a process's first read of the shard.
+   size on every read and the sha256 on a process's first read of the shard. On a later call what
+   an interrupted one left half-written (its temporary files, shard files the manifest does not
+   list) is deleted first.
 5. Streaming mode (``harvest_activations(...)`` without a directory): nothing is stored; the model runs on
    a batch of prompts when a consumer asks for that block of rows.
 6. Both modes are an ``ActivationSource``: per epoch, a deterministic sequence of blocks with
@@ -57,7 +59,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from c2srepro._cache import CorruptFileError, atomic_path, sha256_file, write_json_atomic
+from c2srepro._cache import CorruptFileError, atomic_path, remove_temporaries, sha256_file, write_json_atomic
 from c2srepro.data.prompts import pad_right, require_encoded_prompts
 from c2srepro.models.hooked import TRANSCODER_HOOK_POINT, HookedModel, as_hooked, hook_name
 
@@ -436,6 +438,12 @@ def harvest_activations(
         # Files an interrupted distributed harvest left past the listed shards are rewritten
         # here, perhaps with other boundaries: a later distributed run must not trust them.
         write_json_atomic(directory / MANIFEST_FILENAME, manifest)
+    remove_unlisted_shards(directory, manifest)
+    if manifest["shards"]:
+        log.info(
+            "resuming the harvest in %s after %d of %d prompt batches (%d complete shards)",
+            directory, manifest["blocks_done"], stream.n_blocks(), len(manifest["shards"]),
+        )
 
     chunks = stream.chunks(0)
     plan = shard_plan(stream.block_rows(0), rows_per_shard, start=manifest["blocks_done"])
@@ -494,8 +502,12 @@ def shard_plan(block_rows: Sequence[int], rows_per_shard: int, *, start: int = 0
 
 def start_manifest(directory: Path, identity: dict, stream: StreamingActivations) -> dict:
     """The manifest in ``directory``, created (incomplete, no shards) when there is none;
-    ``ValueError`` when it belongs to a harvest with another identity."""
+    ``ValueError`` when it belongs to a harvest with another identity. What a killed harvest
+    left half-written (temporary shard and manifest files) is removed first."""
     path = directory / MANIFEST_FILENAME
+    for name in ("shard_*.safetensors", MANIFEST_FILENAME):
+        for leftover in remove_temporaries(directory, name):
+            log.info("removed %s, left by an interrupted harvest", leftover)
     if path.is_file():
         manifest = json.loads(path.read_text())
         differs = sorted(key for key, value in identity.items() if manifest.get(key) != value)
@@ -532,6 +544,24 @@ def start_manifest(directory: Path, identity: dict, stream: StreamingActivations
 
 def shard_filename(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
+
+
+def remove_unlisted_shards(directory: Path, manifest: dict) -> None:
+    """Delete the shard files in ``directory`` that the manifest does not list: a harvest
+    stopped before listing them (a single-process harvest writes them again)."""
+    listed = {shard["file"] for shard in manifest["shards"]}
+    for path in sorted(directory.glob("shard_*.safetensors")):
+        if path.name not in listed:
+            path.unlink()
+
+
+def is_complete_shard(path: Path, n_rows: int) -> bool:
+    """Whether ``path`` is a readable shard of ``n_rows`` rows."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_slice("token_id").get_shape() == [n_rows]
+    except Exception:  # missing, empty or truncated: any of them means "write it again"
+        return False
 
 
 def write_shard_file(path: Path, block: ActivationBlock) -> None:

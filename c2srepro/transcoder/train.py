@@ -55,11 +55,14 @@ the hook points and the model's architecture, name and fingerprint where the sou
    with batched matrix products; Adam acts element by element and the loss is a sum of per-layer
    terms, so this is exactly one independent transcoder and optimiser per layer (on CPU,
    training a subset of the layers gives those layers' weights bit for bit).
-8. Checkpoints every ``checkpoint_every_steps`` steps (one atomic file: weights, Adam state,
-   step, data position, dead-feature counters, resampling generators, unlogged metric sums,
-   history). Training again with the same ``checkpoint_dir`` resumes, and gives the same
-   weights, bit for bit, as an uninterrupted run. The checkpoint's sha256 is recorded beside it;
-   a damaged or unreadable checkpoint is reported and training starts afresh.
+8. Checkpoints, with a ``checkpoint_dir``, after every ``checkpoint_every_fraction`` of the
+   run (a tenth by default, so every run, short or long, holds some), every
+   ``checkpoint_every_seconds`` of wall time and, if set, every ``checkpoint_every_steps``
+   steps (``c2srepro._checkpoint``): one atomic file with weights, Adam state, step, data
+   position, dead-feature counters, resampling generators, unlogged metric sums, history.
+   Training again with the same ``checkpoint_dir`` resumes, and gives the same weights, bit for
+   bit, as an uninterrupted run. The checkpoint's sha256 is recorded beside it; a damaged or
+   unreadable checkpoint is reported and training starts afresh.
 9. Run length. The schedules of step 4 span ``TrainConfig.total_steps``; ``steps=n`` makes a run
    of exactly n steps (short runs are whole runs, with their warm-up and decay). ``max_steps``
    instead pauses a longer run part way: it needs a ``checkpoint_dir`` to resume from, warns
@@ -115,7 +118,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from c2srepro._cache import CorruptFileError, atomic_path, record_checksums, verify_checksums
+from c2srepro._cache import CorruptFileError, atomic_path, record_checksums, remove_temporaries, verify_checksums
+from c2srepro._checkpoint import CheckpointClock
 from c2srepro._schedule import linear_warmup, warmup_cosine
 from c2srepro.transcoder.config import TOPK_ACTIVATIONS, TrainConfig, TranscoderConfig, check_k
 from c2srepro.transcoder.harvest import (
@@ -134,7 +138,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILENAME = "trainer_state.pt"
 CHECKPOINT_FORMAT = "c2srepro-transcoder-training/3"
 # TrainConfig fields that do not change the trained weights, so a resumed run may change them.
-_RESUMABLE_CHANGES = {"checkpoint_every_steps", "device"}
+_RESUMABLE_CHANGES = {"checkpoint_every_fraction", "checkpoint_every_seconds", "checkpoint_every_steps", "device"}
 INIT_OUTPUT_NORM = 0.1
 
 
@@ -442,6 +446,8 @@ def train_transcoders(
         batch_tokens=batch_tokens, buffer_tokens=max(tcfg.buffer_tokens, batch_tokens), seed=tcfg.seed, device=device
     )
     position = None
+    if checkpoint is not None:
+        remove_temporaries(checkpoint.parent, CHECKPOINT_FILENAME)  # a killed run's half-written checkpoint
     if checkpoint is not None and checkpoint.is_file():
         try:
             position = trainer.load(checkpoint, source_rows=source.n_rows)
@@ -456,6 +462,10 @@ def train_transcoders(
         trainer.initialise(first_in[select], first_out[select])
 
     stop = total if max_steps is None else min(total, trainer.step + max_steps)
+    clock = CheckpointClock(
+        total, every_fraction=tcfg.checkpoint_every_fraction, every_seconds=tcfg.checkpoint_every_seconds,
+        every_steps=tcfg.checkpoint_every_steps, stop=stop,
+    )
     loop_started = time.perf_counter()
     bar = tqdm(total=total, initial=trainer.step, unit="step", desc="training transcoders", disable=not progress)
     with bar:
@@ -467,8 +477,9 @@ def train_transcoders(
             if trainer.step % tcfg.log_every_steps == 0 or trainer.step == total:
                 trainer.log_metrics()
                 bar.set_postfix(trainer.postfix())
-            if checkpoint is not None and (trainer.step % tcfg.checkpoint_every_steps == 0 or trainer.step == stop):
+            if checkpoint is not None and clock.due(trainer.step):
                 trainer.save(checkpoint, buffer.position, source_rows=source.n_rows)
+                clock.saved()
             bar.update(1)
     loop_seconds = time.perf_counter() - loop_started
 
