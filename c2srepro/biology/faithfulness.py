@@ -46,12 +46,12 @@ from tqdm import tqdm
 
 from c2srepro.attribution.circuit import circuit_genes
 from c2srepro.attribution.contributions import _reading
-from c2srepro.attribution.full_graph import AttributionGraph, build_graph, gene_view, greedy_paths
-from c2srepro.attribution.linearised import LinearisedReplacement, build_replacement
+from c2srepro.attribution.full_graph import AttributionGraph, gene_view, greedy_paths
+from c2srepro.attribution.linearised import LinearisedReplacement
+from c2srepro.attribution.trace import graph_cell
 from c2srepro.biology.cohort import CellInfluence, cell_influence
 from c2srepro.biology.perturb import PerturbationEffects, removal_effects
 from c2srepro.data.cells import CellSentence
-from c2srepro.data.prompts import answer_text, encode_prompts
 
 PREDICTORS = ("influence", "linear", "rank", "expression", "random", "circuit", "dla")
 SIGNED_PREDICTORS = ("linear", "dla")
@@ -173,13 +173,10 @@ def cell_faithfulness(
         raise ValueError(f"predicted_label {predicted_label!r} is not among the candidates {list(candidates)}")
     if max_genes is not None and max_genes < 3:
         raise ValueError(f"max_genes must be >= 3 (a rank correlation needs 3 genes) or None, got {max_genes}")
-    prompt = encode_prompts([cell], tokenizer)
-    ids, token_genes = prompt.input_ids[0], prompt.gene_of_token[0]
-    rep = build_replacement(model, transcoders, ids)
-    answer_token = tokenizer.encode(answer_text(predicted_label))[0][0]
-    target = rep.logit_node(rep.n_pos - 1, answer_token)
-    graph = build_graph(rep, target, max_feature_nodes=max_feature_nodes, genes=token_genes,
-                        tokens=tokenizer.tokens(ids))
+    traced = graph_cell(model, transcoders, tokenizer, cell, predicted_label, target="logit",
+                        max_feature_nodes=max_feature_nodes)
+    rep, target, graph = traced.replacement, traced.target, traced.graph
+    token_genes = traced.prompt.gene_of_token[0]
 
     genes = list(cell.genes if max_genes is None else cell.genes[:max_genes])
     table = pd.DataFrame({"gene": genes, "sentence_rank": [cell.genes.index(g) + 1 for g in genes]})
