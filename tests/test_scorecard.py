@@ -246,8 +246,54 @@ def test_rendering_for_the_book(tmp_path):
         styled_scorecard(table, kinds="results")
 
     words = plain_summary(table)
-    compared = table[table["kind"] != "control"]
+    compared = table[~table["kind"].isin(("control", "beyond"))]
     reproduced = int((compared["verdict"] == "reproduced").sum())
     assert f"Of the paper's {len(compared)} numbers and claims, **{reproduced} are reproduced**" in words
     assert "loss: original < transcoders < no MLP (paper 2.48 < 4.63 < 12.67" in words
     assert "cannot confirm the paper's absolute numbers" in words
+
+
+def _beyond_results(folder: Path, *, influence: float, rank: float) -> Path:
+    folder = _results(folder, circuit={
+        "replacement_score": 0.9, "completeness_score": 0.95,
+        "pruned_graph_size": {"nodes": 50, "feature": 10, "error": 2},
+        "intervention": {"n_features": 10, "top_drop": 0.3, "random_drop_mean": 0.01, "random_drop_std": 0.02,
+                         "n_random": 20, "p_value": 0.05, "flipped": False}})
+    _json(folder / "faithfulness.json", {
+        "n_cells": 50, "median_rho": {"influence": influence, "linear": 0.1, "rank": rank, "random": 0.0},
+        "median_rho_by_type": {"B": {"influence": influence, "rank": rank}, "T": {"influence": 0.0, "rank": 0.5}},
+        "graph_beats_rank": {"influence": 0.3 if influence <= rank else 0.8, "linear": 0.5},
+        "prerank": [{"type": "B", "own_place": 1, "own_fdr": 0.01, "shuffled_place": 3},
+                    {"type": "T", "own_place": 4, "own_fdr": 0.4, "shuffled_place": 1}]})
+    _table(folder / "cohorts.csv", pd.DataFrame({"type": ["B", "B", "T"], "gene": ["MS4A1", "CD79A", "CD3E"],
+                                                 "fdr": [0.01, 0.2, 0.03]}))
+    return folder
+
+
+def test_beyond_rows_state_the_test_each_answers(tmp_path):
+    rows = _by_key(build_scorecard(_beyond_results(tmp_path / "good", influence=0.3, rank=0.0), profile="default"))
+    beyond = {k: r for k, r in rows.items() if r["kind"] == "beyond"}
+    assert all(r["verdict"] == "not comparable" and r["paper"] is None for r in beyond.values())
+    assert beyond["graph_replacement_score"]["reproduced"] == 0.9
+    assert "larger than random sets of as many active features: holds" in beyond["intervention_top_drop"]["note"]
+    assert beyond["faithfulness_rho_influence"]["note"].startswith("above the rank baseline: holds")
+    assert "does not hold" in beyond["faithfulness_rho_random"]["note"]
+    assert "types where it does not (median): T" in beyond["faithfulness_beats_rank"]["note"]
+    assert beyond["cohort_significant_pairs"]["reproduced"] == 2
+    assert "2 of 2 types" in beyond["cohort_significant_pairs"]["note"]
+    assert beyond["prerank_own_first"]["reproduced"] == "1 of 2"
+    assert "label-shuffled control: 1 of 2" in beyond["prerank_own_first"]["note"]
+    # findings beyond the paper are not counted among the paper's numbers
+    assert "findings beyond the paper" in plain_summary(build_scorecard(tmp_path / "good", profile="default"))
+    styled_scorecard(build_scorecard(tmp_path / "good", profile="default"), kinds="beyond").to_html()
+
+    worse = _by_key(build_scorecard(_beyond_results(tmp_path / "bad", influence=-0.1, rank=0.2), profile="default"))
+    assert worse["faithfulness_rho_influence"]["note"].startswith("above the rank baseline: does not hold")
+    assert worse["faithfulness_beats_rank"]["note"].startswith("in most cells: does not hold")
+
+
+def test_beyond_rows_name_the_chapter_to_run(tmp_path):
+    rows = _by_key(build_scorecard(_results(tmp_path / "r"), profile="default"))
+    assert "run chapter 08-faithfulness (faithfulness.json)" in rows["faithfulness_rho_influence"]["note"]
+    assert "run chapter 08-faithfulness (cohorts.csv)" in rows["cohort_significant_pairs"]["note"]
+    assert "intervention is absent or empty in circuit_summary.json" in rows["intervention_top_drop"]["note"]

@@ -78,6 +78,8 @@ CHAPTER_OF = {
     "table4.csv": "05-enrichment",
     "table4.csv.provenance.json": "05-enrichment",
     "circuit_summary.json": "06-circuit",
+    "faithfulness.json": "08-faithfulness",
+    "cohorts.csv": "08-faithfulness",
 }
 
 
@@ -477,6 +479,95 @@ def _controls(r: _Results) -> list[dict[str, Any]]:
     return rows
 
 
+def _holds(test: str, holds: bool) -> str:
+    return f"{test}: {'holds' if holds else 'does not hold'}"
+
+
+def _beyond_rows(r: _Results) -> list[_Builder]:
+    """The findings of the chapters beyond the paper (rule b): each states the test it answers."""
+    def beyond(key: str, quantity: str, source: str, value, note: str) -> dict[str, Any]:
+        return {"key": key, "quantity": quantity, "source": source, "kind": "beyond", "paper": None,
+                "reproduced": value, "difference": None, "verdict": "not comparable", "tolerance": "", "note": note}
+
+    def graph_score(name: str, what: str):
+        def build():
+            score = r.json("circuit_summary.json", f"{name}_score")
+            size = r.json("circuit_summary.json", "pruned_graph_size")
+            return beyond(f"graph_{name}_score", f"attribution graph {name} score", "ch. 6", score,
+                          _join(what, f"pruned graph of {size['nodes']} nodes ({size['feature']} features, "
+                                      f"{size['error']} error nodes)"))
+        return build
+
+    def intervention():
+        run = r.json("circuit_summary.json", "intervention")
+        beats = run["top_drop"] > run["random_drop_mean"] + 2 * run["random_drop_std"]
+        return beyond("intervention_top_drop", f"drop in p(label) with the graph's top {run['n_features']} features "
+                      "switched off in the real model", "ch. 6", run["top_drop"],
+                      _join(_holds("larger than random sets of as many active features", beats),
+                            f"random {_fmt(run['random_drop_mean'])} ± {_fmt(run['random_drop_std'])} over "
+                            f"{run['n_random']} sets, p = {_fmt(run['p_value'])}",
+                            "the answer flips" if run["flipped"] else "the answer stays"))
+
+    def rho(predictor: str, what: str):
+        def build():
+            medians = r.json("faithfulness.json", "median_rho")
+            value, rank = medians.get(predictor), medians.get("rank")
+            n = r.json("faithfulness.json", "n_cells")
+            note = f"{what}; over {n} cells"
+            if predictor != "rank" and _is_number(value) and _is_number(rank):
+                note = _join(_holds("above the rank baseline", value > rank), note)
+            return beyond(f"faithfulness_rho_{predictor}", f"median Spearman rho of {predictor} against the "
+                          "observed effect of removing each gene", "ch. 8", value, note)
+        return build
+
+    def beats_rank():
+        share = r.json("faithfulness.json", "graph_beats_rank")["influence"]
+        by_type = r.json("faithfulness.json", "median_rho_by_type")
+        losing = sorted(t for t, m in by_type.items()
+                        if _is_number(m.get("influence")) and _is_number(m.get("rank")) and m["influence"] <= m["rank"])
+        return beyond("faithfulness_beats_rank", "share of cells whose graph influence predicts removal better "
+                      "than the gene's rank", "ch. 8", share,
+                      _join(_holds("in most cells", share > 0.5),
+                            f"types where it does not (median): {', '.join(losing)}" if losing
+                            else "it does in every type (median)"))
+
+    def cohort_pairs():
+        summary = r.table("cohorts.csv", ("type", "gene", "fdr"))
+        significant = summary[summary["fdr"] < 0.05]
+        return beyond("cohort_significant_pairs", "(type, gene) pairs that drive a type's answer more than the "
+                      "other types' (permutation FDR < 0.05)", "ch. 8", int(len(significant)),
+                      f"{significant['type'].nunique()} of {summary['type'].nunique()} types hold at least one")
+
+    def prerank_first():
+        rows = [row for row in r.json("faithfulness.json", "prerank")]
+        if not rows:
+            raise _Missing("faithfulness.json", "prerank")
+        first = [row["type"] for row in rows if row.get("own_place") == 1]
+        shuffled = sum(row.get("shuffled_place") == 1 for row in rows)
+        significant = sum(_is_number(row.get("own_fdr")) and row["own_fdr"] < 0.05 and row.get("own_place") == 1
+                          for row in rows)
+        return beyond("prerank_own_first", "types whose own marker term tops the prerank GSEA of their influence",
+                      "ch. 8", f"{len(first)} of {len(rows)}",
+                      _join(f"at FDR < 0.05: {significant}", f"label-shuffled control: {shuffled} of {len(rows)}",
+                            f"first: {', '.join(first)}" if first else ""))
+
+    return [
+        ("graph_replacement_score", graph_score("replacement", "share of the answer's attribution that reaches "
+                                                "it through features and tokens rather than error nodes")),
+        ("graph_completeness_score", graph_score("completeness", "share of the nodes' inputs explained by "
+                                                 "nodes rather than error terms")),
+        ("intervention_top_drop", intervention),
+        *[(f"faithfulness_rho_{name}", rho(name, what)) for name, what in (
+            ("influence", "the graph's gene-node influence"), ("linear", "the graph's first-order estimate"),
+            ("dla", "attention-free direct logit attribution"), ("circuit", "membership of the greedy circuit"),
+            ("rank", "the gene's rank in the sentence"), ("expression", "the gene's expression"),
+            ("random", "random numbers"))],
+        ("faithfulness_beats_rank", beats_rank),
+        ("cohort_significant_pairs", cohort_pairs),
+        ("prerank_own_first", prerank_first),
+    ]
+
+
 def _context(r: _Results, profile: str) -> _Context:
     try:
         model = str(r.json("model.json", "model"))
@@ -515,6 +606,13 @@ def build_scorecard(results_dir: str | os.PathLike, *, profile: str) -> pd.DataF
             out = _missing_row(key, missing)
         rows.extend(out if isinstance(out, list) else [out])
     rows.extend(_controls(r))
+    for key, builder in _beyond_rows(r):
+        try:
+            rows.append(builder())
+        except _Missing as missing:
+            rows.append({"key": key, "quantity": key.replace("_", " "), "source": "beyond the paper", "kind": "beyond",
+                         "paper": None, "reproduced": None, "difference": None, "verdict": "not comparable",
+                         "tolerance": "", "note": _missing_note(missing)})
     table = pd.DataFrame(rows)
     table["model"] = "same as the paper" if ctx.same_model else f"differs: {ctx.model_label}"
     return table[COLUMNS + ["key"]]
@@ -525,7 +623,7 @@ def build_scorecard(results_dir: str | os.PathLike, *, profile: str) -> pd.DataF
 # Rendering for the book (step 4)
 
 VERDICT_COLOURS = {"reproduced": "#d8f0d8", "differs": "#f8d8d0", "not comparable": "#e8e8e8"}
-KINDS = ("setting", "result", "claim", "control")
+KINDS = ("setting", "result", "claim", "control", "beyond")
 _DIGITS = 4  # the paper's numbers carry up to four significant digits (2.406, 315.17)
 
 
@@ -582,7 +680,7 @@ def _listing(rows: pd.DataFrame) -> str:
 def plain_summary(scorecard: pd.DataFrame) -> str:
     """The scorecard in words (Markdown): how many of the paper's numbers and claims are
     reproduced, differ or cannot be compared, then which results, claims and settings."""
-    compared = scorecard[scorecard["kind"] != "control"]
+    compared = scorecard[~scorecard["kind"].isin(("control", "beyond"))]
     verdicts = compared["verdict"].value_counts()
     findings = compared[compared["kind"] != "setting"]
     settings = compared[compared["kind"] == "setting"]
@@ -592,7 +690,8 @@ def plain_summary(scorecard: pd.DataFrame) -> str:
     text = (
         f"Of the paper's {len(compared)} numbers and claims, **{verdicts.get('reproduced', 0)} are reproduced**, "
         f"**{verdicts.get('differs', 0)} differ** and {verdicts.get('not comparable', 0)} cannot be compared here; "
-        f"{int((scorecard['kind'] == 'control').sum())} further rows are controls this book adds.\n\n"
+        f"{int((scorecard['kind'] == 'control').sum())} further rows are controls this book adds, and "
+        f"{int((scorecard['kind'] == 'beyond').sum())} are findings beyond the paper.\n\n"
         + (f"**Results and claims that hold:** {_listing(held)}.\n\n" if len(held)
            else "No result or claim of the paper holds here.\n\n")
         + (f"**Results and claims that differ:** {_listing(differ)}.\n\n" if len(differ)
