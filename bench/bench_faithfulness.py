@@ -14,7 +14,7 @@
    direct logit attribution, and every gene of the sentence removed in turn and scored by the real
    model over all candidate labels.
 3. Reports seconds per cell, cells per minute, removals per second and peak resident memory, and the
-   projected time of chapter 08's default 60 cells.
+   projected time of chapter 08's default 50 cells.
 
 Usage: python bench/bench_faithfulness.py --results-dir results/default [--cells 5]
        python bench/bench_faithfulness.py --preset 410m [--layers 4] [--cells 2]
@@ -36,7 +36,7 @@ from c2srepro.data.datasets import load_dataset
 from c2srepro.data.prompts import encode_prompts
 from c2srepro.models.predict import predict_labels
 
-CHAPTER_CELLS = 60  # chapter 08's default n_cells
+CHAPTER_CELLS = 50  # chapter 08's default n_cells
 
 
 def profile_setup(results_dir: str, n_cells: int):

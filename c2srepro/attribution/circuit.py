@@ -26,7 +26,7 @@ path's own weight: the path weights conserve the target's value.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import networkx as nx
 
@@ -73,6 +73,58 @@ def node_attributes(
     }
 
 
+SearchPath = tuple[Hashable, ...]  # head (the most upstream node) first, the target last
+
+
+def check_search(k: int, depth: int, threshold: float) -> None:
+    """The search's sizes, shared by both entry points."""
+    if k < 1 or depth < 1:
+        raise ValueError(f"k and depth must be >= 1, got k={k}, depth={depth}")
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0 (a fraction of |target value|), got {threshold}")
+
+
+def beam_search(
+    target: Hashable,
+    target_value: float,
+    *,
+    k: int,
+    depth: int,
+    threshold: float,
+    expandable: Callable[[Hashable], bool],
+    sources: Callable[[Hashable], Sequence[tuple[Hashable, float]]],
+    value: Callable[[Hashable], float],
+    prepare: Callable[[list[Hashable]], None] | None = None,
+) -> list[tuple[SearchPath, float]]:
+    """Steps 2-4 of the module docstring over any node type: every path kept at some step, with its weight.
+
+    expandable(node): whether the node has sources to extend by (a feature or logit; a computed row);
+    sources(node): its ``k`` largest (source, contribution) pairs; value(node): its value, which
+    the contributions add up to; prepare(nodes): called with each step's new heads before their
+    sources are asked for (one batched attribution pass instead of one per head).
+    """
+    cutoff = threshold * abs(target_value)
+    beam: list[tuple[SearchPath, float]] = [((target,), target_value)]
+    kept: list[tuple[SearchPath, float]] = []
+    for step in range(depth):
+        extend = [(path, w) for path, w in beam if expandable(path[0])]
+        if prepare is not None:
+            prepare(list(dict.fromkeys(path[0] for path, _ in extend)))
+        candidates = []
+        for path, w in extend:
+            head = path[0]
+            # Conservation: a feature head's share w is split in proportion to its sources.
+            scale = 1.0 if head == target else w / value(head)
+            candidates.extend(((source, *path), c * scale) for source, c in sources(head))
+        candidates.sort(key=lambda item: -abs(item[1]))
+        beam = [(path, w) for path, w in candidates[:k] if abs(w) >= cutoff and w != 0.0]
+        logger.info("circuit search step %d: kept %d of %d candidate paths", step + 1, len(beam), len(candidates))
+        kept.extend(beam)
+        if not beam:
+            break
+    return kept
+
+
 def find_circuit(
     rep: LinearisedReplacement,
     target: Node,
@@ -94,10 +146,7 @@ def find_circuit(
     genes / tokens: per-token gene symbol (None for template text) and token string, stored on nodes.
     """
     rep.check_target(target)
-    if k < 1 or depth < 1:
-        raise ValueError(f"k and depth must be >= 1, got k={k}, depth={depth}")
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0 (a fraction of |target value|), got {threshold}")
+    check_search(k, depth, threshold)
     unknown = set(kinds) - set(SOURCE_KINDS)
     if unknown or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of {SOURCE_KINDS}, got {list(kinds)}")
@@ -105,29 +154,20 @@ def find_circuit(
     _check_per_token("tokens", tokens, rep.n_pos)
 
     target_value = rep.value(target)
-    cutoff = threshold * abs(target_value)
     attributions: dict[Node, Attribution] = {}
-    beam: list[tuple[tuple[Node, ...], float]] = [((target,), target_value)]  # (path head-first, weight)
-    kept: list[tuple[tuple[Node, ...], float]] = []
-    for step in range(depth):
-        expandable = [(path, w) for path, w in beam if path[0].kind in ("feature", "logit")]
-        new_heads = list(dict.fromkeys(path[0] for path, _ in expandable if path[0] not in attributions))
-        for start in range(0, len(new_heads), _MAX_BATCH):
-            batch = new_heads[start : start + _MAX_BATCH]
+
+    def prepare(heads: list[Node]) -> None:
+        new = [head for head in heads if head not in attributions]
+        for start in range(0, len(new), _MAX_BATCH):
+            batch = new[start : start + _MAX_BATCH]
             attributions.update(zip(batch, attribute_many(rep, batch)))
-        candidates = []
-        for path, w in expandable:
-            head = path[0]
-            # Conservation: a feature head's share w is split in proportion to its sources.
-            scale = 1.0 if head == target else w / attributions[head].value
-            for source, c in attributions[head].top(k, kinds=kinds):
-                candidates.append(((source, *path), c * scale))
-        candidates.sort(key=lambda item: -abs(item[1]))
-        beam = [(path, w) for path, w in candidates[:k] if abs(w) >= cutoff and w != 0.0]
-        logger.info("circuit search step %d: kept %d of %d candidate paths", step + 1, len(beam), len(candidates))
-        kept.extend(beam)
-        if not beam:
-            break
+
+    kept = beam_search(
+        target, target_value, k=k, depth=depth, threshold=threshold, prepare=prepare,
+        expandable=lambda node: node.kind in ("feature", "logit"),
+        sources=lambda node: attributions[node].top(k, kinds=kinds),
+        value=lambda node: attributions[node].value,
+    )
 
     graph = nx.DiGraph(
         target=target.id,

@@ -65,6 +65,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from c2srepro._cache import atomic_path
+from c2srepro.attribution.circuit import beam_search, check_search
 from c2srepro.attribution.contributions import _layer_transpose, _reading, _seed, _seed_step
 from c2srepro.attribution.linearised import LinearisedReplacement
 from c2srepro.attribution.nodes import Node
@@ -582,10 +583,7 @@ def greedy_paths(
     if not graph.nodes["is_target"].iloc[target_index]:
         raise ValueError(f"{target.id} is not a target of this graph; its targets: "
                          f"{[graph.node(i).id for i in graph.targets]}")
-    if k < 1 or depth < 1:
-        raise ValueError(f"k and depth must be >= 1, got k={k}, depth={depth}")
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0 (a fraction of |target value|), got {threshold}")
+    check_search(k, depth, threshold)
     allowed = {"feature", "error", "embedding"}
     if not kinds or set(kinds) - allowed:
         raise ValueError(f"kinds must be a non-empty subset of {sorted(allowed)} (biases are not graph nodes), "
@@ -594,29 +592,14 @@ def greedy_paths(
     computed = graph.nodes["computed"].to_numpy()
     values = graph.nodes["value"].to_numpy()
     target_value = float(values[target_index])
-    cutoff = threshold * abs(target_value)
 
     def top(index: int) -> list[tuple[int, float]]:
         row = graph.adjacency[index] * kind_ok
         magnitudes, order = row.abs().topk(min(k, row.numel()))
         return [(int(i), float(row[i])) for m, i in zip(magnitudes, order) if m > 0]
 
-    beam: list[tuple[tuple[int, ...], float]] = [((target_index,), target_value)]
-    kept: list[tuple[tuple[int, ...], float]] = []
-    for _ in range(depth):
-        candidates = []
-        for path, w in beam:
-            head = path[0]
-            if not computed[head]:
-                continue
-            # Conservation: a feature head's share w is split in proportion to its sources.
-            scale = 1.0 if head == target_index else w / values[head]
-            candidates.extend(((source, *path), c * scale) for source, c in top(head))
-        candidates.sort(key=lambda item: -abs(item[1]))
-        beam = [(path, w) for path, w in candidates[:k] if abs(w) >= cutoff and w != 0.0]
-        kept.extend(beam)
-        if not beam:
-            break
+    kept = beam_search(target_index, target_value, k=k, depth=depth, threshold=threshold,
+                       expandable=lambda index: bool(computed[index]), sources=top, value=lambda index: values[index])
 
     tokens, genes = graph.info.get("tokens"), graph.info.get("genes")
     circuit = nx.DiGraph(
