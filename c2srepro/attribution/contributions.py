@@ -43,7 +43,7 @@ plus, for skip transcoders, one term per layer j for the part that leaves first 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +186,29 @@ def _layer_transpose(
     return carried if skip is None else carried + skip
 
 
+def residual_gradients(
+    rep: LinearisedReplacement, targets: Sequence[Node]
+) -> Iterator[tuple[int | None, Float[Tensor, "target pos d_model"]]]:
+    """The shared backward pass of ``targets`` (steps 1-3 of the module docstring), top layer first.
+
+    Yields (layer, G_{layer+1}) for each layer from the last one the targets read down to layer 0,
+    the gradient the sources that layer writes into r_{layer+1} are read by; then (None, G_0), read by
+    the token embeddings. Positions stop at the last target's: nothing after it contributes. Each
+    target is seeded with its reading vector at the step it reads the residual stream.
+    """
+    n_pos = max(t.position for t in targets) + 1
+    readings = [_reading(rep, t) for t in targets]
+    steps = torch.tensor([_seed_step(rep, t) for t in targets])
+    grad = rep.weights.embed.new_zeros(len(targets), n_pos, rep.weights.d_model)
+    for m in range((int(steps.max()) + 1) // 2, 0, -1):  # grad holds G_m = d value / d r_m
+        _seed(grad, targets, readings, steps, 2 * m)
+        yield m - 1, grad  # sources written by layer m - 1 land in r_m
+        # G_{m-1} = G_m + (Attn^T + Skip^T)(G_m), seeding the targets that read r_m less this layer's sources
+        grad = _layer_transpose(rep, m - 1, grad, lambda g: _seed(g, targets, readings, steps, 2 * m - 1))
+    _seed(grad, targets, readings, steps, 0)
+    yield None, grad
+
+
 def _feature_contributions(
     rep: LinearisedReplacement, layer: int, grad: Float[Tensor, "target pos d_model"]
 ) -> Float[Tensor, "target active"]:
@@ -208,27 +231,20 @@ def attribute_many(rep: LinearisedReplacement, targets: Sequence[Node]) -> list[
         return []
     for target in targets:
         rep.check_target(target)
-    weights = rep.weights
     n_targets, n_layers = len(targets), rep.n_layers
-    # Causality: nothing after the last target position can contribute, so the pass stops there.
     n_pos = max(t.position for t in targets) + 1
     readings = [_reading(rep, t) for t in targets]
-    steps = torch.tensor([_seed_step(rep, t) for t in targets])
-    grad = weights.embed.new_zeros(n_targets, n_pos, weights.d_model)
-    error = grad.new_zeros(n_targets, n_layers, rep.n_pos)
-    bias = grad.new_zeros(n_targets, n_layers, rep.n_pos)
-    features = [grad.new_zeros(n_targets, len(a)) for a in rep.active]
-    for m in range((int(steps.max()) + 1) // 2, -1, -1):  # grad holds G_m = d pre / d r_m
-        _seed(grad, targets, readings, steps, 2 * m)
-        if m == 0:
-            break
-        layer = m - 1  # sources written by this layer land in r_m
+    error = rep.weights.embed.new_zeros(n_targets, n_layers, rep.n_pos)
+    bias = error.new_zeros(n_targets, n_layers, rep.n_pos)
+    embedding = error.new_zeros(n_targets, rep.n_pos)
+    features = [error.new_zeros(n_targets, len(a)) for a in rep.active]
+    for layer, grad in residual_gradients(rep, targets):
+        if layer is None:
+            embedding[:, :n_pos] = torch.einsum("ntd,td->nt", grad, rep.weights.embed[rep.input_ids[:n_pos]])
+            continue
         features[layer] = _feature_contributions(rep, layer, grad)
         error[:, layer, :n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
         bias[:, layer, :n_pos] = grad @ rep.written_bias[layer]
-        grad = _layer_transpose(rep, layer, grad, lambda g: _seed(g, targets, readings, steps, 2 * m - 1))
-    embedding = grad.new_zeros(n_targets, rep.n_pos)
-    embedding[:, :n_pos] = torch.einsum("ntd,td->nt", grad, weights.embed[rep.input_ids[:n_pos]])
     return [
         Attribution(
             replacement=rep,

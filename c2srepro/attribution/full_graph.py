@@ -66,7 +66,7 @@ from torch import Tensor
 
 from c2srepro._cache import atomic_path
 from c2srepro.attribution.circuit import beam_search, check_search
-from c2srepro.attribution.contributions import _layer_transpose, _reading, _seed, _seed_step
+from c2srepro.attribution.contributions import _reading, residual_gradients
 from c2srepro.attribution.linearised import LinearisedReplacement
 from c2srepro.attribution.nodes import Node
 
@@ -353,19 +353,15 @@ class _Columns:
 @torch.no_grad()
 def _rows(rep: LinearisedReplacement, targets: Sequence[Node], cols: _Columns) -> tuple[Tensor, Tensor]:
     """One shared backward pass (module docstring, step 2): rows over ``cols`` and each row's constant."""
-    weights = rep.weights
-    # Causality: nothing after the batch's last target position contributes, so the pass stops there.
     n, n_pos = len(targets), max(t.position for t in targets) + 1
-    readings = [_reading(rep, t) for t in targets]
-    steps = torch.tensor([_seed_step(rep, t) for t in targets])
-    grad = weights.embed.new_zeros(n, n_pos, weights.d_model)
-    rows = grad.new_zeros(n, cols.n_cols)
-    constant = torch.tensor([c for _, c in readings], dtype=grad.dtype, device=grad.device)
-    for m in range((int(steps.max()) + 1) // 2, -1, -1):  # grad holds G_m = d value / d r_m
-        _seed(grad, targets, readings, steps, 2 * m)
-        if m == 0:
-            break
-        layer = m - 1  # sources written by this layer land in r_m
+    rows = rep.weights.embed.new_zeros(n, cols.n_cols)
+    constant = torch.tensor([_reading(rep, t)[1] for t in targets], dtype=rows.dtype, device=rows.device)
+    for layer, grad in residual_gradients(rep, targets):
+        if layer is None:
+            rows[:, cols.token_start : cols.token_start + n_pos] = torch.einsum(
+                "ntd,td->nt", grad, rep.weights.embed[rep.input_ids[:n_pos]]
+            )
+            continue
         act = rep.active[layer]
         padded, slot = cols.slots[layer]
         visible = (act.position < n_pos).nonzero().flatten()
@@ -379,11 +375,6 @@ def _rows(rep: LinearisedReplacement, targets: Sequence[Node], cols: _Columns) -
         error_col = cols.error_start + layer * rep.n_pos
         rows[:, error_col : error_col + n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
         constant += (grad @ rep.written_bias[layer]).sum(dim=1)
-        # G_{m-1} = G_m + (Attn^T + Skip^T)(G_m), seeding the targets that read r_m less this layer's sources
-        grad = _layer_transpose(rep, layer, grad, lambda g: _seed(g, targets, readings, steps, 2 * m - 1))
-    rows[:, cols.token_start : cols.token_start + n_pos] = torch.einsum(
-        "ntd,td->nt", grad, weights.embed[rep.input_ids[:n_pos]]
-    )
     return rows, constant
 
 
