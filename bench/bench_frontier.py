@@ -16,7 +16,9 @@
    ``.provenance.json``: parameters, commit, package versions, the model and split
    fingerprints) and ``<profile>.png`` (``c2srepro.transcoder.plots.plot_frontier``). Rows of
    the variants run replace those of an earlier run on the same model and split, so
-   ``--skip`` and ``--variants`` runs add their curves to one table.
+   ``--skip`` and ``--variants`` runs add their curves to one table; the table is written after
+   every point, and a rerun keeps the points of the same setting and run length (a stopped
+   sweep resumes).
 
     python bench/bench_frontier.py [--results-dir results/default] [--skip] [--variants relu topk ...]
         [--tokens N]
@@ -34,48 +36,42 @@ import pandas as pd
 
 PAPER_L1 = 1.12e-3  # chapter 2's default-profile L1 coefficient (the paper's setting, rescaled there)
 SETTINGS = {
-    "relu": ("l1_coefficient", [PAPER_L1 / 4, PAPER_L1 / 2, PAPER_L1, PAPER_L1 * 2, PAPER_L1 * 4]),
+    "relu": ("l1_coefficient", [PAPER_L1 / 4, PAPER_L1 / 2, PAPER_L1, PAPER_L1 * 2]),
     "topk": ("k", [4, 8, 16, 32]),
-    "batchtopk": ("k", [4, 8, 16, 32]),
     "jumprelu": ("l0_coefficient", [3e-5, 1e-4, 3e-4, 1e-3]),
+    "batchtopk": ("k", [4, 8, 16, 32]),
 }
 CACHE = Path(__file__).parent / "frontier"
 
 
-def frontier_rows(model, train_source, heldout, base, *, settings=SETTINGS, skip=False) -> pd.DataFrame:
-    """Steps 2-3: one row per (variant, setting) trained on ``train_source``, judged on ``heldout``."""
+def frontier_row(model, train_source, heldout, base, activation: str, field: str, value: float, *, skip: bool) -> dict:
+    """Steps 2-3 for one (variant, setting): trained on ``train_source``, judged on ``heldout``."""
     import dataclasses
 
     from c2srepro.transcoder import evaluate_replacement, train_transcoders
 
-    rows = []
-    for activation, (field, values) in settings.items():
-        for value in values:
-            tcfg = dataclasses.replace(base, activation=activation, skip=skip, **{field: value})
-            result = train_transcoders(train_source, tcfg, progress=False)
-            report, per_layer = evaluate_replacement(model, result.transcoders, heldout, progress=False)
-            row = {
-                "variant": activation + ("+skip" if skip else ""), "setting": f"{field}={value:g}",
-                "l0": report.mean_l0, "fraction_loss_recovered": report.fraction_loss_recovered,
-                "kl_score": report.kl_score, "fvu": report.mean_fvu, "dead_fraction": report.mean_dead_fraction,
-                "dense_fraction": report.mean_dense_fraction, "train_seconds": result.seconds,
-                "paper_setting": activation == "relu" and value == base.l1_coefficient and not skip,
-            }
-            print(json.dumps(row), file=sys.stderr, flush=True)  # a long sweep's progress
-            rows.append(row)
-    return pd.DataFrame(rows)
+    tcfg = dataclasses.replace(base, activation=activation, skip=skip, **{field: value})
+    result = train_transcoders(train_source, tcfg, progress=False)
+    report, _ = evaluate_replacement(model, result.transcoders, heldout, progress=False)
+    return {
+        "variant": activation + ("+skip" if skip else ""), "setting": f"{field}={value:g}",
+        "l0": report.mean_l0, "fraction_loss_recovered": report.fraction_loss_recovered,
+        "kl_score": report.kl_score, "fvu": report.mean_fvu, "dead_fraction": report.mean_dead_fraction,
+        "dense_fraction": report.mean_dense_fraction, "training_tokens": base.training_tokens,
+        "train_seconds": result.seconds,
+        "paper_setting": activation == "relu" and value == base.l1_coefficient and not skip,
+    }
 
 
-def merged(new: pd.DataFrame, path: Path, identity: dict) -> pd.DataFrame:
-    """``new`` and the rows of other variants in ``path``, when it holds the same model and split."""
+def earlier_rows(path: Path, identity: dict) -> pd.DataFrame | None:
+    """The rows in ``path`` when its provenance records the same model and split, else None."""
     record = path.with_name(path.name + ".provenance.json")
     if not path.is_file() or not record.is_file():
-        return new
+        return None
     earlier = json.loads(record.read_text())["inputs"]
     if any(earlier.get(key) != value for key, value in identity.items()):
-        return new
-    old = pd.read_csv(path)
-    return pd.concat([old[~old["variant"].isin(new["variant"])], new], ignore_index=True)
+        return None
+    return pd.read_csv(path)
 
 
 def commit() -> str:
@@ -100,6 +96,8 @@ def main() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from c2srepro._cache import atomic_path, short_hash
     from c2srepro.book.provenance import write_table
     from c2srepro.book.stages import model_stage
@@ -114,20 +112,40 @@ def main() -> None:
                                  seed=seed, progress=False)
     base = TrainConfig(expansion_factor=8, l1_coefficient=PAPER_L1, lr=3e-3, tokens_per_batch=512,
                        training_tokens=args.tokens, seed=seed, resample_every_steps=100)
-    settings = {name: SETTINGS[name] for name in args.variants}
-    frame = frontier_rows(stage.model, source, stage.prompts("heldout"), base, settings=settings, skip=args.skip)
     profile = stage.summary["provenance"]["params"].get("profile") or results.name
     identity = {"model": stage.fingerprints["model"], "split": stage.fingerprints["split"]}
     params = {"profile": profile, "results_dir": str(results), "train_config": base.to_dict(),
               "settings": {name: [field, values] for name, (field, values) in SETTINGS.items()},
               "command": " ".join(sys.argv[1:]), "commit": commit()}
-    for path in (results / "frontier.csv", CACHE / f"{profile}.csv"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table = merged(frame, path, identity)
-        write_table(path, table, params=params, inputs=identity)
-        fig = plot_frontier(table, title=f"{profile} profile: the sparsity frontier of each variant")
-        with atomic_path(path.with_suffix(".png"), suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=150)
+    paths = (results / "frontier.csv", CACHE / f"{profile}.csv")
+    suffix = "+skip" if args.skip else ""
+    # Rows of the variants run here replace an earlier run's, except those of the same setting
+    # and run length, which are kept (a long sweep that was stopped resumes where it was).
+    table = earlier_rows(paths[0], identity)
+    if table is None:
+        table = pd.DataFrame()
+    else:
+        ran = table["variant"].isin([name + suffix for name in args.variants])
+        wanted = {(name + suffix, f"{field}={value:g}") for name in args.variants for field, values in [SETTINGS[name]]
+                  for value in values}
+        keep = [not r or ((v, st) in wanted and t == args.tokens)
+                for r, v, st, t in zip(ran, table["variant"], table["setting"], table["training_tokens"])]
+        table = table[keep].reset_index(drop=True)
+    for name in args.variants:
+        field, values = SETTINGS[name]
+        for value in values:
+            if len(table) and ((table["variant"] == name + suffix) & (table["setting"] == f"{field}={value:g}")).any():
+                continue
+            row = frontier_row(stage.model, source, stage.prompts("heldout"), base, name, field, value, skip=args.skip)
+            print(json.dumps(row), file=sys.stderr, flush=True)  # a long sweep's progress
+            table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+            for path in paths:  # after every point: a stopped sweep keeps what it measured
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_table(path, table, params=params, inputs=identity)
+                fig = plot_frontier(table, title=f"{profile} profile: the sparsity frontier of each variant")
+                with atomic_path(path.with_suffix(".png"), suffix=".png") as tmp:
+                    fig.savefig(tmp, dpi=150)
+                plt.close(fig)
     print(table.to_string(index=False))
 
 

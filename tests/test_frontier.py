@@ -35,3 +35,18 @@ def test_one_curve_per_variant_in_order_of_l0_and_the_paper_setting_ringed():
 def test_a_table_without_the_frontier_columns_is_refused():
     with pytest.raises(ValueError, match=r"lacks columns \['fvu'\].*bench_frontier"):
         plot_frontier(_frame().drop(columns="fvu"))
+
+
+def test_a_cached_table_says_when_it_is_missing_or_for_another_model(tmp_path):
+    from c2srepro.book.provenance import read_cached_table, write_table
+
+    path = tmp_path / "default.csv"
+    table, note = read_cached_table(path, inputs={"model": "m1"}, regenerate="python bench/x.py")
+    assert table is None and note == f"{path} is missing: make it with `python bench/x.py`"
+    write_table(path, _frame(), params={}, inputs={"model": "m1", "split": "s1"})
+    table, note = read_cached_table(path, inputs={"model": "m1", "split": "s1"}, regenerate="python bench/x.py")
+    assert note is None and table.equals(pd.read_csv(path)) and len(table) == 12
+    table, note = read_cached_table(path, inputs={"model": "m2", "split": "s1"}, regenerate="python bench/x.py")
+    assert len(table) == 12
+    assert note.startswith(f"{path} was made for another model than these results (model m1 there, m2 here)")
+    assert note.endswith("regenerate it with `python bench/x.py`")

@@ -339,16 +339,23 @@ class StackedTranscoders(nn.Module):
         batch, d_model = x.shape[1], x.shape[2]
         pre = torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc)  # [L, B, d_tc]
         z, kept = self._training_activation(pre)  # eq. 1
-        # A as 0/1 floats: on CPU, boolean masks multiply and sum ~10x slower than floats.
-        active = torch.sign(z)  # z >= 0 for every variant
+        n, d_tc = pre.shape[0], pre.shape[2]
+        if kept is None:
+            # A as 0/1 floats: on CPU, boolean masks multiply and sum ~10x slower than floats.
+            active = torch.sign(z)  # z >= 0 for every variant
+            counts = active.sum(1)  # [L, d_tc] tokens on which each feature fired (float)
+            l1 = z.sum(dim=(1, 2)) / batch  # [L]; z >= 0, so this is the mean ||z||_1
+        else:  # TopK variants: the same bookkeeping on the k B kept entries, not the dense z
+            values, index = kept
+            fired = torch.sign(values)  # [L, k B]
+            counts = torch.zeros(n, d_tc, dtype=z.dtype, device=z.device).scatter_add_(1, index % d_tc, fired)
+            l1 = values.sum(-1) / batch
         error = torch.baddbmm(self.b_dec.unsqueeze(1), z, self.W_dec)  # eq. 2, [L, B, d]
         if self.W_skip is not None:
             error.baddbmm_(x, self.W_skip)
         error.sub_(y)  # minus the target
         sq_error = error.square().sum(-1)  # [L, B]
         mse = sq_error.mean(-1) / d_model  # [L]
-        l1 = z.sum(dim=(1, 2)) / batch  # [L]; z >= 0, so this is the mean ||z||_1
-        counts = active.sum(1)  # [L, d_tc] tokens on which each feature fired (float)
         grad_y = error * (2.0 / (d_model * batch))  # [L, B, d]
         self.W_dec.grad = torch.bmm(z.transpose(1, 2), grad_y)
         self.b_dec.grad = grad_y.sum(1)
@@ -367,18 +374,23 @@ class StackedTranscoders(nn.Module):
             self.log_threshold.grad = -(theta / self.bandwidth) * weight.sum(1)  # theta = exp(log theta): chain rule
         else:
             loss = mse.clone()
-        grad_pre.mul_(active)
+        if kept is None:
+            grad_pre.mul_(active)
+        else:
+            kept_grad = grad_pre.view(n, -1).gather(1, index).mul_(fired)
+            grad_pre.zero_().view(n, -1).scatter_(1, index, kept_grad)
         if self.activation in TOPK_ACTIVATIONS and dead is not None and bool(dead.any()):
             loss += self._aux_k_terms(pre, error, dead, grad_pre)
         if self.activation == "batchtopk":
-            self._update_threshold(kept)
+            self._update_threshold(kept[0])
         self.W_enc.grad = torch.bmm(x.transpose(1, 2), grad_pre)
         self.b_enc.grad = grad_pre.sum(1)
         return {"loss": loss, "mse": mse, "l1": l1, "sq_error": sq_error, "error": error, "counts": counts}
 
-    def _training_activation(self, pre: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(z, the kept values of a TopK variant) without autograd; ReLU works in place on ``pre``
-        (which only JumpReLU and AuxK read again)."""
+    def _training_activation(self, pre: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """(z, kept) without autograd; ``kept`` is, for the TopK variants, the kept values and their
+        positions in each layer's flattened [B d_tc] pre-activations (None otherwise). ReLU works
+        in place on ``pre`` (which only JumpReLU and AuxK read again)."""
         if self.activation == "relu":
             return pre.clamp_min_(0), None
         if self.activation == "jumprelu":
@@ -386,11 +398,13 @@ class StackedTranscoders(nn.Module):
         n, batch, d_tc = pre.shape
         if self.activation == "topk":
             values, index = pre.topk(self.k, dim=-1, sorted=False)
-            values.clamp_min_(0)
-            return torch.zeros_like(pre).scatter_(-1, index, values), values
-        values, index = pre.reshape(n, batch * d_tc).topk(self.k * batch, dim=-1, sorted=False)
-        values.clamp_min_(0)  # the k * B largest of relu(pre) are relu of the k * B largest of pre
-        return torch.zeros(n, batch * d_tc, dtype=pre.dtype, device=pre.device).scatter_(-1, index, values).reshape(n, batch, d_tc), values
+            index = index.add_(torch.arange(0, batch * d_tc, d_tc, device=pre.device)[:, None]).reshape(n, -1)
+            values = values.reshape(n, -1)
+        else:
+            values, index = pre.reshape(n, batch * d_tc).topk(self.k * batch, dim=-1, sorted=False)
+        values.clamp_min_(0)  # the largest of relu(pre) are relu of the largest of pre
+        z = torch.zeros(n, batch * d_tc, dtype=pre.dtype, device=pre.device).scatter_(1, index, values)
+        return z.view(n, batch, d_tc), (values, index)
 
     def _aux_k_terms(self, pre: Tensor, error: Tensor, dead: Tensor, grad_pre: Tensor) -> Tensor:
         """AuxK by hand (``_aux_k_loss``'s loss): its gradients added to ``W_dec.grad`` and
