@@ -121,16 +121,18 @@ def main() -> None:
     suffix = "+skip" if args.skip else ""
     # Rows of the variants run here replace an earlier run's, except those of the same setting
     # and run length, which are kept (a long sweep that was stopped resumes where it was).
+    mine = [name + suffix for name in args.variants]
     table = earlier_rows(paths[0], identity)
     if table is None:
         table = pd.DataFrame()
     else:
-        ran = table["variant"].isin([name + suffix for name in args.variants])
+        ran = table["variant"].isin(mine)
         wanted = {(name + suffix, f"{field}={value:g}") for name in args.variants for field, values in [SETTINGS[name]]
                   for value in values}
-        keep = [not r or ((v, st) in wanted and t == args.tokens)
+        keep = [r and (v, st) in wanted and t == args.tokens  # this run's own rows; the others are re-read
                 for r, v, st, t in zip(ran, table["variant"], table["setting"], table["training_tokens"])]
         table = table[keep].reset_index(drop=True)
+    written = table
     for name in args.variants:
         field, values = SETTINGS[name]
         for value in values:
@@ -141,12 +143,17 @@ def main() -> None:
             table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
             for path in paths:  # after every point: a stopped sweep keeps what it measured
                 path.parent.mkdir(parents=True, exist_ok=True)
-                write_table(path, table, params=params, inputs=identity)
-                fig = plot_frontier(table, title=f"{profile} profile: the sparsity frontier of each variant")
+                # Other variants' rows as the file holds them now: sweeps of other variants may
+                # run beside this one into the same table.
+                others = earlier_rows(path, identity)
+                others = None if others is None else others[~others["variant"].isin(mine)]
+                written = table if others is None or others.empty else pd.concat([others, table], ignore_index=True)
+                write_table(path, written, params=params, inputs=identity)
+                fig = plot_frontier(written, title=f"{profile} profile: the sparsity frontier of each variant")
                 with atomic_path(path.with_suffix(".png"), suffix=".png") as tmp:
                     fig.savefig(tmp, dpi=150)
                 plt.close(fig)
-    print(table.to_string(index=False))
+    print(written.to_string(index=False))
 
 
 if __name__ == "__main__":
