@@ -22,7 +22,7 @@
    sweep resumes).
 
     python bench/bench_frontier.py [--results-dir results/default] [--skip] [--variants relu topk ...]
-        [--tokens N]
+        [--tokens N] [--replot]
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--skip", action="store_true", help="train every variant with a W_skip path")
     parser.add_argument("--variants", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--tokens", type=int, default=300_000, help="training tokens per run (chapter 2's)")
+    parser.add_argument("--replot", action="store_true", help="only redraw the figures from the tables written")
     args = parser.parse_args()
 
     import matplotlib
@@ -107,7 +108,19 @@ def main() -> None:
     from c2srepro.transcoder import TrainConfig, harvest_activations
     from c2srepro.transcoder.plots import plot_frontier
 
+    def draw(table: pd.DataFrame, path: Path, profile: str) -> None:
+        fig = plot_frontier(table, title=f"{profile} profile: the sparsity frontier of each variant")
+        with atomic_path(path.with_suffix(".png"), suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=150)
+        plt.close(fig)
+
     results = Path(args.results_dir)
+    if args.replot:
+        profile = json.loads((results / "model.json").read_text())["provenance"]["params"].get("profile") or results.name
+        for path in (results / "frontier.csv", CACHE / f"{profile}.csv"):
+            if path.is_file():
+                draw(pd.read_csv(path), path, profile)
+        return
     stage = model_stage(results)
     seed = 0
     harvest_key = short_hash({"model": stage.summary["model_source"], "split": stage.split_parameters, "seed": seed})
@@ -152,10 +165,7 @@ def main() -> None:
                 others = None if others is None else others[~others["variant"].isin(mine)]
                 written = table if others is None or others.empty else pd.concat([others, table], ignore_index=True)
                 write_table(path, written, params=params, inputs=identity)
-                fig = plot_frontier(written, title=f"{profile} profile: the sparsity frontier of each variant")
-                with atomic_path(path.with_suffix(".png"), suffix=".png") as tmp:
-                    fig.savefig(tmp, dpi=150)
-                plt.close(fig)
+                draw(written, path, profile)
     print(written.to_string(index=False))
 
 
