@@ -40,8 +40,9 @@ SETTINGS = {
     "relu": ("l1_coefficient", [PAPER_L1 / 4, PAPER_L1 / 2, PAPER_L1, PAPER_L1 * 2]),
     "topk": ("k", [4, 8, 16, 32]),
     # In a run this short, Adam moves log theta by at most ~lr per step whatever the L0
-    # coefficient (3e-5 to 1e-4 gave the same L0, 207), so the threshold it starts from is the knob.
-    "jumprelu": ("jumprelu_init_threshold", [3e-3, 1e-2, 3e-2, 1e-1]),
+    # coefficient (3e-5 to 1e-4 gave the same L0, 207), so the threshold it starts from is the
+    # knob; on the default profile every feature dies from 1e-2 on.
+    "jumprelu": ("jumprelu_init_threshold", [3e-3, 5e-3, 7e-3, 1e-2]),
     "batchtopk": ("k", [4, 8, 16, 32]),
 }
 CACHE = Path(__file__).parent / "frontier"
