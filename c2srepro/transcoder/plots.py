@@ -10,7 +10,7 @@ one curve per variant (its settings joined in order of L0), the paper's setting 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 import pandas as pd
 
 FRONTIER_COLUMNS = ("variant", "setting", "l0", "fraction_loss_recovered", "fvu", "dead_fraction", "paper_setting")
@@ -32,8 +32,8 @@ def plot_frontier(frame: pd.DataFrame, *, title: str | None = None):
         ax.scatter(paper["l0"], paper[metric], s=170, facecolors="none", edgecolors="black", linewidths=1.5,
                    label="paper's setting", zorder=5)
         ax.set(xscale="log", xlabel="mean L0 (active features per token)", ylabel=label)
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(ScalarFormatter())  # plain feature counts, not powers of ten
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # counts, not powers of ten
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3, which="both")
     axes[1].set_yscale("log")
