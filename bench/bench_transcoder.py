@@ -17,7 +17,8 @@ For each shape, every figure is measured in one run, side by side:
 6. variants (``--variants``): step 2 again for each transcoder variant (``relu``, ``topk``,
    ``batchtopk``, ``jumprelu``, each optionally ``+skip``), each against the same five matmuls
    of step 3 (so the ratio also shows what a variant's extra work costs: the top-k selection,
-   autograd instead of the hand-written ReLU path, the skip path's two extra products).
+   JumpReLU's threshold gradient, the skip path's two extra products; every variant runs the
+   hand-written gradients of ``StackedTranscoders.loss_and_grads``).
 
 Shapes: ``mini`` = the embedded mini-C2S (hidden 128, 4 layers, expansion 8, 2048 tokens per
 batch) and ``410m`` = Pythia-410m / C2S-Pythia-410m (hidden 1024, 24 layers, 16 heads, MLP 4096,

@@ -66,21 +66,41 @@ def test_jumprelu_straight_through_gradients_match_their_formulas():
     assert torch.autograd.grad(_Step.apply(pre, theta, eps).sum(), [pre], allow_unused=True)[0] is None
 
 
-def test_general_path_equals_the_hand_written_relu_path():
-    # The autograd path, run on the paper's ReLU, gives the hand-written gradients.
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("activation", VARIANTS)
+def test_hand_written_gradients_equal_autograd_for_every_variant(activation, skip):
+    # Training runs the hand-written loss_and_grads; the autograd statement of the same loss
+    # (general_loss_and_grads) must give its loss terms, gradients and BatchTopK threshold.
     torch.manual_seed(0)
-    stack = StackedTranscoders(2, d_model=8, d_transcoder=32).double()
+    tcfg = TrainConfig(activation=activation, skip=skip, k=5, aux_k=4, aux_k_coefficient=0.5, jumprelu_bandwidth=0.4)
+    stack = StackedTranscoders(2, d_model=8, d_transcoder=32, train_config=tcfg).double()
     with torch.no_grad():
         stack.b_enc.normal_(0, 0.3)
         stack.b_dec.normal_()
+        if skip:
+            stack.W_skip.normal_(0, 0.3)
+        if activation == "jumprelu":  # thresholds among the pre-activations, so the kernel sees some
+            stack.log_threshold.copy_(torch.empty(2, 32, dtype=torch.float64).uniform_(0.05, 0.6).log())
     x, y = torch.randn(2, 40, 8, dtype=torch.float64), torch.randn(2, 40, 8, dtype=torch.float64)
-    fast = stack.loss_and_grads(x, y, 0.05)
-    fast_grads = {name: p.grad.clone() for name, p in stack.named_parameters()}
-    general = stack.general_loss_and_grads(x, y, 0.05)
+    dead = torch.rand(2, 32) < 0.3 if activation in ("topk", "batchtopk") else None
+    threshold = None if stack.threshold is None else stack.threshold.detach().clone()
+    fast = stack.loss_and_grads(x, y, 0.05, dead=dead)
+    fast_grads = {name: p.grad.clone() for name, p in stack.named_parameters() if p.requires_grad}
+    fast_threshold = None if threshold is None else stack.threshold.detach().clone()
+    if threshold is not None:
+        with torch.no_grad():
+            stack.threshold.copy_(threshold)
+    general = stack.general_loss_and_grads(x, y, 0.05, dead=dead)
+    assert set(fast_grads) == {name for name, p in stack.named_parameters() if p.grad is not None}
     for name, p in stack.named_parameters():
-        torch.testing.assert_close(p.grad, fast_grads[name], rtol=1e-10, atol=1e-13)
-    for key in ("loss", "mse", "l1", "counts"):
-        torch.testing.assert_close(general[key], fast[key], rtol=1e-10, atol=1e-13)
+        if p.requires_grad:
+            torch.testing.assert_close(fast_grads[name], p.grad, rtol=1e-10, atol=1e-13, msg=name)
+    for key in ("loss", "mse", "l1", "sq_error", "error", "counts"):
+        torch.testing.assert_close(fast[key], general[key], rtol=1e-10, atol=1e-13, msg=key)
+    if threshold is not None:
+        torch.testing.assert_close(fast_threshold, stack.threshold.detach(), rtol=0, atol=0)
+    if activation == "jumprelu":
+        assert bool((stack.log_threshold.grad != 0).any())  # the kernel was exercised
 
 
 def test_aux_k_loss_revives_only_dead_features():

@@ -72,3 +72,30 @@ def write_table(
         table.to_csv(tmp, index=False)
     write_json_atomic(path.with_name(path.name + ".provenance.json"), provenance(params=params, inputs=inputs))
     return path
+
+
+def read_cached_table(
+    path: str | os.PathLike, *, inputs: Mapping[str, str], regenerate: str
+) -> tuple[Any, str | None]:
+    """(table, note) for a table a slow command outside the book wrote with ``write_table`` (a
+    bench's cached result the book draws without rerunning it): ``note`` is None when its
+    provenance records ``inputs`` (e.g. the model and split fingerprints the book holds now),
+    else a sentence saying what differs or that it is missing, with the ``regenerate``
+    command. ``table`` is None only when the file is missing."""
+    import json
+
+    import pandas as pd
+
+    path = Path(path)
+    record = path.with_name(path.name + ".provenance.json")
+    if not path.is_file() or not record.is_file():
+        return None, f"{path} is missing: make it with `{regenerate}`"
+    recorded = json.loads(record.read_text()).get("inputs", {})
+    stale = sorted(key for key, value in inputs.items() if recorded.get(key) != value)
+    if not stale:
+        return pd.read_csv(path), None
+    differs = "; ".join(f"{key} {str(recorded.get(key))[:12]} there, {str(inputs[key])[:12]} here" for key in stale)
+    return pd.read_csv(path), (
+        f"{path} was made for another {' and '.join(stale)} than these results ({differs}): its numbers are "
+        f"not this model's; regenerate it with `{regenerate}`"
+    )

@@ -71,10 +71,11 @@ the hook points and the model's architecture, name and fingerprint where the sou
     whether the batch or the weights were at fault; nothing is saved for that step.
 
 11. Variants (``TrainConfig.activation``; the transcoder's ``TranscoderConfig`` records it). The
-    paper's ``relu`` (eq. 1, L1 penalty, the loss of choice 2) runs the hand-written
-    ``loss_and_grads``; every other variant, and any variant with ``skip``, runs
-    ``general_loss_and_grads`` (autograd) in the same loop, with the same data, schedules,
-    decoder constraint, resampling and checkpoints:
+    paper's ``relu`` (eq. 1, L1 penalty, the loss of choice 2) and every other variant, with or
+    without ``skip``, run the same loop (data, schedules, decoder constraint, resampling,
+    checkpoints) and the same hand-written gradients (``loss_and_grads``: one pass over each
+    [layer, batch, d_tc] tensor where autograd would keep several; ``general_loss_and_grads``
+    states the loss for autograd, and the tests check the two agree):
     - ``topk`` (Gao et al. 2024): z keeps each token's k largest pre-activations (through a
       ReLU), no sparsity penalty; the AuxK loss below.
     - ``batchtopk`` (Bussmann et al. 2024): z keeps the k * B largest ReLU'd pre-activations of
@@ -245,11 +246,6 @@ class StackedTranscoders(nn.Module):
             nn.Parameter(torch.zeros(n, d_tc), requires_grad=False) if self.activation == "batchtopk" else None
         )
 
-    @property
-    def fast(self) -> bool:
-        """Whether the hand-written ``loss_and_grads`` applies (the paper's ReLU, no skip)."""
-        return self.activation == "relu" and not self.skip
-
     def train_activation(self, pre: Float[Tensor, "layer batch d_tc"]) -> Float[Tensor, "layer batch d_tc"]:
         """The training activation of the variant (choice 11), differentiable as described there."""
         if self.activation == "relu":
@@ -270,23 +266,13 @@ class StackedTranscoders(nn.Module):
             y_hat = y_hat + torch.bmm(x, self.W_skip)
         return z, y_hat
 
-    def terms_and_grads(
-        self, x: Float[Tensor, "layer batch d_model"], y: Float[Tensor, "layer batch d_model"],
-        coefficient: float, dead: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        """The loss terms and gradients of one step for this variant: ``loss_and_grads`` for the
-        paper's ReLU, ``general_loss_and_grads`` otherwise. ``coefficient`` is the ramped
-        sparsity coefficient (lambda for ReLU, the L0 coefficient for JumpReLU); ``dead``
-        ([L, d_tc] bool) the features AuxK may use."""
-        if self.fast:
-            return self.loss_and_grads(x, y, coefficient)
-        return self.general_loss_and_grads(x, y, coefficient, dead=dead)
-
     def general_loss_and_grads(
         self, x: Float[Tensor, "layer batch d_model"], y: Float[Tensor, "layer batch d_model"],
         coefficient: float, *, dead: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Loss terms per layer of any variant (choice 11), gradients by autograd into ``.grad``."""
+        """Loss terms per layer of any variant (choice 11), gradients by autograd into ``.grad``:
+        the loss as autograd sees it, the reference the hand-written ``loss_and_grads`` (which
+        training runs) is tested against."""
         batch, d_model = x.shape[1], x.shape[2]
         for param in self.parameters():
             param.grad = None
@@ -311,14 +297,8 @@ class StackedTranscoders(nn.Module):
             if self.activation in TOPK_ACTIVATIONS and dead is not None and bool(dead.any()):
                 loss = loss + self._aux_k_loss(pre, error.detach(), dead)
             loss.sum().backward()  # the layers are independent: the sum's gradient is each one's
-        with torch.no_grad():
-            if self.activation == "batchtopk":
-                smallest = torch.where(z > 0, z, torch.inf).flatten(1).amin(-1)  # [L]
-                smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold[:, 0])
-                # The first estimate is taken whole (a running mean started at 0 would stay
-                # biased low for ~1/r steps, too long for short runs).
-                rate = torch.where(self.threshold[:, :1] > 0, self.threshold_lr, 1.0)
-                self.threshold.add_(rate * (smallest[:, None] - self.threshold))
+        if self.activation == "batchtopk":
+            self._update_threshold(z.detach().flatten(1))
         active = (z.detach() > 0).to(x.dtype)
         return {
             "loss": loss.detach(), "mse": mse.detach(), "l1": l1.detach(), "sq_error": sq_error.detach(),
@@ -339,36 +319,116 @@ class StackedTranscoders(nn.Module):
 
     @torch.no_grad()
     def loss_and_grads(
-        self, x: Float[Tensor, "layer batch d_model"], y: Float[Tensor, "layer batch d_model"], l1_coefficient: float
+        self, x: Float[Tensor, "layer batch d_model"], y: Float[Tensor, "layer batch d_model"],
+        coefficient: float, *, dead: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Loss terms per layer (choice 2) and their gradients, written to each ``.grad``.
+        """Loss terms per layer (choices 2 and 11) and their gradients, written to each ``.grad``.
 
         Written out by hand rather than by autograd so that each [layer, batch, d_tc] tensor
-        is touched as few times as possible (the tests check these against autograd):
-            dL/dy_hat = 2 (y_hat - y) / (d B)
-            dL/dW_dec = z^T dL/dy_hat,          dL/db_dec = sum_b dL/dy_hat
-            dL/dpre   = (dL/dy_hat W_dec^T + lambda / B) * [z > 0]
-            dL/dW_enc = x^T dL/dpre,            dL/db_enc = sum_b dL/dpre
+        is touched as few times as possible; ``general_loss_and_grads`` states the same loss for
+        autograd, and the tests check the two agree for every variant. With A = [z > 0] (the
+        active set, which every variant's z is linear on) and c the sparsity coefficient:
+            dL/dy_hat  = 2 (y_hat - y) / (d B)
+            dL/dW_dec  = z^T dL/dy_hat,          dL/db_dec = sum_b dL/dy_hat
+            dL/dW_skip = x^T dL/dy_hat           (skip)
+            dL/dz      = dL/dy_hat W_dec^T (+ c / B for ReLU's L1)
+            dL/dpre    = dL/dz * A (+ AuxK's own term, on the dead features it keeps)
+            dL/dW_enc  = x^T dL/dpre,            dL/db_enc = sum_b dL/dpre
+            JumpReLU:  dL/dlog theta = -theta sum_b K_eps(pre - theta) (theta dL/dz + c / B)
         """
         batch, d_model = x.shape[1], x.shape[2]
-        z = torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc).clamp_min_(0)  # eq. 1, [L, B, d_tc]
-        error = torch.baddbmm(self.b_dec.unsqueeze(1), z, self.W_dec).sub_(y)  # eq. 2 minus target, [L, B, d]
+        pre = torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc)  # [L, B, d_tc]
+        z, kept = self._training_activation(pre)  # eq. 1
+        n, d_tc = pre.shape[0], pre.shape[2]
+        if kept is None:
+            # A as 0/1 floats: on CPU, boolean masks multiply and sum ~10x slower than floats.
+            active = torch.sign(z)  # z >= 0 for every variant
+            counts = active.sum(1)  # [L, d_tc] tokens on which each feature fired (float)
+            l1 = z.sum(dim=(1, 2)) / batch  # [L]; z >= 0, so this is the mean ||z||_1
+        else:  # TopK variants: the same bookkeeping on the k B kept entries, not the dense z
+            values, index = kept
+            fired = torch.sign(values)  # [L, k B]
+            counts = torch.zeros(n, d_tc, dtype=z.dtype, device=z.device).scatter_add_(1, index % d_tc, fired)
+            l1 = values.sum(-1) / batch
+        error = torch.baddbmm(self.b_dec.unsqueeze(1), z, self.W_dec)  # eq. 2, [L, B, d]
+        if self.W_skip is not None:
+            error.baddbmm_(x, self.W_skip)
+        error.sub_(y)  # minus the target
         sq_error = error.square().sum(-1)  # [L, B]
-        l1 = z.sum(dim=(1, 2)) / batch  # [L]; z >= 0, so this is the mean ||z||_1
+        mse = sq_error.mean(-1) / d_model  # [L]
         grad_y = error * (2.0 / (d_model * batch))  # [L, B, d]
         self.W_dec.grad = torch.bmm(z.transpose(1, 2), grad_y)
         self.b_dec.grad = grad_y.sum(1)
-        # [z > 0] as 0/1 floats: on CPU, boolean masks multiply and sum ~10x slower than floats.
-        active = torch.sign(z)  # [L, B, d_tc]
-        penalty = torch.full((1, 1, 1), l1_coefficient / batch, dtype=z.dtype, device=z.device)
-        grad_pre = torch.baddbmm(penalty, grad_y, self.W_dec.transpose(1, 2)).mul_(active)  # [L, B, d_tc]
+        if self.W_skip is not None:
+            self.W_skip.grad = torch.bmm(x.transpose(1, 2), grad_y)
+        relu_l1 = coefficient / batch if self.activation == "relu" else 0.0
+        penalty = torch.full((1, 1, 1), relu_l1, dtype=z.dtype, device=z.device)
+        grad_pre = torch.baddbmm(penalty, grad_y, self.W_dec.transpose(1, 2))  # dL/dz, [L, B, d_tc]
+        if self.activation == "relu":
+            loss = mse + coefficient * l1
+        elif self.activation == "jumprelu":
+            loss = mse + coefficient * counts.sum(-1) / batch
+            theta = self.log_threshold.exp()  # [L, d_tc]
+            kernel = (pre - theta.unsqueeze(1)).abs_().lt_(self.bandwidth / 2)  # K(u) = [|u| < 1/2], u = (pre - theta) / eps
+            weight = (grad_pre * theta.unsqueeze(1)).add_(coefficient / batch).mul_(kernel)
+            self.log_threshold.grad = -(theta / self.bandwidth) * weight.sum(1)  # theta = exp(log theta): chain rule
+        else:
+            loss = mse.clone()
+        if kept is None:
+            grad_pre.mul_(active)
+        else:
+            kept_grad = grad_pre.view(n, -1).gather(1, index).mul_(fired)
+            grad_pre.zero_().view(n, -1).scatter_(1, index, kept_grad)
+        if self.activation in TOPK_ACTIVATIONS and dead is not None and bool(dead.any()):
+            loss += self._aux_k_terms(pre, error, dead, grad_pre)
+        if self.activation == "batchtopk":
+            self._update_threshold(kept[0])
         self.W_enc.grad = torch.bmm(x.transpose(1, 2), grad_pre)
         self.b_enc.grad = grad_pre.sum(1)
-        mse = sq_error.mean(-1) / d_model  # [L]
-        return {
-            "loss": mse + l1_coefficient * l1, "mse": mse, "l1": l1, "sq_error": sq_error, "error": error,
-            "counts": active.sum(1),  # [L, d_tc] tokens on which each feature fired (float)
-        }
+        return {"loss": loss, "mse": mse, "l1": l1, "sq_error": sq_error, "error": error, "counts": counts}
+
+    def _training_activation(self, pre: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """(z, kept) without autograd; ``kept`` is, for the TopK variants, the kept values and their
+        positions in each layer's flattened [B d_tc] pre-activations (None otherwise). ReLU works
+        in place on ``pre`` (which only JumpReLU and AuxK read again)."""
+        if self.activation == "relu":
+            return pre.clamp_min_(0), None
+        if self.activation == "jumprelu":
+            return pre * (pre > self.log_threshold.exp().unsqueeze(1)), None
+        n, batch, d_tc = pre.shape
+        if self.activation == "topk":
+            values, index = pre.topk(self.k, dim=-1, sorted=False)
+            index = index.add_(torch.arange(0, batch * d_tc, d_tc, device=pre.device)[:, None]).reshape(n, -1)
+            values = values.reshape(n, -1)
+        else:
+            values, index = pre.reshape(n, batch * d_tc).topk(self.k * batch, dim=-1, sorted=False)
+        values.clamp_min_(0)  # the largest of relu(pre) are relu of the largest of pre
+        z = torch.zeros(n, batch * d_tc, dtype=pre.dtype, device=pre.device).scatter_(1, index, values)
+        return z.view(n, batch, d_tc), (values, index)
+
+    def _aux_k_terms(self, pre: Tensor, error: Tensor, dead: Tensor, grad_pre: Tensor) -> Tensor:
+        """AuxK by hand (``_aux_k_loss``'s loss): its gradients added to ``W_dec.grad`` and
+        ``grad_pre`` (in place); returns the loss per layer."""
+        k = min(self.aux_k, int(dead.sum(-1).max()))
+        values, index = pre.masked_fill(~dead.unsqueeze(1), -torch.inf).topk(k, dim=-1, sorted=False)
+        z_aux = torch.zeros_like(pre).scatter_(-1, index, values.clamp_min_(0))  # relu(-inf) = 0: no gradient
+        aux_error = torch.baddbmm(error, z_aux, self.W_dec)  # e_hat - e, with e = -error
+        d_model, batch = error.shape[-1], error.shape[1]
+        aux = self.aux_k_coefficient * aux_error.square().sum(-1).mean(-1) / d_model
+        grad_aux = aux_error.mul_(2.0 * self.aux_k_coefficient / (d_model * batch))
+        self.W_dec.grad.baddbmm_(z_aux.transpose(1, 2), grad_aux)
+        grad_pre.addcmul_(torch.bmm(grad_aux, self.W_dec.transpose(1, 2)), torch.sign(z_aux))
+        return aux
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: Tensor) -> None:
+        """BatchTopK's inference threshold: a running mean of the smallest kept activation (choice 11)."""
+        smallest = torch.where(kept > 0, kept, torch.inf).amin(-1)  # [L]
+        smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold[:, 0])
+        # The first estimate is taken whole (a running mean started at 0 would stay
+        # biased low for ~1/r steps, too long for short runs).
+        rate = torch.where(self.threshold[:, :1] > 0, self.threshold_lr, 1.0)
+        self.threshold.add_(rate * (smallest[:, None] - self.threshold))
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
@@ -571,8 +631,8 @@ class _Trainer:
         lr = self.tcfg.lr * lr_factor(self.step, self.tcfg)
         coefficient = self.tcfg.l0_coefficient if self.tcfg.activation == "jumprelu" else self.tcfg.l1_coefficient
         l1_coefficient = coefficient * l1_factor(self.step, self.tcfg)
-        dead = None if self.stack.fast else self.since_fired >= self.dead_window
-        terms = self.stack.terms_and_grads(x, y, l1_coefficient, dead=dead)
+        dead = self.since_fired >= self.dead_window if self.tcfg.activation in TOPK_ACTIVATIONS else None
+        terms = self.stack.loss_and_grads(x, y, l1_coefficient, dead=dead)
         loss, counts = terms["loss"], terms["counts"]
         if not bool(torch.isfinite(loss).all()):
             self._raise_non_finite(loss, x_raw, y_raw)
