@@ -1,8 +1,11 @@
 """Circuit extraction time (linearised replacement + attribution + greedy path search) on CPU.
 
-1. Build a randomly initialised GPT-NeoX model of a given shape (default: Pythia-410m, i.e.
-   C2S-Pythia-410m: 24 layers, hidden 1024, 16 heads, intermediate 4096, rotary_pct 0.25,
-   vocab 50304) and a random prompt of ``--n-pos`` tokens (~300 = a 64-gene cell sentence + query).
+1. Build a randomly initialised model of a given shape (``--preset``; default 410m: Pythia-410m,
+   i.e. C2S-Pythia-410m, GPT-NeoX with 24 layers, hidden 1024, 16 heads, intermediate 4096,
+   rotary_pct 0.25, vocab 50304; gemma2-2b: Gemma-2-2B, i.e. C2S-Scale-Gemma-2-2B, 26 layers,
+   hidden 2304, GeGLU 9216, 8 query heads on 4 key/value heads of 256 dims, soft-capping and a
+   4096-token sliding window, from ``c2srepro.book.smoke.gemma2_2b_config`` with the Pythia
+   vocabulary) and a random prompt of ``--n-pos`` tokens (~300 = a 64-gene cell sentence + query).
 2. Random transcoders (d_tc = 8 x hidden) whose encoder bias is calibrated on that prompt so that
    about ``--firing`` of the features fire per token (real transcoders are sparse; random ones with
    zero bias would fire half their features), with decoders fitted to the prompt's MLP outputs by
@@ -14,9 +17,9 @@
    logit; the ``direct`` ablation; and optionally (``--ablate-runs``) frozen re-run ablations.
    Each ``attribute`` result is checked for exactness (contributions + reading bias = value).
 4. ``--layers`` runs a truncated model (fewer layers, same width) when the full depth is too slow
-   for the machine; the per-layer costs are then extrapolated to 24 layers, labelled as such.
+   for the machine; the per-layer costs are then extrapolated to the preset's depth, labelled as such.
 
-Usage: python bench/bench_circuit.py [--preset 410m|small] [--layers N] [--n-pos 300] [--k 10] [--depth 3]
+Usage: python bench/bench_circuit.py [--preset 410m|gemma2-2b|small] [--layers N] [--n-pos 300] [--k 10] [--depth 3]
 """
 
 from __future__ import annotations
@@ -26,43 +29,68 @@ import logging
 from collections import Counter
 import resource
 import time
+from typing import NamedTuple
 
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from torch import nn
+from transformers import Gemma2ForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from c2srepro.attribution import Node, ablate, attribute, build_replacement, find_circuit
 from c2srepro.attribution.linearised import run_model
+from c2srepro.book.smoke import GEMMA2_2B, gemma2_2b_config
 from c2srepro.transcoder import Transcoder, TranscoderConfig
 
+
+class Preset(NamedTuple):
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    arch: str = "gpt_neox"  # transformers' model_type
+    kv_heads: int | None = None  # Gemma-2: key/value heads shared by the query heads
+    head_dim: int | None = None
+
+
 PRESETS = {
-    # name: (layers, hidden, heads, intermediate)
-    "410m": (24, 1024, 16, 4096),
-    "small": (6, 128, 4, 512),  # Pythia-14m-shaped
+    "410m": Preset(24, 1024, 16, 4096),
+    "small": Preset(6, 128, 4, 512),  # Pythia-14m-shaped
+    "gemma2-2b": Preset(GEMMA2_2B["n_layers"], GEMMA2_2B["hidden"], GEMMA2_2B["n_heads"], GEMMA2_2B["intermediate"],
+                        "gemma2", GEMMA2_2B["n_kv_heads"], GEMMA2_2B["head_dim"]),
 }
 
 
-def random_model(layers: int, hidden: int, heads: int, intermediate: int, n_pos: int) -> GPTNeoXForCausalLM:
-    config = GPTNeoXConfig(
-        vocab_size=50304, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=intermediate, rotary_pct=0.25, use_parallel_residual=True,
-        max_position_embeddings=max(2048, n_pos),
-    )
-    model = GPTNeoXForCausalLM(config).eval()
-    with torch.no_grad():  # nonzero biases and layer-norm parameters, as in a trained model
+def random_model(preset: Preset, layers: int, n_pos: int) -> nn.Module:
+    """A random model of ``preset``'s architecture and width with ``layers`` layers, its norms and
+    biases perturbed as in a trained model."""
+    if preset.arch == "gemma2":
+        config = gemma2_2b_config(n_layers=layers, hidden=preset.hidden, intermediate=preset.intermediate,
+                                  n_heads=preset.heads, n_kv_heads=preset.kv_heads, head_dim=preset.head_dim,
+                                  max_positions=max(GEMMA2_2B["max_positions"], n_pos))
+        model = Gemma2ForCausalLM(config).eval()
+    else:
+        config = GPTNeoXConfig(
+            vocab_size=50304, hidden_size=preset.hidden, num_hidden_layers=layers, num_attention_heads=preset.heads,
+            intermediate_size=preset.intermediate, rotary_pct=0.25, use_parallel_residual=True,
+            max_position_embeddings=max(2048, n_pos),
+        )
+        model = GPTNeoXForCausalLM(config).eval()
+    with torch.no_grad():  # nonzero biases and norm gains away from 1, as in a trained model
         for name, param in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+                # GPT-NeoX's LayerNorm multiplies by its weight, Gemma-2's RMSNorm by (1 + weight)
+                param.copy_((0.0 if preset.arch == "gemma2" else 1.0) + 0.2 * torch.randn_like(param))
             elif name.endswith("bias"):
                 param.normal_(0.0, 0.02)
     return model
 
 
-def random_transcoders(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, firing: float) -> list[Transcoder]:
+def random_transcoders(model: nn.Module, input_ids: torch.Tensor, firing: float) -> list[Transcoder]:
     run = run_model(model, input_ids)
     transcoders = []
     for layer in range(model.config.num_hidden_layers):
         d_model = model.config.hidden_size
-        tc = Transcoder(TranscoderConfig(d_model=d_model, d_transcoder=8 * d_model, layer=layer), seed=layer)
+        cfg = TranscoderConfig(d_model=d_model, d_transcoder=8 * d_model, layer=layer, model_type=model.config.model_type)
+        tc = Transcoder(cfg, seed=layer)
         with torch.no_grad():
             pre = run.mlp_in[layer] @ tc.W_enc
             tc.b_enc.copy_(-torch.quantile(pre.flatten()[:: max(1, pre.numel() // 4_000_000)], 1.0 - firing))
@@ -80,15 +108,16 @@ def random_transcoders(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, firin
 def random_setup(args, settings: str):
     """(layers, prompt, model, transcoders) of the preset's shape for ``args`` (preset, layers,
     n_pos, firing), seeded; prints the shape with the bench's own ``settings``."""
-    full_layers, hidden, heads, intermediate = PRESETS[args.preset]
-    layers = args.layers or full_layers
+    preset = PRESETS[args.preset]
+    layers = args.layers or preset.layers
     torch.manual_seed(0)
-    print(f"preset {args.preset}: {layers} of {full_layers} layers, hidden {hidden}, {heads} heads, "
-          f"intermediate {intermediate}, d_tc {8 * hidden}, {args.n_pos} tokens, {settings}, "
+    heads = f"{preset.heads} heads" + (f" on {preset.kv_heads} kv heads of {preset.head_dim}" if preset.kv_heads else "")
+    print(f"preset {args.preset} ({preset.arch}): {layers} of {preset.layers} layers, hidden {preset.hidden}, {heads}, "
+          f"intermediate {preset.intermediate}, d_tc {8 * preset.hidden}, {args.n_pos} tokens, {settings}, "
           f"torch threads {torch.get_num_threads()}")
     start = time.perf_counter()
     input_ids = torch.randint(2, 50000, (args.n_pos,))
-    model = random_model(layers, hidden, heads, intermediate, args.n_pos)
+    model = random_model(preset, layers, args.n_pos)
     transcoders = random_transcoders(model, input_ids, args.firing)
     print(f"  (random model + transcoders set up in {time.perf_counter() - start:.1f} s)")
     return layers, input_ids, model, transcoders
@@ -110,7 +139,7 @@ def timed(label: str, fn, results: dict):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="410m")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="410m", help="410m: Pythia-410m; gemma2-2b: Gemma-2-2B")
     parser.add_argument("--layers", type=int, default=None, help="truncate the model to this many layers")
     parser.add_argument("--n-pos", type=int, default=300)
     parser.add_argument("--k", type=int, default=10)
@@ -142,10 +171,20 @@ def main(argv: list[str] | None = None) -> int:
                         lambda: find_circuit(rep, logit, k=args.k, depth=args.depth), results)
     print(f"  circuit: {logit_graph.number_of_nodes()} nodes, {logit_graph.number_of_edges()} edges, "
           f"{describe(logit_graph)}")
-    timed("ablate direct (20 random sets)", lambda: ablate(rep, graph, n_random=20, propagate=False), results)
-    if args.ablate_runs:
-        timed(f"ablate frozen re-run ({args.ablate_runs} random sets)",
-              lambda: ablate(rep, graph, n_random=args.ablate_runs, propagate=True, freeze=True), results)
+    # Ablation needs feature nodes besides the target; in a random Gemma-2 the embedding (scaled by
+    # sqrt(d_model)) can carry a whole shallow feature circuit, so the logit circuit stands in.
+    n_features = {"feature": Counter(d["kind"] for _, d in graph.nodes(data=True))["feature"] - 1,
+                  "logit": Counter(d["kind"] for _, d in logit_graph.nodes(data=True))["feature"]}
+    kind = next((k for k, n in n_features.items() if n > 0), None)
+    circuit = {"feature": graph, "logit": logit_graph}.get(kind)
+    if circuit is None:
+        print("  ablate: skipped (neither circuit holds a feature node besides its target)")
+    else:
+        timed(f"ablate direct ({kind} circuit, 20 random sets)",
+              lambda: ablate(rep, circuit, n_random=20, propagate=False), results)
+    if args.ablate_runs and circuit is not None:
+        timed(f"ablate frozen re-run ({kind} circuit, {args.ablate_runs} random sets)",
+              lambda: ablate(rep, circuit, n_random=args.ablate_runs, propagate=True, freeze=True), results)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"  peak resident memory {peak_gib:.2f} GiB")
     extraction = results["build_replacement"] + results[f"find_circuit feature (k={args.k}, depth={args.depth})"]

@@ -1,7 +1,8 @@
 """Full attribution graph + influence pruning + scores + gene view at Pythia-410m shapes, on CPU.
 
-1. A random GPT-NeoX model of the given shape (default Pythia-410m = C2S-Pythia-410m: 24 layers,
-   hidden 1024, 16 heads; see ``bench_circuit.py``, whose builders this reuses), a random prompt of
+1. A random model of the given shape (default Pythia-410m = C2S-Pythia-410m: 24 layers, hidden
+   1024, 16 heads; ``--preset gemma2-2b``: Gemma-2-2B = C2S-Scale-Gemma-2-2B, 26 layers, hidden 2304;
+   see ``bench_circuit.py``, whose builders this reuses), a random prompt of
    ``--n-pos`` tokens (~300 = a 64-gene cell sentence + query) and random 8 x hidden transcoders with
    about ``--firing`` of the features active per token and decoders fitted to the prompt's MLPs.
 2. Per-token genes: ``--genes`` genes of ``--tokens-per-gene`` sub-word tokens each, after a
@@ -12,7 +13,7 @@
    resident memory, the number of feature nodes before and after pruning, both scores, and checks
    the target row's exactness (edges + constant + capped-out features = the logit).
 
-Usage: python bench/bench_graph.py [--preset 410m|small] [--layers N] [--n-pos 300] [--max-feature-nodes 128]
+Usage: python bench/bench_graph.py [--preset 410m|gemma2-2b|small] [--layers N] [--n-pos 300] [--max-feature-nodes 128]
 """
 
 from __future__ import annotations

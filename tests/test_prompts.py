@@ -85,3 +85,22 @@ def test_encode_prompts_wants_cell_sentences(tokenizer):
         encode_prompts(["CD14 LYZ", "CD3E"], tokenizer)
     with pytest.raises(TypeError, match=r"pass a list, \[sentence\]"):
         encode_prompts(CellSentence(0, "c0", ("A",), None), tokenizer)
+
+
+def test_a_tokenizer_that_adds_bos_gets_it_on_prompts_not_on_answers(tokenizer, tmp_path):
+    # Gemma's tokenizer (C2S-Scale) starts every text with <bos> as tokenizer(text) does; the Pythia
+    # BPE saved with add_bos_token=True behaves the same way, with <|endoftext|> as its bos.
+    from transformers import AutoTokenizer
+
+    tokenizer.bpe.save_pretrained(tmp_path)
+    with_bos = CellTokenizer(AutoTokenizer.from_pretrained(tmp_path, add_bos_token=True))
+    sentence = CellSentence(0, "c0", SPLIT_GENES, "endothelial cell")
+    plain = encode_prompts([sentence], tokenizer, with_answer=True)
+    marked = encode_prompts([sentence], with_bos, with_answer=True)
+    # the reference: the Hugging Face tokenizer's own default call on the prompt text
+    assert marked.input_ids[0] == with_bos.bpe(plain.texts[0])["input_ids"]
+    assert marked.input_ids[0] == [0] + plain.input_ids[0]  # <bos> first; the Pythia BPE adds nothing
+    assert marked.gene_of_token[0] == [None] + plain.gene_of_token[0]
+    assert marked.answer_start[0] == plain.answer_start[0] + 1
+    # an answer continues a prompt: it is encoded without a second <bos>
+    assert with_bos.encode(" endothelial cell.")[0] == tokenizer.encode(" endothelial cell.")[0]

@@ -203,3 +203,101 @@ def test_pythia_410m_directory_runs_a_64_gene_prompt(atlas, tmp_path, monkeypatc
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
     assert logits.shape == (1, input_ids.shape[1], 50_304) and torch.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------- the random Gemma-2
+
+GEMMA2_2B_FIELDS = (
+    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "rms_norm_eps",
+    "hidden_activation", "rope_parameters", "tie_word_embeddings", "max_position_embeddings", "attention_bias",
+)
+SMALL_GEMMA2 = {"n_layers": 2, "hidden": 64, "intermediate": 128, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16}
+
+
+def test_gemma2_config_is_gemma2_2b_but_for_depth_and_vocabulary():
+    from transformers import Gemma2Config
+
+    reference = Gemma2Config()  # transformers' defaults are the Gemma-2-2B config
+    assert reference.num_hidden_layers == 26 and reference.hidden_size == 2304  # (that they still are)
+    full = smoke.gemma2_2b_config()
+    for name in GEMMA2_2B_FIELDS + ("num_hidden_layers", "layer_types"):
+        assert getattr(full, name) == getattr(reference, name), name
+    assert (full.vocab_size, reference.vocab_size) == (50_304, 256_000)
+    assert (full.bos_token_id, full.eos_token_id, full.pad_token_id) == (0, 0, 1)  # the Pythia BPE's ids
+    architecture = smoke.SMOKE_ARCHITECTURES[smoke.SMOKE_GEMMA2_MODEL]
+    shallow = architecture.config(**architecture.shape)
+    for name in GEMMA2_2B_FIELDS:
+        assert getattr(shallow, name) == getattr(reference, name), name
+    assert shallow.num_hidden_layers == 2 and shallow.layer_types == ["sliding_attention", "full_attention"]
+    assert architecture.stands_in_for == "vandijklab/C2S-Scale-Gemma-2-2B"
+
+
+def test_gemma2_config_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"n_heads \(6\) must be a multiple of n_kv_heads \(4\)"):
+        smoke.gemma2_2b_config(n_heads=6)
+    with pytest.raises(ValueError, match=r"head_dim \(15\) must be even"):
+        smoke.gemma2_2b_config(head_dim=15)
+    with pytest.raises(ValueError, match="n_layers must be a positive integer, got 0"):
+        smoke.gemma2_2b_config(n_layers=0)
+
+
+def test_small_gemma2_round_trip(tmp_path):
+    from c2srepro.models.hooked import HookedModel
+
+    directory = smoke.smoke_model_dir(smoke.SMOKE_GEMMA2_MODEL, directory=tmp_path / "model", seed=3, **SMALL_GEMMA2)
+    meta = json.loads((directory / "smoke.json").read_text())
+    assert meta["seed"] == 3 and "C2S-Scale-Gemma-2-2B" in meta["description"] and "Pythia BPE" in meta["description"]
+    model, tokenizer = load_c2s_model(directory)
+    config = model.config
+    assert type(model).__name__ == "Gemma2ForCausalLM" and config.model_type == "gemma2"
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (2, 64, 128)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 2, 16)
+    assert config.final_logit_softcapping == 30.0 and config.attn_logit_softcapping == 50.0
+    assert config.vocab_size == 50_304 and tokenizer.vocab_size == 50_277 and tokenizer.vocab_map is None
+    ids, _ = tokenizer.encode("Cell sentence: VWF PTPRB MT-ND4.")
+    assert tokenizer.tokens(ids)[3:8] == ["ĠV", "WF", "ĠPT", "PR", "B"]
+    again = smoke.smoke_model_dir(smoke.SMOKE_GEMMA2_MODEL, directory=tmp_path / "again", seed=3, **SMALL_GEMMA2)
+    other, _ = load_c2s_model(again)
+    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), name
+    # the library's hooked forward (the Gemma-2 adapter) reproduces transformers' logits, soft-capped at 30
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits
+        hooked = HookedModel(model).forward(torch.tensor([ids]))
+    assert logits.shape == (1, len(ids), 50_304) and float(logits.abs().max()) < 30
+    torch.testing.assert_close(hooked, logits)
+
+
+def test_smoke_model_dir_refuses_unknown_names_and_shapes(tmp_path):
+    with pytest.raises(ValueError, match=r"no smoke model named 'smoke-llama'; the smoke models are "
+                                         r"\['smoke-gemma2-2b', 'smoke-pythia-410m'\]"):
+        smoke.smoke_model_dir("smoke-llama", directory=tmp_path)
+    with pytest.raises(ValueError, match=r"smoke-pythia-410m has no shape keyword \['n_kv_heads'\]; its shape "
+                                         r"keywords are \['hidden', 'n_heads', 'n_layers'\]"):
+        smoke.smoke_model_dir(n_kv_heads=2, directory=tmp_path)
+
+
+def test_the_book_resolves_both_smoke_models(monkeypatch, tmp_path):
+    from c2srepro.book import sources
+
+    calls = []
+    monkeypatch.setattr(sources, "smoke_model_dir", lambda name: calls.append(name) or tmp_path / name)
+    assert sources.resolve_model_source("smoke-gemma2-2b") == tmp_path / "smoke-gemma2-2b"
+    assert sources.resolve_model_source("smoke-pythia-410m") == tmp_path / "smoke-pythia-410m"
+    assert sources.resolve_model_source("vandijklab/C2S-Scale-Gemma-2-2B") == "vandijklab/C2S-Scale-Gemma-2-2B"
+    assert calls == ["smoke-gemma2-2b", "smoke-pythia-410m"]
+
+
+@pytest.mark.slow
+def test_gemma2_smoke_directory_has_the_2b_layer_shapes(tmp_path, monkeypatch):
+    monkeypatch.setenv("C2SREPRO_CACHE", str(tmp_path))
+    directory = smoke.smoke_model_dir(smoke.SMOKE_GEMMA2_MODEL)
+    assert directory.name == f"{smoke.SMOKE_GEMMA2_MODEL}-seed0"
+    model, _ = load_c2s_model(directory)
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attention.q_proj.weight.shape == (8 * 256, 2304) and attention.k_proj.weight.shape == (4 * 256, 2304)
+    assert attention.o_proj.weight.shape == (2304, 8 * 256) and mlp.gate_proj.weight.shape == (9216, 2304)
+    per_layer = 2304 * 256 * (8 + 4 + 4 + 8) + 3 * 2304 * 9216 + 4 * 2304  # attention, GeGLU, four RMS gains
+    n_params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    assert n_params == 50_304 * 2304 + 2 * per_layer + 2304

@@ -148,3 +148,16 @@ def test_positions_are_checked_with_the_parameter_named():
         check_position("04-features.layer", 9, count=4, of="layers in chapter 1's model")
     with pytest.raises(ValueError, match=r"01-model.example_cell=9999: there are 140 held-out cells"):
         check_position("01-model.example_cell", 9999, count=140, of="held-out cells")
+
+
+def test_later_chapters_load_the_model_in_chapter_1s_dtype(tmp_path, tiny_c2s):
+    # chapter 1's dtype parameter (recorded in model.json's provenance) is the dtype of every stage
+    model, _ = load_c2s_model(tiny_c2s, dtype="bfloat16")
+    write_result(tmp_path / "model.json", {"model_source": str(tiny_c2s),
+                                           "fingerprints": stage_fingerprints(model, labelled_split(**SPLIT))},
+                 params={**SPLIT, "dtype": "bfloat16"})
+    stage = model_stage(tmp_path)
+    assert stage.model.dtype == torch.bfloat16 and stage.fingerprints["model"] == stage_fingerprints(model, stage.split)["model"]
+    # a model.json without the parameter (an older chapter 1, or the default None): float32, as before
+    _chapter_1(tmp_path, tiny_c2s)
+    assert model_stage(tmp_path).model.dtype == torch.float32

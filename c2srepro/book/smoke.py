@@ -28,15 +28,28 @@ Synthetic atlas (``smoke_atlas_path``):
    matrix and the obs/var tables; the file is written once into ``cache_dir("smoke")``
    atomically and reused.
 
-Random Pythia-410m (``smoke_model_dir``):
+Random models (``smoke_model_dir``), one per name in ``SMOKE_ARCHITECTURES``:
 
-1. ``pythia_410m_config`` is the published Pythia-410m architecture: 24 layers, hidden 1024,
-   16 heads, MLP 4096, GELU, rotary on 25% of each head (base 10000), parallel residual,
-   untied embeddings, vocab 50,304, 2,048 positions. Keyword overrides shrink it for tests.
-2. ``GPTNeoXForCausalLM`` is built from it after ``torch.manual_seed(seed)`` (the library's own
+1. ``smoke-pythia-410m``: ``pythia_410m_config`` is the published Pythia-410m architecture: 24
+   layers, hidden 1024, 16 heads, MLP 4096, GELU, rotary on 25% of each head (base 10000),
+   parallel residual, untied embeddings, vocab 50,304, 2,048 positions; it stands in for
+   ``vandijklab/C2S-Pythia-410m-cell-type-prediction``.
+2. ``smoke-gemma2-2b``: ``gemma2_2b_config`` is the Gemma-2-2B architecture of
+   ``vandijklab/C2S-Scale-Gemma-2-2B`` (hidden 2304, GeGLU MLP 9216 with tanh-approximated GELU,
+   8 query heads sharing 4 key/value heads of head_dim 256, scores scaled by
+   query_pre_attn_scalar^-1/2 = 256^-1/2, attention soft-cap 50, final soft-cap 30, sliding
+   window 4096 on every other layer, RMS eps 1e-6, tied embeddings, 8,192 positions) with 2
+   layers instead of 26, so that every chapter runs in CI in minutes. Its tokenizer is not
+   Gemma's: no package ships the Gemma SentencePiece model (the ``gemma`` wheel reads it from
+   Google Cloud Storage, transformers ships no tokenizer files), so the model gets the bundled
+   Pythia BPE and a vocabulary of its 50,304 ids (Gemma's is 256,000). The smoke prompts (a few
+   hundred tokens) are shorter than the 4,096-token window, so the window never masks a key
+   here; the Gemma-2 unit tests (``tests/test_gemma2.py``) run windows shorter than the prompt.
+3. Each model is built from its config after ``torch.manual_seed(seed)`` (the library's own
    initialisation), and saved with ``save_pretrained`` next to the real Pythia BPE tokenizer
-   files and a ``smoke.json`` that records what the directory is.
-3. The directory is written into a private staging folder and moved into place with
+   files and a ``smoke.json`` that records what the directory is. Keyword overrides of the
+   shape (``n_layers``, ``hidden``, ...) shrink a model for tests and benchmarks.
+4. The directory is written into a private staging folder and moved into place with
    ``os.replace``, so a half-written model is never found; an existing one is reused.
    ``c2srepro.models.load_c2s_model(directory)`` then loads model and tokenizer offline.
 """
@@ -48,8 +61,9 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -62,6 +76,7 @@ log = logging.getLogger(__name__)
 
 SMOKE_ATLAS = "smoke-atlas"
 SMOKE_MODEL = "smoke-pythia-410m"
+SMOKE_GEMMA2_MODEL = "smoke-gemma2-2b"
 ATLAS_KEY = "heart_cell_atlas_v2"  # the label map's name for the atlas the smoke atlas mimics
 LABEL_COLUMN = "cell_type"
 STATE_COLUMN = "cell_state"
@@ -131,6 +146,19 @@ PYTHIA_410M = {
     "vocab_size": 50_304,
     "max_positions": 2048,
 }
+# Gemma-2-2B (google/gemma-2-2b config.json, the base of vandijklab/C2S-Scale-Gemma-2-2B); the
+# smoke model keeps all but its depth (SMOKE_GEMMA2_LAYERS of 26) and its vocabulary (see step 2).
+GEMMA2_2B = {
+    "n_layers": 26,
+    "hidden": 2304,
+    "intermediate": 9216,
+    "n_heads": 8,
+    "n_kv_heads": 4,
+    "head_dim": 256,
+    "max_positions": 8192,
+}
+SMOKE_GEMMA2_LAYERS = 2
+PYTHIA_VOCAB_SIZE = 50_304  # the Pythia BPE's 50,277 tokens padded to a multiple of 128, as Pythia's
 SMOKE_META_FILENAME = "smoke.json"
 
 
@@ -276,20 +304,24 @@ def _barcodes(rng: np.random.Generator, n: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Random Pythia-410m
+# Random models
+
+
+def _require_positive(**values: Any) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def pythia_410m_config(
-    *, n_layers: int = 24, hidden: int = 1024, n_heads: int = 16, vocab_size: int = 50_304,
+    *, n_layers: int = 24, hidden: int = 1024, n_heads: int = 16, vocab_size: int = PYTHIA_VOCAB_SIZE,
     max_positions: int = 2048,
 ):
     """A ``GPTNeoXConfig`` of Pythia-410m's architecture; the keywords shrink it (tests)."""
     from transformers import GPTNeoXConfig
 
-    for name, value in (("n_layers", n_layers), ("hidden", hidden), ("n_heads", n_heads),
-                        ("vocab_size", vocab_size), ("max_positions", max_positions)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    _require_positive(n_layers=n_layers, hidden=hidden, n_heads=n_heads, vocab_size=vocab_size,
+                      max_positions=max_positions)
     if hidden % n_heads:
         raise ValueError(f"hidden ({hidden}) must be a multiple of n_heads ({n_heads})")
     if (hidden // n_heads) % 4:
@@ -315,21 +347,100 @@ def pythia_410m_config(
     )
 
 
-def smoke_model_dir(
-    *, directory: str | os.PathLike | None = None, seed: int = 0, n_layers: int = PYTHIA_410M["n_layers"],
-    hidden: int = PYTHIA_410M["hidden"], n_heads: int = PYTHIA_410M["n_heads"],
-) -> Path:
-    """A randomly initialised Pythia-410m-shaped model and the Pythia tokenizer, saved once.
+def gemma2_2b_config(
+    *, n_layers: int = GEMMA2_2B["n_layers"], hidden: int = GEMMA2_2B["hidden"],
+    intermediate: int = GEMMA2_2B["intermediate"], n_heads: int = GEMMA2_2B["n_heads"],
+    n_kv_heads: int = GEMMA2_2B["n_kv_heads"], head_dim: int = GEMMA2_2B["head_dim"],
+    vocab_size: int = PYTHIA_VOCAB_SIZE, max_positions: int = GEMMA2_2B["max_positions"],
+):
+    """A ``Gemma2Config`` of Gemma-2-2B's architecture (step 2) with the Pythia tokenizer's
+    vocabulary; the keywords shrink it (tests). query_pre_attn_scalar stays 256, as in 2B, when
+    ``head_dim`` shrinks."""
+    from transformers import Gemma2Config
 
-    ``directory`` defaults to ``cache_dir("smoke")/smoke-pythia-410m-seed<seed>`` (the shape is
-    added to the name when overridden). An existing directory holding ``smoke.json`` is reused.
+    _require_positive(n_layers=n_layers, hidden=hidden, intermediate=intermediate, n_heads=n_heads,
+                      n_kv_heads=n_kv_heads, head_dim=head_dim, vocab_size=vocab_size, max_positions=max_positions)
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads}): query heads share "
+                         "key/value heads in equal groups")
+    if head_dim % 2:
+        raise ValueError(f"head_dim ({head_dim}) must be even: rotary rotates pairs of dimensions")
+    return Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        head_dim=head_dim,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-6,
+        rope_theta=10_000.0,
+        attention_bias=False,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        initializer_range=0.02,
+        tie_word_embeddings=True,
+        # the Pythia BPE's ids: <|endoftext|> (0) begins and ends a text, <|padding|> (1) pads
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+        attn_implementation="eager",  # soft-capped scores: transformers' SDPA path does not cap them
+    )
+
+
+@dataclass(frozen=True)
+class SmokeArchitecture:
+    """A random stand-in model: the config builder, its default shape and what it stands in for."""
+
+    config: Callable[..., Any]  # keyword-only shape -> transformers config
+    shape: dict[str, int]  # the default shape (keywords of ``config``)
+    stands_in_for: str
+    description: str
+
+
+SMOKE_ARCHITECTURES: dict[str, SmokeArchitecture] = {
+    SMOKE_MODEL: SmokeArchitecture(
+        pythia_410m_config,
+        {k: PYTHIA_410M[k] for k in ("n_layers", "hidden", "n_heads")},
+        "vandijklab/C2S-Pythia-410m-cell-type-prediction",
+        "randomly initialised GPT-NeoX of the Pythia-410m architecture, untrained",
+    ),
+    SMOKE_GEMMA2_MODEL: SmokeArchitecture(
+        gemma2_2b_config,
+        {**{k: GEMMA2_2B[k] for k in ("hidden", "intermediate", "n_heads", "n_kv_heads", "head_dim")},
+         "n_layers": SMOKE_GEMMA2_LAYERS},
+        "vandijklab/C2S-Scale-Gemma-2-2B",
+        f"randomly initialised Gemma-2 of the Gemma-2-2B width and head layout with {SMOKE_GEMMA2_LAYERS} of its "
+        "26 layers and the Pythia BPE tokenizer (no package ships Gemma's), untrained",
+    ),
+}
+
+
+def smoke_model_dir(
+    name: str = SMOKE_MODEL, *, directory: str | os.PathLike | None = None, seed: int = 0, **shape: int,
+) -> Path:
+    """The random model ``name`` (a key of ``SMOKE_ARCHITECTURES``) and the Pythia tokenizer, saved once.
+
+    ``shape`` overrides the architecture's default shape (e.g. ``n_layers=2, hidden=64``).
+    ``directory`` defaults to ``cache_dir("smoke")/<name>-seed<seed>`` (the overridden shape is
+    added to the name). An existing directory holding ``smoke.json`` is reused.
     """
-    config = pythia_410m_config(n_layers=n_layers, hidden=hidden, n_heads=n_heads)
-    shape = {"n_layers": n_layers, "hidden": hidden, "n_heads": n_heads}
+    if name not in SMOKE_ARCHITECTURES:
+        raise ValueError(f"no smoke model named {name!r}; the smoke models are {sorted(SMOKE_ARCHITECTURES)}")
+    architecture = SMOKE_ARCHITECTURES[name]
+    unknown = sorted(set(shape) - set(architecture.shape))
+    if unknown:
+        raise ValueError(f"{name} has no shape keyword {unknown}; its shape keywords are {sorted(architecture.shape)}")
+    shape = {**architecture.shape, **shape}
+    config = architecture.config(**shape)
     if directory is None:
-        is_410m = all(PYTHIA_410M[k] == v for k, v in shape.items())
-        suffix = "" if is_410m else f"-L{n_layers}-d{hidden}-h{n_heads}"
-        directory = cache_dir("smoke") / f"{SMOKE_MODEL}{suffix}-seed{seed}"
+        changed = {k: v for k, v in shape.items() if architecture.shape[k] != v}
+        suffix = "".join(f"-{k}{v}" for k, v in changed.items())
+        directory = cache_dir("smoke") / f"{name}{suffix}-seed{seed}"
     directory = Path(directory)
     if (directory / SMOKE_META_FILENAME).is_file():
         return directory
@@ -338,26 +449,26 @@ def smoke_model_dir(
             f"{directory} exists and is not a smoke model directory (no {SMOKE_META_FILENAME}); "
             "give an empty or new directory"
         )
-    _write_random_model(directory, config, seed=seed)
+    _write_random_model(directory, config, architecture, seed=seed)
     return directory
 
 
-def _write_random_model(directory: Path, config, *, seed: int) -> None:
-    from transformers import GPTNeoXForCausalLM
+def _write_random_model(directory: Path, config, architecture: SmokeArchitecture, *, seed: int) -> None:
+    from transformers import AutoModelForCausalLM
 
     from c2srepro.data.tokenizer import PYTHIA_SHA256, load_bpe_tokenizer
 
     tokenizer = load_bpe_tokenizer()
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
     n_params = sum(p.numel() for p in model.parameters())
     # a private staging folder, moved into place whole: a reader never sees half a model
     with atomic_directory(directory) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / SMOKE_META_FILENAME, {
-            "description": "randomly initialised GPT-NeoX of the Pythia-410m architecture, untrained "
-                           "(c2srepro smoke profile); stands in for vandijklab/C2S-Pythia-410m-cell-type-prediction",
+            "description": f"{architecture.description} (c2srepro smoke profile); stands in for "
+                           f"{architecture.stands_in_for}",
             "seed": seed,
             "n_parameters": n_params,
             "config": json.loads(config.to_json_string()),
@@ -365,4 +476,4 @@ def _write_random_model(directory: Path, config, *, seed: int) -> None:
             "torch": torch.__version__,
             "transformers": importlib.metadata.version("transformers"),
         })
-    log.info("wrote a random %d-parameter Pythia-shaped model to %s", n_params, directory)
+    log.info("wrote a random %d-parameter %s model to %s", n_params, config.model_type, directory)

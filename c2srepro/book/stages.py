@@ -3,8 +3,8 @@ parameters, so a parameter changed in chapter 1 reaches every later chapter, and
 what it reloads is what its predecessors made (fingerprints, not paths).
 
 1. Chapter 1 writes ``results/<profile>/model.json``: the model it used (``model_source``), in its
-   provenance the dataset parameters that define the cell split, and the ``fingerprints`` of the
-   model's weights and of the split (``stage_fingerprints``).
+   provenance the dataset parameters that define the cell split and the weights' ``dtype``, and
+   the ``fingerprints`` of the model's weights and of the split (``stage_fingerprints``).
 2. ``model_stage`` rebuilds the same model, tokenizer and split from that file and refuses them
    when their fingerprints differ from the recorded ones (the weights or the data changed).
 3. Chapter 2 saves transcoders in ``results/<profile>/transcoders/layer_XX`` and writes
@@ -88,7 +88,9 @@ def model_stage(results_dir: str | os.PathLike, *, device: str = "cpu") -> Model
         raise ValueError(f"{Path(results_dir) / MODEL_RESULT} records no fingerprints (an older c2srepro wrote it): "
                          f"{_rerun('01-model')}")
     try:
-        model, tokenizer = load_c2s_model(summary["model_source"], device=device)
+        # dtype: chapter 1's parameter (None, float32, where an older model.json records none)
+        dtype = summary["provenance"]["params"].get("dtype")
+        model, tokenizer = load_c2s_model(summary["model_source"], device=device, dtype=dtype)
     except CorruptFileError as error:
         raise CorruptFileError(f"{error} (in the book: {_rerun('01-model')})") from error
     split_params = {k: summary["provenance"]["params"][k] for k in SPLIT_PARAMETERS}

@@ -1,7 +1,9 @@
 """The C2S cell-type prompt, its tokens, and the gene each token lies in.
 
 1. Fill the C2S template with a cell sentence; for training, append the answer `` {label}.``.
-2. Tokenise with the real BPE tokenizer, keeping each token's character span.
+2. Tokenise with the model's tokenizer, keeping each token's character span; the tokenizer's own
+   leading markers are added as its ``tokenizer(text)`` adds them (C2S-Scale-Gemma-2's ``<bos>``;
+   the Pythia BPE of the C2S Pythia models adds none), and lie in no gene.
 3. A token belongs to a gene when its span overlaps that gene's span in the prompt. Gene spans
    are known exactly because the sentence is the genes joined by single spaces at a known
    offset, so the map is exact even when a symbol splits into several tokens (V|WF, ĠPT|PR|B).
@@ -119,7 +121,7 @@ def encode_prompts(
     encoded = EncodedPrompts()
     for sentence in sentences:
         prompt = build_prompt(sentence, organism=organism, template=template, with_answer=with_answer)
-        ids, offsets = tokenizer.encode(prompt.text)
+        ids, offsets = tokenizer.encode(prompt.text, special_tokens=True)
         answer_start = next(
             (i for i, (start, _) in enumerate(offsets) if start >= prompt.answer_start_char), len(ids)
         )

@@ -153,9 +153,14 @@ class CellTokenizer:
             return [int(i) for i in model_ids]
         return [int(self.vocab_map[int(i)]) for i in model_ids]
 
-    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Model token ids and the character span ``(start, end)`` of each token in ``text``."""
-        encoded = self.bpe(text, return_offsets_mapping=True, add_special_tokens=False)
+    def encode(self, text: str, *, special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Model token ids and the character span ``(start, end)`` of each token in ``text``.
+
+        ``special_tokens``: add the tokenizer's own markers, as ``tokenizer(text)`` does for a whole
+        prompt (Gemma's leading ``<bos>``, span ``(0, 0)``; the Pythia BPE adds none). A piece of
+        text that continues a prompt (an answer) is encoded without them.
+        """
+        encoded = self.bpe(text, return_offsets_mapping=True, add_special_tokens=special_tokens)
         return self.to_model_ids(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
 
     def decode(self, model_ids: Sequence[int]) -> str:

@@ -1,4 +1,13 @@
-"""Load a C2S model (hub id or local directory) with its tokenizer, offline-capable."""
+"""Load a C2S model (hub id or local directory) with its tokenizer, offline-capable.
+
+1. A local directory must hold a ``config.json``; one that c2srepro wrote is checked against its
+   recorded checksums.
+2. The config is read first, and a model whose ``model_type`` has no adapter
+   (``c2srepro.models.adapters.ADAPTERS``: GPT-NeoX, Gemma-2) is refused before its weights are read.
+3. The weights are loaded with ``AutoModelForCausalLM`` (float32 unless ``dtype`` says otherwise),
+   the tokenizer from the model's own files or the bundled Pythia BPE, and the two are checked to
+   fit (the tokenizer's ids must be rows of the embedding).
+"""
 
 from __future__ import annotations
 
@@ -14,23 +23,32 @@ from c2srepro.data.tokenizer import BUNDLED, VOCAB_MAP_FILENAME, CellTokenizer
 log = logging.getLogger(__name__)
 
 PAPER_MODEL = "vandijklab/C2S-Pythia-410m-cell-type-prediction"
+
+
 def load_c2s_model(
     source: str | os.PathLike,
     *,
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     local_files_only: bool | None = None,
 ):
-    """A ``GPTNeoXForCausalLM`` in eval mode and its ``CellTokenizer``.
+    """The model in eval mode, a causal LM of a supported architecture (``GPTNeoXForCausalLM``:
+    the C2S Pythia models; ``Gemma2ForCausalLM``: C2S-Scale-Gemma-2), and its ``CellTokenizer``.
 
     ``source`` is a local directory (``save_pretrained`` output, e.g. the embedded mini-C2S) or a
-    Hugging Face id such as ``vandijklab/C2S-Pythia-410m-cell-type-prediction``. Offline, a hub id
+    Hugging Face id such as ``vandijklab/C2S-Pythia-410m-cell-type-prediction`` or
+    ``vandijklab/C2S-Scale-Gemma-2-2B``. A model of another architecture raises ``ValueError``
+    listing the supported ones. Offline, a hub id
     is read from the local Hugging Face cache only (``HF_HUB_OFFLINE=1`` also forces this).
     ``tokenizer`` defaults to the model's own tokenizer files, else the bundled Pythia BPE.
+    ``dtype`` (a ``torch.dtype`` or its name, e.g. ``"bfloat16"``) defaults to float32.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from c2srepro.models.adapters import ADAPTERS, supported_architectures
+
+    dtype = model_dtype(dtype)
     source = str(source)
     is_dir = Path(source).is_dir()
     if local_files_only is None:
@@ -43,8 +61,17 @@ def load_c2s_model(
     if is_dir:  # a directory c2srepro wrote (the mini-C2S) carries checksums; another has none to check
         verify_checksums(source, fix=f"delete {source} and write the model again (the mini-C2S is retrained)")
     try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+        if config.model_type not in ADAPTERS:
+            architectures = ", ".join(config.architectures or []) or "model"
+            raise ValueError(
+                f"{source} holds a {architectures} (config.model_type {config.model_type!r}), not a supported "
+                f"architecture; c2srepro supports transformers causal LMs with model_type {supported_architectures()}. "
+                f"Give a C2S model of one of these (e.g. {PAPER_MODEL}), or add an adapter module to "
+                "c2srepro/models/adapters/"
+            )
         model = AutoModelForCausalLM.from_pretrained(
-            source, local_files_only=local_files_only, dtype=dtype or torch.float32
+            source, config=config, local_files_only=local_files_only, dtype=dtype
         )
     except OSError as error:
         raise FileNotFoundError(
@@ -63,3 +90,18 @@ def load_c2s_model(
             f"{model.config.vocab_size}: {source} and its {VOCAB_MAP_FILENAME} do not belong together"
         )
     return model.to(device).eval(), cell_tokenizer
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def model_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``dtype`` as a floating ``torch.dtype``: None is float32, a name (``"bfloat16"``) torch's dtype of that name."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in FLOAT_DTYPES:
+        return getattr(torch, dtype.removeprefix("torch."))
+    raise ValueError(f"dtype={dtype!r} is not a floating-point dtype for model weights; give one of {list(FLOAT_DTYPES)} "
+                     "or the torch.dtype")

@@ -394,13 +394,14 @@ class CachedActivations(ActivationSource):
 
 def model_fingerprint(model: nn.Module) -> str:
     """A hash of the config and of every parameter's sum and sum of squares (cheap, and
-    different for any retrained or re-initialised model)."""
+    different for any retrained or re-initialised model). The sums are taken on the CPU, so a model
+    fingerprints alike on any device."""
     # Where the weights were loaded from (``_name_or_path``) does not change what they compute.
     config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, param in model.named_parameters():
-            p = param.detach().double()
+            p = param.detach().cpu().double()
             digest.update(f"{name}{tuple(p.shape)}{p.sum().item():.12e}{p.square().sum().item():.12e}".encode())
     return digest.hexdigest()
 
