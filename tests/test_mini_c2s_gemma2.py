@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -11,7 +12,7 @@ import torch
 from transformers import Gemma2ForCausalLM
 
 import c2srepro.models.mini_c2s as mini_c2s
-from c2srepro.data.prompts import answer_text, build_prompt, pad_right
+from c2srepro.data.prompts import C2S_CELL_TYPE_TEMPLATE, answer_text, build_prompt, pad_right
 from c2srepro.models.adapters import Gemma2Adapter
 from c2srepro.models.hooked import HookedModel, hook_name
 from c2srepro.models.load import load_c2s_model
@@ -22,6 +23,16 @@ from c2srepro.models.mini_c2s import (
 from c2srepro.models.predict import score_labels
 
 TINY = dict(n_layers=2, d_model=32, n_heads=2, epochs=1, top_k=16, batch_size=32, architecture="gemma2")  # 18 steps
+# Prompts of 64 genes (~270 tokens, past the sliding window) in the words of the top-16 prompts
+# the tiny model's vocabulary was built from.
+LONG_TEMPLATE = C2S_CELL_TYPE_TEMPLATE.replace("{num_genes}", "16")
+
+
+def long_prompts(tokenizer, n: int):
+    cells = pbmc_split(MiniC2SConfig(**{**TINY, "top_k": 64})).cells("heldout")[:n]
+    prompts = [tokenizer.encode(build_prompt(cell, template=LONG_TEMPLATE).text)[0] for cell in cells]
+    assert min(map(len, prompts)) > GEMMA2_SLIDING_WINDOW
+    return cells, prompts
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +79,8 @@ def test_a_gemma2_mini_has_gemma2s_choices(tiny_model):
 
 def test_the_hooked_forward_of_a_gemma2_mini_is_its_forward(tiny_model):
     model, tokenizer = load_c2s_model(tiny_model)
-    split = pbmc_split(MiniC2SConfig(**{**TINY, "top_k": 64}))  # ~270 tokens: past the sliding window
-    prompts = [tokenizer.encode(build_prompt(cell).text)[0] for cell in split.cells("heldout")[:2]]
-    assert max(map(len, prompts)) > GEMMA2_SLIDING_WINDOW
+    _, prompts = long_prompts(tokenizer, 2)
+    prompts[1] = prompts[1][:-20]  # a padded batch
     ids, mask = pad_right(prompts, pad_id=tokenizer.pad_id)
     hooked = HookedModel(model)
     assert isinstance(hooked.adapter, Gemma2Adapter)
@@ -80,22 +90,21 @@ def test_the_hooked_forward_of_a_gemma2_mini_is_its_forward(tiny_model):
             alone = model(input_ids=torch.tensor([prompt])).logits[0]
             torch.testing.assert_close(logits[row, : len(prompt)], alone, atol=1e-5, rtol=1e-5)
     # Replacing each MLP by itself through the hooks leaves the logits where they were.
-    mlps = {layer: model.model.layers[layer] for layer in range(2)}
-    post = lambda layer: lambda x: mlps[layer].post_feedforward_layernorm(mlps[layer].mlp(x))  # noqa: E731
-    with hooked.replace_mlps({layer: post(layer) for layer in range(2)}):
-        replaced = hooked(ids, attention_mask=mask)
+    # Copies: the hooked modules themselves would call their hooks again.
+    halves = {layer: copy.deepcopy(model.model.layers[layer]) for layer in range(2)}
+    post = lambda half: lambda x: half.post_feedforward_layernorm(half.mlp(x))  # noqa: E731
+    with torch.no_grad(), hooked.replace_mlps({layer: post(half) for layer, half in halves.items()}):
+        replaced = hooked.forward(ids, attention_mask=mask)
     torch.testing.assert_close(replaced, logits, atol=1e-6, rtol=0)
 
 
 def test_cached_label_scores_equal_a_full_forward_past_the_sliding_window(tiny_model):
     # The prompt's key/value cache of a sliding layer keeps only the window: scoring must not notice.
     model, tokenizer = load_c2s_model(tiny_model)
-    split = pbmc_split(MiniC2SConfig(**{**TINY, "top_k": 64}))
-    cell = split.cells("heldout")[0]
-    prompt = tokenizer.encode(build_prompt(cell).text)[0]
-    assert len(prompt) > GEMMA2_SLIDING_WINDOW
-    scores = score_labels(model, tokenizer, [cell], split.labels)[0]
-    for label, score in zip(split.labels, scores):
+    (cell,), (prompt,) = long_prompts(tokenizer, 1)
+    labels = pbmc_split(MiniC2SConfig(**TINY)).labels
+    scores = score_labels(model, tokenizer, [cell], labels, template=LONG_TEMPLATE)[0]
+    for label, score in zip(labels, scores):
         answer = tokenizer.encode(answer_text(label))[0]
         with torch.no_grad():
             log_probs = torch.log_softmax(model(torch.tensor([prompt + answer])).logits[0].double(), -1)
