@@ -310,6 +310,8 @@ def train_mini_c2s(
             for start in range(loop.batch * cfg.batch_size, len(order), cfg.batch_size):
                 batch = order[start : start + cfg.batch_size]
                 ids, mask = pad_right([prompts.input_ids[i] for i in batch], pad_id=tokenizer.pad_id)
+                # The mask the architecture's forward takes for a right-padded batch (Gemma-2: none, as
+                # padding-only sliding windows break its masked forward; the loss masks padding anyway).
                 logits = model(input_ids=ids, attention_mask=adapter.model_attention_mask(mask)).logits
                 loss = weighted_lm_loss(logits, ids, mask, [prompts.answer_start[i] for i in batch], cfg.answer_weight)
                 if not torch.isfinite(loss):
