@@ -45,7 +45,7 @@ SPLIT_PARAMETERS = ("dataset", "label_column", "symbol_column", "use_raw", "top_
 
 @dataclass
 class ModelStage:
-    model: Any  # GPTNeoXForCausalLM, eval mode
+    model: Any  # a transformers causal LM of an architecture in c2srepro.models.adapters, eval mode
     tokenizer: CellTokenizer
     split: CellSplit
     summary: dict[str, Any]  # chapter 1's model.json

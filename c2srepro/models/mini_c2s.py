@@ -1,11 +1,21 @@
-"""The embedded mini-C2S: a small Pythia-style GPT-NeoX trained here on real PBMC cell sentences.
+"""The embedded mini-C2S: a small Pythia-style GPT-NeoX (or Gemma-2) trained here on real PBMC cell sentences.
 
 1. Cell sentences of scanpy's bundled ``pbmc68k_reduced`` (top-K genes of ``.raw``, labels
    ``bulk_labels``), split by cell into training and held-out sets (stratified, seeded).
 2. Vocabulary: the real Pythia BPE segmentation, with the embedding table restricted to the BPE
    ids that occur in the prompts, the dataset's gene symbols and the answers (``vocab_map``).
-3. Model: ``GPTNeoXForCausalLM`` with Pythia's choices: parallel residual, rotary on 25% of each
-   head, GELU MLP of 4x width, untied embeddings.
+3. Model (``architecture``), at the same width, depth and query heads either way:
+   ``"gpt_neox"`` (the default): ``GPTNeoXForCausalLM`` with Pythia's choices: parallel residual,
+   rotary on 25% of each head, GELU MLP of 4x width, untied embeddings.
+   ``"gemma2"``: ``Gemma2ForCausalLM`` with Gemma-2's choices: RMS norms before and after
+   attention and MLP, GeGLU MLP of 4x width (as Gemma-2-2B), rotary on every head dim, half as
+   many key/value heads as query heads (grouped-query), attention and final-logit soft-capping
+   (50, 30), embeddings scaled by sqrt(d_model) and tied to the unembedding, and layers
+   alternating a sliding window of ``GEMMA2_SLIDING_WINDOW`` = 128 tokens (layers 0, 2, ...) with
+   full attention. Gemma-2's window (4096) is half its context; 128 is about half of a ~270-token
+   prompt, so at the answer position the local layers see the question and the last ~30 genes,
+   not the whole sentence: they really are local, as the adapter and attribution must handle.
+   Both train through the same loop (step 4); only the builder (``build_model``) differs.
 4. Training as C2S is trained: next-token loss over the whole prompt (the cell sentence is
    language to model) plus the answer, whose tokens are weighted ``answer_weight`` times so the
    few answer tokens are not drowned by ~270 sentence tokens. Augmentation: each epoch re-draws
@@ -13,6 +23,8 @@
    AdamW, linear warm-up then cosine decay to 0 (``c2srepro._schedule``).
 5. The trained model is cached under a hash of its parameters and inputs, with each file's sha256;
    it is reused while every file matches its checksum, and trained again when one does not.
+   ``architecture`` enters the hash only when it is not the default, so GPT-NeoX models trained
+   before the field existed keep their cache key.
 6. Training checkpoints its whole state (weights, AdamW, schedule, random generators, position
    in the epoch's order) by fraction of the run and by wall time (``c2srepro._checkpoint``);
    a rerun after an interruption resumes there and trains to the same weights, bit for bit.
@@ -44,8 +56,12 @@ from c2srepro._schedule import warmup_cosine
 from c2srepro.data.datasets import PBMC, CellSplit, labelled_split, load_dataset
 from c2srepro.data.prompts import EncodedPrompts, answer_text, encode_prompts, pad_right
 from c2srepro.data.tokenizer import PYTHIA_SHA256, CellTokenizer, load_bpe_tokenizer
+from c2srepro.models.adapters import adapter_for
 
 log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("gpt_neox", "gemma2")  # transformers' config.model_type of each
+GEMMA2_SLIDING_WINDOW = 128  # module docstring, step 3
 
 TRAINING_META_FILENAME = "training.json"
 CHECKPOINT_FORMAT = "c2srepro-mini-c2s-training/1"
@@ -69,13 +85,23 @@ class MiniC2SConfig:
     answer_weight: float = 8.0
     augment_ties: bool = True
     seed: int = 0
+    architecture: str = "gpt_neox"  # in ARCHITECTURES (module docstring, step 3)
 
     def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture must be one of {', '.join(map(repr, ARCHITECTURES))}, got {self.architecture!r}"
+            )
         for name in ("n_layers", "d_model", "n_heads", "max_positions", "top_k", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.architecture == "gemma2" and self.n_heads % 2:
+            raise ValueError(
+                f"a gemma2 mini-C2S shares each key/value head between two query heads: n_heads must be "
+                f"even, got {self.n_heads}"
+            )
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}")
         if self.lr <= 0 or self.answer_weight <= 0:
@@ -135,6 +161,43 @@ def gpt_neox_config(cfg: MiniC2SConfig, vocab_size: int):
     )
 
 
+def gemma2_config(cfg: MiniC2SConfig, vocab_size: int):
+    from transformers import Gemma2Config
+
+    head_dim = cfg.d_model // cfg.n_heads
+    return Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads // 2,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,  # as Gemma-2-2B: scores scaled by head_dim^-1/2
+        intermediate_size=4 * cfg.d_model,
+        hidden_activation="gelu_pytorch_tanh",
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        sliding_window=GEMMA2_SLIDING_WINDOW,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
+        # transformers' sdpa kernel has no soft-capping; eager is the exact Gemma-2 forward.
+        attn_implementation="eager",
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+
+
+def build_model(cfg: MiniC2SConfig, vocab_size: int):
+    """The untrained mini-C2S of ``cfg.architecture`` (module docstring, step 3), from the torch
+    random state as it stands."""
+    from transformers import Gemma2ForCausalLM, GPTNeoXForCausalLM
+
+    if cfg.architecture == "gemma2":
+        return Gemma2ForCausalLM(gemma2_config(cfg, vocab_size))
+    return GPTNeoXForCausalLM(gpt_neox_config(cfg, vocab_size))
+
+
 def cache_key(cfg: MiniC2SConfig) -> str:
     """16 hex digits naming what decides the trained weights (not how often training checkpoints)."""
     return hashlib.sha256(json.dumps(_key_material(cfg), sort_keys=True).encode()).hexdigest()[:16]
@@ -143,8 +206,12 @@ def cache_key(cfg: MiniC2SConfig) -> str:
 def _key_material(cfg: MiniC2SConfig) -> dict[str, Any]:
     from importlib.metadata import version
 
+    config = cfg.to_dict()
+    # Left out at its default: GPT-NeoX models trained before the field existed keep their key.
+    if config["architecture"] == MiniC2SConfig.architecture:
+        del config["architecture"]
     return {
-        "config": cfg.to_dict(),
+        "config": config,
         "tokenizer_sha256": PYTHIA_SHA256,
         "dataset": f"scanpy {version('scanpy')} pbmc68k_reduced",
         "torch": str(torch.__version__),
@@ -193,8 +260,6 @@ def train_mini_c2s(
     settings do not change the weights, so they are not part of the cache key. The checkpoint
     is deleted once the model is saved.
     """
-    from transformers import GPTNeoXForCausalLM
-
     cfg = cfg or MiniC2SConfig()
     directory = Path(directory) if directory else cache_dir("models") / f"mini-c2s-{cache_key(cfg)}"
     if (directory / TRAINING_META_FILENAME).is_file() and not force:
@@ -217,7 +282,8 @@ def train_mini_c2s(
     bpe = load_bpe_tokenizer()
     genes = sorted({g.upper() for g in adata.raw.var_names})
     tokenizer = CellTokenizer(bpe, build_vocabulary(_vocabulary_texts(genes, split), bpe))
-    model = GPTNeoXForCausalLM(gpt_neox_config(cfg, tokenizer.vocab_size))
+    model = build_model(cfg, tokenizer.vocab_size)
+    adapter = adapter_for(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(split.train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -244,7 +310,9 @@ def train_mini_c2s(
             for start in range(loop.batch * cfg.batch_size, len(order), cfg.batch_size):
                 batch = order[start : start + cfg.batch_size]
                 ids, mask = pad_right([prompts.input_ids[i] for i in batch], pad_id=tokenizer.pad_id)
-                logits = model(input_ids=ids, attention_mask=mask).logits
+                # The mask the architecture's forward takes for a right-padded batch (Gemma-2: none, as
+                # padding-only sliding windows break its masked forward; the loss masks padding anyway).
+                logits = model(input_ids=ids, attention_mask=adapter.model_attention_mask(mask)).logits
                 loss = weighted_lm_loss(logits, ids, mask, [prompts.answer_start[i] for i in batch], cfg.answer_weight)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -339,7 +407,10 @@ def _load_checkpoint(path: Path, cfg: MiniC2SConfig, model, optimizer, scheduler
         )
     mine, saved = _key_material(cfg), state["key_material"]
     differs = [key for key in sorted(mine) if key != "config" and saved.get(key) != mine[key]]
-    differs += [f"config.{key}" for key, value in sorted(mine["config"].items()) if saved["config"].get(key) != value]
+    differs += [
+        f"config.{key}" for key in sorted(set(mine["config"]) | set(saved["config"]))
+        if saved["config"].get(key) != mine["config"].get(key)
+    ]
     if differs:
         raise ValueError(
             f"the mini-C2S checkpoint {path} was written with different {differs}: train with the same "
