@@ -187,17 +187,17 @@ def _layer_transpose(
 
 
 def residual_gradients(
-    rep: LinearisedReplacement, targets: Sequence[Node]
+    rep: LinearisedReplacement, targets: Sequence[Node], readings: Sequence[tuple[Tensor, float]]
 ) -> Iterator[tuple[int | None, Float[Tensor, "target pos d_model"]]]:
     """The shared backward pass of ``targets`` (steps 1-3 of the module docstring), top layer first.
 
     Yields (layer, G_{layer+1}) for each layer from the last one the targets read down to layer 0,
     the gradient the sources that layer writes into r_{layer+1} are read by; then (None, G_0), read by
     the token embeddings. Positions stop at the last target's: nothing after it contributes. Each
-    target is seeded with its reading vector at the step it reads the residual stream.
+    target is seeded with its reading vector (``readings``, from :func:`_reading`) at the step it
+    reads the residual stream.
     """
     n_pos = max(t.position for t in targets) + 1
-    readings = [_reading(rep, t) for t in targets]
     steps = torch.tensor([_seed_step(rep, t) for t in targets])
     grad = rep.weights.embed.new_zeros(len(targets), n_pos, rep.weights.d_model)
     for m in range((int(steps.max()) + 1) // 2, 0, -1):  # grad holds G_m = d value / d r_m
@@ -238,7 +238,7 @@ def attribute_many(rep: LinearisedReplacement, targets: Sequence[Node]) -> list[
     bias = error.new_zeros(n_targets, n_layers, rep.n_pos)
     embedding = error.new_zeros(n_targets, rep.n_pos)
     features = [error.new_zeros(n_targets, len(a)) for a in rep.active]
-    for layer, grad in residual_gradients(rep, targets):
+    for layer, grad in residual_gradients(rep, targets, readings):
         if layer is None:
             embedding[:, :n_pos] = torch.einsum("ntd,td->nt", grad, rep.weights.embed[rep.input_ids[:n_pos]])
             continue

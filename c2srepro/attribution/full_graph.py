@@ -355,8 +355,9 @@ def _rows(rep: LinearisedReplacement, targets: Sequence[Node], cols: _Columns) -
     """One shared backward pass (module docstring, step 2): rows over ``cols`` and each row's constant."""
     n, n_pos = len(targets), max(t.position for t in targets) + 1
     rows = rep.weights.embed.new_zeros(n, cols.n_cols)
-    constant = torch.tensor([_reading(rep, t)[1] for t in targets], dtype=rows.dtype, device=rows.device)
-    for layer, grad in residual_gradients(rep, targets):
+    readings = [_reading(rep, t) for t in targets]
+    constant = torch.tensor([c for _, c in readings], dtype=rows.dtype, device=rows.device)
+    for layer, grad in residual_gradients(rep, targets, readings):
         if layer is None:
             rows[:, cols.token_start : cols.token_start + n_pos] = torch.einsum(
                 "ntd,td->nt", grad, rep.weights.embed[rep.input_ids[:n_pos]]
