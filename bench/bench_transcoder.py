@@ -148,16 +148,19 @@ def phase_train(shape: dict, steps: int, variant: str = "relu", device: str = "c
 def matmul_operands(n_layers: int, batch: int, d_model: int, d_tc: int) -> tuple[torch.Tensor, ...]:
     x, g = torch.randn(n_layers, batch, d_model), torch.randn(n_layers, batch, d_model)
     w_enc, w_dec = torch.randn(n_layers, d_model, d_tc), torch.randn(n_layers, d_tc, d_model)
-    return x, g, w_enc, w_dec, torch.randn(n_layers, batch, d_tc)
+    outputs = (torch.empty(n_layers, batch, d_tc), torch.empty(n_layers, batch, d_model),
+               torch.empty(n_layers, batch, d_tc), torch.empty(n_layers, d_tc, d_model), torch.empty(n_layers, d_model, d_tc))
+    return (x, g, w_enc, w_dec, torch.randn(n_layers, batch, d_tc)) + outputs
 
 
-def matmul_once(x, g, w_enc, w_dec, z) -> None:
-    """The five products of one step, batched over layers (step 3)."""
-    torch.bmm(x, w_enc)  # forward: pre-activations
-    torch.bmm(z, w_dec)  # forward: reconstruction
-    torch.bmm(g, w_dec.transpose(1, 2))  # backward: gradient of z
-    torch.bmm(z.transpose(1, 2), g)  # backward: gradient of W_dec
-    torch.bmm(x.transpose(1, 2), z)  # backward: gradient of W_enc
+def matmul_once(x, g, w_enc, w_dec, z, *out) -> None:
+    """The five products of one step, batched over layers (step 3), into outputs allocated once
+    (as the training step's are): the rate of the products themselves."""
+    torch.bmm(x, w_enc, out=out[0])  # forward: pre-activations
+    torch.bmm(z, w_dec, out=out[1])  # forward: reconstruction
+    torch.bmm(g, w_dec.transpose(1, 2), out=out[2])  # backward: gradient of z
+    torch.bmm(z.transpose(1, 2), g, out=out[3])  # backward: gradient of W_dec
+    torch.bmm(x.transpose(1, 2), z, out=out[4])  # backward: gradient of W_enc
 
 
 def run_phase(name: str, shape: str, steps: int, variant: str = "relu", device: str = "cpu") -> dict:

@@ -133,6 +133,7 @@ from c2srepro.transcoder.harvest import (
     model_fingerprint,
 )
 from c2srepro.transcoder.model import Transcoder, activate, save_transcoders
+from c2srepro.transcoder.sparse_codes import SparseCodes, token_sums, top_k
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,7 @@ class StackedTranscoders(nn.Module):
         self.threshold = (
             nn.Parameter(torch.zeros(n, d_tc), requires_grad=False) if self.activation == "batchtopk" else None
         )
+        self._scratch: dict[str, Tensor] = {}  # loss_and_grads' buffers, not state
 
     def train_activation(self, pre: Float[Tensor, "layer batch d_tc"]) -> Float[Tensor, "layer batch d_tc"]:
         """The training activation of the variant (choice 11), differentiable as described there."""
@@ -335,90 +337,130 @@ class StackedTranscoders(nn.Module):
             dL/dpre    = dL/dz * A (+ AuxK's own term, on the dead features it keeps)
             dL/dW_enc  = x^T dL/dpre,            dL/db_enc = sum_b dL/dpre
             JumpReLU:  dL/dlog theta = -theta sum_b K_eps(pre - theta) (theta dL/dz + c / B)
+        ReLU and JumpReLU run these as dense products. The TopK variants keep k of d_tc features
+        per token, so every product but the encoder's runs on the kept entries alone
+        (``SparseCodes``), and dL/dz is computed only there.
+
+        The [layer, batch, d_tc] tensors and the gradients are buffers kept from step to step:
+        on CPU a fresh tensor of tens of MB costs a page fault per 4 KiB on first write, as
+        much as a pass over it.
         """
+        pre = torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc, out=self._workspace("pre", x, self.b_enc))
+        if self.activation in TOPK_ACTIVATIONS:
+            return self._sparse_loss_and_grads(x, y, pre, dead)
+        return self._dense_loss_and_grads(x, y, pre, coefficient)
+
+    def _workspace(self, name: str, x: Tensor, b_enc: Tensor) -> Tensor:
+        """A [layer, batch, d_tc] buffer reused across steps of the same shape."""
+        shape = (x.shape[0], x.shape[1], b_enc.shape[-1])
+        buffer = self._scratch.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != x.dtype or buffer.device != x.device:
+            buffer = self._scratch[name] = torch.empty(shape, dtype=x.dtype, device=x.device)
+        return buffer
+
+    @staticmethod
+    def _grad_buffer(param: Tensor) -> Tensor:
+        if param.grad is None or param.grad.shape != param.shape or param.grad.dtype != param.dtype:
+            param.grad = torch.empty_like(param)
+        return param.grad
+
+    def _reconstruction_terms(self, y_hat: Tensor, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """From y_hat (without the skip path), in place: the error, its terms and dL/dy_hat;
+        sets the gradients of b_dec and W_skip."""
         batch, d_model = x.shape[1], x.shape[2]
-        pre = torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc)  # [L, B, d_tc]
-        z, kept = self._training_activation(pre)  # eq. 1
-        n, d_tc = pre.shape[0], pre.shape[2]
-        if kept is None:
-            # A as 0/1 floats: on CPU, boolean masks multiply and sum ~10x slower than floats.
-            active = torch.sign(z)  # z >= 0 for every variant
-            counts = active.sum(1)  # [L, d_tc] tokens on which each feature fired (float)
-            l1 = z.sum(dim=(1, 2)) / batch  # [L]; z >= 0, so this is the mean ||z||_1
-        else:  # TopK variants: the same bookkeeping on the k B kept entries, not the dense z
-            values, index = kept
-            fired = torch.sign(values)  # [L, k B]
-            counts = torch.zeros(n, d_tc, dtype=z.dtype, device=z.device).scatter_add_(1, index % d_tc, fired)
-            l1 = values.sum(-1) / batch
-        error = torch.baddbmm(self.b_dec.unsqueeze(1), z, self.W_dec)  # eq. 2, [L, B, d]
+        error = y_hat
         if self.W_skip is not None:
             error.baddbmm_(x, self.W_skip)
         error.sub_(y)  # minus the target
         sq_error = error.square().sum(-1)  # [L, B]
-        mse = sq_error.mean(-1) / d_model  # [L]
         grad_y = error * (2.0 / (d_model * batch))  # [L, B, d]
-        self.W_dec.grad = torch.bmm(z.transpose(1, 2), grad_y)
-        self.b_dec.grad = grad_y.sum(1)
+        self.b_dec.grad = token_sums(grad_y)
         if self.W_skip is not None:
-            self.W_skip.grad = torch.bmm(x.transpose(1, 2), grad_y)
-        relu_l1 = coefficient / batch if self.activation == "relu" else 0.0
-        penalty = torch.full((1, 1, 1), relu_l1, dtype=z.dtype, device=z.device)
-        grad_pre = torch.baddbmm(penalty, grad_y, self.W_dec.transpose(1, 2))  # dL/dz, [L, B, d_tc]
-        if self.activation == "relu":
-            loss = mse + coefficient * l1
-        elif self.activation == "jumprelu":
-            loss = mse + coefficient * counts.sum(-1) / batch
-            theta = self.log_threshold.exp()  # [L, d_tc]
-            kernel = (pre - theta.unsqueeze(1)).abs_().lt_(self.bandwidth / 2)  # K(u) = [|u| < 1/2], u = (pre - theta) / eps
-            weight = (grad_pre * theta.unsqueeze(1)).add_(coefficient / batch).mul_(kernel)
-            self.log_threshold.grad = -(theta / self.bandwidth) * weight.sum(1)  # theta = exp(log theta): chain rule
-        else:
-            loss = mse.clone()
-        if kept is None:
-            grad_pre.mul_(active)
-        else:
-            kept_grad = grad_pre.view(n, -1).gather(1, index).mul_(fired)
-            grad_pre.zero_().view(n, -1).scatter_(1, index, kept_grad)
-        if self.activation in TOPK_ACTIVATIONS and dead is not None and bool(dead.any()):
-            loss += self._aux_k_terms(pre, error, dead, grad_pre)
-        if self.activation == "batchtopk":
-            self._update_threshold(kept[0])
-        self.W_enc.grad = torch.bmm(x.transpose(1, 2), grad_pre)
-        self.b_enc.grad = grad_pre.sum(1)
-        return {"loss": loss, "mse": mse, "l1": l1, "sq_error": sq_error, "error": error, "counts": counts}
+            torch.bmm(x.transpose(1, 2), grad_y, out=self._grad_buffer(self.W_skip))
+        return {"error": error, "sq_error": sq_error, "mse": sq_error.mean(-1) / d_model, "grad_y": grad_y}
 
-    def _training_activation(self, pre: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """(z, kept) without autograd; ``kept`` is, for the TopK variants, the kept values and their
-        positions in each layer's flattened [B d_tc] pre-activations (None otherwise). ReLU works
-        in place on ``pre`` (which only JumpReLU and AuxK read again)."""
+    def _dense_loss_and_grads(self, x: Tensor, y: Tensor, pre: Tensor, coefficient: float) -> dict[str, Tensor]:
+        batch = x.shape[1]
+        active = self._workspace("active", x, self.b_enc)  # A as 0/1 floats: boolean masks are ~10x slower on CPU
         if self.activation == "relu":
-            return pre.clamp_min_(0), None
-        if self.activation == "jumprelu":
-            return pre * (pre > self.log_threshold.exp().unsqueeze(1)), None
+            z = pre.clamp_min_(0)  # eq. 1, in place: ReLU reads pre no further
+            torch.sign(z, out=active)
+        else:
+            theta = self.log_threshold.exp()  # [L, d_tc]
+            torch.gt(pre, theta.unsqueeze(1), out=active)
+            z = torch.mul(pre, active, out=self._workspace("z", x, self.b_enc))
+        counts = token_sums(active)  # [L, d_tc] tokens on which each feature fired (float)
+        l1 = z.sum(dim=(1, 2)) / batch  # [L]; z >= 0, so this is the mean ||z||_1
+        terms = self._reconstruction_terms(torch.baddbmm(self.b_dec.unsqueeze(1), z, self.W_dec), x, y)  # eq. 2
+        grad_y = terms.pop("grad_y")
+        torch.bmm(z.transpose(1, 2), grad_y, out=self._grad_buffer(self.W_dec))
+        grad_pre = torch.bmm(grad_y, self.W_dec.transpose(1, 2), out=self._workspace("grad_pre", x, self.b_enc))  # dL/dz
+        if self.activation == "relu":
+            loss = terms["mse"] + coefficient * l1
+            grad_pre.add_(coefficient / batch)
+        else:
+            loss = terms["mse"] + coefficient * counts.sum(-1) / batch
+            # K(u) = [|u| < 1/2], u = (pre - theta) / eps; the sum over tokens splits in two
+            band = torch.sub(pre, theta.unsqueeze(1), out=self._workspace("band", x, self.b_enc))
+            band.abs_().lt_(self.bandwidth / 2)
+            in_band = token_sums(band)
+            band_grad = token_sums(band.mul_(grad_pre))
+            # theta = exp(log theta): chain rule
+            self.log_threshold.grad = -(theta / self.bandwidth) * (theta * band_grad + (coefficient / batch) * in_band)
+        grad_pre.mul_(active)
+        torch.bmm(x.transpose(1, 2), grad_pre, out=self._grad_buffer(self.W_enc))
+        self.b_enc.grad = token_sums(grad_pre)
+        return {"loss": loss, "l1": l1, "counts": counts} | terms
+
+    def _sparse_loss_and_grads(self, x: Tensor, y: Tensor, pre: Tensor, dead: Tensor | None) -> dict[str, Tensor]:
+        n, batch, d_tc = pre.shape
+        codes = self._kept_codes(pre)
+        fired = torch.sign(codes.values)
+        counts = codes.feature_sums(fired)
+        l1 = codes.layer_sums(codes.values) / batch
+        terms = self._reconstruction_terms(codes.decode(self.W_dec).add_(self.b_dec.unsqueeze(1)), x, y)  # eq. 2
+        grad_y = terms.pop("grad_y")
+        codes.decode_grad(grad_y, out=self._grad_buffer(self.W_dec))
+        grad_kept = codes.sampled(grad_y, self.W_dec).mul_(fired)  # dL/dpre at the kept entries
+        if self.activation == "batchtopk":
+            self._update_threshold(codes.values.view(n, -1))
+        loss = terms["mse"].clone()
+        grad_enc = codes.encode_grad(grad_kept, x)  # [L, d_tc, d]
+        grad_b_enc = codes.feature_sums(grad_kept)
+        if dead is not None and bool(dead.any()):
+            aux, aux_grad_enc, aux_grad_b_enc = self._aux_k_terms(x, pre, terms["error"], dead)
+            loss += aux
+            grad_enc += aux_grad_enc
+            grad_b_enc += aux_grad_b_enc
+        self._grad_buffer(self.W_enc).copy_(grad_enc.transpose(1, 2))
+        self.b_enc.grad = grad_b_enc
+        return {"loss": loss, "l1": l1, "counts": counts} | terms
+
+    def _kept_codes(self, pre: Float[Tensor, "layer batch d_tc"]) -> SparseCodes:
+        """The TopK variants' kept entries, relu'd (the largest of relu(pre) are relu of the largest of pre)."""
         n, batch, d_tc = pre.shape
         if self.activation == "topk":
-            values, index = pre.topk(self.k, dim=-1, sorted=False)
-            index = index.add_(torch.arange(0, batch * d_tc, d_tc, device=pre.device)[:, None]).reshape(n, -1)
-            values = values.reshape(n, -1)
-        else:
-            values, index = pre.reshape(n, batch * d_tc).topk(self.k * batch, dim=-1, sorted=False)
-        values.clamp_min_(0)  # the largest of relu(pre) are relu of the largest of pre
-        z = torch.zeros(n, batch * d_tc, dtype=pre.dtype, device=pre.device).scatter_(1, index, values)
-        return z.view(n, batch, d_tc), (values, index)
+            values, index = top_k(pre, self.k)
+            return SparseCodes.per_token(values.clamp_min_(0), index, d_tc=d_tc)
+        values, index = top_k(pre.view(n, batch * d_tc), self.k * batch)
+        return SparseCodes.per_batch(values.clamp_min_(0), index, batch=batch, d_tc=d_tc)
 
-    def _aux_k_terms(self, pre: Tensor, error: Tensor, dead: Tensor, grad_pre: Tensor) -> Tensor:
-        """AuxK by hand (``_aux_k_loss``'s loss): its gradients added to ``W_dec.grad`` and
-        ``grad_pre`` (in place); returns the loss per layer."""
+    def _aux_k_terms(
+        self, x: Tensor, pre: Tensor, error: Tensor, dead: Tensor
+    ) -> tuple[Float[Tensor, " layer"], Float[Tensor, "layer d_tc d_model"], Float[Tensor, "layer d_tc"]]:
+        """AuxK by hand (``_aux_k_loss``'s loss, on the dead features' kept entries): its loss per
+        layer and its dL/dW_enc (last two axes swapped) and dL/db_enc; adds its dL/dW_dec to
+        ``W_dec.grad``. Overwrites ``pre``."""
         k = min(self.aux_k, int(dead.sum(-1).max()))
-        values, index = pre.masked_fill(~dead.unsqueeze(1), -torch.inf).topk(k, dim=-1, sorted=False)
-        z_aux = torch.zeros_like(pre).scatter_(-1, index, values.clamp_min_(0))  # relu(-inf) = 0: no gradient
-        aux_error = torch.baddbmm(error, z_aux, self.W_dec)  # e_hat - e, with e = -error
+        values, index = top_k(pre.masked_fill_(~dead.unsqueeze(1), -torch.inf), k)
+        codes = SparseCodes.per_token(values.clamp_min_(0), index, d_tc=pre.shape[-1])  # relu(-inf) = 0: no gradient
+        aux_error = codes.decode(self.W_dec).add_(error)  # e_hat - e, with e = -error
         d_model, batch = error.shape[-1], error.shape[1]
         aux = self.aux_k_coefficient * aux_error.square().sum(-1).mean(-1) / d_model
         grad_aux = aux_error.mul_(2.0 * self.aux_k_coefficient / (d_model * batch))
-        self.W_dec.grad.baddbmm_(z_aux.transpose(1, 2), grad_aux)
-        grad_pre.addcmul_(torch.bmm(grad_aux, self.W_dec.transpose(1, 2)), torch.sign(z_aux))
-        return aux
+        self.W_dec.grad += codes.decode_grad(grad_aux, out=torch.empty_like(self.W_dec))
+        grad_kept = codes.sampled(grad_aux, self.W_dec).mul_(torch.sign(codes.values))
+        return aux, codes.encode_grad(grad_kept, x), codes.feature_sums(grad_kept)
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:
