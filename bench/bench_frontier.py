@@ -14,8 +14,8 @@
 4. Write ``results/<profile>/frontier.csv`` (one row per variant and setting; ``paper_setting``
    marks ReLU at chapter 2's L1 coefficient, without skip) with its provenance, and the
    tracked copy chapter 3 draws without retraining: ``bench/frontier/<profile>.csv`` (+
-   ``.provenance.json``: parameters, commit, package versions, the model and split
-   fingerprints) and ``<profile>.png`` (``c2srepro.transcoder.plots.plot_frontier``). Rows of
+   ``.provenance.json``: parameters, package versions, the model and split fingerprints, and
+   per variant the command and commit that measured its rows) and ``<profile>.png`` (``c2srepro.transcoder.plots.plot_frontier``). Rows of
    the variants run replace those of an earlier run on the same model and split, so
    ``--skip`` and ``--variants`` runs add their curves to one table; the table is written after
    every point, and a rerun keeps the points of the same setting and run length (a stopped
@@ -67,15 +67,16 @@ def frontier_row(model, train_source, heldout, base, activation: str, field: str
     }
 
 
-def earlier_rows(path: Path, identity: dict) -> pd.DataFrame | None:
-    """The rows in ``path`` when its provenance records the same model and split, else None."""
+def earlier_rows(path: Path, identity: dict) -> tuple[pd.DataFrame | None, dict]:
+    """The rows in ``path`` and the runs that made them (variant -> command and commit) when its
+    provenance records the same model and split, else (None, {})."""
     record = path.with_name(path.name + ".provenance.json")
     if not path.is_file() or not record.is_file():
-        return None
-    earlier = json.loads(record.read_text())["inputs"]
-    if any(earlier.get(key) != value for key, value in identity.items()):
-        return None
-    return pd.read_csv(path)
+        return None, {}
+    earlier = json.loads(record.read_text())
+    if any(earlier["inputs"].get(key) != value for key, value in identity.items()):
+        return None, {}
+    return pd.read_csv(path), earlier["params"].get("runs", {})
 
 
 def commit() -> str:
@@ -132,14 +133,14 @@ def main() -> None:
     profile = stage.summary["provenance"]["params"].get("profile") or results.name
     identity = {"model": stage.fingerprints["model"], "split": stage.fingerprints["split"]}
     params = {"profile": profile, "results_dir": str(results), "train_config": base.to_dict(),
-              "settings": {name: [field, values] for name, (field, values) in SETTINGS.items()},
-              "command": " ".join(sys.argv[1:]), "commit": commit()}
+              "settings": {name: [field, values] for name, (field, values) in SETTINGS.items()}}
+    this_run = {"command": " ".join(sys.argv[1:]), "commit": commit()}
     paths = (results / "frontier.csv", CACHE / f"{profile}.csv")
     suffix = "+skip" if args.skip else ""
     # Rows of the variants run here replace an earlier run's, except those of the same setting
     # and run length, which are kept (a long sweep that was stopped resumes where it was).
     mine = [name + suffix for name in args.variants]
-    table = earlier_rows(paths[0], identity)
+    table, _ = earlier_rows(paths[0], identity)
     if table is None:
         table = pd.DataFrame()
     else:
@@ -162,10 +163,13 @@ def main() -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 # Other variants' rows as the file holds them now: sweeps of other variants may
                 # run beside this one into the same table.
-                others = earlier_rows(path, identity)
+                others, runs = earlier_rows(path, identity)
                 others = None if others is None else others[~others["variant"].isin(mine)]
                 written = table if others is None or others.empty else pd.concat([others, table], ignore_index=True)
-                write_table(path, written, params=params, inputs=identity)
+                # Each variant's rows name the command and commit that measured them.
+                runs = {name: run for name, run in runs.items() if name in set(written["variant"])}
+                runs.update({name: this_run for name in mine if name in set(written["variant"])})
+                write_table(path, written, params=params | {"runs": dict(sorted(runs.items()))}, inputs=identity)
                 draw(written, path, profile)
     print(written.to_string(index=False))
 
