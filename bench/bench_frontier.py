@@ -8,9 +8,9 @@
    for ``--tokens`` tokens (chapter 2's 300,000 by default); ``--skip`` adds the W_skip path to
    every variant; ``--variants`` runs some of them only.
 3. Evaluate each set on the held-out prompts (``evaluate_replacement``): L0, fraction of loss
-   recovered, KL score, FVU, dead and dense fractions (means over layers). Held-out cell-type
-   accuracy with every MLP replaced (chapter 3's own check) is left out: it costs a generation
-   per held-out cell for each of the many sets.
+   recovered, KL score, FVU, dead and dense fractions (means over layers), and chapter 3's
+   held-out cell-type accuracy with every MLP replaced (``replaced_accuracy``; a generation per
+   held-out cell, ``--accuracy-cells`` of them, 0 to leave it out).
 4. Write ``results/<profile>/frontier.csv`` (one row per variant and setting; ``paper_setting``
    marks ReLU at chapter 2's L1 coefficient, without skip) with its provenance, and the
    tracked copy chapter 3 draws without retraining: ``bench/frontier/<profile>.csv`` (+
@@ -22,7 +22,7 @@
    sweep resumes).
 
     python bench/bench_frontier.py [--results-dir results/default] [--skip] [--variants relu topk ...]
-        [--tokens N] [--replot]
+        [--tokens N] [--accuracy-cells N] [--replot]
 """
 
 from __future__ import annotations
@@ -48,16 +48,18 @@ SETTINGS = {
 CACHE = Path(__file__).parent / "frontier"
 
 
-def frontier_row(model, train_source, heldout, base, activation: str, field: str, value: float, *, skip: bool) -> dict:
-    """Steps 2-3 for one (variant, setting): trained on ``train_source``, judged on ``heldout``."""
+def frontier_row(stage, train_source, base, activation: str, field: str, value: float, *, skip: bool,
+                 accuracy_cells: int | None) -> dict:
+    """Steps 2-3 for one (variant, setting): trained on ``train_source``, judged on the held-out prompts."""
     import dataclasses
 
-    from c2srepro.transcoder import evaluate_replacement, train_transcoders
+    from c2srepro.models.evaluate import heldout_accuracy
+    from c2srepro.transcoder import evaluate_replacement, replace_mlps, train_transcoders
 
     tcfg = dataclasses.replace(base, activation=activation, skip=skip, **{field: value})
     result = train_transcoders(train_source, tcfg, progress=False)
-    report, _ = evaluate_replacement(model, result.transcoders, heldout, progress=False)
-    return {
+    report, _ = evaluate_replacement(stage.model, result.transcoders, stage.prompts("heldout"), progress=False)
+    row = {
         "variant": activation + ("+skip" if skip else ""), "setting": f"{field}={value:g}",
         "l0": report.mean_l0, "fraction_loss_recovered": report.fraction_loss_recovered,
         "kl_score": report.kl_score, "fvu": report.mean_fvu, "dead_fraction": report.mean_dead_fraction,
@@ -65,6 +67,10 @@ def frontier_row(model, train_source, heldout, base, activation: str, field: str
         "train_seconds": result.seconds,
         "paper_setting": activation == "relu" and value == base.l1_coefficient and not skip,
     }
+    if accuracy_cells != 0:
+        with replace_mlps(stage.model, result.transcoders):
+            row["replaced_accuracy"] = heldout_accuracy(stage.model, stage.tokenizer, stage.split, max_cells=accuracy_cells)
+    return row
 
 
 def earlier_rows(path: Path, identity: dict) -> tuple[pd.DataFrame | None, dict]:
@@ -96,6 +102,8 @@ def main() -> None:
     parser.add_argument("--skip", action="store_true", help="train every variant with a W_skip path")
     parser.add_argument("--variants", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--tokens", type=int, default=300_000, help="training tokens per run (chapter 2's)")
+    parser.add_argument("--accuracy-cells", type=int, default=None,
+                        help="held-out cells for the accuracy with every MLP replaced (default all; 0: skip it)")
     parser.add_argument("--replot", action="store_true", help="only redraw the figures from the tables written")
     args = parser.parse_args()
 
@@ -156,7 +164,7 @@ def main() -> None:
         for value in values:
             if len(table) and ((table["variant"] == name + suffix) & (table["setting"] == f"{field}={value:g}")).any():
                 continue
-            row = frontier_row(stage.model, source, stage.prompts("heldout"), base, name, field, value, skip=args.skip)
+            row = frontier_row(stage, source, base, name, field, value, skip=args.skip, accuracy_cells=args.accuracy_cells)
             print(json.dumps(row), file=sys.stderr, flush=True)  # a long sweep's progress
             table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
             for path in paths:  # after every point: a stopped sweep keeps what it measured

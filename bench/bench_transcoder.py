@@ -8,17 +8,20 @@ For each shape, every figure is measured in one run, side by side:
    buffer, loss, gradients, Adam, decoder renormalisation, metrics), median of K steps after a
    warm-up step, and tokens/s.
 3. matmul: the five dense products of one step (forward x@W_enc and z@W_dec; backward g@W_dec^T,
-   z^T@g and x^T@g_pre), with the step's shapes batched over layers, timed alone, alternating
-   with the training steps so that both see the same machine load (medians). Their FLOP
-   count (10 * tokens * d_model * d_tc * layers) over their time is the attainable dense rate;
-   ``fraction_of_matmul_rate`` = matmul time / step time (1 = the step costs only its matmuls).
+   z^T@g and x^T@g_pre), with the step's shapes batched over layers, into outputs allocated once
+   (as the step's buffers are), timed alone, alternating with the training steps so that both
+   see the same machine load (medians). Their FLOP count (10 * tokens * d_model * d_tc * layers)
+   over their time is the attainable dense rate; ``fraction_of_matmul_rate`` = matmul time /
+   step time (1 = the step costs only its matmuls).
 4. peak memory: each phase runs in its own process; ``peak_rss_mb`` is its peak resident set.
 5. projection: the hours the paper's run (60M tokens, every layer) would take at these rates.
 6. variants (``--variants``): step 2 again for each transcoder variant (``relu``, ``topk``,
-   ``batchtopk``, ``jumprelu``, each optionally ``+skip``), each against the same five matmuls
-   of step 3 (so the ratio also shows what a variant's extra work costs: the top-k selection,
-   JumpReLU's threshold gradient, the skip path's two extra products; every variant runs the
-   hand-written gradients of ``StackedTranscoders.loss_and_grads``).
+   ``batchtopk``, ``jumprelu``, each optionally ``+skip``), each against the same five dense
+   products of step 3. ReLU and JumpReLU run them dense (JumpReLU adds its threshold gradient's
+   passes, skip its two d_model x d_model products); the TopK variants run four of them on their
+   kept entries only (``c2srepro.transcoder.sparse_codes``), so their ratio can exceed 1, and pay
+   for the top-k selection instead. On random activations ReLU and JumpReLU keep about half the
+   features active, as at the start of a real run.
 
 Shapes: ``mini`` = the embedded mini-C2S (hidden 128, 4 layers, expansion 8, 2048 tokens per
 batch) and ``410m`` = Pythia-410m / C2S-Pythia-410m (hidden 1024, 24 layers, 16 heads, MLP 4096,
@@ -26,7 +29,9 @@ rotary 25%, vocab 50304, expansion 8), trained here with 256 tokens per batch so
 takes seconds and under 9 GB (the paper's 2048 adds about 1.6 GB per [layer, batch, d_tc] tensor).
 
     python bench/bench_transcoder.py [--shapes mini 410m] [--steps K] [--variants relu topk+skip ...]
-        [--device cpu|cuda]
+        [--device cpu|cuda] [--out bench/throughput/<machine>.json]
+
+``--out`` also writes the figures as JSON with their provenance (command, packages, platform).
 """
 
 from __future__ import annotations
@@ -179,6 +184,7 @@ def main() -> None:
                         help="training variants to time (step 6); the first also gives the projection")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--skip-harvest", action="store_true", help="time training only")
+    parser.add_argument("--out", help="also write the figures here, as JSON with their provenance")
     parser.add_argument("--phase", choices=["harvest", "train"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2:
@@ -202,6 +208,10 @@ def main() -> None:
         if not args.skip_harvest:
             figures[shape].update(paper_projection(figures[shape]))
     print(json.dumps(figures, indent=2))
+    if args.out:
+        from c2srepro.book.provenance import write_result
+
+        write_result(args.out, figures, params={"command": " ".join(sys.argv[1:]), "cpu_count": os.cpu_count()})
 
 
 def paper_projection(measured: dict) -> dict:

@@ -68,17 +68,19 @@ def test_sparse_products_equal_the_dense_ones(kind):
     torch.testing.assert_close(codes.feature_sums(v), _dense(codes, v).sum(1))
 
 
+@pytest.mark.parametrize("batch", [30, 6])
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_sparse_path_at_a_width_that_takes_the_block_top_k_equals_autograd(activation):
+def test_sparse_path_at_a_width_that_takes_the_block_top_k_equals_autograd(activation, batch):
     # test_variants' check runs at d_tc 32, where top_k falls back to torch.topk; here the
-    # blocks are used (256 / 8 = 32 blocks >= 2 k), with AuxK on.
+    # blocks are used (256 / 8 = 32 blocks >= 2 k), with AuxK on. A batch of 6 < d_model / 2
+    # takes the dense product for dL/dW_enc, 30 the sparse one.
     torch.manual_seed(0)
     tcfg = TrainConfig(activation=activation, k=6, aux_k=5, aux_k_coefficient=0.5)
-    stack = StackedTranscoders(2, d_model=8, d_transcoder=256, train_config=tcfg).double()
+    stack = StackedTranscoders(2, d_model=16, d_transcoder=256, train_config=tcfg).double()
     with torch.no_grad():
         stack.b_enc.normal_(0, 0.3)
         stack.b_dec.normal_()
-    x, y = torch.randn(2, 30, 8, dtype=torch.float64), torch.randn(2, 30, 8, dtype=torch.float64)
+    x, y = torch.randn(2, batch, 16, dtype=torch.float64), torch.randn(2, batch, 16, dtype=torch.float64)
     dead = torch.rand(2, 256) < 0.3
     threshold = None if stack.threshold is None else stack.threshold.detach().clone()
     fast = stack.loss_and_grads(x, y, 0.0, dead=dead)
