@@ -74,8 +74,9 @@ the hook points and the model's architecture, name and fingerprint where the sou
     paper's ``relu`` (eq. 1, L1 penalty, the loss of choice 2) and every other variant, with or
     without ``skip``, run the same loop (data, schedules, decoder constraint, resampling,
     checkpoints) and the same hand-written gradients (``loss_and_grads``: one pass over each
-    [layer, batch, d_tc] tensor where autograd would keep several; ``general_loss_and_grads``
-    states the loss for autograd, and the tests check the two agree):
+    [layer, batch, d_tc] tensor where autograd would keep several, and for the TopK variants
+    products over the kept entries alone; ``general_loss_and_grads`` states the loss for
+    autograd, and the tests check the two agree):
     - ``topk`` (Gao et al. 2024): z keeps each token's k largest pre-activations (through a
       ReLU), no sparsity penalty; the AuxK loss below.
     - ``batchtopk`` (Bussmann et al. 2024): z keeps the k * B largest ReLU'd pre-activations of
