@@ -177,8 +177,9 @@ def main() -> None:
                 others = None if others is None else others[~others["variant"].isin(mine)]
                 written = table if others is None or others.empty else pd.concat([others, table], ignore_index=True)
                 # Each variant's rows name the command and commit that measured them.
-                runs = {name: run for name, run in runs.items() if name in set(written["variant"])}
-                runs.update({name: this_run for name in mine if name in set(written["variant"])})
+                present = set(written["variant"])
+                runs = {name: run for name, run in runs.items() if name in present}
+                runs.update({name: this_run for name in mine if name in present})
                 write_table(path, written, params=params | {"runs": dict(sorted(runs.items()))}, inputs=identity)
                 draw(written, path, profile)
     print(written.to_string(index=False))

@@ -26,7 +26,8 @@ For each shape, every figure is measured in one run, side by side:
 Shapes: ``mini`` = the embedded mini-C2S (hidden 128, 4 layers, expansion 8, 2048 tokens per
 batch) and ``410m`` = Pythia-410m / C2S-Pythia-410m (hidden 1024, 24 layers, 16 heads, MLP 4096,
 rotary 25%, vocab 50304, expansion 8), trained here with 256 tokens per batch so that a CPU step
-takes seconds and under 9 GB (the paper's 2048 adds about 1.6 GB per [layer, batch, d_tc] tensor).
+takes seconds and 12-13 GB (``bench/throughput/cpu-2core-410m.json``; the paper's 2048 adds about
+1.6 GB per [layer, batch, d_tc] tensor).
 
     python bench/bench_transcoder.py [--shapes mini 410m] [--steps K] [--variants relu topk+skip ...]
         [--device cpu|cuda] [--out bench/throughput/<machine>.json]

@@ -67,12 +67,11 @@ def token_sums(t: Float[Tensor, "layer batch n"]) -> Float[Tensor, "layer n"]:
     return torch.bmm(ones, t).squeeze(1)
 
 
-def _sorted(keys: Int[Tensor, " nnz"]) -> tuple[Int[Tensor, " nnz"], Int[Tensor, " nnz"]]:
-    """(sorted keys, order), stable; on int32 keys where they fit (torch's CPU radix sort is
+def _stable_order(keys: Int[Tensor, " nnz"]) -> Int[Tensor, " nnz"]:
+    """``argsort(keys, stable=True)``, on int32 keys where they fit (torch's CPU radix sort is
     about twice as fast on them as on int64)."""
     narrow = keys.numel() and int(keys.max()) < torch.iinfo(torch.int32).max
-    order = torch.argsort(keys.int() if narrow else keys, stable=True)
-    return keys[order], order
+    return torch.argsort(keys.int() if narrow else keys, stable=True)
 
 
 def _row_pointers(rows: Int[Tensor, " nnz"], n_rows: int) -> Int[Tensor, " n_rows_plus_1"]:
@@ -92,7 +91,7 @@ class SparseCodes:
         self.n_layers, self.batch, self.d_tc = n_layers, batch, d_tc
         self.shape = (n_layers * batch, n_layers * d_tc)
         self._crow = _row_pointers(rows, self.shape[0])
-        _, order = _sorted(cols)  # stable: each column's rows stay ascending
+        order = _stable_order(cols)  # stable: each column's rows stay ascending
         self._t_order, self._t_rows = order, rows[order]
         self._t_crow = _row_pointers(cols, self.shape[1])
 
@@ -117,7 +116,8 @@ class SparseCodes:
     @classmethod
     def _from_positions(cls, values: Tensor, position: Tensor, *, n_layers: int, batch: int, d_tc: int) -> "SparseCodes":
         """From each entry's position in the flattened [L, B, d_tc] codes, in any order."""
-        position, order = _sorted(position.reshape(-1))
+        order = _stable_order(position.reshape(-1))
+        position = position.reshape(-1)[order]
         rows = position // d_tc
         cols = (position % d_tc).add_((rows // batch) * d_tc)
         return cls(rows, cols, values.reshape(-1)[order], n_layers=n_layers, batch=batch, d_tc=d_tc)
@@ -136,10 +136,14 @@ class SparseCodes:
         d = weight.shape[-1]
         return (self.matrix() @ weight.reshape(-1, d)).view(self.n_layers, self.batch, d)
 
-    def decode_grad(self, grad: Float[Tensor, "layer batch d"], *, out: Tensor) -> Float[Tensor, "layer d_tc d"]:
-        """Step 2: Z^T g, written into ``out`` (a gradient buffer reused across steps)."""
+    def decode_grad(
+        self, grad: Float[Tensor, "layer batch d"], *, out: Tensor, accumulate: bool = False
+    ) -> Float[Tensor, "layer d_tc d"]:
+        """Step 2: Z^T g, written into ``out`` (a gradient buffer reused across steps), or added
+        to it with ``accumulate``."""
         d = grad.shape[-1]
-        torch.mm(self.transposed(), grad.reshape(-1, d), out=out.view(-1, d))
+        flat = out.view(-1, d)
+        torch.addmm(flat, self.transposed(), grad.reshape(-1, d), beta=1 if accumulate else 0, out=flat)
         return out
 
     def sampled(self, grad: Float[Tensor, "layer batch d"], weight: Float[Tensor, "layer d_tc d"]) -> Float[Tensor, " nnz"]:
@@ -154,6 +158,11 @@ class SparseCodes:
         """Step 4: V^T x for the pattern holding ``values``, i.e. dL/dW_enc with its last two axes swapped."""
         d = x.shape[-1]
         return (self.transposed(values) @ x.reshape(-1, d)).view(self.n_layers, self.d_tc, d)
+
+    def add_to_dense(self, dense: Float[Tensor, "layer batch d_tc"], values: Float[Tensor, " nnz"]) -> None:
+        """Adds ``values`` at the kept entries' places in ``dense`` (in place)."""
+        positions = self.rows * self.d_tc + self.cols % self.d_tc  # flat index into [L, B, d_tc]
+        dense.view(-1).index_add_(0, positions, values)
 
     def feature_sums(self, values: Float[Tensor, " nnz"]) -> Float[Tensor, "layer d_tc"]:
         """Step 5: per layer and feature, the sum of ``values`` over the tokens."""

@@ -346,14 +346,14 @@ class StackedTranscoders(nn.Module):
         on CPU a fresh tensor of tens of MB costs a page fault per 4 KiB on first write, as
         much as a pass over it.
         """
-        pre = torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc, out=self._workspace("pre", x, self.b_enc))
+        pre = torch.baddbmm(self.b_enc.unsqueeze(1), x, self.W_enc, out=self._workspace("pre", x))
         if self.activation in TOPK_ACTIVATIONS:
             return self._sparse_loss_and_grads(x, y, pre, dead)
         return self._dense_loss_and_grads(x, y, pre, coefficient)
 
-    def _workspace(self, name: str, x: Tensor, b_enc: Tensor) -> Tensor:
-        """A [layer, batch, d_tc] buffer reused across steps of the same shape."""
-        shape = (x.shape[0], x.shape[1], b_enc.shape[-1])
+    def _workspace(self, name: str, x: Tensor) -> Tensor:
+        """A [layer, batch, d_tc] buffer for the batch ``x``, reused across steps of the same shape."""
+        shape = (x.shape[0], x.shape[1], self.b_enc.shape[-1])
         buffer = self._scratch.get(name)
         if buffer is None or buffer.shape != shape or buffer.dtype != x.dtype or buffer.device != x.device:
             buffer = self._scratch[name] = torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -382,27 +382,27 @@ class StackedTranscoders(nn.Module):
 
     def _dense_loss_and_grads(self, x: Tensor, y: Tensor, pre: Tensor, coefficient: float) -> dict[str, Tensor]:
         batch = x.shape[1]
-        active = self._workspace("active", x, self.b_enc)  # A as 0/1 floats: boolean masks are ~10x slower on CPU
+        active = self._workspace("active", x)  # A as 0/1 floats: boolean masks are ~10x slower on CPU
         if self.activation == "relu":
             z = pre.clamp_min_(0)  # eq. 1, in place: ReLU reads pre no further
             torch.sign(z, out=active)
         else:
             theta = self.log_threshold.exp()  # [L, d_tc]
             torch.gt(pre, theta.unsqueeze(1), out=active)
-            z = torch.mul(pre, active, out=self._workspace("z", x, self.b_enc))
+            z = torch.mul(pre, active, out=self._workspace("z", x))
         counts = token_sums(active)  # [L, d_tc] tokens on which each feature fired (float)
         l1 = z.sum(dim=(1, 2)) / batch  # [L]; z >= 0, so this is the mean ||z||_1
         terms = self._reconstruction_terms(torch.baddbmm(self.b_dec.unsqueeze(1), z, self.W_dec), x, y)  # eq. 2
         grad_y = terms.pop("grad_y")
         torch.bmm(z.transpose(1, 2), grad_y, out=self._grad_buffer(self.W_dec))
-        grad_pre = torch.bmm(grad_y, self.W_dec.transpose(1, 2), out=self._workspace("grad_pre", x, self.b_enc))  # dL/dz
+        grad_pre = torch.bmm(grad_y, self.W_dec.transpose(1, 2), out=self._workspace("grad_pre", x))  # dL/dz
         if self.activation == "relu":
             loss = terms["mse"] + coefficient * l1
             grad_pre.add_(coefficient / batch)
         else:
             loss = terms["mse"] + coefficient * counts.sum(-1) / batch
             # K(u) = [|u| < 1/2], u = (pre - theta) / eps; the sum over tokens splits in two
-            band = torch.sub(pre, theta.unsqueeze(1), out=self._workspace("band", x, self.b_enc))
+            band = torch.sub(pre, theta.unsqueeze(1), out=self._workspace("band", x))
             band.abs_().lt_(self.bandwidth / 2)
             in_band = token_sums(band)
             band_grad = token_sums(band.mul_(grad_pre))
@@ -414,7 +414,7 @@ class StackedTranscoders(nn.Module):
         return {"loss": loss, "l1": l1, "counts": counts} | terms
 
     def _sparse_loss_and_grads(self, x: Tensor, y: Tensor, pre: Tensor, dead: Tensor | None) -> dict[str, Tensor]:
-        n, batch, d_tc = pre.shape
+        n, batch = pre.shape[:2]
         codes = self._kept_codes(pre)
         fired = torch.sign(codes.values)
         counts = codes.feature_sums(fired)
@@ -439,10 +439,10 @@ class StackedTranscoders(nn.Module):
         if 2 * batch >= x.shape[-1]:
             grad_enc.copy_(sum(c.encode_grad(g, x) for c, g in grads).transpose(1, 2))
         else:
-            grad_pre = self._workspace("grad_pre", x, self.b_enc).zero_().view(-1)
+            grad_pre = self._workspace("grad_pre", x).zero_()
             for c, g in grads:
-                grad_pre.index_add_(0, c.rows * d_tc + c.cols % d_tc, g)
-            torch.bmm(x.transpose(1, 2), grad_pre.view(n, batch, d_tc), out=grad_enc)
+                c.add_to_dense(grad_pre, g)
+            torch.bmm(x.transpose(1, 2), grad_pre, out=grad_enc)
         return {"loss": loss, "l1": l1, "counts": counts} | terms
 
     def _kept_codes(self, pre: Float[Tensor, "layer batch d_tc"]) -> SparseCodes:
@@ -467,7 +467,7 @@ class StackedTranscoders(nn.Module):
         d_model, batch = error.shape[-1], error.shape[1]
         aux = self.aux_k_coefficient * aux_error.square().sum(-1).mean(-1) / d_model
         grad_aux = aux_error.mul_(2.0 * self.aux_k_coefficient / (d_model * batch))
-        self.W_dec.grad += codes.decode_grad(grad_aux, out=torch.empty_like(self.W_dec))
+        codes.decode_grad(grad_aux, out=self.W_dec.grad, accumulate=True)
         return aux, codes, codes.sampled(grad_aux, self.W_dec).mul_(torch.sign(codes.values))
 
     @torch.no_grad()
