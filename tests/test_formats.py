@@ -160,10 +160,14 @@ def test_saelens_loads_an_export_and_computes_the_same(activation, skip, tmp_pat
     tc = random_transcoder(activation, skip, d_model=16, d_tc=48)
     export_saelens(tc, tmp_path / "sae")
     sae = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"))
-    x = torch.randn(7, 16)
+    x = torch.randn(7, 16, generator=torch.Generator().manual_seed(1))
+    # Both sides in float64: the two codes sum in different orders, and float32 rounding of that order
+    # differs between CPUs (2e-6 on some), while float64 leaves only the order's ~1e-14.
     with torch.no_grad():
-        torch.testing.assert_close(sae.encode(x), tc.encode(x), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(sae(x), tc(x), rtol=1e-6, atol=1e-6)
+        sae64, tc64, x64 = sae.to(torch.float64), random_transcoder(activation, skip, d_model=16, d_tc=48).double(), x.double()
+        torch.testing.assert_close(sae64.encode(x64), tc64.encode(x64), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sae64(x64), tc64(x64), rtol=1e-12, atol=1e-12)
+    sae = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"))
     # and back: SAELens' own save_model output imports to the same transcoder
     sae.save_model(str(tmp_path / "resaved"))
     back = import_saelens(tmp_path / "resaved", layer=0)
