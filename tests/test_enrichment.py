@@ -14,6 +14,7 @@ from c2srepro.enrichment import (
     GeneSetLibrary,
     compare_enrichment,
     enrich,
+    enrich_best,
     gseapy_enrich,
     gseapy_enrich_many,
     load_library,
@@ -337,3 +338,88 @@ def test_tail_memo_changes_no_value(kegg, monkeypatch):
     for name, genes in lists.items():
         pd.testing.assert_frame_equal(enrich({name: genes}, kegg), cold[cold["query"] == name].reset_index(drop=True))
         assert ora._TAILS.count == sum(len(t) for t in ora._TAILS.by_size.values()) <= 50
+
+
+# ---------------------------------------------------------------------------------------------
+# enrich_best: each (list, library)'s best row, streamed in chunks
+
+
+def _best_of_full_table(full: pd.DataFrame, libraries) -> pd.DataFrame:
+    """The reference: rank enrich()'s full table and keep the first row of every (query, Gene_set)."""
+    ranked = full.assign(_lib=full["Gene_set"].map({lib.name: i for i, lib in enumerate(libraries)}))
+    ranked = ranked.sort_values(
+        ["Adjusted P-value", "Combined Score", "Term"], ascending=[True, False, True], kind="stable"
+    )
+    best = ranked.groupby(["query", "_lib"], sort=False).head(1)
+    queries = {name: i for i, name in enumerate(dict.fromkeys(full["query"]))}
+    best = best.assign(_q=best["query"].map(queries)).sort_values(["_q", "_lib"], kind="stable")
+    return best.drop(columns=["_q", "_lib"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def go() -> GeneSetLibrary:
+    return load_library("GO_Biological_Process_2023")
+
+
+@pytest.mark.parametrize("background", ["library", "genes", "number"])
+def test_enrich_best_is_the_full_tables_best_row_in_any_chunking(kegg, go, markers, background):
+    rng = random.Random(21)
+    libraries = [kegg, go, markers]
+    pool = sorted(kegg.genes | go.genes | markers.genes)
+    lists = {f"q{i}": rng.sample(pool, rng.randint(1, 40)) for i in range(300)}
+    # Edge cases: empty, nothing known, lower case (upper-cased as gseapy does), duplicates.
+    lists.update({"empty": [], "unknown": ["NOT_A_GENE"], "lower": [g.lower() for g in lists["q0"]],
+                  "dupes": lists["q1"] * 2})
+    bg = {"library": None, "genes": rng.sample(pool, 6000) + ["EXTRA"], "number": 30_000}[background]
+    expected = _best_of_full_table(enrich(lists, libraries, background=bg), libraries)
+    assert len(expected) > 500
+    for chunk_size in (1, 37, 10_000):
+        pd.testing.assert_frame_equal(enrich_best(lists, libraries, background=bg, chunk_size=chunk_size), expected)
+    bare = enrich_best(lists, libraries, background=bg, with_genes=False)
+    pd.testing.assert_frame_equal(bare.drop(columns="Genes"), expected.drop(columns="Genes"))
+    assert (bare["Genes"] == "").all()
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+def test_enrich_best_breaks_ties_and_caps_like_the_full_table(synthetic):
+    genes = sorted(synthetic.genes)
+    # B_TWIN and A_TWIN hold the same genes: equal FDR and combined score, the first name wins.
+    sets = {**{t: synthetic.sets[t] for t in synthetic.terms[:40]}, "A_TWIN": genes[:30], "B_TWIN": genes[:30]}
+    twins = GeneSetLibrary(name="twins", sets=sets, source="test", version="test", sha256="")
+    # 100 genes; a 60-gene query must share 10 genes with a 50-gene set (p = 1) and shares the
+    # expected 6 with a 10-gene one (p = 0.64): BH gives both FDR 1, the score decides.
+    hundred = [f"H{i:03d}" for i in range(100)]
+    capped = GeneSetLibrary(
+        name="capped", sets={"A_CERTAIN": hundred[:10] + hundred[60:], "B_CHANCE": hundred[:6] + hundred[60:64]},
+        source="test", version="test", sha256="",
+    )
+    lists = {"underflow": sorted(synthetic.sets["BIG"]), "twins": genes[:12], "capped": hundred[:60]}
+    for library, background in ((synthetic, None), (twins, None), (capped, hundred)):
+        full = enrich(lists, library, background=background)
+        best = enrich_best(lists, library, background=background, chunk_size=2)
+        pd.testing.assert_frame_equal(best, _best_of_full_table(full, [library]))
+    top = enrich_best(lists, synthetic).set_index("query")
+    assert top.loc["underflow", "Term"] == "BIG" and top.loc["underflow", "Adjusted P-value"] == 0.0
+    assert np.isinf(top.loc["underflow", "Combined Score"])
+    assert enrich_best(lists, twins).set_index("query").loc["twins", "Term"] == "A_TWIN"
+    assert (enrich(lists, capped, background=hundred)["Adjusted P-value"] == 1.0).all()
+    row = enrich_best(lists, capped, background=hundred).iloc[0]
+    assert (row["Term"], row["Adjusted P-value"], row["Overlap"]) == ("B_CHANCE", 1.0, "6/10")
+
+
+def test_enrich_best_matches_gseapys_best_terms(kegg, go_subset):
+    rng = random.Random(22)
+    pool = sorted(kegg.genes | go_subset.genes)
+    lists = {f"q{i}": rng.sample(pool, rng.randint(15, 40)) for i in range(6)}
+    reference = _best_of_full_table(gseapy_enrich_many(lists, [kegg, go_subset]), [kegg, go_subset])
+    best = enrich_best(lists, [kegg, go_subset], chunk_size=4)
+    assert best[["query", "Gene_set", "Term", "Overlap"]].equals(reference[["query", "Gene_set", "Term", "Overlap"]])
+    np.testing.assert_allclose(best["Adjusted P-value"].astype(float), reference["Adjusted P-value"].astype(float),
+                               rtol=RTOL)
+    assert [set(g.split(";")) for g in best["Genes"]] == [set(g.split(";")) for g in reference["Genes"]]
+
+
+def test_enrich_best_rejects_a_bad_chunk_size(kegg):
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+            enrich_best({"q": ["TP53"]}, kegg, chunk_size=bad)

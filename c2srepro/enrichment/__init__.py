@@ -21,7 +21,7 @@ from c2srepro.enrichment.libraries import (
     union_genes,
     write_gmt,
 )
-from c2srepro.enrichment.ora import enrich
+from c2srepro.enrichment.ora import enrich, enrich_best
 from c2srepro.enrichment.reference import (
     EnrichmentComparison,
     compare_enrichment,
@@ -39,6 +39,7 @@ __all__ = [
     "compare_enrichment",
     "download_enrichr_library",
     "enrich",
+    "enrich_best",
     "gseapy_enrich",
     "gseapy_enrich_many",
     "is_upper_case",

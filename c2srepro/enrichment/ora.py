@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from scipy.stats import hypergeom
 
 from c2srepro.enrichment.libraries import GeneSetLibrary, PreparedSets, is_entrez_id, is_upper_case, load_library
@@ -65,6 +65,9 @@ SINGLE_QUERY_NAME = "query"
 _HALDANE = 0.5
 # Tail probabilities kept between calls (see _TailCache); about 100 bytes each.
 TAIL_CACHE_SIZE = 2**18
+# Lists per chunk in enrich_best: ~240 (list, term) rows per 20-gene list against KEGG + GO BP,
+# so about a million rows and ~100 MB of working arrays per chunk.
+DEFAULT_CHUNK_SIZE = 4096
 _KEY_BITS = 21  # m, k and x each below 2**21 genes pack into one int64 key
 
 
@@ -91,12 +94,75 @@ def enrich(
     names, queries, keeps_case = _normalise_queries(gene_lists)
     libraries = _normalise_libraries(library)
     bg_genes, bg_size = _normalise_background(background)
+    _warn_empty(names, queries)
+    return _enrich_lists(names, queries, keeps_case, libraries, bg_genes, bg_size, with_genes=with_genes, best=False)
 
+
+def enrich_best(
+    gene_lists: Mapping[object, Sequence[str]] | Sequence[str],
+    library: GeneSetLibrary | str | Sequence[GeneSetLibrary | str],
+    *,
+    background: Sequence[str] | int | None = None,
+    with_genes: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> pd.DataFrame:
+    """The best term of every (gene list, library), without holding every (list, term) row.
+
+    Takes ``enrich``'s arguments and returns, of the rows ``enrich`` would return, for each
+    (query, Gene_set) the one with the smallest ``Adjusted P-value``, ties broken by the larger
+    ``Combined Score``, then by the first term in sorted order; same columns and row order, the
+    same values bit for bit. The lists are tested ``chunk_size`` at a time, so memory grows with
+    ``chunk_size`` times the terms a list overlaps, not with the number of lists; the overlap
+    genes are joined for the best rows only.
+    """
+    if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"enrich_best: chunk_size must be a positive integer (lists per chunk), got {chunk_size!r}")
+    names, queries, keeps_case = _normalise_queries(gene_lists)
+    libraries = _normalise_libraries(library)
+    bg_genes, bg_size = _normalise_background(background)
+    _warn_empty(names, queries)
+    frames = [
+        _enrich_lists(
+            names[start : start + chunk_size],
+            queries[start : start + chunk_size],
+            keeps_case[start : start + chunk_size],
+            libraries,
+            bg_genes,
+            bg_size,
+            with_genes=with_genes,
+            best=True,
+        )
+        for start in range(0, len(names), chunk_size)
+    ]
+    if not frames:
+        return _empty_table()
+    return pd.concat(frames, ignore_index=True)
+
+
+def _warn_empty(names: list, queries: list[list[str]]) -> None:
     empty = [names[i] for i, genes in enumerate(queries) if not genes]
     if empty:
         log.warning(
             "enrich: %d of %d gene lists are empty (e.g. %s); they get no rows", len(empty), len(names), empty[:5]
         )
+
+
+def _empty_table() -> pd.DataFrame:
+    return pd.DataFrame({c: np.array([], dtype=object) for c in COLUMNS})
+
+
+def _enrich_lists(
+    names: list,
+    queries: list[list[str]],
+    keeps_case: np.ndarray,
+    libraries: list[GeneSetLibrary],
+    bg_genes: frozenset[str] | None,
+    bg_size: int | None,
+    *,
+    with_genes: bool,
+    best: bool,
+) -> pd.DataFrame:
+    """``enrich``'s table for normalised inputs; ``best``: only each (query, library)'s best row."""
     # Names may be any hashable (tuples too): fill an object array element by element.
     name_array = np.empty(len(names), dtype=object)
     for i, name in enumerate(names):
@@ -134,11 +200,12 @@ def enrich(
                 size,
                 number_background=bg_size is not None,
                 with_genes=with_genes,
+                best=best,
             )
             frame["_order"] = frame.pop("_query") * len(libraries) + pos
             frames.append(frame)
     if not frames:
-        return pd.DataFrame({c: np.array([], dtype=object) for c in COLUMNS})
+        return _empty_table()
     order_keys = [f.pop("_order") for f in frames]
     columns = {c: np.concatenate([f[c] for f in frames]) for c in frames[0]}
     order = np.argsort(np.concatenate(order_keys), kind="stable")
@@ -235,8 +302,10 @@ def _enrich_group(
     *,
     number_background: bool,
     with_genes: bool,
+    best: bool,
 ) -> dict[str, np.ndarray]:
-    """Rows for one library and the queries ``query_ids`` whose genes are ``genes`` at ``rows``."""
+    """Rows for one library and the queries ``query_ids`` whose genes are ``genes`` at ``rows``
+    (``best``: only each query's best row, see ``enrich_best``)."""
     n_queries = len(query_ids)
     n_lib = len(prepared.genes)
     if number_background and N < n_lib:
@@ -302,6 +371,26 @@ def _enrich_group(
     u_overlap = np.array([f"{a}/{b}" for a, b in zip(ux.tolist(), um.tolist())], dtype=object)
     p = u_p[inverse]
 
+    if best:
+        level = np.unique(u_p, return_inverse=True)[1].reshape(-1)[inverse]
+        picked, fdr = _best_rows(X.indptr, p, u_cs[inverse], level)
+        q_sel, t_sel, triple = q_idx[picked], t_idx[picked], inverse[picked]
+        return {
+            "query": names[query_ids[q_sel]],
+            "Gene_set": np.full(len(picked), lib.name, dtype=object),
+            "Term": prepared.terms[t_sel],
+            "Overlap": u_overlap[triple],
+            "P-value": u_p[triple],
+            "Adjusted P-value": fdr,
+            "Odds Ratio": u_or[triple],
+            "Combined Score": u_cs[triple],
+            "Genes": (
+                _pair_genes(Q, M, prepared.genes, q_sel, t_sel)
+                if with_genes
+                else np.full(len(picked), "", dtype=object)
+            ),
+            "_query": query_ids[q_sel],
+        }
     return {
         "query": names[query_ids[q_idx]],
         "Gene_set": np.full(len(q_idx), lib.name, dtype=object),
@@ -423,6 +512,70 @@ def _bh_per_query(p: np.ndarray, q_idx: np.ndarray) -> np.ndarray:
     return fdr
 
 
+def _best_rows(
+    indptr: Int[np.ndarray, "queries+1"],
+    p: Float[np.ndarray, "rows"],
+    score: Float[np.ndarray, "rows"],
+    level: Int[np.ndarray, "rows"],
+) -> tuple[Int[np.ndarray, "best"], Float[np.ndarray, "best"]]:
+    """Per query with rows (``indptr`` delimits each query's rows), the row ``enrich_best`` keeps
+    and its FDR; ``level`` ranks the distinct p-values (equal p, equal level).
+
+    The smallest BH q-value of a query is min_j p_(j) n / j (capped at 1), because q_(i) is
+    min_{j >= i} p_(j) n / j. Every term with p at most p_(J), J the largest minimising j, shares
+    it, and no other term does. Within a run of equal p-values p n / j falls with j (or is 0
+    throughout), so only a run's last rank, the count of the query's p-values <= p, can
+    minimise: those counts come from one sort of (query, level) keys, instead of sorting every
+    row by p and a cumulative minimum per query as ``_bh_per_query`` does. The arithmetic is
+    ``_bh_per_query``'s, so the FDR is the same double.
+    """
+    counts = np.diff(indptr).astype(np.int64)
+    sizes = counts[counts > 0]
+    if len(sizes) == 0:
+        return np.array([], dtype=np.int64), np.array([], dtype=np.float64)
+    starts = np.cumsum(sizes) - sizes
+    per_row = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+    key = per_row * (int(level.max()) + 1) + level
+    rank = np.searchsorted(np.sort(key), key, side="right") - starts[per_row]
+    raw = p / (rank / sizes[per_row].astype(np.float64))
+    smallest = np.minimum.reduceat(raw, starts)
+    at_min = smallest[per_row]
+    cutoff = np.maximum.reduceat(np.where(raw == at_min, level, -1), starts)
+    # The cap at 1 moves no term across the minimum: min_j p_(j) n / j <= p_(n) <= 1.
+    candidate = level <= cutoff[per_row]
+    top_score = np.maximum.reduceat(np.where(candidate, score, -np.inf), starts)
+    # Rows run in term order within a query: the first winner is the first term in sorted order.
+    winners = np.flatnonzero(candidate & (score == top_score[per_row]))
+    first = winners[np.r_[True, per_row[winners][1:] != per_row[winners][:-1]]]
+    return first, np.minimum(smallest, 1.0)
+
+
+def _pair_genes(
+    Q: sp.csr_matrix, M: sp.csr_matrix, vocab: pd.Index, queries: np.ndarray, terms: np.ndarray
+) -> np.ndarray:
+    """';'-joined overlap genes of each (queries[i], terms[i]) pair, genes in sorted order."""
+    if len(queries) == 0:
+        return np.array([], dtype=object)
+    shared = Q[queries].multiply(M.T.tocsr()[terms]).tocsr()
+    shared.eliminate_zeros()
+    shared.sort_indices()
+    return _join_runs(vocab.to_numpy(dtype=object)[shared.indices], np.diff(shared.indptr))
+
+
+def _join_runs(genes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``genes`` cut into consecutive runs of ``lengths`` (each at least 1), each run ';'-joined."""
+    total = len(genes)
+    # One string for everything: ";" between genes of a run, "\0" after each run's last gene.
+    last = np.zeros(total, dtype=bool)
+    last[np.cumsum(lengths) - 1] = True
+    seps = np.full(total, ";", dtype=object)  # object dtype: a numpy str would drop a trailing NUL
+    seps[last] = "\0"
+    interleaved = np.empty(2 * total, dtype=object)
+    interleaved[0::2] = genes
+    interleaved[1::2] = seps
+    return np.array("".join(interleaved.tolist()).split("\0")[:-1], dtype=object)
+
+
 def _overlap_genes(Q: sp.csr_matrix, M: sp.csr_matrix, vocab: pd.Index, x: np.ndarray) -> np.ndarray:
     """';'-joined overlap genes per reported (query, term), in the (query, term) order of X."""
     n_terms = M.shape[1]
@@ -438,14 +591,4 @@ def _overlap_genes(Q: sp.csr_matrix, M: sp.csr_matrix, vocab: pd.Index, x: np.nd
     t_exp = M.indices[starts + offsets].astype(np.int64)
     key = (np.repeat(q_of, fan) * n_terms + t_exp) * n_genes + np.repeat(g_of, fan)
     key.sort()
-    genes = vocab.to_numpy(dtype=object)[key % n_genes]
-    # One string for everything: ";" between genes of a pair, "\0" after each pair's last gene.
-    last = np.zeros(total, dtype=bool)
-    last[np.cumsum(x) - 1] = True
-    seps = np.full(total, ";", dtype=object)  # object dtype: a numpy str would drop a trailing NUL
-    seps[last] = "\0"
-    interleaved = np.empty(2 * total, dtype=object)
-    interleaved[0::2] = genes
-    interleaved[1::2] = seps
-    joined = "".join(interleaved.tolist()).split("\0")[:-1]
-    return np.array(joined, dtype=object)
+    return _join_runs(vocab.to_numpy(dtype=object)[key % n_genes], x)

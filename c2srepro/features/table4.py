@@ -3,10 +3,12 @@ beside the share reached by random gene lists of the same sizes (the null contro
 
 1. Per layer, the live features (log10 E(f) >= -3) and their ranked gene lists (top ``top_n``
    genes by activation frequency among genes seen at least ``min_occurrences`` times).
-2. All lists of a layer are tested at once by the over-representation engine against every
-   library (the paper: KEGG_2021_Human and GO Biological Process). A feature is biologically
-   interpretable when some term has Benjamini-Hochberg adjusted p (FDR) < ``fdr`` in some
-   library; its top term is the one with the smallest FDR (then the largest combined score).
+2. All lists of a layer are tested by the over-representation engine against every library
+   (the paper: KEGG_2021_Human and GO Biological Process), in chunks that keep only each
+   library's best term per list (``enrich_best``), so memory does not grow with the number of
+   (list, term) pairs. A feature is biologically interpretable when some term has
+   Benjamini-Hochberg adjusted p (FDR) < ``fdr`` in some library; its top term is the one with
+   the smallest FDR (then the largest combined score, then library and term name).
 3. A live feature without an eligible gene (it fires only on template tokens, or only on rare
    genes) gets status ``"no genes"``; it stays in the denominator, as in the paper's fraction
    of live features, and is never interpretable. A list that overlaps no term gets ``"no terms"``.
@@ -38,7 +40,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from c2srepro._cache import atomic_directory
-from c2srepro.enrichment import GeneSetLibrary, enrich, load_library
+from c2srepro.enrichment import GeneSetLibrary, enrich_best, load_library
 from c2srepro.features.stats import (
     DEFAULT_MIN_OCCURRENCES,
     DEFAULT_TOP_GENES,
@@ -142,7 +144,9 @@ def best_terms(
     if not queries:
         return table
     table.loc[list(queries), "status"] = "no terms"
-    result = enrich(queries, libraries, background=background, with_genes=with_genes)
+    # The best term of each library per list, in chunks: the best over all (list, term) rows is
+    # the best of these, and the full table would not fit in memory at the paper's scale.
+    result = enrich_best(queries, libraries, background=background, with_genes=with_genes)
     if result.empty:
         return table
     result = result.sort_values(
