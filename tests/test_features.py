@@ -1,5 +1,5 @@
 """Feature statistics against a brute-force count over the model's own forward pass; Table 3 rule,
-Table 4 with planted gene sets and the null control; save/load; figures."""
+Table 4 with planted gene sets and the null control, and against the full enrichment table; save/load; figures."""
 
 from __future__ import annotations
 
@@ -457,6 +457,69 @@ def test_enrich_layer_background_and_errors(planted):
         enrich_layer(stats, [library], background="genome")
     with pytest.raises(ValueError, match="unknown null kinds"):
         enrich_layer(stats, [library], nulls=("bootstrap",))
+
+
+def _random_layer(layer: int, genes: list[str], rng: np.random.Generator) -> LayerFeatureStats:
+    """160 features firing on 0-30 random genes of ``genes`` (some rare, some outside the libraries)."""
+    occurrences = {g: int(c) for g, c in zip(genes, rng.integers(1, 60, size=len(genes)))}
+    fire = {}
+    for f in range(150):
+        chosen = rng.choice(len(genes), size=int(rng.integers(0, 31)), replace=False)
+        fire[f] = {genes[j]: int(rng.integers(1, occurrences[genes[j]] + 1)) for j in chosen}
+    n_fire = rng.integers(20, 400, size=160).tolist()
+    n_fire[150:] = [0] * 5 + [15] * 5  # dead features, and live ones without genes
+    return synthetic_stats(fire, occurrences, n_fire, layer=layer)
+
+
+def _full_table_top_terms(stats, gene_lists, libraries, background) -> pd.DataFrame:
+    """The reference: enrich() on every list at once, its whole table ranked, the first row per list."""
+    from c2srepro.enrichment import enrich
+
+    bg = stats.gene_universe(min_occurrences=5) if background == "corpus" else None
+    full = enrich({f: g for f, g in gene_lists.items() if g}, libraries, background=bg)
+    full = full.sort_values(["query", "Adjusted P-value", "Combined Score", "Gene_set", "Term"],
+                            ascending=[True, True, False, True, True], kind="stable")
+    return full.groupby("query", sort=False).head(1).set_index("query")
+
+
+@pytest.mark.parametrize("background", ["library", "corpus"])
+def test_table4_is_the_full_enrichment_tables_summary(background):
+    from c2srepro.enrichment import load_library
+
+    libraries = [load_library("KEGG_2021_Human"), load_library("GO_Biological_Process_2023")]
+    rng = np.random.default_rng(26)
+    pool = sorted(libraries[0].genes | libraries[1].genes)
+    genes = rng.choice(pool, size=500, replace=False).tolist() + [f"NOTINLIB{i}" for i in range(20)]
+    stats = {layer: _random_layer(layer, genes, rng) for layer in (0, 5)}
+    result = table4(stats, libraries, min_occurrences=5, background=background, nulls=("random", "permutation"),
+                    seed=3, progress=False)
+    fractions = {}
+    for (kind, layer), rows in [((None, l), result.features[result.features["layer"] == l]) for l in stats] + [
+        ((k, l), result.nulls[(result.nulls["kind"] == k) & (result.nulls["layer"] == l)])
+        for k in ("random", "permutation") for l in stats
+    ]:
+        lists = {f: g.split(";") if g else [] for f, g in zip(rows["feature"], rows["genes"])}
+        top = _full_table_top_terms(stats[layer], lists, libraries, background)
+        got = rows.set_index("feature")
+        listed = [f for f in got.index if lists[f]]
+        assert set(top.index) <= set(listed) and len(top) > 20
+        assert got.loc[top.index, "top_term"].tolist() == top["Term"].tolist()
+        assert got.loc[top.index, "library"].tolist() == top["Gene_set"].tolist()
+        assert got.loc[top.index, "top_fdr"].tolist() == top["Adjusted P-value"].astype(float).tolist()
+        assert got.loc[top.index, "overlap"].tolist() == top["Overlap"].tolist()
+        if kind is None:  # nulls skip the overlap genes
+            assert got.loc[top.index, "overlap_genes"].tolist() == top["Genes"].tolist()
+        interpretable = top.index[top["Adjusted P-value"].to_numpy() < 0.05]
+        assert set(got.index[got["interpretable"]]) == set(interpretable)
+        fractions[kind, layer] = len(interpretable) / len(got)
+        assert (got.loc[[f for f in listed if f not in top.index], "status"] == "no terms").all()
+        assert (got.loc[[f for f in got.index if not lists[f]], "status"] == "no genes").all()
+    summary = result.summary.set_index("layer")
+    for layer in stats:
+        assert summary.loc[layer, "fraction"] == fractions[None, layer]
+        assert summary.loc[layer, "random_fraction"] == fractions["random", layer]
+        assert summary.loc[layer, "permutation_fraction"] == fractions["permutation", layer]
+    assert 0 < summary["fraction"].min() and summary["fraction"].max() < 1  # not a degenerate case
 
 
 def test_write_feature_tables(tmp_path, planted):
