@@ -15,8 +15,14 @@
    and after is recorded beside them.
 4. Every way must give the same best rows, value for value; the script exits 1 otherwise, or
    when the streamed way misses ``--target-s`` wall seconds or ``--target-gb`` peak RSS.
+5. ``--results-dir results/<profile>``: instead, a book's real lists. Chapter 05's feature lists
+   and null lists of every layer (its parameters from ``table4.csv.provenance.json``), with the
+   library and the corpus background, through ``best_terms`` (streamed) and through ``enrich``'s
+   full table ranked the same way; every feature's status, top term, FDR, library, overlap and
+   overlap genes must agree, and the Table 4 fractions with them.
 
 Usage: python bench/bench_table4.py [--ways streamed per-layer] [--one-call] [--out PATH]
+       python bench/bench_table4.py --results-dir results/default
 ``--out`` writes the figures as JSON with their provenance (command, packages, library hashes).
 """
 
@@ -95,6 +101,47 @@ def child(args: argparse.Namespace) -> dict:
     return figures
 
 
+def check_results(results_dir: Path) -> bool:
+    """Step 5: a book's Table 4 lists, streamed against the full table."""
+    from c2srepro.book.stages import feature_stats
+    from c2srepro.features.table4 import _background, _libraries, best_terms, null_gene_lists
+
+    params = json.loads((results_dir / "table4.csv.provenance.json").read_text())["params"]
+    libraries = _libraries(params["libraries"])
+    stats = feature_stats(str(results_dir))
+    same, checked = True, 0
+    for layer, layer_stats in sorted(stats.items()):
+        lists = layer_stats.ranked_genes(layer_stats.live_features(params["live_threshold"]), top_n=params["top_genes"],
+                                         min_occurrences=params["min_occurrences"])
+        drawn = [lists] + [null_gene_lists(layer_stats, lists, kind=kind, seed=params["seed"],
+                                           min_occurrences=params["min_occurrences"]) for kind in ("random", "permutation")]
+        for background in ("library", "corpus"):
+            bg = _background(layer_stats, background, params["min_occurrences"])
+            for gene_lists in drawn:
+                streamed = best_terms(gene_lists, libraries, background=bg, fdr=params["fdr"])
+                queries = {k: v for k, v in gene_lists.items() if v}
+                full = enrich(queries, libraries, background=bg).sort_values(
+                    ["query", "Adjusted P-value", "Combined Score", "Gene_set", "Term"],
+                    ascending=[True, True, False, True, True], kind="stable")
+                top = full.groupby("query", sort=False).head(1).set_index("query")
+                mine = streamed.loc[top.index]
+                agree = (mine["top_term"].tolist() == top["Term"].tolist()
+                         and mine["top_fdr"].tolist() == top["Adjusted P-value"].astype(float).tolist()
+                         and mine["library"].tolist() == top["Gene_set"].tolist()
+                         and mine["overlap"].tolist() == top["Overlap"].tolist()
+                         and mine["overlap_genes"].tolist() == top["Genes"].tolist()
+                         and set(streamed.index[streamed["interpretable"]])
+                         == set(top.index[top["Adjusted P-value"].to_numpy() < params["fdr"]])
+                         and (streamed.drop(index=top.index)["status"].isin(["no terms", "no genes"])).all())
+                same &= agree
+                checked += len(gene_lists)
+        print(f"layer {layer}: {len(lists)} live features, x3 lists x2 backgrounds: "
+              + ("identical" if same else "DIFFERENT"), flush=True)
+    print(f"{checked} lists of {results_dir}: streamed and full-table best terms "
+          + ("identical" if same else "DIFFER"))
+    return same
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
@@ -107,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-s", type=float, default=TARGET_S)
     parser.add_argument("--target-gb", type=float, default=TARGET_GB)
     parser.add_argument("--out", help="also write the figures here, as JSON with their provenance")
+    parser.add_argument("--results-dir", type=Path, help="check a book's Table 4 lists instead (step 5)")
     parser.add_argument("--way", choices=WAYS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -114,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.way:
         print(json.dumps(child(args)))
         return 0
+    if args.results_dir is not None:
+        return 0 if check_results(args.results_dir) else 1
 
     ways = list(dict.fromkeys(args.ways + (["one-call"] if args.one_call else [])))
     if "streamed" not in ways:
