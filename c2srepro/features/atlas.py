@@ -81,7 +81,8 @@ FEATURE_COLUMNS = [
 GENE_COLUMNS = ["layer", "feature", "rank", "gene", "frequency", "firing_occurrences", "occurrences", "mean_act"]
 EXAMPLE_COLUMNS = ["layer", "feature", "rank", "activation", "token", "gene", "context"]
 CELL_COLUMNS = ["layer", "feature", "rank", "cell_id", "cell_type", "activation"]
-TYPE_COLUMNS = ["layer", "feature", "cell_type", "n_cells", "mean_activation", "fraction_active", "auroc"]
+TYPE_COLUMNS = ["layer", "feature", "cell_type", "n_cells", "mean_activation", "median_activation", "max_activation",
+                "fraction_active", "auroc"]
 TERM_COLUMNS = ["layer", "feature", "library", "rank", "term", "fdr", "overlap", "genes"]
 GRAPH_COLUMNS = ["layer", "feature", "cell_id", "cell_type", "influence", "in_pruned"]
 # The columns a search shows first: enough to pick a feature and open its card.
@@ -245,7 +246,8 @@ class FeatureAtlas:
         tables = {name: pd.read_csv(directory / f"{name}.csv", keep_default_na=False, na_values={
             c: [""] for c in ("freq", "log10_freq", "mean_act_firing", "max_act", "gene_share", "cell_frequency",
                               "top_auroc", "top_fdr", "max_influence", "auroc", "mean_activation", "fraction_active",
-                              "fdr", "frequency", "mean_act", "activation", "influence")})
+                              "fdr", "frequency", "mean_act", "activation", "influence", "median_activation",
+                              "max_activation")})
             for name in TABLES}
         tables["features"].index = pd.Index(tables["features"]["anchor"].tolist())
         return cls(**tables, settings=settings)
@@ -394,7 +396,8 @@ def _cells(
         is_type = labels == kind
         frames.append(pd.DataFrame({
             "layer": layer, "feature": live, "cell_type": kind, "n_cells": int(is_type.sum()),
-            "mean_activation": values[is_type].mean(axis=0), "fraction_active": (values[is_type] > 0).mean(axis=0),
+            "mean_activation": values[is_type].mean(axis=0), "median_activation": np.median(values[is_type], axis=0),
+            "max_activation": values[is_type].max(axis=0), "fraction_active": (values[is_type] > 0).mean(axis=0),
             "auroc": specificity_auroc(values, is_type) if len(kinds) > 1 else np.nan,
         }))
     by_type = pd.concat(frames, ignore_index=True).sort_values(["feature", "cell_type"], kind="stable")
