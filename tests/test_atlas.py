@@ -203,3 +203,18 @@ def test_bad_inputs_name_the_fix(planted):
         feature_atlas({LAYER: stats}).search()
     bare = feature_atlas({LAYER: stats})  # nothing but chapter 4's statistics: the columns stay empty
     assert bare.features["top_type"].eq("").all() and bare.terms.empty and bare.features["n_graphs"].eq(0).all()
+
+
+def test_book_page_links_rows_to_cards_offline(planted):
+    from c2srepro.book.atlas import atlas_table, feature_card, feature_cards, show_table
+
+    *_, atlas = planted
+    table = atlas_table(atlas)
+    assert table["feature"].iloc[0] == '<a href="#L02-F0000">L2/F0</a>'
+    assert table.loc[0, "specific to"].startswith("CD56+ NK")  # the hidden column a type search reads
+    card = feature_card(atlas, LAYER, 0)
+    assert card.startswith('<div id="L02-F0000"') and card.count("<mark") == 2  # one per top example
+    assert "Natural killer cell mediated cytotoxicity" in card and 'href="06-circuit.html"' in card
+    assert feature_cards(atlas).data.count('class="c2s-atlas-card"') == len(atlas.features)
+    page = show_table(table).data
+    assert 'id="atlas-table"' in page and "<script src=" not in page  # DataTables comes with the page

@@ -163,13 +163,16 @@ def show_table(table: pd.DataFrame, *, page_length: int = 15):
     """The atlas table as itables' offline DataTable (module docstring, step 3); the last two
     columns (types with AUROC >= 0.7, every kept term) are hidden but searched."""
     from IPython.display import HTML
-    from itables import to_html_datatable
+    from itables import options, to_html_datatable
+    from itables.javascript import generate_init_offline_itables_html
 
     hidden = [table.columns.get_loc(c) for c in ("specific to", "terms")]
-    return HTML(to_html_datatable(
+    # The DataTables bundle goes into the page with the table (offline: nothing loads from a CDN).
+    bundle = generate_init_offline_itables_html(options.dt_bundle)
+    return HTML(bundle + to_html_datatable(
         table, connected=False, allow_html=True, maxBytes=0, pageLength=page_length, order=[],
         classes="display compact", layout={"top1": "searchBuilder"}, columnDefs=[{"visible": False, "targets": hidden}],
-        table_id="atlas-table", showIndex=False,
+        table_id="atlas-table", showIndex=False, display_logo_when_loading=False,
     ))
 
 
