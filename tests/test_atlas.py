@@ -105,6 +105,11 @@ def test_atlas_equals_the_results_it_is_built_from(planted):
             assert best["fdr"] == pytest.approx(expected["top_fdr"])
             assert expected["top_term"] in set(terms["term"])
         assert (terms["fdr"] < 0.05).all()
+        table = stats.gene_table(f).head(4)
+        rows = atlas.genes[atlas.genes["feature"] == f]
+        assert rows["gene"].tolist() == table["gene"].tolist()
+        for column in ("frequency", "firing_occurrences", "occurrences", "mean_act"):
+            np.testing.assert_allclose(rows[column].to_numpy(dtype=float), table[column].to_numpy(dtype=float))
     first = atlas.features.loc["L02-F0000"]
     assert first["top_genes"].split() == ["NKG7", "GNLY", "PRF1", "GZMB"]
     assert first["table3"] == "Yes" and first["activating_tokens"] == "_NK token in NKG7"
