@@ -130,18 +130,35 @@ def book_atlas(results_dir: str | os.PathLike, **options) -> FeatureAtlas:
 # --------------------------------------------------------------------------- the page
 
 
+def card_features(atlas: FeatureAtlas, *, per_type: int = 10, per_layer: int = 50) -> list[tuple[int, int]]:
+    """The features that get a card (module docstring, step 3), in table order: every feature kept
+    by a stored pruned graph, the ``per_type`` most specific features of each cell type, and the
+    ``per_layer`` features of each layer with the smallest FDR among the interpretable ones."""
+    f = atlas.features
+    chosen = set(map(tuple, atlas.graphs.loc[atlas.graphs["in_pruned"].astype(bool), ["layer", "feature"]].to_numpy()))
+    specific = atlas.types.sort_values(["auroc", "mean_activation"], ascending=False, kind="stable")
+    chosen |= set(map(tuple, specific.groupby("cell_type").head(per_type)[["layer", "feature"]].to_numpy()))
+    enriched = f[f["status"] == "interpretable"].sort_values("top_fdr", kind="stable").groupby("layer").head(per_layer)
+    chosen |= set(map(tuple, enriched[["layer", "feature"]].to_numpy()))
+    keys = list(zip(f["layer"].tolist(), f["feature"].tolist()))
+    chosen = {(int(a), int(b)) for a, b in chosen}
+    return [k for k in keys if k in chosen]
+
+
 def _significant(value: float, digits: int = 2) -> float:
     """A number rounded to ``digits`` significant digits (the table sorts and filters numbers)."""
     return float(f"{value:.{digits}g}") if pd.notna(value) else np.nan
 
 
-def atlas_table(atlas: FeatureAtlas) -> pd.DataFrame:
-    """One row per live feature for the page's table (module docstring, step 3)."""
+def atlas_table(atlas: FeatureAtlas, cards: Sequence[tuple[int, int]] | None = None) -> pd.DataFrame:
+    """One row per live feature for the page's table (module docstring, step 3); a feature of
+    ``cards`` (default: all) links to its card."""
     f = atlas.features
     specific = (atlas.types[atlas.types["auroc"] >= SPECIFIC_AUROC].sort_values("auroc", ascending=False)
                 .groupby(["layer", "feature"])["cell_type"].agg(", ".join))
     keys = pd.MultiIndex.from_frame(f[["layer", "feature"]])
-    link = [f'<a href="#{a}">{html.escape(k)}</a>' for a, k in zip(f["anchor"], f["key"])]
+    carded = set(f["anchor"]) if cards is None else {feature_anchor(layer, feature) for layer, feature in cards}
+    link = [f'<a href="#{a}">{html.escape(k)}</a>' if a in carded else html.escape(k) for a, k in zip(f["anchor"], f["key"])]
     return pd.DataFrame({
         "feature": link,
         "layer": f["layer"].to_numpy(),
@@ -178,21 +195,18 @@ def show_table(table: pd.DataFrame, *, page_length: int = 15):
 
 def _svg_types(types: pd.DataFrame) -> str:
     """Mean (bar), median (tick) and maximum (dot) activation per cell type, with its AUROC."""
-    row_h, label_w, bar_w = 14, 150, 160
-    top = max(float(types["max_activation"].max()), 1e-12)
+    row_h, label_w, bar_w = 13, 140, 150
+    scale = bar_w / max(float(types["max_activation"].max()), 1e-12)
     parts = []
     for i, r in enumerate(types.sort_values("auroc", ascending=False, kind="stable").itertuples()):
-        y = i * row_h
-        scale = bar_w / top
+        y, median = i * row_h, label_w + round(r.median_activation * scale)
         parts.append(
             f'<text x="{label_w - 4}" y="{y + 10}" text-anchor="end">{html.escape(r.cell_type[:24])}</text>'
-            f'<rect x="{label_w}" y="{y + 3}" width="{r.mean_activation * scale:.1f}" height="8" fill="#4c78a8"/>'
-            f'<line x1="{label_w + r.median_activation * scale:.1f}" x2="{label_w + r.median_activation * scale:.1f}" '
-            f'y1="{y + 1}" y2="{y + 13}" stroke="#222"/>'
-            f'<circle cx="{label_w + r.max_activation * scale:.1f}" cy="{y + 7}" r="2.5" fill="#e45756"/>'
-            f'<text x="{label_w + bar_w + 10}" y="{y + 10}">{r.auroc:.2f}</text>')
-    height = row_h * len(types) + 4
-    return (f'<svg width="{label_w + bar_w + 45}" height="{height}" font-size="10" role="img" '
+            f'<rect x="{label_w}" y="{y + 3}" width="{round(r.mean_activation * scale)}" height="8" fill="#4c78a8"/>'
+            f'<path d="M{median} {y + 1}v12" stroke="#222"/>'
+            f'<circle cx="{label_w + round(r.max_activation * scale)}" cy="{y + 7}" r="2.5" fill="#e45756"/>'
+            f'<text x="{label_w + bar_w + 8}" y="{y + 10}">{r.auroc:.2f}</text>')
+    return (f'<svg width="{label_w + bar_w + 40}" height="{row_h * len(types) + 3}" font-size="10" role="img" '
             f'aria-label="activation by cell type">{"".join(parts)}</svg>')
 
 
@@ -209,7 +223,10 @@ def _context(text: str, activation: float, top: float) -> str:
 
 def feature_card(atlas: FeatureAtlas, layer: int, feature: int, *, graph_page: str = CIRCUIT_PAGE) -> str:
     """One feature's card as HTML (module docstring, step 3), its id the feature's anchor."""
-    card = atlas.card(layer, feature)
+    return _card_html(atlas.card(layer, feature), fdr=atlas.settings["fdr"], graph_page=graph_page)
+
+
+def _card_html(card: Mapping[str, Any], *, fdr: float, graph_page: str) -> str:
     s = card["summary"]
     head = (f'<b>{html.escape(s["key"])}</b> &middot; log10 E(f) {s["log10_freq"]:.2f} &middot; max activation '
             f'{s["max_act"]:.3g} &middot; {s["gene_share"]:.0%} of firings on gene tokens &middot; Table 3 rule: '
@@ -227,14 +244,14 @@ def feature_card(atlas: FeatureAtlas, layer: int, feature: int, *, graph_page: s
     types = _svg_types(card["types"]) if len(card["types"]) else ""
     terms = f'<ul style="margin: 0">{terms}</ul>' if terms else "none"
     return (
-        f'<div id="{feature_anchor(layer, feature)}" class="c2s-atlas-card" style="{CARD_STYLE}">'
+        f'<div id="{s["anchor"]}" class="c2s-atlas-card" style="{CARD_STYLE}">'
         f"<div>{head}</div>"
         f"<div><i>Top genes</i> (share of occurrences it fires on): {genes}</div>"
         f'<div><i>Top examples</i> ({html.escape(s["activating_tokens"])}):<ol style="margin: 0">{examples}</ol></div>'
         f'<div style="display: flex; flex-wrap: wrap; gap: 1em"><div>{types}</div>'
         f"<div><i>Held-out cells</i>: active in {s['cell_frequency']:.0%}; top {cells}<br>"
         f"<span style='color:#666'>bar: mean, tick: median, dot: maximum activation per type; right: AUROC</span></div></div>"
-        f"<div><i>Terms</i> (FDR &lt; {atlas.settings['fdr']}): {terms}</div>"
+        f"<div><i>Terms</i> (FDR &lt; {fdr}): {terms}</div>"
         f"<div><i>Attribution graphs</i>: {graphs or 'in none of the stored graphs'}</div>"
         f'<div><a href="#atlas-table">back to the table</a></div></div>'
     )
@@ -246,4 +263,5 @@ def feature_cards(atlas: FeatureAtlas, features: Sequence[tuple[int, int]] | Non
 
     if features is None:
         features = list(zip(atlas.features["layer"].tolist(), atlas.features["feature"].tolist()))
-    return HTML("".join(feature_card(atlas, int(layer), int(feature)) for layer, feature in features))
+    fdr = atlas.settings["fdr"]
+    return HTML("".join(_card_html(card, fdr=fdr, graph_page=CIRCUIT_PAGE) for card in atlas.cards(features)))

@@ -43,7 +43,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import anndata as ad
 import numpy as np
@@ -187,16 +187,35 @@ class FeatureAtlas:
     def card(self, layer: int, feature: int) -> dict[str, Any]:
         """Everything the atlas holds on one feature: ``summary`` (its row of ``features``) and
         its rows of every other table, under the table's name."""
+        out: dict[str, Any] = {"summary": self._row(layer, feature)}
+        for name in TABLES[1:]:
+            table = getattr(self, name)
+            out[name] = table[(table["layer"] == layer) & (table["feature"] == feature)].reset_index(drop=True)
+        return out
+
+    def cards(self, features: Sequence[tuple[int, int]]) -> Iterator[dict[str, Any]]:
+        """:meth:`card` of each (layer, feature) in turn, every table grouped once (fast for many)."""
+        rows = [self._row(layer, feature) for layer, feature in features]  # unknown features fail first
+        if not rows:
+            return
+        wanted = pd.MultiIndex.from_tuples([(int(r["layer"]), int(r["feature"])) for r in rows])
+        grouped = {}
+        for name in TABLES[1:]:
+            table = getattr(self, name)
+            table = table[pd.MultiIndex.from_frame(table[["layer", "feature"]].astype(np.int64)).isin(wanted)]
+            grouped[name] = {key: part.reset_index(drop=True) for key, part in
+                             table.groupby(["layer", "feature"], sort=False)}
+        for row in rows:
+            key = (int(row["layer"]), int(row["feature"]))
+            yield {"summary": row, **{name: grouped[name].get(key, getattr(self, name).iloc[:0]) for name in TABLES[1:]}}
+
+    def _row(self, layer: int, feature: int) -> pd.Series:
         anchor = feature_anchor(layer, feature)
         if anchor not in self.features.index:
             raise ValueError(f"feature {feature_key(layer, feature)} is not in the atlas: it holds the live features "
                              f"(log10 E(f) >= {self.settings.get('live_threshold')}) of layers "
                              f"{sorted(self.features['layer'].unique().tolist())}")
-        out: dict[str, Any] = {"summary": self.features.loc[anchor]}
-        for name in TABLES[1:]:
-            table = getattr(self, name)
-            out[name] = table[(table["layer"] == layer) & (table["feature"] == feature)].reset_index(drop=True)
-        return out
+        return self.features.loc[anchor]
 
     def _with_summary(self, rows: pd.DataFrame) -> pd.DataFrame:
         summary = self.features[[c for c in SUMMARY_COLUMNS if c not in ("layer", "feature")] + ["layer", "feature"]]
