@@ -223,3 +223,15 @@ def test_book_page_links_rows_to_cards_offline(planted):
     assert feature_cards(atlas).data.count('class="c2s-atlas-card"') == len(atlas.features)
     page = show_table(table).data
     assert 'id="atlas-table"' in page and "<script src=" not in page  # DataTables comes with the page
+
+
+def test_cards_are_chosen_and_only_they_are_linked(planted):
+    from c2srepro.book.atlas import atlas_table, card_features
+
+    *_, atlas = planted
+    cards = card_features(atlas, per_type=1, per_layer=0)
+    assert (LAYER, 0) in cards and (LAYER, 1) in cards  # the NK and the B cell feature
+    table = atlas_table(atlas, cards)
+    linked = table["feature"].str.startswith("<a ").to_numpy()
+    assert linked.sum() == len(cards)
+    assert table.loc[0, "terms"] != "" and table.loc[0, "top term"] not in table.loc[0, "terms"]

@@ -172,8 +172,19 @@ def atlas_table(atlas: FeatureAtlas, cards: Sequence[tuple[int, int]] | None = N
         "Table 3": f["table3"].to_numpy(),
         "graphs": f["n_graphs"].to_numpy(),
         "specific to": specific.reindex(keys).fillna("").to_numpy(),
-        "terms": f["terms"].to_numpy(),
+        "terms": _other_terms(atlas, keys),
     })
+
+
+def _other_terms(atlas: FeatureAtlas, keys: pd.MultiIndex) -> list[str]:
+    """Per feature its kept terms other than the top one, names only (GO ids dropped): the hidden
+    column a term search reads, as short as it can be (it is most of the table's weight)."""
+    top = atlas.features.set_index(["layer", "feature"])["top_term"]
+    terms = atlas.terms[atlas.terms["term"].to_numpy() != top.reindex(
+        pd.MultiIndex.from_frame(atlas.terms[["layer", "feature"]])).to_numpy()]
+    names = terms.assign(name=terms["term"].str.replace(r"\s*\(GO:\d+\)$", "", regex=True))
+    joined = names.groupby(["layer", "feature"])["name"].agg(lambda n: "; ".join(dict.fromkeys(n)))
+    return joined.reindex(keys).fillna("").tolist()
 
 
 def show_table(table: pd.DataFrame, *, page_length: int = 15):
@@ -189,7 +200,7 @@ def show_table(table: pd.DataFrame, *, page_length: int = 15):
     return HTML(bundle + to_html_datatable(
         table, connected=False, allow_html=True, maxBytes=0, pageLength=page_length, order=[],
         classes="display compact", layout={"top1": "searchBuilder"}, columnDefs=[{"visible": False, "targets": hidden}],
-        table_id="atlas-table", showIndex=False, display_logo_when_loading=False,
+        table_id="atlas-table", showIndex=False, display_logo_when_loading=False, deferRender=True,
     ))
 
 

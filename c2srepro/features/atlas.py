@@ -86,7 +86,7 @@ TYPE_COLUMNS = ["layer", "feature", "cell_type", "n_cells", "mean_activation", "
 TERM_COLUMNS = ["layer", "feature", "library", "rank", "term", "fdr", "overlap", "genes"]
 GRAPH_COLUMNS = ["layer", "feature", "cell_id", "cell_type", "influence", "in_pruned"]
 # The columns a search shows first: enough to pick a feature and open its card.
-SUMMARY_COLUMNS = ["anchor", "layer", "feature", "log10_freq", "top_genes", "top_type", "top_auroc", "top_term",
+SUMMARY_COLUMNS = ["anchor", "key", "layer", "feature", "log10_freq", "top_genes", "top_type", "top_auroc", "top_term",
                    "top_fdr", "table3", "n_graphs"]
 
 
