@@ -29,9 +29,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 
+from c2srepro.book.display import format_p
 from c2srepro.book.provenance import write_result
 from c2srepro.book.stages import check_consumed, feature_stats, fingerprints
 from c2srepro.features.atlas import FeatureAtlas, feature_anchor, feature_atlas, load_cell_activations, save_cell_activations
@@ -147,11 +147,6 @@ def card_features(atlas: FeatureAtlas, *, per_type: int = 10, per_layer: int = 5
     return [k for k in keys if k in chosen]
 
 
-def _significant(value: float, digits: int = 2) -> float:
-    """A number rounded to ``digits`` significant digits (the table sorts and filters numbers)."""
-    return float(f"{value:.{digits}g}") if pd.notna(value) else np.nan
-
-
 def atlas_table(atlas: FeatureAtlas, cards: Sequence[tuple[int, int]] | None = None) -> pd.DataFrame:
     """One row per live feature for the page's table (module docstring, step 3); a feature of
     ``cards`` (default: all) links to its card."""
@@ -170,7 +165,8 @@ def atlas_table(atlas: FeatureAtlas, cards: Sequence[tuple[int, int]] | None = N
         "top type": f["top_type"].to_numpy(),
         "AUROC": f["top_auroc"].round(2).to_numpy(),
         "top term": f["top_term"].to_numpy(),
-        "FDR": [_significant(v) for v in f["top_fdr"]],
+        # Text such as "0.021" or "5.5e-05": DataTables still sorts and filters it as numbers.
+        "FDR": [format_p(v) for v in f["top_fdr"]],
         "Table 3": f["table3"].to_numpy(),
         "graphs": f["n_graphs"].to_numpy(),
         "specific to": specific.reindex(keys).fillna("").to_numpy(),
@@ -209,13 +205,13 @@ def show_table(table: pd.DataFrame, *, page_length: int = 15):
 
 def _svg_types(types: pd.DataFrame) -> str:
     """Mean (bar), median (tick) and maximum (dot) activation per cell type, with its AUROC."""
-    row_h, label_w, bar_w = 13, 140, 150
+    row_h, label_w, bar_w = 13, 185, 150
     scale = bar_w / max(float(types["max_activation"].max()), 1e-12)
     parts = []
     for i, r in enumerate(types.sort_values("auroc", ascending=False, kind="stable").itertuples()):
         y, median = i * row_h, label_w + round(r.median_activation * scale)
         parts.append(
-            f'<text x="{label_w - 4}" y="{y + 10}" text-anchor="end">{html.escape(r.cell_type[:24])}</text>'
+            f'<text x="{label_w - 4}" y="{y + 10}" text-anchor="end">{html.escape(r.cell_type[:30])}</text>'
             f'<rect x="{label_w}" y="{y + 3}" width="{round(r.mean_activation * scale)}" height="8" fill="#4c78a8"/>'
             f'<path d="M{median} {y + 1}v12" stroke="#222"/>'
             f'<circle cx="{label_w + round(r.max_activation * scale)}" cy="{y + 7}" r="2.5" fill="#e45756"/>'
