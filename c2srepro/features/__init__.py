@@ -1,7 +1,16 @@
-"""Interpretation of transcoder features: corpus statistics, Table 3, Table 4 and Figure 3, and the
-features of cells as an AnnData for scanpy."""
+"""Interpretation of transcoder features: corpus statistics, Table 3, Table 4 and Figure 3, the
+features of cells as an AnnData for scanpy, and the searchable feature atlas."""
 
 from c2srepro.features.anndata import feature_activations, feature_name
+from c2srepro.features.atlas import (
+    FeatureAtlas,
+    feature_anchor,
+    feature_atlas,
+    feature_card_url,
+    load_cell_activations,
+    save_cell_activations,
+    specificity_auroc,
+)
 
 from c2srepro.features.collect import ExampleWindow, collect_feature_stats, example_activations
 from c2srepro.features.interpret import (
@@ -40,6 +49,7 @@ from c2srepro.features.table4 import (
 
 __all__ = [
     "CORPUS_FRACTION",
+    "FeatureAtlas",
     "CORPUS_RANDOM_FRACTION",
     "ExampleWindow",
     "LIVE_THRESHOLD_FIGURE3",
@@ -56,9 +66,13 @@ __all__ = [
     "enrich_layer",
     "example_activations",
     "feature_activations",
+    "feature_anchor",
+    "feature_atlas",
+    "feature_card_url",
     "feature_key",
     "feature_name",
     "interpret_features",
+    "load_cell_activations",
     "load_feature_stats",
     "null_column",
     "null_gene_lists",
@@ -66,7 +80,9 @@ __all__ = [
     "plot_interpretable_fraction",
     "read_human_labels",
     "sample_live_features",
+    "save_cell_activations",
     "save_feature_stats",
+    "specificity_auroc",
     "summarize",
     "symbol_family",
     "table3",
