@@ -336,7 +336,7 @@ def execute_chapters(
     record_path = out_root / RUN_RECORD
     runs = json.loads(record_path.read_text()) if record_path.is_file() else {}
     code = code_fingerprint()
-    terminal.line(f"c2srepro book, profile {profile}: {len(notebooks)} chapters; results in results/{profile}/, "
+    terminal.line(f"c2srepro book, profile {profile}: {len(notebooks)} notebook chapter(s); results in results/{profile}/, "
                   f"each chapter's log beside its executed notebook in results/{profile}/book/")
     reused: list[str] = []
 
