@@ -186,7 +186,7 @@ def test_a_figure_drawn_outside_its_figure_is_found(rendered, tmp_path):
     assert re.search(r"book/chapters/interactive.html: interactive figure plotly-\w+ lies outside the page's content "
                      r"column", problems), problems
     if renderer == "quarto":  # Jupyter Book does not read Quarto's figure options: its pages have no <figure>
-        assert ("book/chapters/interactive.html: figure 'Figure 3.1: The toy attribution graph, interactive.' has no "
+        assert ("book/chapters/interactive.html: figure 'Figure 4.1: The toy attribution graph, interactive.' has no "
                 "content above its caption") in problems, problems
     assert "figures.html" not in problems  # the figure on the untouched page is in place
     # A figure's content drawn beyond the figure's box.
@@ -194,7 +194,7 @@ def test_a_figure_drawn_outside_its_figure_is_found(rendered, tmp_path):
     figures.write_text(re.sub(r"<img ", '<img style="position: relative; top: -400px" ', figures.read_text(), count=1))
     problems = "\n".join(check_book(html))
     if renderer == "quarto":
-        assert "book/chapters/figures.html: figure 'Figure 1.1: A toy figure, captioned, as the chapters' figures are.': " \
+        assert "book/chapters/figures.html: figure 'Figure 2.1: A toy figure, captioned, as the chapters' figures are.': " \
                "its content (img) lies outside the figure" in problems, problems
 
 

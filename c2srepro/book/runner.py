@@ -75,6 +75,8 @@ STAGED_TOC_HEADER = "# Written by the book's pre-render (c2srepro.book.runner.st
 # Not staged: the chapter's log and the notebooks of a failed or unfinished run.
 STAGE_SKIPS = (".log", ".failed.ipynb", ".partial.ipynb")
 RUN_RECORD = "runs.json"
+# c2srepro's modules that run and check the book, which no chapter imports (code_fingerprint).
+BOOK_TOOLS = ("book/runner.py", "book/terminal.py", "book/browser.py", "book/quarto_prerender.py", "book/__main__.py")
 FALLBACK_DIR = "jupyter-book"
 # How `python -m c2srepro.book run` hands --set and --chapters to the pre-render that quarto render starts.
 SET_ENV = "C2SREPRO_BOOK_SET"
@@ -368,7 +370,7 @@ def execute_chapters(
         log_path = target.with_suffix(".log")
         terminal.line(f"{name}: started ({why})")
         before = _snapshot(results)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _children_cpu()
         try:
             with chapter_journal(results, chapter), capture(log_path, terminal) as chapter_log, kernel_path(root):
                 log.info("executing %s with %s", chapter, params)
@@ -393,14 +395,14 @@ def execute_chapters(
                 f"chapter {chapter} failed under profile {profile!r}:\n{chapter_error(error)}\n"
                 f"the executed notebook with the error is {failed}"
             ) from error
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, _children_cpu() - cpu
         clean_executed_notebook(partial)
         os.replace(partial, target)
         failed.unlink(missing_ok=True)
         after = _snapshot(results)
         written = sorted(path for path, stat in after.items() if before.get(path) != stat)
         runs[name] = {**wanted, "outputs": {path: sha256_file(results / path) for path in written},
-                      "seconds": round(seconds, 1)}
+                      "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)}
         write_json_atomic(record_path, runs)
         numbers = numbers_written(results, written)
         terminal.line(f"{name}: done in {seconds:.0f} s" + (f"; {numbers}" if numbers else ""))
@@ -445,12 +447,22 @@ def _why_execute(record: dict[str, Any] | None, wanted: dict[str, Any], target: 
 
 
 def code_fingerprint() -> str:
-    """A fingerprint of the c2srepro package's code (every chapter runs it)."""
+    """A fingerprint of the c2srepro code that chapters run: the package but the modules that run
+    and check the book (``BOOK_TOOLS``), which change no chapter's results."""
     import c2srepro
     from c2srepro._cache import sha256_file, short_hash
 
     package = Path(c2srepro.__file__).parent
-    return short_hash({p.relative_to(package).as_posix(): sha256_file(p) for p in sorted(package.rglob("*.py"))})
+    return short_hash({p.relative_to(package).as_posix(): sha256_file(p) for p in sorted(package.rglob("*.py"))
+                       if p.relative_to(package).as_posix() not in BOOK_TOOLS})
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user and system) of this process's finished children: the chapters' kernels."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _snapshot(results: Path) -> dict[str, tuple[int, int]]:
