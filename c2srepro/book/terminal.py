@@ -8,7 +8,9 @@
    copy of the original standard output taken before the redirection.
 3. The kernel's stderr stream reaches :class:`ChapterStream` (papermill's ``stderr_file``): the
    text goes to the log, and a tqdm progress bar in it is redrawn as the terminal's one progress
-   line: on a terminal only (a CI log gets the chapter lines alone).
+   line: on a terminal only (a CI log gets the chapter lines alone). ``quarto render`` pipes its
+   pre-render's output and echoes it, so where standard output is no terminal the progress line
+   goes to the controlling terminal (``/dev/tty``) when there is one.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Terminal:
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream if stream is not None else terminal_stream()
-        self.tty = self.stream.isatty()
+        self.bar = self.stream if self.stream.isatty() else _controlling_terminal()
         self._progress_shown = False
 
     def line(self, text: str) -> None:
@@ -42,17 +44,25 @@ class Terminal:
         self.stream.flush()
 
     def progress(self, text: str) -> None:
-        if not self.tty:
+        if self.bar is None:
             return
         width = shutil.get_terminal_size((100, 20)).columns - 1
-        self.stream.write("\r\x1b[K" + text[:width])
-        self.stream.flush()
+        self.bar.write("\r\x1b[K" + text[:width])
+        self.bar.flush()
         self._progress_shown = True
 
     def end_progress(self) -> None:
         if self._progress_shown:
-            self.stream.write("\r\x1b[K")
+            self.bar.write("\r\x1b[K")
+            self.bar.flush()
             self._progress_shown = False
+
+
+def _controlling_terminal() -> IO[str] | None:
+    try:
+        return open("/dev/tty", "w", encoding="utf-8", errors="replace")
+    except OSError:  # no controlling terminal: CI, a service
+        return None
 
 
 def progress_line(text: str) -> str | None:
