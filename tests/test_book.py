@@ -375,3 +375,14 @@ def test_a_results_folder_that_cannot_be_saved_stops_before_the_chapter(tmp_path
                                                 r"\(No space left on device\): make the folder writable, or free space"):
         book.execute_chapters(root, "default")
     assert not (root / "ran").exists() and not (results / book.JOURNAL).exists()
+
+
+def test_a_progress_bar_becomes_the_terminals_one_progress_line():
+    from c2srepro.book.terminal import progress_line
+
+    refreshes = ("training mini-C2S:  48%|████▊     | 408/840 [02:24<02:15,  3.19it/s, epoch=11]\r"
+                 "training mini-C2S:  49%|████▊     | 409/840 [02:24<02:15,  3.19it/s, epoch=11, loss=1.082]")
+    assert progress_line(refreshes) == ("    training mini-C2S [#########...........]  49% 409/840, 02:24 elapsed, "
+                                        "02:15 left")  # the last refresh
+    assert progress_line("100%|██████████| 3/3 [00:00<00:00]").startswith("    working [####################] 100% 3/3")
+    assert progress_line("UserWarning: the order of those genes will be arbitrary") is None
