@@ -15,7 +15,7 @@ from c2srepro.book.browser import check_book, find_chromium
 
 FIGURE_CELL = """\
 #| label: fig-toy
-#| fig-cap: "A toy figure, captioned, as the chapters' figures are."
+#| fig-cap: "A toy figure with a caption."
 import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -194,7 +194,7 @@ def test_a_figure_drawn_outside_its_figure_is_found(rendered, tmp_path):
     figures.write_text(re.sub(r"<img ", '<img style="position: relative; top: -400px" ', figures.read_text(), count=1))
     problems = "\n".join(check_book(html))
     if renderer == "quarto":
-        assert "book/chapters/figures.html: figure 'Figure 2.1: A toy figure, captioned, as the chapters' figures are.': " \
+        assert "book/chapters/figures.html: figure 'Figure 2.1: A toy figure with a caption.': " \
                "its content (img) lies outside the figure" in problems, problems
 
 
