@@ -7,7 +7,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import yaml
 
 from _toy_book import write_project
 from c2srepro.book import runner as book
