@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import csv
 import json
 import logging
 import math
@@ -480,12 +481,19 @@ def _snapshot(results: Path) -> dict[str, tuple[int, int]]:
 
 
 def numbers_written(results: Path, written: Iterable[str], *, per_file: int = 4) -> str:
-    """The top-level numbers of the JSON results a chapter wrote, for its terminal line."""
+    """What a chapter wrote, for its terminal line: the top-level numbers of its JSON results and
+    the rows of its CSV tables (files at the top of ``results``; provenance records aside)."""
     shown = []
     for path in written:
-        if not path.endswith(".json") or path.endswith(".provenance.json") or "/" in path:
+        if "/" in path or path.endswith(".provenance.json"):
             continue
         try:
+            if path.endswith(".csv"):
+                with open(results / path, newline="") as table:
+                    shown.append(f"{path}: {max(sum(1 for _ in csv.reader(table)) - 1, 0)} rows")
+                continue
+            if not path.endswith(".json"):
+                continue
             data = json.loads((results / path).read_text())
         except (OSError, ValueError):
             continue
