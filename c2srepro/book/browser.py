@@ -142,9 +142,10 @@ async (waitMs) => {
 }
 """
 # A figure's content: what a cell draws or shows (the figure's code and caption are not content).
+# A Markdown output (a prompt shown as text) arrives in its figure as paragraphs and a code block.
 FIGURE_CONTENT_SELECTOR = ("img, svg, canvas, iframe, video, table, .plotly-graph-div, .cell-output-display, "
-                           ".cell-output-stdout, .cell_output")
-FIGURE_CODE_SELECTOR = ".cell-code, details.code-fold, .code-copy-outer-scaffold, .cell_input"
+                           ".cell-output-stdout, .cell_output, p, pre")
+FIGURE_CODE_SELECTOR = ".cell-code, details.code-fold, .cell_input"
 # Runs in the page: every captioned figure's content, and where it lies (step 9).
 _FIGURES_JS = """
 ([columnSelector, contentSelector, codeSelector]) => {
