@@ -1,4 +1,5 @@
-# Quick start (README): `make book` runs the whole book on the embedded default; `make test` runs the tests.
+# Quick start (README): `make book` runs the whole book on the embedded default (`quarto render`, the
+# book's own command, once Quarto is installed); `make test` runs the tests.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 QUARTO_INSTALLER ?= ../shared/tools/quarto/install.sh
 export PATH := $(CURDIR)/.cache/quarto/bin:$(PATH)
 
-.PHONY: env chromium quarto book test test-slow bench clean
+.PHONY: env chromium quarto quarto-if-available book test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +22,23 @@ $(VENV)/.installed: pyproject.toml
 
 env: $(VENV)/.installed
 
-book: env
-	$(PY) -m c2srepro.book run --profile $(PROFILE)
+# The book of PROFILE in _book/$(PROFILE)/: `quarto render --profile $(PROFILE)` (its pre-render executes the
+# chapters that changed, with this venv's Python); without Quarto, the Jupyter Book fallback.
+book: env quarto-if-available
+	@if command -v quarto >/dev/null; then QUARTO_PYTHON=$(abspath $(PY)) quarto render --profile $(PROFILE); \
+	else echo "quarto is not installed (https://quarto.org/docs/get-started/): rendering the Jupyter Book fallback into _book/$(PROFILE)/"; \
+	  $(PY) -m c2srepro.book run --profile $(PROFILE) --renderer jupyter-book; fi
 
 # The browser test drives the system Chromium (Playwright's own browser download needs the internet).
 chromium:
 	@command -v chromium >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
 	  (echo "the browser test needs Chromium: sudo apt-get install -y chromium" >&2; exit 1)
+
+# Quarto from the offline installer where it is present; `make book` goes on without it.
+quarto-if-available:
+	@command -v quarto >/dev/null || test ! -f $(QUARTO_INSTALLER) || \
+	  bash $(QUARTO_INSTALLER) $(CURDIR)/.cache/quarto | tail -n 1 >/dev/null
 
 # The book renders with Quarto (the tests render a toy book with it and with the Jupyter Book fallback).
 quarto:
@@ -46,4 +56,4 @@ bench: env
 	for f in bench/*.py; do $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf results _book
+	rm -rf results _book book _variables.yml

@@ -14,8 +14,8 @@
 4. Write ``results/<profile>/frontier.csv`` (one row per variant and setting; ``paper_setting``
    marks ReLU at chapter 2's L1 coefficient, without skip) with its provenance, and the
    tracked copy chapter 3 draws without retraining: ``bench/frontier/<profile>.csv`` (+
-   ``.provenance.json``: parameters, package versions, the model and split fingerprints, and
-   per variant the command and commit that measured its rows) and ``<profile>.png`` (``c2srepro.transcoder.plots.plot_frontier``). Rows of
+   ``.provenance.json``: parameters with the model's held-out accuracy, package versions, the
+   model's weights and split fingerprints and its recipe (``stages.model_recipe``), and per variant the command and commit that measured its rows) and ``<profile>.png`` (``c2srepro.transcoder.plots.plot_frontier``). Rows of
    the variants run replace those of an earlier run on the same model and split, so
    ``--skip`` and ``--variants`` runs add their curves to one table; the table is written after
    every point, and a rerun keeps the points of the same setting and run length (a stopped
@@ -116,7 +116,7 @@ def main() -> None:
 
     from c2srepro._cache import atomic_path, short_hash
     from c2srepro.book.provenance import write_table
-    from c2srepro.book.stages import model_stage
+    from c2srepro.book.stages import model_recipe, model_stage
     from c2srepro.transcoder import TrainConfig, harvest_activations
     from c2srepro.transcoder.plots import plot_frontier
 
@@ -142,7 +142,10 @@ def main() -> None:
                        training_tokens=args.tokens, seed=seed, resample_every_steps=100)
     profile = stage.summary["provenance"]["params"].get("profile") or results.name
     identity = {"model": stage.fingerprints["model"], "split": stage.fingerprints["split"]}
-    params = {"profile": profile, "results_dir": str(results), "train_config": base.to_dict(),
+    # Recorded beside the weights: the book tells a sibling model (same recipe, another machine) from another one.
+    inputs = identity | {"recipe": model_recipe(stage.summary)}
+    params = {"profile": profile, "results_dir": str(results), "heldout_accuracy": stage.summary["heldout_accuracy"],
+              "train_config": base.to_dict(),
               "settings": {name: [field, values] for name, (field, values) in SETTINGS.items()}}
     this_run = {"command": " ".join(sys.argv[1:]), "commit": commit()}
     paths = (results / "frontier.csv", CACHE / f"{profile}.csv")
@@ -180,7 +183,7 @@ def main() -> None:
                 present = set(written["variant"])
                 runs = {name: run for name, run in runs.items() if name in present}
                 runs.update({name: this_run for name in mine if name in present})
-                write_table(path, written, params=params | {"runs": dict(sorted(runs.items()))}, inputs=identity)
+                write_table(path, written, params=params | {"runs": dict(sorted(runs.items()))}, inputs=inputs)
                 draw(written, path, profile)
     print(written.to_string(index=False))
 

@@ -8,6 +8,7 @@ import nbformat
 import pytest
 import yaml
 
+from _toy_book import write_project
 from c2srepro.book import runner as book
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +32,12 @@ def test_every_notebook_has_a_tagged_parameters_cell():
 
 
 def test_part_groups_are_flattened(tmp_path):
-    (tmp_path / "_quarto.yml").write_text(yaml.safe_dump({"book": {"chapters": [
+    (tmp_path / "_quarto.yml").write_text(yaml.safe_dump({"c2srepro": {"chapters": [
         "index.qmd", {"part": "Model", "chapters": ["a.ipynb", "b.ipynb"]}, "c.ipynb"]}}))
     assert book.chapter_files(tmp_path) == ["index.qmd", "a.ipynb", "b.ipynb", "c.ipynb"]
+    (tmp_path / "_quarto.yml").write_text(yaml.safe_dump({"book": {"chapters": ["index.qmd", "a.ipynb"]}}))
+    with pytest.raises(ValueError, match="has no c2srepro: chapters: list"):
+        book.chapter_files(tmp_path)
 
 
 def test_parameter_layers_resolve_in_order():
@@ -64,9 +68,8 @@ def test_unknown_profile_is_an_error():
 def _toy_book(tmp_path, body: str) -> Path:
     (tmp_path / "chapters" / "profiles").mkdir(parents=True)
     (tmp_path / "chapters" / "profiles" / "default.yml").write_text("all: {}\nchapters: {}\n")
-    (tmp_path / "index.qmd").write_text("# Toy\n\nA toy book.\n")
-    (tmp_path / "_quarto.yml").write_text(yaml.safe_dump(
-        {"project": {"type": "book"}, "book": {"title": "Toy", "chapters": ["index.qmd", "chapters/toy.ipynb"]}}))
+    (tmp_path / "index.qmd").write_text("# Toy\n\nA toy book, profile {{< var profile >}}.\n")
+    write_project(tmp_path, ["index.qmd", "chapters/toy.ipynb"])
     notebook = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell('profile = "default"\nresults_dir = "results/default"\nx = 1')
     params.metadata["tags"] = ["parameters"]
@@ -76,17 +79,23 @@ def _toy_book(tmp_path, body: str) -> Path:
     return tmp_path
 
 
-def test_runner_executes_with_overrides_and_renders(tmp_path):
-    root = _toy_book(tmp_path, "import json, logging, pathlib, warnings\nfrom tqdm import tqdm\n"
+def test_runner_executes_with_overrides_and_renders(tmp_path, capfd):
+    root = _toy_book(tmp_path, "import json, logging, pathlib, sys, warnings\nfrom tqdm import tqdm\n"
                                "for _ in tqdm(range(3), desc='looping'): pass\n"
                                "warnings.warn('a deprecation nobody should read')\n"
                                "logging.getLogger('toy').warning('a log line')\n"
+                               "import os; os.write(2, b'the kernel process writes to its stderr\\n')\n"
                                "print('')\n"
                                "pathlib.Path(results_dir).mkdir(parents=True, exist_ok=True)\n"
-                               "pathlib.Path(results_dir, 'toy.json').write_text(json.dumps({'x': x}))")
-    (root / "references.bib").write_text("@misc{toy, title = {Toy}}\n")
+                               "pathlib.Path(results_dir, 'toy.json').write_text(json.dumps({'x': x, 'accuracy': 0.123456}))")
     out = book.execute_chapters(root, "default", overrides=["x=41"])
-    assert json.loads((root / "results/default/toy.json").read_text()) == {"x": 41}
+    assert json.loads((root / "results/default/toy.json").read_text()) == {"x": 41, "accuracy": 0.123456}
+    # The terminal: the chapter's start and end with the numbers it wrote; nothing of the kernel's.
+    terminal = capfd.readouterr()
+    lines = terminal.out.splitlines()
+    assert lines[1] == "toy: started (no earlier run)", lines
+    assert re.fullmatch(r"toy: done in \d+ s; toy.json: x 41, accuracy 0.123", lines[2]), lines
+    assert len(lines) == 3 and not terminal.err, terminal
     executed = nbformat.read(out / "chapters" / "toy.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1
@@ -97,14 +106,92 @@ def test_runner_executes_with_overrides_and_renders(tmp_path):
     assert not [o for o in outputs if o.get("name") == "stderr"], outputs  # warnings, logging, bars moved out
     assert not [o for o in outputs if o.get("output_type") == "stream" and not o.get("text", "").strip()]
     chapter_log = (out / "chapters" / "toy.log").read_text()
-    assert "a deprecation nobody should read" in chapter_log and "looping" in chapter_log
-    assert (out / "references.bib").is_file()
-    assert yaml.safe_load((out / "_variables.yml").read_text())["profile"] == "default"
-    index = book.render(out, renderer="jupyter-book")
-    assert index.is_file()
-    page = re.sub(r"<[^>]+>", "", (index.parent / "chapters" / "toy.html").read_text())
+    for text in ("a deprecation nobody should read", "looping", "a log line", "the kernel process writes"):
+        assert text in chapter_log, text
+    index = book.render(root, "default", renderer="jupyter-book", overrides=["x=41"])
+    assert index == root / "_book" / "default" / "index.html" and index.is_file()
+    assert yaml.safe_load((root / "_variables.yml").read_text())["profile"] == "default"
+    staged = yaml.safe_load((root / "book" / "_chapters.yml").read_text())
+    assert staged == {"book": {"chapters": ["index.qmd", "book/chapters/toy.ipynb"]}}
+    assert (root / "book" / "chapters" / "toy.ipynb").is_file() and not (root / "book" / "chapters" / "toy.log").exists()
+    page = re.sub(r"<[^>]+>", "", (index.parent / "book" / "chapters" / "toy.html").read_text())
     assert "Toy chapter" in page and "x = 41" in page  # the injected parameters cell is shown
     assert "3/3" not in page and "100%" not in page  # progress bars are dropped from the pages
+    assert "profile default" in re.sub(r"<[^>]+>", "", index.read_text())  # {{< var profile >}} filled in
+
+
+def _two_chapter_book(tmp_path) -> Path:
+    root = _toy_book(tmp_path, "import pathlib\npathlib.Path(results_dir).mkdir(parents=True, exist_ok=True)\n"
+                               "pathlib.Path(results_dir, 'toy.txt').write_text(str(x))")
+    second = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile = "default"\nresults_dir = "results/default"\ny = 1')
+    params.metadata["tags"] = ["parameters"]
+    second.cells = [nbformat.v4.new_markdown_cell("# Second"), params, nbformat.v4.new_code_cell(
+        "import pathlib\nr = pathlib.Path(results_dir)\n"
+        "(r / 'second.txt').write_text(str(y) + (r / 'toy.txt').read_text())\n"
+        "n = int((r / 'runs.txt').read_text()) if (r / 'runs.txt').exists() else 0\n"
+        "(r / 'runs.txt').write_text(str(n + 1))")]
+    second.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(second, root / "chapters" / "second.ipynb")
+    write_project(root, ["index.qmd", "chapters/toy.ipynb", "chapters/second.ipynb"])
+    return root
+
+
+def test_an_unchanged_chapter_is_reused_and_a_changed_one_reruns_with_those_after_it(tmp_path, capfd):
+    root = _two_chapter_book(tmp_path)
+    results = root / "results" / "default"
+    book.execute_chapters(root, "default")
+    capfd.readouterr()
+    book.execute_chapters(root, "default")
+    out = capfd.readouterr().out.splitlines()
+    assert out[1:] == ["re-used, unchanged since their last run (parameters, code, inputs): toy, second"], out
+    assert (results / "runs.txt").read_text() == "1"
+    # The profile changes the first chapter's parameter: it reruns, and so does the chapter reading its results.
+    (root / "chapters" / "profiles" / "default.yml").write_text("all: {}\nchapters: {toy: {x: 5}}\n")
+    book.execute_chapters(root, "default")
+    out = capfd.readouterr().out.splitlines()
+    assert out[1] == "toy: started (parameters changed: x 1 -> 5)", out
+    assert out[3] == "second: started (results of an earlier chapter changed)", out
+    assert (results / "second.txt").read_text() == "15" and (results / "runs.txt").read_text() == "2"
+    # A later chapter's own parameter: the first is re-used, the second reruns.
+    (root / "chapters" / "profiles" / "default.yml").write_text("all: {}\nchapters: {toy: {x: 5}, second: {y: 2}}\n")
+    book.execute_chapters(root, "default")
+    out = capfd.readouterr().out.splitlines()
+    assert out[1:3] == ["re-used, unchanged since their last run (parameters, code, inputs): toy",
+                        "second: started (parameters changed: y 1 -> 2)"], out
+    # A chapter whose rerun writes the same results leaves the chapters after it re-used.
+    notebook = nbformat.read(root / "chapters" / "toy.ipynb", as_version=4)
+    notebook.cells.append(nbformat.v4.new_code_cell("# a comment: the same results"))
+    nbformat.write(notebook, root / "chapters" / "toy.ipynb")
+    book.execute_chapters(root, "default")
+    out = capfd.readouterr().out.splitlines()
+    assert out[1] == "toy: started (its notebook or c2srepro's code changed)", out
+    assert out[3:] == ["re-used, unchanged since their last run (parameters, code, inputs): second"], out
+    # A result deleted by hand: its chapter reruns.
+    (results / "second.txt").unlink()
+    book.execute_chapters(root, "default")
+    out = capfd.readouterr().out.splitlines()
+    assert out[2] == "second: started (its results are missing (second.txt))", out
+    assert (results / "runs.txt").read_text() == "4"
+
+
+def test_the_book_profile_comes_from_quartos(tmp_path):
+    (tmp_path / "chapters" / "profiles").mkdir(parents=True)
+    for name in ("default", "smoke"):
+        (tmp_path / "chapters" / "profiles" / f"{name}.yml").write_text("all: {}\n")
+    assert book.book_profile(tmp_path, "") == "default"
+    assert book.book_profile(tmp_path, "smoke") == "smoke"
+    assert book.book_profile(tmp_path, "smoke,print") == "smoke"  # a Quarto-only profile beside it
+    with pytest.raises(ValueError, match=r"Quarto profile\(s\) \['print'\] name 0 book profiles: name exactly one of "
+                                         r"\['default', 'smoke'\] \(quarto render --profile smoke\)"):
+        book.book_profile(tmp_path, "print")
+    with pytest.raises(ValueError, match="name 2 book profiles"):
+        book.book_profile(tmp_path, "default,smoke")
+
+
+def test_every_book_profile_has_its_quarto_profile():
+    for profile in sorted((ROOT / book.PROFILE_DIR).glob("*.yml")):
+        assert book.output_dir(ROOT, profile.stem) == ROOT / "_book" / profile.stem, profile.name
 
 
 def test_failed_chapter_leaves_no_executed_notebook(tmp_path):
@@ -115,6 +202,7 @@ def test_failed_chapter_leaves_no_executed_notebook(tmp_path):
     message = str(raised.value)
     assert "RuntimeError: boom" in message and "raise RuntimeError('boom')" in message
     assert message.rstrip().endswith("toy.failed.ipynb")
+    assert "boom" in (root / "results" / "default" / "book" / "chapters" / "toy.log").read_text()
     out = root / "results" / "default" / "book" / "chapters"
     assert not (out / "toy.ipynb").exists()
     assert (out / "toy.failed.ipynb").exists()
@@ -287,3 +375,14 @@ def test_a_results_folder_that_cannot_be_saved_stops_before_the_chapter(tmp_path
                                                 r"\(No space left on device\): make the folder writable, or free space"):
         book.execute_chapters(root, "default")
     assert not (root / "ran").exists() and not (results / book.JOURNAL).exists()
+
+
+def test_a_progress_bar_becomes_the_terminals_one_progress_line():
+    from c2srepro.book.terminal import progress_line
+
+    refreshes = ("training mini-C2S:  48%|████▊     | 408/840 [02:24<02:15,  3.19it/s, epoch=11]\r"
+                 "training mini-C2S:  49%|████▊     | 409/840 [02:24<02:15,  3.19it/s, epoch=11, loss=1.082]")
+    assert progress_line(refreshes) == ("    training mini-C2S [#########...........]  49% 409/840, 02:24 elapsed, "
+                                        "02:15 left")  # the last refresh
+    assert progress_line("100%|██████████| 3/3 [00:00<00:00]").startswith("    working [####################] 100% 3/3")
+    assert progress_line("UserWarning: the order of those genes will be arbitrary") is None

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import yaml
 
+from _toy_book import write_project
 from c2srepro.book import runner as book
 from c2srepro.book.browser import check_book, find_chromium
 
 FIGURE_CELL = """\
+#| label: fig-toy
+#| fig-cap: "A toy figure with a caption."
 import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -23,6 +25,8 @@ plt.show()"""
 TABLE_CELL = 'pd.DataFrame({"layer": [0, 1], "fraction": [0.5 * scale, 0.75]})'
 # The library's interactive graph of a tiny attribution graph that the test saved beside the book.
 INTERACTIVE_CELL = """\
+#| label: fig-toy-graph
+#| fig-cap: "The toy attribution graph, interactive."
 from c2srepro.attribution import AttributionGraph
 from c2srepro.attribution.plots import graph_figure
 from c2srepro.book.display import interactive
@@ -34,6 +38,9 @@ try:
     raise ValueError("caught and printed")
 except ValueError:
     traceback.print_exc()"""
+
+
+OVERRIDES = ["scale=2.0"]
 
 
 def _notebook(path: Path, title: str, cells: list[tuple[str, list[str]]]) -> None:
@@ -50,7 +57,7 @@ def _notebook(path: Path, title: str, cells: list[tuple[str, list[str]]]) -> Non
 
 
 def _execute(root: Path, chapters: dict[str, tuple[str, list]]) -> Path:
-    """A toy book executed by the book runner; returns the executed book's folder."""
+    """A toy book executed by the book runner; returns its root."""
     (root / "chapters" / "profiles").mkdir(parents=True)
     if "interactive" in chapters:
         from _tiny_neox import GENES, TOKENS, sentence_replacement
@@ -62,11 +69,10 @@ def _execute(root: Path, chapters: dict[str, tuple[str, list]]) -> Path:
         build_graph(rep, target, tokens=TOKENS, genes=GENES).save(root / "toy-graph.safetensors")
     (root / "chapters" / "profiles" / "default.yml").write_text("all: {}\nchapters: {}\n")
     (root / "index.qmd").write_text("# Toy book\n\nA toy book for the browser check, profile {{< var profile >}}.\n")
-    (root / "_quarto.yml").write_text(yaml.safe_dump({"project": {"type": "book"}, "book": {
-        "title": "Toy", "chapters": ["index.qmd", *(f"chapters/{name}.ipynb" for name in chapters)]}}))
+    write_project(root, ["index.qmd", *(f"chapters/{name}.ipynb" for name in chapters)])
     for name, (title, cells) in chapters.items():
         _notebook(root / "chapters" / f"{name}.ipynb", title, cells)
-    out = book.execute_chapters(root, "default", overrides=["scale=2.0"])
+    out = book.execute_chapters(root, "default", overrides=OVERRIDES)
     if "broken" in chapters:
         # An error output as a kernel writes it, which papermill would refuse to leave in a chapter:
         # the check must still catch it in a book rendered from other notebooks.
@@ -77,7 +83,7 @@ def _execute(root: Path, chapters: dict[str, tuple[str, list]]) -> Path:
         executed.cells[-1].outputs.append(nbformat.v4.new_output(
             "stream", name="stdout", text="Traceback (most recent call last):\nValueError: caught and printed\n"))
         nbformat.write(executed, out / "chapters" / "broken.ipynb")
-    return out
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +100,10 @@ def rendered(request, toy_book, tmp_path_factory) -> tuple[str, Path]:
     """The toy book rendered by the fallback (Jupyter Book) and by the real Quarto."""
     if request.param == "quarto" and shutil.which("quarto") is None:
         raise FileNotFoundError("quarto is not on PATH: `make quarto` (or install Quarto) before the tests")
-    copy = tmp_path_factory.mktemp(request.param) / "book"
+    copy = tmp_path_factory.mktemp(request.param) / "toy"
     shutil.copytree(toy_book, copy)
-    return request.param, book.render(copy, renderer=request.param).parent
+    # Quarto's pre-render (or the fallback) finds every chapter unchanged, the planted error included.
+    return request.param, book.render(copy, "default", renderer=request.param, overrides=OVERRIDES).parent
 
 
 @pytest.fixture(scope="module")
@@ -124,19 +131,19 @@ def test_missing_book_is_an_error(tmp_path):
 def test_rendered_book_in_chromium(rendered, tmp_path):
     renderer, html = rendered
     shot, shots = tmp_path / "book.png", tmp_path / "pages"
-    problems = check_book(html, screenshot=shot, screenshot_dir=shots, chapters=book.chapter_files(book.project_root(html)))
+    problems = check_book(html, screenshot=shot, screenshot_dir=shots, chapters=book.book_pages(book.project_root(html)))
     # Only the deliberately broken chapter's error outputs: the figure page, the contents, the
     # links, the layout and the offline scripts (Quarto's jquery and requirejs) are sound.
-    assert sorted(problems)[0] == "chapters/broken.html: error output: RuntimeError: an uncaught error", problems
-    assert sorted(problems)[1].startswith("chapters/broken.html: shows 'Traceback' to the reader"), problems
+    assert sorted(problems)[0] == "book/chapters/broken.html: error output: RuntimeError: an uncaught error", problems
+    assert sorted(problems)[1].startswith("book/chapters/broken.html: shows 'Traceback' to the reader"), problems
     assert len(problems) == 2, problems
     figures = [p for p in html.rglob("*.png") if "site_libs" not in p.parts]
     assert figures, "the figure chapter rendered no image: the image check would be vacuous"
-    assert any(f.name in (html / "chapters" / "figures.html").read_text() for f in figures)
+    assert any(f.name in (html / "book" / "chapters" / "figures.html").read_text() for f in figures)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
-    assert {"chapters-broken.png", "chapters-figures.png", "index.png"} <= {p.name for p in shots.iterdir()}
+    assert {"book-chapters-broken.png", "book-chapters-figures.png", "index.png"} <= {p.name for p in shots.iterdir()}
     # The interactive graph carries plotly.js itself (drawn offline: no problem reported for its page).
-    interactive = (html / "chapters" / "interactive.html").read_text()
+    interactive = (html / "book" / "chapters" / "interactive.html").read_text()
     assert "plotly-graph-div" in interactive and "plotly.js v" in interactive
     assert not re.search(r'<script[^>]*\ssrc="[^"]*plotly', interactive)  # no script tag loads it from elsewhere
     front = (html / "index.html").read_text()
@@ -150,22 +157,50 @@ def test_rendered_book_in_chromium(rendered, tmp_path):
 def test_an_interactive_figure_that_is_not_drawn_is_found(toy_html, tmp_path):
     html = tmp_path / "html"
     shutil.copytree(toy_html, html)
-    page = html / "chapters" / "interactive.html"
+    page = html / "book" / "chapters" / "interactive.html"
     # plotly.js is the one inline script that starts with its licence banner: without it nothing draws.
     embedded = re.compile(r"<script[^>]*>\s*/\*\*\s*\* plotly\.js v.*?</script>", re.DOTALL)
     text = page.read_text()
     assert embedded.search(text), "the page does not embed plotly.js: the check below would be vacuous"
     page.write_text(embedded.sub('<script src="https://cdn.plot.ly/plotly-3.0.1.min.js"></script>', text, count=1))
     problems = "\n".join(check_book(html))
-    assert "chapters/interactive.html: interactive figure plotly-" in problems and "was not drawn" in problems
-    assert "chapters/interactive.html: loads plotly.js from https://cdn.plot.ly/plotly-3.0.1.min.js" in problems
-    assert "chapters/figures.html" not in problems  # pages without a figure are not affected
+    assert "book/chapters/interactive.html: interactive figure plotly-" in problems and "was not drawn" in problems
+    assert "book/chapters/interactive.html: loads plotly.js from https://cdn.plot.ly/plotly-3.0.1.min.js" in problems
+    assert "book/chapters/figures.html" not in problems  # pages without a figure are not affected
+
+
+def test_a_figure_drawn_outside_its_figure_is_found(rendered, tmp_path):
+    renderer, toy_html = rendered
+    html = tmp_path / "html"
+    shutil.copytree(toy_html, html)
+    page = html / "book" / "chapters" / "interactive.html"
+    text = page.read_text()
+    # The defect Quarto made of an output carrying plotly.js and the figure together: the graph's
+    # element and drawing script moved to the top of the body, the figure left with its caption.
+    graph = re.search(r'<div id="plotly-\w+" class="plotly-graph-div".*?</div>\s*<script[^>]*>.*?</script>', text, re.DOTALL)
+    assert graph, "no plotly figure on the page: the check below would be vacuous"
+    text = text.replace(graph.group(0), "", 1)
+    page.write_text(re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + graph.group(0), text, count=1))
+    problems = "\n".join(check_book(html))
+    assert re.search(r"book/chapters/interactive.html: interactive figure plotly-\w+ lies outside the page's content "
+                     r"column", problems), problems
+    if renderer == "quarto":  # Jupyter Book does not read Quarto's figure options: its pages have no <figure>
+        assert ("book/chapters/interactive.html: figure 'Figure 4.1: The toy attribution graph, interactive.' has no "
+                "content above its caption") in problems, problems
+    assert "figures.html" not in problems  # the figure on the untouched page is in place
+    # A figure's content drawn beyond the figure's box.
+    figures = html / "book" / "chapters" / "figures.html"
+    figures.write_text(re.sub(r"<img ", '<img style="position: relative; top: -400px" ', figures.read_text(), count=1))
+    problems = "\n".join(check_book(html))
+    if renderer == "quarto":
+        assert "book/chapters/figures.html: figure 'Figure 2.1: A toy figure with a caption.': " \
+               "its content (img) lies outside the figure" in problems, problems
 
 
 def test_text_layout_and_anchor_problems_are_found(toy_html, tmp_path):
     html = tmp_path / "html"
     shutil.copytree(toy_html, html)
-    page = html / "chapters" / "figures.html"
+    page = html / "book" / "chapters" / "figures.html"
     text = page.read_text()
     leaks = ('<p>UserWarning: a warning shown to the reader</p><p>looping: 3/3 [00:00, 9.1it/s]</p>'
              f'<p>read from {tmp_path}/checkout/results</p>'
@@ -174,10 +209,10 @@ def test_text_layout_and_anchor_problems_are_found(toy_html, tmp_path):
     page.write_text(text.replace("</main>", leaks + "</main>", 1) if "</main>" in text
                     else text.replace("</body>", leaks + "</body>", 1))
     problems = "\n".join(check_book(html, forbidden_paths=[tmp_path / "checkout"]))
-    assert "chapters/figures.html: shows 'Warning' to the reader" in problems
-    assert "chapters/figures.html: shows 'it/s]' to the reader" in problems
-    assert f"chapters/figures.html: shows the absolute path {tmp_path / 'checkout'}" in problems
-    assert "chapters/figures.html: is wider than the viewport" in problems
+    assert "book/chapters/figures.html: shows 'Warning' to the reader" in problems
+    assert "book/chapters/figures.html: shows 'it/s]' to the reader" in problems
+    assert f"book/chapters/figures.html: shows the absolute path {tmp_path / 'checkout'}" in problems
+    assert "book/chapters/figures.html: is wider than the viewport" in problems
     assert "link to figures.html#fig-nowhere, which has no such anchor" in problems
     assert "index.html" not in problems  # the untouched pages stay sound
 
@@ -185,10 +220,10 @@ def test_text_layout_and_anchor_problems_are_found(toy_html, tmp_path):
 def test_an_image_wider_than_its_column_is_found(toy_html, tmp_path):
     html = tmp_path / "html"
     shutil.copytree(toy_html, html)
-    page = html / "chapters" / "figures.html"
+    page = html / "book" / "chapters" / "figures.html"
     page.write_text(re.sub(r"<img ", '<img style="width: 1100px; max-width: none" ', page.read_text(), count=1))
     problems = "\n".join(check_book(html))
-    assert "chapters/figures.html: image" in problems and "is wider than its column" in problems
+    assert "book/chapters/figures.html: image" in problems and "is wider than its column" in problems
 
 
 def test_broken_figures_links_and_contents_are_found(toy_html, tmp_path):
@@ -196,16 +231,16 @@ def test_broken_figures_links_and_contents_are_found(toy_html, tmp_path):
     shutil.copytree(toy_html, html)
     for figure in [p for p in html.rglob("*.png") if "site_libs" not in p.parts]:
         figure.write_bytes(b"not a png")  # present but undecodable: naturalWidth stays 0
-    (html / "chapters" / "broken.html").unlink()  # its contents entry now points nowhere
-    page = html / "chapters" / "figures.html"
+    (html / "book" / "chapters" / "broken.html").unlink()  # its contents entry now points nowhere
+    page = html / "book" / "chapters" / "figures.html"
     page.write_text(re.sub(r"(<h1[^>]*>)", r"\1Heading {.unnumbered} ", page.read_text(), count=1))
     orphan = html / "orphan.html"
     orphan.write_text("<html><body><h1>Not in the contents</h1></body></html>")
-    problems = check_book(html, chapters=["index.qmd", "chapters/figures.ipynb", "chapters/broken.ipynb"])
+    problems = check_book(html, chapters=["index.qmd", "book/chapters/figures.ipynb", "book/chapters/broken.ipynb"])
     text = "\n".join(problems)
-    assert "chapters/broken.html: chapter chapters/broken.ipynb has no rendered page" in text
-    assert "chapters/figures.html: image" in text and "did not load (naturalWidth 0)" in text
+    assert "book/chapters/broken.html: chapter book/chapters/broken.ipynb has no rendered page" in text
+    assert "book/chapters/figures.html: image" in text and "did not load (naturalWidth 0)" in text
     assert "link to missing file" in text and "broken.html" in text
-    assert "chapters/figures.html: heading shows raw Quarto attributes" in text
+    assert "book/chapters/figures.html: heading shows raw Quarto attributes" in text
     assert "orphan.html: not listed in the table of contents of index.html" in text
     assert "error output" not in text  # the broken page is gone

@@ -48,5 +48,28 @@ def test_a_cached_table_says_when_it_is_missing_or_for_another_model(tmp_path):
     assert note is None and table.equals(pd.read_csv(path)) and len(table) == 12
     table, note = read_cached_table(path, inputs={"model": "m2", "split": "s1"}, regenerate="python bench/x.py")
     assert len(table) == 12
-    assert note.startswith(f"{path} was made for another model than these results (model m1 there, m2 here)")
-    assert note.endswith("regenerate it with `python bench/x.py`")
+    # Without the recipe on both sides another model's weights cannot be told from a sibling's: stale.
+    assert note == (f"{path} is stale: it was made from another model than these results (model m1 there, m2 here), "
+                    "so its numbers are not this model's; regenerate it with `python bench/x.py`")
+
+
+def test_a_cached_table_from_a_sibling_model_is_told_from_a_stale_one(tmp_path):
+    from c2srepro.book.provenance import read_cached_table, write_table
+
+    path = tmp_path / "default.csv"
+    write_table(path, _frame(), params={"heldout_accuracy": 0.7714}, inputs={"model": "w1", "split": "s1", "recipe": "r1"})
+    here = {"model": "w2", "split": "s1", "recipe": "r1"}
+    table, note = read_cached_table(path, inputs=here, regenerate="python bench/x.py", accuracy=0.7786)
+    assert len(table) == 12
+    assert note == (f"{path} was made on a sibling of this model (the same recipe r1 and split s1, trained on another "
+                    "machine, whose float rounding gives other weights: held-out accuracy 0.771 there, 0.779 here).")
+    for other in ({"recipe": "r2"}, {"split": "s2"}):
+        table, note = read_cached_table(path, inputs=here | other, regenerate="python bench/x.py", accuracy=0.7786)
+        key = next(iter(other))
+        assert note.startswith(f"{path} is stale: it was made from another model and {key} than these results "
+                               f"(model w1 there, w2 here; {key} {key[0]}1 there, {key[0]}2 here)"), note
+        assert note.endswith("regenerate it with `python bench/x.py`")
+    # A record that does not name the recipe: stale, saying so.
+    write_table(path, _frame(), params={}, inputs={"model": "w1", "split": "s1"})
+    _, note = read_cached_table(path, inputs=here, regenerate="python bench/x.py")
+    assert "made from another model and recipe than these results (model w1 there, w2 here; its record names no recipe)" in note

@@ -161,3 +161,12 @@ def test_later_chapters_load_the_model_in_chapter_1s_dtype(tmp_path, tiny_c2s):
     # a model.json without the parameter (an older chapter 1, or the default None): float32, as before
     _chapter_1(tmp_path, tiny_c2s)
     assert model_stage(tmp_path).model.dtype == torch.float32
+
+
+def test_the_model_recipe_is_the_cache_folder_of_a_trained_model_or_the_id_of_a_downloaded_one():
+    from c2srepro.book.stages import model_recipe
+
+    assert model_recipe({"model_source": "/home/u/.cache/c2srepro/models/mini-c2s-324d7471e8ae1409"}) == \
+        "mini-c2s-324d7471e8ae1409"
+    assert model_recipe({"model_source": "vandijklab/C2S-Pythia-410m-cell-type-prediction"}) == \
+        "vandijklab/C2S-Pythia-410m-cell-type-prediction"

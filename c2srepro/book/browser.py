@@ -28,12 +28,17 @@ problems, empty when the book is sound:
    ``page.html#anchor`` must find that anchor on the page (cross-references); every content page
    must be listed in the navigation of ``index.html`` (Sphinx's ``genindex``/``search`` pages
    excepted). With ``chapters`` (the book's chapter list, e.g.
-   :func:`c2srepro.book.runner.chapter_files`), each chapter must have its page.
+   :func:`c2srepro.book.runner.book_pages`), each chapter must have its page.
 8. Interactive figures: every plotly figure (``.plotly-graph-div``) must be drawn, i.e. become a
    ``.js-plotly-plot`` with at least one trace in its SVG, within ``PLOTLY_WAIT_MS``; one that is
    not drawn (plotly.js missing or failing) is a problem. plotly.js must come with the page: a
    request for it from anywhere outside the book is a problem even where npm could supply it.
-9. With ``screenshot``: a full-page PNG of the first page showing a figure (else of index.html);
+9. Figures in place: a ``<figure>`` with a caption must hold content besides its caption and its
+   code (an image, a plotly figure, a table, a cell's output) with a drawn size, and that content
+   must lie within the figure's box; every plotly figure must lie in the page's content column.
+   (Quarto once hoisted an output carrying plotly.js into the page's head: the graph was drawn
+   over the page header and its figure was an empty caption.)
+10. With ``screenshot``: a full-page PNG of the first page showing a figure (else of index.html);
    with ``screenshot_dir``: a full-page PNG of every page, named after it.
 
 :func:`open_page` opens one page of any served folder the same way (offline, CDN scripts from npm
@@ -134,6 +139,36 @@ async (waitMs) => {
     await new Promise(resolve => setTimeout(resolve, 100));
   }
   return figures.map(e => ({id: e.id, traces: traces(e)}));
+}
+"""
+# A figure's content: what a cell draws or shows (the figure's code and caption are not content).
+# A Markdown output (a prompt shown as text) arrives in its figure as paragraphs and a code block.
+FIGURE_CONTENT_SELECTOR = ("img, svg, canvas, iframe, video, table, .plotly-graph-div, .cell-output-display, "
+                           ".cell-output-stdout, .cell_output, p, pre")
+FIGURE_CODE_SELECTOR = ".cell-code, details.code-fold, .cell_input"
+# Runs in the page: every captioned figure's content, and where it lies (step 9).
+_FIGURES_JS = """
+([columnSelector, contentSelector, codeSelector]) => {
+  const found = [];
+  const drawn = e => { const r = e.getBoundingClientRect(); return r.width > 0 && r.height > 0; };
+  for (const figure of document.querySelectorAll("figure")) {
+    const caption = figure.querySelector("figcaption");
+    if (!caption) continue;
+    const name = caption.innerText.replace(/\\s+/g, " ").trim().slice(0, 80) || figure.id || "(no caption text)";
+    const content = Array.from(figure.querySelectorAll(contentSelector))
+      .filter(e => !e.closest("figcaption") && !e.closest(codeSelector) && drawn(e));
+    const outer = content.filter(e => !content.some(o => o !== e && o.contains(e)));
+    if (outer.length === 0) { found.push({figure: name, problem: "empty"}); continue; }
+    const box = figure.getBoundingClientRect();
+    const outside = outer.find(e => { const r = e.getBoundingClientRect();
+      return r.left < box.left - 2 || r.right > box.right + 2 || r.top < box.top - 2 || r.bottom > box.bottom + 2; });
+    if (outside) found.push({figure: name, problem: "outside", what: outside.tagName.toLowerCase() +
+                             (outside.id ? "#" + outside.id : "")});
+  }
+  for (const e of document.querySelectorAll(".plotly-graph-div")) {
+    if (!e.closest(columnSelector)) found.push({figure: e.id || "(no id)", problem: "plotly outside the column"});
+  }
+  return found;
 }
 """
 _READER_TEXT_JS = """
@@ -347,6 +382,16 @@ def check_book(html_dir: str | os.PathLike, *, screenshot: str | os.PathLike | N
                     if figure["traces"] == 0:
                         problems.append(f"{name}: interactive figure {figure['id'] or '(no id)'} was not drawn "
                                         "(plotly.js missing or failed: embed it with include_plotlyjs=True)")
+                for found in page.evaluate(_FIGURES_JS, [COLUMN_SELECTOR, FIGURE_CONTENT_SELECTOR, FIGURE_CODE_SELECTOR]):
+                    if found["problem"] == "empty":
+                        problems.append(f"{name}: figure {found['figure']!r} has no content above its caption "
+                                        "(nothing drawn in it but its code)")
+                    elif found["problem"] == "outside":
+                        problems.append(f"{name}: figure {found['figure']!r}: its content ({found['what']}) lies "
+                                        "outside the figure")
+                    else:
+                        problems.append(f"{name}: interactive figure {found['figure']} lies outside the page's "
+                                        "content column (drawn over the page's header?)")
                 for text in page.evaluate(_ERRORS_JS, ERROR_SELECTOR):
                     # A traceback's last line names the exception.
                     lines = [line for line in text.splitlines() if line.strip()]
@@ -516,7 +561,7 @@ def open_page(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m c2srepro.book.browser", description=__doc__.splitlines()[0])
-    parser.add_argument("html_dir", help="the rendered book: results/<profile>/book/_book or .../_build/html")
+    parser.add_argument("html_dir", help="the rendered book: _book/<profile>")
     parser.add_argument("--screenshot", help="write a PNG of a page with a figure here")
     parser.add_argument("--screenshots", help="write a full-page PNG of every page into this folder")
     parser.add_argument("--forbid", action="append", default=[], metavar="PATH",
@@ -526,8 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     from c2srepro.book import runner
 
     try:
-        # The rendered book sits below its _quarto.yml (results/<profile>/book/): check every chapter has a page.
-        chapters = runner.chapter_files(runner.project_root(args.html_dir))
+        # The rendered book sits below the checkout's _quarto.yml (_book/<profile>/): every chapter must have a page.
+        chapters = runner.book_pages(runner.project_root(args.html_dir))
     except FileNotFoundError:
         chapters = None
     try:

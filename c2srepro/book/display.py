@@ -18,10 +18,14 @@ display; the numbers themselves are untouched (the CSV and JSON results keep ful
    :func:`badge`.
 5. The table's id is derived from its content, so an executed notebook is the same on every run.
 
-Interactive figures: :func:`interactive` turns a plotly figure into HTML output that carries
-plotly.js itself (``include_plotlyjs=True``), so the rendered book draws it offline; plotly's
-notebook renderers (``notebook_connected``, ``plotly_mimetype``) would load plotly.js from a CDN.
-Its element id, too, is derived from the figure's content.
+Interactive figures: :func:`interactive` shows a plotly figure as two HTML outputs: plotly.js
+itself (so the rendered book draws it offline; plotly's notebook renderers ``notebook_connected``
+and ``plotly_mimetype`` would load it from a CDN), then the figure's element and drawing script.
+Quarto moves an HTML output that carries plotly.js (it recognises the library's licence banner)
+into the page's ``<head>``, whole: with the figure in the same output, the figure would leave its
+cell's ``<figure>`` and land at the top of the page, its caption empty. Split, the library goes to
+the head once per page and the figure stays in its figure. The element id is derived from the
+figure's content.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from collections.abc import Sequence
 import pandas as pd
 from pandas.io.formats.style import Styler
 
-__all__ = ["badge", "format_number", "format_p", "interactive", "is_p_column", "table"]
+__all__ = ["Interactive", "badge", "format_number", "format_p", "interactive", "is_p_column", "table"]
 
 # Column names that hold p-values or FDRs (matched case-insensitively, as whole words).
 _P_NAMES = re.compile(r"(^|[\s_])(p[\s_-]?value|fdr|q[\s_-]?value)($|[\s_])", re.IGNORECASE)
@@ -91,15 +95,35 @@ def badge(text: str, *, background: str | None = None, font_size: str | None = N
     return f'<span style="{style}">{text}</span>' if style else text
 
 
-def interactive(figure):
-    """A plotly figure as an ``IPython.display.HTML`` output with plotly.js embedded (module docstring)."""
-    from IPython.display import HTML
+class Interactive:
+    """A plotly figure for the book (module docstring): displayed as plotly.js, then the figure."""
 
-    if not hasattr(figure, "to_html") or not hasattr(figure, "to_json"):
-        raise TypeError(f"interactive() takes a plotly Figure (e.g. from graph_figure), got {type(figure).__name__}")
-    div_id = "plotly-" + hashlib.sha256(figure.to_json().encode()).hexdigest()[:12]
-    return HTML(figure.to_html(full_html=False, include_plotlyjs=True, div_id=div_id,
-                               config={"responsive": True, "displaylogo": False}))
+    def __init__(self, figure) -> None:
+        if not hasattr(figure, "to_html") or not hasattr(figure, "to_json"):
+            raise TypeError(f"interactive() takes a plotly Figure (e.g. from graph_figure), got {type(figure).__name__}")
+        self.figure = figure
+        self.div_id = "plotly-" + hashlib.sha256(figure.to_json().encode()).hexdigest()[:12]
+
+    def library_html(self) -> str:
+        from plotly.offline import get_plotlyjs
+
+        return f'<script type="text/javascript">{get_plotlyjs()}</script>'
+
+    def figure_html(self) -> str:
+        return self.figure.to_html(full_html=False, include_plotlyjs=False, div_id=self.div_id,
+                                   config={"responsive": True, "displaylogo": False})
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import HTML, display
+
+        display(HTML(self.library_html()))
+        display(HTML(self.figure_html()))
+
+
+def interactive(figure) -> Interactive:
+    """A plotly figure as the book shows it, plotly.js embedded (module docstring); the value of a
+    notebook cell's last line, or passed to ``display``."""
+    return Interactive(figure)
 
 
 def _frame(data: pd.DataFrame | pd.Series) -> pd.DataFrame:

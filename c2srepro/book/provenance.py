@@ -75,13 +75,24 @@ def write_table(
 
 
 def read_cached_table(
-    path: str | os.PathLike, *, inputs: Mapping[str, str], regenerate: str
+    path: str | os.PathLike, *, inputs: Mapping[str, str], regenerate: str, weights: str = "model",
+    recipe: str = "recipe", accuracy: float | None = None,
 ) -> tuple[Any, str | None]:
     """(table, note) for a table a slow command outside the book wrote with ``write_table`` (a
-    bench's cached result the book draws without rerunning it): ``note`` is None when its
-    provenance records ``inputs`` (e.g. the model and split fingerprints the book holds now),
-    else a sentence saying what differs or that it is missing, with the ``regenerate``
-    command. ``table`` is None only when the file is missing."""
+    bench's cached result the book draws without rerunning it). ``table`` is None only when the
+    file is missing.
+
+    1. Its provenance records ``inputs`` (e.g. the model's weights, recipe and cell split that the
+       book holds now): ``note`` is None.
+    2. Only the weights (``inputs[weights]``) differ, and the record names the same recipe
+       (``inputs[recipe]``: what decides the trained weights but the machine) and every other input
+       (the cell split): the table comes from a sibling model, the same
+       recipe trained on another machine, whose float rounding gives other weights. ``note`` says
+       so in one clause, with both models' held-out accuracy (``accuracy`` here, the record's
+       ``params.heldout_accuracy`` there).
+    3. Otherwise (another recipe or split, or a record that does not name them): the table is
+       stale; ``note`` says what differs and gives the ``regenerate`` command.
+    """
     import json
 
     import pandas as pd
@@ -90,12 +101,26 @@ def read_cached_table(
     record = path.with_name(path.name + ".provenance.json")
     if not path.is_file() or not record.is_file():
         return None, f"{path} is missing: make it with `{regenerate}`"
-    recorded = json.loads(record.read_text()).get("inputs", {})
+    provenance_record = json.loads(record.read_text())
+    recorded = provenance_record.get("inputs", {})
     stale = sorted(key for key, value in inputs.items() if recorded.get(key) != value)
     if not stale:
         return pd.read_csv(path), None
-    differs = "; ".join(f"{key} {str(recorded.get(key))[:12]} there, {str(inputs[key])[:12]} here" for key in stale)
+    if stale == [weights] and recipe in inputs:
+        there = provenance_record.get("params", {}).get("heldout_accuracy")
+        same = " and ".join(f"{key} {str(inputs[key])[:16]}" for key in sorted(inputs) if key != weights)
+        return pd.read_csv(path), (
+            f"{path} was made on a sibling of this model (the same {same}, trained on another machine, whose "
+            f"float rounding gives other weights: held-out accuracy {_accuracy(there)} there, {_accuracy(accuracy)} "
+            "here)."
+        )
+    differs = "; ".join(f"{key} {str(recorded[key])[:16]} there, {str(inputs[key])[:16]} here" if key in recorded
+                        else f"its record names no {key}" for key in stale)
     return pd.read_csv(path), (
-        f"{path} was made for another {' and '.join(stale)} than these results ({differs}): its numbers are "
-        f"not this model's; regenerate it with `{regenerate}`"
+        f"{path} is stale: it was made from another {' and '.join(stale)} than these results ({differs}), so its "
+        f"numbers are not this model's; regenerate it with `{regenerate}`"
     )
+
+
+def _accuracy(value: float | None) -> str:
+    return "not recorded" if value is None else f"{value:.3f}"

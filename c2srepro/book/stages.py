@@ -105,6 +105,14 @@ def model_stage(results_dir: str | os.PathLike, *, device: str = "cpu") -> Model
     return ModelStage(model, tokenizer, split, summary, found)
 
 
+def model_recipe(summary: dict[str, Any]) -> str:
+    """What decides chapter 1's model's weights but the machine that trained it, from its model.json:
+    a model trained here lives in a cache folder named by that recipe's hash (``mini-c2s-<hash>``:
+    configuration, data, tokenizer, package versions, thread count); a downloaded one is its id."""
+    source = str(summary["model_source"])
+    return Path(source).name if Path(source).is_absolute() else source
+
+
 def check_position(parameter: str, value: int, *, count: int, of: str) -> int:
     """``value`` as a position among ``count`` things (``of``: "layers in chapter 1's model"),
     refused with the parameter's name before a chapter's work when it is out of range."""
