@@ -4,6 +4,7 @@ target's value is the model's own answer log-probability, and bad targets get cl
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _tiny_gemma2 import tiny_gemma2
@@ -11,6 +12,7 @@ from _tiny_neox import tiny_model, tiny_transcoders
 
 from c2srepro.attribution import build_replacement, replacement_forward
 from c2srepro.attribution.full_graph import build_graph
+from c2srepro.attribution.replacement import ReplacementModel
 from c2srepro.attribution.targets import (
     ContrastTarget,
     DirectionTarget,
@@ -229,3 +231,26 @@ def test_bad_targets_get_clear_errors(setup):
         build_graph(rep, LabelTarget(LABELS[1]), prompt_length=n, answers=answers)
     with pytest.raises(ValueError, match="has no competitor at any answer position"):
         build_graph(rep, LabelTarget(LABELS[0], candidates=[LABELS[0]]), prompt_length=n, answers=answers)
+
+
+def test_replacement_model_reads_a_label_on_the_teacher_forced_answer(setup):
+    model, cells, prompt, answers, rep = setup
+    transcoders = [tc for tc in tiny_transcoders(model, rep.input_ids, firing=0.1)]
+    replacement = ReplacementModel(model, transcoders, cells)
+    graph = replacement.attribute(CELL, LabelTarget(LABELS[0], candidates=LABELS), max_feature_nodes=8)
+    assert graph.info["prompt_length"] == len(prompt)
+    assert graph.input_ids == teacher_forced(prompt, answers[LABELS[0]])
+    assert graph.nodes["gene"].iloc[graph.indices("embedding")].tolist()[-len(answers[LABELS[0]]) + 1:] == (
+        [None] * (len(answers[LABELS[0]]) - 1))  # answer tokens carry no gene
+    reference = build_graph(build_replacement(model, transcoders, graph.input_ids),
+                            LabelTarget(LABELS[0], candidates=LABELS), prompt_length=len(prompt), answers=answers,
+                            max_feature_nodes=8)
+    torch.testing.assert_close(graph.adjacency, reference.adjacency)
+    scores = replacement.score_labels([CELL], LABELS)[0]
+    label_graph = replacement.attribute(CELL, LabelTarget(LABELS[1]), max_feature_nodes=0)
+    rel = 1e-9 if hasattr(rep.weights, "lnf_weight") else 1e-7
+    assert label_graph.nodes["value"].iloc[label_graph.targets[0]] == pytest.approx(scores[1], rel=rel)
+    with pytest.raises(ValueError, match="follow different answers"):
+        replacement.attribute(CELL, [LabelTarget(LABELS[0]), LabelTarget(LABELS[1])])
+    nothing = replacement.intervene(CELL, [], labels=LABELS)
+    assert np.allclose(nothing.clean_log_likelihood, scores, rtol=1e-6)
