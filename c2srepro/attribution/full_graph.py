@@ -38,7 +38,8 @@ the edges carrying ``edge_threshold`` of the edge scores N[t, s] (I[t] + w[t]), 
 and error nodes left without a kept outgoing edge and features without a kept incoming one,
 until stable. Tokens and targets are always kept. Unlike circuit-tracer, edge scores are taken on
 the whole graph rather than re-normalised over the kept nodes, which makes the pruned graph
-monotone: a larger threshold never drops a node or an edge that a smaller one kept.
+monotone: a larger threshold never drops a node or an edge that a smaller one kept;
+``edge_scores="renormalised"`` gives circuit-tracer's own edge scores instead.
 
 Views of the same graph: :func:`greedy_paths` (the paper's beam search over the stored rows) and
 :func:`gene_view` (each gene's sub-word token nodes merged, genes ranked by influence). Files:
@@ -176,9 +177,12 @@ class AttributionGraph:
             info=dict(self.info),
         )
 
-    def prune(self, *, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "AttributionGraph":
+    def prune(
+        self, *, node_threshold: float = 0.8, edge_threshold: float = 0.98, edge_scores: str = "monotone"
+    ) -> "AttributionGraph":
         """The influence-pruned graph (:func:`prune_graph`) as a new graph."""
-        pruning = prune_graph(self, node_threshold=node_threshold, edge_threshold=edge_threshold)
+        pruning = prune_graph(self, node_threshold=node_threshold, edge_threshold=edge_threshold,
+                              edge_scores=edge_scores)
         return self.subgraph(pruning.node_mask, pruning.edge_mask)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -293,21 +297,40 @@ def _threshold_value(scores: Float[Tensor, "n"], threshold: float) -> float:
     return float(ordered[index])
 
 
-def prune_graph(graph: AttributionGraph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruning:
-    """Influence pruning (module docstring); thresholds in (0, 1], circuit-tracer's defaults."""
+EDGE_SCORES = ("monotone", "renormalised")
+
+
+def prune_graph(
+    graph: AttributionGraph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+    edge_scores: str = "monotone",
+) -> Pruning:
+    """Influence pruning (module docstring); thresholds in (0, 1], circuit-tracer's defaults.
+
+    edge_scores: ``"monotone"`` scores edges on the whole graph; ``"renormalised"`` as
+    circuit-tracer's ``prune_graph``: on the graph restricted to the kept nodes, its rows
+    normalised and its influence recomputed there, every score (zeros included) entering the
+    threshold."""
     _check_threshold("node_threshold", node_threshold)
     _check_threshold("edge_threshold", edge_threshold)
+    if edge_scores not in EDGE_SCORES:
+        raise ValueError(f"edge_scores must be one of {EDGE_SCORES}, got {edge_scores!r}")
+    weights = graph.target_weights.abs()
     normalised = _normalise(graph.adjacency)
-    influence = _influence(normalised, graph.target_weights.abs())
+    influence = _influence(normalised, weights)
     kinds = graph.nodes["kind"].to_numpy()
     always = torch.as_tensor((kinds == "embedding") | graph.nodes["is_target"].to_numpy())
     is_feature = torch.as_tensor(kinds == "feature") & ~always
     needs_out = torch.as_tensor((kinds == "feature") | (kinds == "error")) & ~always
 
     node_mask = (influence >= _threshold_value(influence, node_threshold)) | always
-    edge_scores = normalised * (influence + graph.target_weights.abs())[:, None]
-    nonzero = graph.adjacency != 0
-    edge_mask = nonzero & (edge_scores >= _threshold_value(edge_scores[nonzero], edge_threshold))
+    if edge_scores == "monotone":
+        scores = normalised * (influence + weights)[:, None]
+        nonzero = graph.adjacency != 0
+        edge_mask = nonzero & (scores >= _threshold_value(scores[nonzero], edge_threshold))
+    else:
+        kept = _normalise(graph.adjacency * node_mask[:, None] * node_mask[None, :])
+        scores = kept * (_influence(kept, weights) + weights)[:, None]
+        edge_mask = scores >= _threshold_value(scores.flatten(), edge_threshold)
     while True:  # at most n_layers + 2 rounds: each removes a layer of dangling nodes
         edge_mask &= node_mask[:, None] & node_mask[None, :]
         keep = node_mask & ~(needs_out & ~edge_mask.any(dim=0)) & ~(is_feature & ~edge_mask.any(dim=1))
