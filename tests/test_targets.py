@@ -12,6 +12,7 @@ from _tiny_neox import tiny_model, tiny_transcoders
 
 from c2srepro.attribution import build_replacement, replacement_forward
 from c2srepro.attribution.full_graph import build_graph
+from c2srepro.attribution.intervene import zero_nodes
 from c2srepro.attribution.replacement import ReplacementModel
 from c2srepro.attribution.targets import (
     ContrastTarget,
@@ -254,3 +255,9 @@ def test_replacement_model_reads_a_label_on_the_teacher_forced_answer(setup):
         replacement.attribute(CELL, [LabelTarget(LABELS[0]), LabelTarget(LABELS[1])])
     nothing = replacement.intervene(CELL, [], labels=LABELS)
     assert np.allclose(nothing.clean_log_likelihood, scores, rtol=1e-6)
+    top = graph.top_features(3)
+    assert len(top) == 3 and all(n.kind == "feature" and n.position < len(prompt) for n in top)
+    influence = graph.node_influence()
+    assert influence[graph.index_of(top[0])] >= influence[graph.index_of(top[2])]
+    assert replacement.intervene(CELL, zero_nodes(top), labels=LABELS).n_edited == 3
+    assert list(graph.genes()["gene"]) and set(graph.genes()["gene"]) <= set(CELL.genes)

@@ -291,7 +291,7 @@ def test_bad_inputs(setup, exported, tmp_path):
     save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={**metadata, "schema_version": "0"})
     with pytest.raises(ValueError, match="schema version 0.*rebuild the graph"):
         export_viewer_files(tmp_path / "old.safetensors", tmp_path / "out", slug=SLUG)
-    with pytest.raises(TypeError, match="expected an AttributionGraph"):
+    with pytest.raises(TypeError, match="expected a Graph"):
         viewer_graph({"nodes": []}, slug=SLUG)
     with pytest.raises(ValueError, match="slug must be letters"):
         viewer_graph(graph, slug="../up")

@@ -20,7 +20,7 @@ from c2srepro.attribution.contributions import Attribution, HeadPaths, attribute
 from c2srepro.attribution.circuit import circuit_features, circuit_genes, find_circuit, graph_node
 from c2srepro.attribution.export import export_viewer_files, viewer_feature, viewer_features, viewer_graph
 from c2srepro.attribution.full_graph import (
-    AttributionGraph,
+    Graph,
     GeneGraph,
     Pruning,
     build_graph,
@@ -47,7 +47,7 @@ from c2srepro.attribution.nodes import Node
 
 __all__ = [
     "Attribution",
-    "AttributionGraph",
+    "Graph",
     "GeneGraph",
     "HeadPaths",
     "Intervention",

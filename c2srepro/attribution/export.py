@@ -5,7 +5,7 @@ circuit-tracer (decoderesearch/circuit-tracer, ``circuit_tracer/frontend``) serv
 ``<slug>.json`` per graph, read by its ``graph_models.Model`` (``metadata``, ``qParams``, ``nodes``,
 ``links``), and, for the feature panel, one ``<featureIndex>.json`` per feature
 (``feature_models.Model``). :func:`export_viewer_files` writes that folder from an
-:class:`~c2srepro.attribution.full_graph.AttributionGraph`:
+:class:`~c2srepro.attribution.full_graph.Graph`:
 
 1. Prune (optional, :func:`~c2srepro.attribution.full_graph.prune_graph` with circuit-tracer's
    default thresholds) and read each node's ``influence`` as the viewer does: the cumulative share
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from c2srepro._cache import atomic_path
-from c2srepro.attribution.full_graph import AttributionGraph, prune_graph
+from c2srepro.attribution.full_graph import Graph, prune_graph
 from c2srepro.features.collect import ExampleWindow
 from c2srepro.features.stats import LayerFeatureStats, feature_key
 
@@ -71,15 +71,15 @@ def _check_name(what: str, name: str) -> str:
     return name
 
 
-def _as_graph(graph) -> AttributionGraph:
-    if isinstance(graph, AttributionGraph):
+def _as_graph(graph) -> Graph:
+    if isinstance(graph, Graph):
         return graph
     if isinstance(graph, (str, os.PathLike)):
-        return AttributionGraph.load(graph)  # refuses another schema version, naming it
-    raise TypeError(f"expected an AttributionGraph (build_graph) or the path of a saved one, got {type(graph).__name__}")
+        return Graph.load(graph)  # refuses another schema version, naming it
+    raise TypeError(f"expected a Graph (build_graph) or the path of a saved one, got {type(graph).__name__}")
 
 
-def _prompt_tokens(graph: AttributionGraph, tokenizer) -> tuple[list[str], list[str]]:
+def _prompt_tokens(graph: Graph, tokenizer) -> tuple[list[str], list[str]]:
     """The prompt's token strings (as the tokenizer decodes them, else as the graph holds them),
     and the same with each gene token's gene: ``token [GENE]``."""
     if tokenizer is not None:
@@ -91,7 +91,7 @@ def _prompt_tokens(graph: AttributionGraph, tokenizer) -> tuple[list[str], list[
 
 
 def viewer_graph(
-    graph: AttributionGraph | str | os.PathLike,
+    graph: Graph | str | os.PathLike,
     *,
     slug: str,
     scan: str = "c2srepro",
@@ -148,7 +148,7 @@ def viewer_graph(
     return {"metadata": metadata, "qParams": q_params, "nodes": kept, "links": links}
 
 
-def _top_genes(graph: AttributionGraph, keep, stats) -> dict[tuple[int, int], list[str]]:
+def _top_genes(graph: Graph, keep, stats) -> dict[tuple[int, int], list[str]]:
     if stats is None:
         return {}
     table = graph.nodes.iloc[keep.nonzero().flatten().numpy()]
@@ -217,7 +217,7 @@ def viewer_feature(
 
 
 def export_viewer_files(
-    graph: AttributionGraph | str | os.PathLike,
+    graph: Graph | str | os.PathLike,
     directory: str | os.PathLike,
     *,
     slug: str,
@@ -261,7 +261,7 @@ def export_viewer_files(
 
 
 def viewer_features(
-    graph: AttributionGraph | str | os.PathLike,
+    graph: Graph | str | os.PathLike,
     *,
     prune: bool = True,
     node_threshold: float = 0.8,

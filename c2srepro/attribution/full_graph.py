@@ -43,8 +43,8 @@ monotone: a larger threshold never drops a node or an edge that a smaller one ke
 
 Views of the same graph: :func:`greedy_paths` (the paper's beam search over the stored rows) and
 :func:`gene_view` (each gene's sub-word token nodes merged, genes ranked by influence). Files:
-:meth:`AttributionGraph.save` writes one safetensors file with the node table and a schema version
-in its header; :meth:`AttributionGraph.load` refuses any other version.
+:meth:`Graph.save` writes one safetensors file with the node table and a schema version
+in its header; :meth:`Graph.load` refuses any other version.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _check_threshold(name: str, value: float) -> None:
 
 
 @dataclass
-class AttributionGraph:
+class Graph:
     """Adjacency (rows: targets of an edge, columns: sources) plus a node table in the same order."""
 
     adjacency: Float[Tensor, "node node"]
@@ -159,8 +159,8 @@ class AttributionGraph:
         completeness = (non_error * weight).sum() / weight.sum()
         return {"replacement": float(replacement), "completeness": float(completeness)}
 
-    def subgraph(self, keep: Bool[Tensor, "node"], edges: Bool[Tensor, "node node"] | None = None) -> "AttributionGraph":
-        """The graph on the kept nodes (and kept edges): itself an AttributionGraph, prunable again.
+    def subgraph(self, keep: Bool[Tensor, "node"], edges: Bool[Tensor, "node node"] | None = None) -> "Graph":
+        """The graph on the kept nodes (and kept edges): itself a Graph, prunable again.
 
         Its node table keeps each node's ``value`` and ``constant`` from the full graph; the rows of
         a pruned graph no longer add up to them (what pruning removed is not tracked)."""
@@ -168,7 +168,7 @@ class AttributionGraph:
             raise ValueError("a subgraph must keep every target node")
         adjacency = self.adjacency if edges is None else self.adjacency * edges
         index = keep.nonzero().flatten()
-        return AttributionGraph(
+        return Graph(
             adjacency=adjacency[index][:, index].clone(),
             nodes=self.nodes.iloc[index.numpy()].reset_index(drop=True),
             target_weights=self.target_weights[index].clone(),
@@ -179,11 +179,57 @@ class AttributionGraph:
 
     def prune(
         self, *, node_threshold: float = 0.8, edge_threshold: float = 0.98, edge_scores: str = "monotone"
-    ) -> "AttributionGraph":
+    ) -> "Graph":
         """The influence-pruned graph (:func:`prune_graph`) as a new graph."""
         pruning = prune_graph(self, node_threshold=node_threshold, edge_threshold=edge_threshold,
                               edge_scores=edge_scores)
         return self.subgraph(pruning.node_mask, pruning.edge_mask)
+
+    def genes(self) -> pd.DataFrame:
+        """Genes ranked by influence on the targets (:func:`gene_view`)."""
+        return gene_view(self).genes
+
+    def top_features(self, n: int) -> list[Node]:
+        """The ``n`` feature nodes of largest influence at prompt positions (those an intervention on
+        the prompt can switch off; a label target's graph also holds the answer's positions)."""
+        prompt_length = self.info.get("prompt_length", self.n_pos)
+        features = self.indices("feature")
+        features = features[torch.as_tensor(self.nodes["position"].to_numpy())[features] < prompt_length]
+        features = features[~torch.as_tensor(self.nodes["is_target"].to_numpy())[features]]
+        order = self.node_influence()[features].argsort(descending=True, stable=True)
+        return [self.node(int(i)) for i in features[order[:n]]]
+
+    def to_networkx(self) -> nx.DiGraph:
+        """The graph as a networkx DiGraph in the circuit schema of :mod:`c2srepro.attribution.graph`
+        (edges source -> target with their weight). A node's ``influence`` is its summed path weight
+        for a greedy circuit (:func:`greedy_paths`), else its influence I on the targets; the
+        (first) target's is its value."""
+        search = self.info.get("search")
+        ids = self.nodes["node_id"].tolist()
+        target = search["target"] if search else ids[self.targets[0]]
+        influence = search["influence"] if search else dict(zip(ids, self.node_influence().tolist()))
+        values = dict(zip(ids, self.nodes["value"].tolist()))
+        tokens, genes = self.info.get("tokens"), self.info.get("genes")
+        out = nx.DiGraph(
+            target=target, target_value=float(values[target]), n_layers=self.n_layers,
+            input_ids=list(self.input_ids),
+            prompt_tokens=list(tokens) if tokens is not None else [str(i) for i in self.input_ids],
+            genes=list(genes) if genes is not None else None,
+            search={key: search[key] for key in ("k", "depth", "threshold", "kinds")} if search else None,
+        )
+        for row in self.nodes.itertuples(index=False):
+            out.add_node(
+                row.node_id, kind=row.kind, layer=int(row.layer), position=int(row.position),
+                feature=None if pd.isna(row.feature) else int(row.feature),
+                logit_token=None if pd.isna(row.logit_token) else int(row.logit_token),
+                token_id=int(row.token_id), token=row.token, gene=row.gene,
+                activation=None if pd.isna(row.activation) else float(row.activation),
+                influence=float(values[target]) if row.node_id == target else float(influence.get(row.node_id, 0.0)),
+            )
+        sinks, sources = self.adjacency.nonzero(as_tuple=True)
+        for sink, source in zip(sinks.tolist(), sources.tolist()):
+            out.add_edge(ids[source], ids[sink], weight=float(self.adjacency[sink, source]))
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
         """One safetensors file (tensors) whose header holds the node table and info as JSON, atomically."""
@@ -201,7 +247,7 @@ class AttributionGraph:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "AttributionGraph":
+    def load(cls, path: str | os.PathLike) -> "Graph":
         """Read a graph written by :meth:`save`; a file of another schema version is an error."""
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -301,7 +347,7 @@ EDGE_SCORES = ("monotone", "renormalised")
 
 
 def prune_graph(
-    graph: AttributionGraph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+    graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
     edge_scores: str = "monotone",
 ) -> Pruning:
     """Influence pruning (module docstring); thresholds in (0, 1], circuit-tracer's defaults.
@@ -425,7 +471,7 @@ def build_graph(
     genes: Sequence[str | None] | None = None,
     prompt_length: int | None = None,
     answers: Answers | None = None,
-) -> AttributionGraph:
+) -> Graph:
     """The full attribution graph of ``rep``'s prompt for ``targets`` (module docstring, steps 1-4).
 
     targets: :mod:`c2srepro.attribution.targets` objects, or feature / logit nodes (a logit node
@@ -546,7 +592,7 @@ def build_graph(
         "genes": list(genes) if genes is not None else None,
         "targets": [dict(r.target.to_dict(), node_id=r.node.id, value=r.value) for r in resolved],
     }
-    return AttributionGraph(adjacency, _typed(nodes), weights, [int(i) for i in rep.input_ids], rep.n_layers, info)
+    return Graph(adjacency, _typed(nodes), weights, [int(i) for i in rep.input_ids], rep.n_layers, info)
 
 
 def _node_table(rep, selected, features, logit_targets, tokens, genes) -> pd.DataFrame:
@@ -579,19 +625,22 @@ def _node_table(rep, selected, features, logit_targets, tokens, genes) -> pd.Dat
 
 
 def greedy_paths(
-    graph: AttributionGraph,
+    graph: Graph,
     *,
     target: Node | None = None,
     k: int = 10,
     depth: int = 3,
     threshold: float = 0.0,
     kinds: Sequence[str] = ("feature", "error", "embedding"),
-) -> nx.DiGraph:
+) -> Graph:
     """The paper's greedy path search (:mod:`c2srepro.attribution.circuit`) read off the graph's rows.
 
-    Same algorithm and output schema as :func:`c2srepro.attribution.circuit.find_circuit` (which it
-    reproduces on an uncapped graph), without new backward passes; a feature whose row the cap left
-    uncomputed is a leaf. target: one of the graph's targets (default: the only one).
+    Returns the subgraph of the kept paths' nodes and edges (every target kept), with the search in
+    ``info["search"]``: its sizes, its target and each path head's summed path weight
+    (``influence``, what :meth:`Graph.to_networkx` puts on the nodes). On an uncapped graph it is
+    :func:`c2srepro.attribution.circuit.find_circuit`'s circuit, without new backward passes; a
+    feature whose row the cap left uncomputed is a leaf. target: one of the graph's targets
+    (default: the only one).
     """
     if target is None:
         if len(graph.targets) != 1:
@@ -619,39 +668,18 @@ def greedy_paths(
     kept = beam_search(target_index, target_value, k=k, depth=depth, threshold=threshold,
                        expandable=lambda index: bool(computed[index]), sources=top, value=lambda index: values[index])
 
-    tokens, genes = graph.info.get("tokens"), graph.info.get("genes")
-    circuit = nx.DiGraph(
-        target=target.id,
-        target_value=target_value,
-        n_layers=graph.n_layers,
-        input_ids=list(graph.input_ids),
-        prompt_tokens=list(tokens) if tokens is not None else [str(i) for i in graph.input_ids],
-        genes=list(genes) if genes is not None else None,
-        search={"k": k, "depth": depth, "threshold": threshold, "kinds": list(kinds)},
-    )
-
-    def add(index: int) -> None:
-        if graph.nodes["node_id"].iloc[index] in circuit:
-            return
-        row = graph.nodes.iloc[index]
-        circuit.add_node(
-            row["node_id"], kind=row["kind"], layer=int(row["layer"]), position=int(row["position"]),
-            feature=None if pd.isna(row["feature"]) else int(row["feature"]),
-            logit_token=None if pd.isna(row["logit_token"]) else int(row["logit_token"]),
-            token_id=int(row["token_id"]), token=row["token"], gene=row["gene"],
-            activation=None if pd.isna(row["activation"]) else float(row["activation"]), influence=0.0,
-        )
-
-    add(target_index)
-    circuit.nodes[target.id]["influence"] = target_value
+    keep = torch.as_tensor(graph.nodes["is_target"].to_numpy()).clone()
+    edges = torch.zeros(graph.n_nodes, graph.n_nodes, dtype=torch.bool)
     ids = graph.nodes["node_id"].to_numpy()
+    influence = {ids[target_index]: target_value}
     for path, w in kept:
-        for index in path:
-            add(index)
-        circuit.nodes[ids[path[0]]]["influence"] += w
+        keep[list(path)] = True
+        influence[ids[path[0]]] = influence.get(ids[path[0]], 0.0) + w
         for source, sink in zip(path[:-1], path[1:]):
-            if not circuit.has_edge(ids[source], ids[sink]):
-                circuit.add_edge(ids[source], ids[sink], weight=float(graph.adjacency[sink, source]))
+            edges[sink, source] = True
+    circuit = graph.subgraph(keep, edges)
+    circuit.info["search"] = {"k": k, "depth": depth, "threshold": threshold, "kinds": list(kinds),
+                              "target": ids[target_index], "influence": influence}
     return circuit
 
 
@@ -664,7 +692,7 @@ class GeneGraph:
     genes: pd.DataFrame  # one row per gene, ranked by influence: gene, influence, sentence_rank, ...
 
 
-def gene_view(graph: AttributionGraph, *, genes: Sequence[str | None] | None = None) -> GeneGraph:
+def gene_view(graph: Graph, *, genes: Sequence[str | None] | None = None) -> GeneGraph:
     """Merge the sub-word token nodes of each gene (genes: per prompt token, None for template text).
 
     1. Each gene's token (``embedding``) nodes become one node ``gene:<symbol>``; template tokens,

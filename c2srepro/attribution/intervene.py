@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from c2srepro.attribution.ablation import candidate_pool
-from c2srepro.attribution.full_graph import AttributionGraph
+from c2srepro.attribution.full_graph import Graph
 from c2srepro.attribution.linearised import build_replacement, replacement_forward, transcoder_weights
 from c2srepro.attribution.nodes import Node
 from c2srepro.data.prompts import require_prompt_ids
@@ -614,7 +614,7 @@ class SwitchOffResult:
         }
 
 
-def top_influence_features(graph: AttributionGraph, n: int) -> list[Node]:
+def top_influence_features(graph: Graph, n: int) -> list[Node]:
     """The graph's ``n`` feature nodes of highest influence on its targets (targets excluded; ties by node order)."""
     influence = graph.node_influence()
     features = graph.indices("feature")
@@ -634,7 +634,7 @@ def switch_off_top_features(
     transcoders: Mapping[int, Transcoder] | Sequence[Transcoder],
     tokenizer: CellTokenizer,
     traced: "CellCircuit",
-    graph: AttributionGraph,
+    graph: Graph,
     candidates: Sequence[str],
     *,
     top_n: int = 10,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from c2srepro.attribution.full_graph import AttributionGraph, build_graph
+from c2srepro.attribution.full_graph import Graph, build_graph
 from c2srepro.attribution.intervene import Intervention, InterventionResult, SplicedModel
 from c2srepro.attribution.linearised import LinearisedReplacement, build_replacement
 from c2srepro.attribution.nodes import Node
@@ -91,7 +91,7 @@ class ReplacementModel:
         max_feature_nodes: int | None = None,
         batch_size: int = 64,
         update_interval: int = 4,
-    ) -> AttributionGraph:
+    ) -> Graph:
         """The attribution graph of ``target`` on one cell or prompt (module docstring, step 3)."""
         targets = [target] if isinstance(target, (Target, Node)) else list(target)
         prompt, genes = self.prompt(cell_or_prompt)
