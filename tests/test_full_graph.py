@@ -10,7 +10,9 @@ from _tc_models import small_model
 from _tiny_neox import GENES, TOKENS, sentence_replacement
 from safetensors.torch import load_file, save_file
 
-from c2srepro.attribution import Node, build_replacement, find_circuit, replacement_forward
+from c2srepro.attribution import Node, build_replacement
+from c2srepro.attribution.circuit import find_circuit
+from c2srepro.attribution.linearised import replacement_forward
 from c2srepro.attribution.full_graph import (
     Graph,
     build_graph,

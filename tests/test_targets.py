@@ -10,7 +10,8 @@ import torch
 from _tiny_gemma2 import tiny_gemma2
 from _tiny_neox import tiny_model, tiny_transcoders
 
-from c2srepro.attribution import build_replacement, replacement_forward
+from c2srepro.attribution import build_replacement
+from c2srepro.attribution.linearised import replacement_forward
 from c2srepro.attribution.full_graph import build_graph
 from c2srepro.attribution.intervene import zero_nodes
 from c2srepro.attribution.replacement import ReplacementModel

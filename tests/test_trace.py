@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from c2srepro.attribution import circuit_genes
+from c2srepro.attribution.circuit import circuit_genes
 from c2srepro.attribution.trace import pick_cell, trace_cell
 from c2srepro.data.cells import CellSentence
 from c2srepro.models.mini_c2s import build_vocabulary

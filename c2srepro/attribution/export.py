@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from c2srepro._cache import atomic_path
@@ -183,6 +184,12 @@ def _viewer_node(row, n_layers: int, influence: float, tokens: Sequence[str], to
         token_id = int(row["token_id"])
         node.update(node_id=f"E_{token_id}_{position}", jsNodeId=f"E_{token_id}-{position}", feature=position,
                     layer="E")
+    elif pd.isna(row["logit_token"]):  # a target read along a direction (a label, a contrast): no token of its own
+        viewer_layer = str(n_layers + 1)
+        name = str(row["node_id"]).rsplit("@", 1)[0]
+        node.update(node_id=f"{viewer_layer}_{name}_{position}", jsNodeId=f"L_{name}-{position}", feature=-1,
+                    layer=viewer_layer, is_target_logit=bool(row["is_target"]), token_prob=0.0,
+                    clerp=f'Output "{name}" (p=?)')
     else:
         token_id, viewer_layer = int(row["logit_token"]), str(n_layers + 1)
         text = tokenizer.decode([token_id]) if tokenizer is not None else f"<{token_id}>"
