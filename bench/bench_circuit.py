@@ -35,7 +35,9 @@ import torch
 from torch import nn
 from transformers import Gemma2ForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from c2srepro.attribution import Node, ablate, attribute, build_replacement, find_circuit
+from c2srepro.attribution import Node, ablate, build_replacement
+from c2srepro.attribution.circuit import find_circuit
+from c2srepro.attribution.contributions import attribute
 from c2srepro.attribution.linearised import run_model
 from c2srepro.book.smoke import GEMMA2_2B, gemma2_2b_config
 from c2srepro.transcoder import Transcoder, TranscoderConfig

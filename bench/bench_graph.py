@@ -7,13 +7,16 @@
    about ``--firing`` of the features active per token and decoders fitted to the prompt's MLPs.
 2. Per-token genes: ``--genes`` genes of ``--tokens-per-gene`` sub-word tokens each, after a
    template prefix, the rest template text (as in a C2S cell sentence).
-3. Time, side by side: ``build_replacement``; ``build_graph`` for the logit of the top token at the
-   last position with ``--max-feature-nodes`` feature rows chosen by influence; ``prune`` at
+3. Time, side by side: ``build_replacement``; ``build_graph`` for the target (``--target logit``:
+   the raw logit of the top token at the last position; ``--target label``: a ``LabelTarget``, the
+   log-probability of an answer of ``--answer-tokens`` tokens teacher-forced at the prompt's end,
+   each answer position read along e_y - p) with ``--max-feature-nodes`` feature rows chosen by influence; ``prune`` at
    circuit-tracer's defaults (0.8 / 0.98); ``scores``; ``gene_view``. Reports wall times, peak
    resident memory, the number of feature nodes before and after pruning, both scores, and checks
-   the target row's exactness (edges + constant + capped-out features = the logit).
+   the target row's exactness (edges + constant + capped-out features = the target's value).
 
 Usage: python bench/bench_graph.py [--preset 410m|gemma2-2b|small] [--layers N] [--n-pos 300] [--max-feature-nodes 128]
+       [--target logit|label] [--answer-tokens 6]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import resource
 import torch
 from bench_circuit import PRESETS, random_setup, timed
 
-from c2srepro.attribution import build_graph, build_replacement, gene_view
+from c2srepro.attribution import LabelTarget, LogitTarget, build_graph, build_replacement, gene_view
 
 
 def prompt_genes(n_pos: int, n_genes: int, tokens_per_gene: int, prefix: int = 20) -> list[str | None]:
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-gene", type=int, default=3)
     parser.add_argument("--firing", type=float, default=0.008, help="fraction of features firing per token")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--target", choices=("logit", "label"), default="label")
+    parser.add_argument("--answer-tokens", type=int, default=6, help="answer length of the label target")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -62,14 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     rep = timed("build_replacement", lambda: build_replacement(model, transcoders, input_ids), results)
     print(f"  active features: {rep.n_active} ({rep.n_active / (layers * args.n_pos):.1f} per token per layer)")
     last = rep.n_pos - 1
-    target = rep.logit_node(last, int(rep.run.logits[last].argmax()))
-    graph = timed(f"build_graph (cap {args.max_feature_nodes})",
+    top_token = int(rep.run.logits[last].argmax())
+    if args.target == "logit":
+        target, prompt_length, answers = LogitTarget(top_token, last, demeaned=False), None, None
+    else:  # the prompt's last answer_tokens - 1 tokens are the answer's forced prefix
+        prompt_length = rep.n_pos - args.answer_tokens + 1
+        answers = {"answer": [int(i) for i in rep.input_ids[prompt_length:]] + [top_token]}
+        target = LabelTarget("answer")
+    graph = timed(f"build_graph ({args.target}, cap {args.max_feature_nodes})",
                   lambda: build_graph(rep, target, max_feature_nodes=args.max_feature_nodes,
-                                      batch_size=args.batch_size, genes=genes), results)
-    row = graph.nodes.iloc[graph.index_of(target)]
-    total = float(graph.adjacency[graph.index_of(target)].sum()) + row["constant"] + row["dropped"]
-    print(f"  exactness: logit {rep.value(target):.6g}, edges + constant + capped-out features {total:.6g} "
-          f"(capped-out features carry {row['dropped']:.4g})")
+                                      batch_size=args.batch_size, genes=genes, prompt_length=prompt_length,
+                                      answers=answers), results)
+    index = graph.targets[0]
+    row = graph.nodes.iloc[index]
+    total = float(graph.adjacency[index].sum()) + row["constant"] + row["dropped"]
+    print(f"  exactness: {args.target} target {graph.info['targets'][0]['value']:.6g}, edges + constant + capped-out "
+          f"features {total:.6g} (capped-out features carry {row['dropped']:.4g})")
     pruned = timed("prune (0.8 / 0.98)", lambda: graph.prune(), results)
     scores = timed("scores", lambda: graph.scores(), results)
     view = timed("gene_view", lambda: gene_view(graph), results)

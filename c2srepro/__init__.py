@@ -8,11 +8,12 @@ The package is laid out as its data flow, and the front door names one function 
     model, tokenizer = c2s.load_c2s_model("vandijklab/C2S-Pythia-410m-cell-type-prediction")  # models/
     prompts = c2s.encode_prompts(cells, tokenizer)                              # data/: tokens + gene map
     activations = c2s.harvest_activations(model, prompts)                       # transcoder/
-    transcoders = c2s.train_transcoders(activations, steps=300).transcoders     # transcoder/
+    transcoders = c2s.train_transcoders(activations, c2s.TrainConfig(), steps=300).transcoders
     features = c2s.feature_activations(adata, model, tokenizer, transcoders, layer=3, use_raw=True)  # features/
     table = c2s.enrich(genes, "KEGG_2021_Human")                                # enrichment/
-    traced = c2s.trace_cell(model, transcoders, tokenizer, cells[0], label)     # attribution/
-    c2s.ablate(traced.replacement, traced.graph)
+    replacement = c2s.ReplacementModel(model, transcoders, tokenizer)           # attribution/
+    graph = replacement.attribute(cells[0], c2s.LabelTarget(label, candidates=labels))
+    replacement.intervene(cells[0], c2s.zero_nodes(graph.top_features(10)), labels=labels)
 
 ``biology/`` reads circuits as biology (marker terms, controls); ``book/`` is the reproduction of
 the paper built on top, and nothing in the library imports it. Names load on first use, so
@@ -29,20 +30,17 @@ __version__ = "0.1.0"
 # front-door name -> the module that defines it
 _FRONT_DOOR = {
     "cell_sentences": "c2srepro.data.cells",
-    "feature_activations": "c2srepro.features.anndata",
     "encode_prompts": "c2srepro.data.prompts",
     "load_c2s_model": "c2srepro.models.load",
     "predict_labels": "c2srepro.models.predict",
     "harvest_activations": "c2srepro.transcoder.harvest",
-    "train_transcoders": "c2srepro.transcoder.train",
     "TrainConfig": "c2srepro.transcoder.config",
-    "load_transcoders": "c2srepro.transcoder.model",
-    "collect_feature_stats": "c2srepro.features.collect",
+    "train_transcoders": "c2srepro.transcoder.train",
+    "feature_activations": "c2srepro.features.anndata",
     "enrich": "c2srepro.enrichment.ora",
-    "trace_cell": "c2srepro.attribution.trace",
-    "find_circuit": "c2srepro.attribution.circuit",
-    "circuit_genes": "c2srepro.attribution.circuit",
-    "ablate": "c2srepro.attribution.ablation",
+    "ReplacementModel": "c2srepro.attribution.replacement",
+    "LabelTarget": "c2srepro.attribution.targets",
+    "zero_nodes": "c2srepro.attribution.intervene",
 }
 
 __all__ = sorted(_FRONT_DOOR)

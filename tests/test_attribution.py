@@ -6,14 +6,9 @@ import pytest
 import torch
 from _tiny_neox import VOCAB, tiny_model, tiny_setup, tiny_transcoders
 
-from c2srepro.attribution import (
-    Node,
-    attribute,
-    attribute_many,
-    build_replacement,
-    head_contributions,
-    replacement_forward,
-)
+from c2srepro.attribution import Node, build_replacement
+from c2srepro.attribution.contributions import attribute, attribute_many, head_contributions
+from c2srepro.attribution.linearised import replacement_forward
 from c2srepro.attribution.linearised import run_model
 from c2srepro.models.adapters.neox import center, layer_norm
 

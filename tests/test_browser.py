@@ -27,10 +27,10 @@ TABLE_CELL = 'pd.DataFrame({"layer": [0, 1], "fraction": [0.5 * scale, 0.75]})'
 INTERACTIVE_CELL = """\
 #| label: fig-toy-graph
 #| fig-cap: "The toy attribution graph, interactive."
-from c2srepro.attribution import AttributionGraph
+from c2srepro.attribution import Graph
 from c2srepro.attribution.plots import graph_figure
 from c2srepro.book.display import interactive
-interactive(graph_figure(AttributionGraph.load("toy-graph.safetensors"), node_threshold=1.0, edge_threshold=1.0))"""
+interactive(graph_figure(Graph.load("toy-graph.safetensors"), node_threshold=1.0, edge_threshold=1.0))"""
 # A chapter that runs to the end (papermill stops on a raised error) yet shows a traceback on stderr.
 STDERR_TRACEBACK_CELL = """\
 import traceback

@@ -317,7 +317,8 @@ def check_summary_types(summary: dict) -> None:
 def test_summarise_a_real_circuit_of_a_tiny_gpt_neox(tmp_path, libraries):
     from _tiny_neox import tiny_setup
 
-    from c2srepro.attribution import Node, ablate, build_replacement, find_circuit
+    from c2srepro.attribution import Node, ablate, build_replacement
+    from c2srepro.attribution.circuit import find_circuit
 
     model, transcoders, input_ids = tiny_setup(n_pos=len(TINY_GENES))
     rep = build_replacement(model, transcoders, input_ids)
@@ -411,7 +412,7 @@ def test_traced_own_type_rate_traces_the_first_correct_cells(tokenizer, librarie
     from _tiny_neox import tiny_transcoders
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from c2srepro.attribution import circuit_genes
+    from c2srepro.attribution.circuit import circuit_genes
     from c2srepro.attribution.trace import trace_cell
     from c2srepro.data.cells import CellSentence
     from c2srepro.data.prompts import build_prompt

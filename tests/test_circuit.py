@@ -7,22 +7,12 @@ import pytest
 from _tiny_neox import GENES, TOKENS, sentence_replacement
 from matplotlib.figure import Figure
 
-from c2srepro.attribution import (
-    Node,
-    ablate,
-    attribute,
-    candidate_pool,
-    circuit_features,
-    circuit_from_json,
-    circuit_genes,
-    circuit_to_json,
-    draw_circuit,
-    find_circuit,
-    graph_node,
-    load_circuit,
-    replacement_forward,
-    save_circuit,
-)
+from c2srepro.attribution import Node, ablate
+from c2srepro.attribution.ablation import candidate_pool
+from c2srepro.attribution.circuit import circuit_features, circuit_genes, find_circuit, graph_node
+from c2srepro.attribution.contributions import attribute
+from c2srepro.attribution.graph import circuit_from_json, circuit_to_json, draw_circuit, load_circuit, save_circuit
+from c2srepro.attribution.linearised import replacement_forward
 from c2srepro.attribution.graph import circuit_columns
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ from _tiny_neox import GENES, TOKENS, sentence_replacement, tiny_transcoders
 from scipy.stats import spearmanr
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from c2srepro.attribution import build_graph, gene_view, replacement_forward
+from c2srepro.attribution import build_graph, gene_view
+from c2srepro.attribution.linearised import replacement_forward
 from c2srepro.biology.faithfulness import (
     PREDICTORS,
     agreement,

@@ -13,13 +13,14 @@ def test_every_front_door_name_resolves_to_a_library_object():
         value = getattr(c2s, name)
         assert callable(value), name
         assert not value.__module__.startswith("c2srepro.book"), f"{name} comes from the book: {value.__module__}"
-    assert {"cell_sentences", "encode_prompts", "load_c2s_model", "train_transcoders", "trace_cell",
-            "find_circuit", "enrich", "ablate"} <= set(c2s.__all__)
+    assert {"cell_sentences", "encode_prompts", "load_c2s_model", "train_transcoders", "ReplacementModel",
+            "LabelTarget", "enrich", "zero_nodes"} <= set(c2s.__all__)
+    assert len(c2s.__all__) <= 12
 
 
 def test_an_unknown_name_lists_the_front_door():
-    with pytest.raises(AttributeError, match=r"no attribute 'trace'.*'trace_cell'"):
-        c2s.trace
+    with pytest.raises(AttributeError, match=r"no attribute 'Replacement'.*'ReplacementModel'"):
+        c2s.Replacement
 
 
 def test_import_is_cheap():
@@ -45,4 +46,4 @@ def test_the_readme_runs_the_tutorials_lines():
     path = "\n".join(line for line in path.splitlines() if not line.startswith("#|"))
     assert blocks[1].strip() == path.strip()
     lines = [line for line in path.splitlines() if line.strip() and not line.startswith(("import ", "from "))]
-    assert len(lines) <= 15, f"the path from .h5ad to a circuit takes {len(lines)} lines"
+    assert len(lines) <= 15, f"the path from .h5ad to a label's graph and an intervention takes {len(lines)} lines"

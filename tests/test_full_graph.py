@@ -10,9 +10,11 @@ from _tc_models import small_model
 from _tiny_neox import GENES, TOKENS, sentence_replacement
 from safetensors.torch import load_file, save_file
 
-from c2srepro.attribution import Node, build_replacement, find_circuit, replacement_forward
+from c2srepro.attribution import Node, build_replacement
+from c2srepro.attribution.circuit import find_circuit
+from c2srepro.attribution.linearised import replacement_forward
 from c2srepro.attribution.full_graph import (
-    AttributionGraph,
+    Graph,
     build_graph,
     gene_view,
     greedy_paths,
@@ -131,7 +133,7 @@ def test_scores_are_fractions_and_fall_with_error(graph):
     scores = graph.scores()
     assert 0.0 < scores["replacement"] < 1.0 and 0.0 < scores["completeness"] < 1.0
     # Doubling every error edge moves influence from tokens-through-features to errors.
-    heavier = AttributionGraph(graph.adjacency.clone(), graph.nodes, graph.target_weights, graph.input_ids,
+    heavier = Graph(graph.adjacency.clone(), graph.nodes, graph.target_weights, graph.input_ids,
                                graph.n_layers, graph.info)
     errors = graph.indices("error")
     heavier.adjacency[:, errors] *= 2.0
@@ -202,7 +204,7 @@ def test_pruned_graph_is_a_graph_again(graph, tmp_path):
     again = pruned.prune(node_threshold=0.5)
     assert again.n_nodes <= pruned.n_nodes
     pruned.save(tmp_path / "pruned.safetensors")
-    reloaded = AttributionGraph.load(tmp_path / "pruned.safetensors")
+    reloaded = Graph.load(tmp_path / "pruned.safetensors")
     assert reloaded.prune(node_threshold=0.5).nodes["node_id"].tolist() == again.nodes["node_id"].tolist()
 
 
@@ -216,7 +218,7 @@ def test_thresholds_outside_zero_one(graph, bad):
 
 def test_save_and_load_round_trip(graph, tmp_path):
     path = graph.save(tmp_path / "graph.safetensors")
-    loaded = AttributionGraph.load(path)
+    loaded = Graph.load(path)
     assert torch.equal(loaded.adjacency, graph.adjacency)
     assert torch.equal(loaded.target_weights, graph.target_weights)
     pd.testing.assert_frame_equal(loaded.nodes, graph.nodes)
@@ -233,10 +235,10 @@ def test_other_schema_version_and_other_files_are_refused(graph, tmp_path):
         metadata = handle.metadata()
     save_file(load_file(path), str(tmp_path / "v2.safetensors"), metadata={**metadata, "schema_version": "2"})
     with pytest.raises(ValueError, match="has graph schema version 2, but this c2srepro reads version 1; rebuild"):
-        AttributionGraph.load(tmp_path / "v2.safetensors")
+        Graph.load(tmp_path / "v2.safetensors")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="is not a c2srepro-full-attribution-graph file"):
-        AttributionGraph.load(tmp_path / "other.safetensors")
+        Graph.load(tmp_path / "other.safetensors")
 
 
 def test_gene_view_merges_tokens_and_conserves_influence(graph):
@@ -272,7 +274,9 @@ def test_greedy_paths_of_the_graph_are_the_papers_search(rep):
     target = top_feature(rep, rep.n_layers - 1, rep.n_pos - 1)
     graph = build_graph(rep, target, tokens=TOKENS, genes=GENES)
     reference = find_circuit(rep, target, k=6, depth=3, tokens=TOKENS, genes=GENES)
-    circuit = greedy_paths(graph, k=6, depth=3)
+    found = greedy_paths(graph, k=6, depth=3)
+    assert isinstance(found, Graph) and found.info["search"]["k"] == 6
+    circuit = found.to_networkx()
     assert sorted(circuit.nodes) == sorted(reference.nodes) and len(circuit) > 6
     assert sorted(circuit.edges) == sorted(reference.edges)
     for u, v, data in reference.edges(data=True):
@@ -281,6 +285,7 @@ def test_greedy_paths_of_the_graph_are_the_papers_search(rep):
         assert circuit.nodes[node]["influence"] == pytest.approx(data["influence"], rel=1e-9, abs=1e-13)
         assert circuit.nodes[node]["gene"] == data["gene"] and circuit.nodes[node]["token"] == data["token"]
     assert circuit.graph["target"] == reference.graph["target"]
+    assert circuit.graph["search"] == reference.graph["search"]
 
 
 def test_bad_inputs(rep, graph, targets):
@@ -289,11 +294,11 @@ def test_bad_inputs(rep, graph, targets):
     silent = next(f for f in range(rep.transcoders[layer].d_tc) if f not in firing)
     with pytest.raises(ValueError, match=f"feature {silent} at layer 1, position 4 does not fire"):
         build_graph(rep, Node.feature(layer, position, silent))
-    with pytest.raises(ValueError, match="position 12 is out of range for a prompt of 12 tokens"):
+    with pytest.raises(ValueError, match="position 12 is past the prompt: the replacement was run on 12 tokens"):
         build_graph(rep, rep.logit_node(12, 0))
     with pytest.raises(ValueError, match="targets must be distinct"):
         build_graph(rep, [targets[0], targets[0]])
-    with pytest.raises(ValueError, match="target_weights must be 2 positive numbers"):
+    with pytest.raises(ValueError, match="target_weights must be nonzero"):
         build_graph(rep, targets, target_weights=[1.0, 0.0])
     with pytest.raises(ValueError, match=r"genes must have one entry per prompt token \(12\), got 3"):
         build_graph(rep, targets, genes=["A", None, "B"])

@@ -18,7 +18,9 @@ from _tiny_gemma2 import VOCAB, tiny_gemma2
 from _tiny_neox import tiny_transcoders
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from c2srepro.attribution import Node, attribute, build_replacement, head_contributions, replacement_forward
+from c2srepro.attribution import Node, build_replacement
+from c2srepro.attribution.contributions import attribute, head_contributions
+from c2srepro.attribution.linearised import replacement_forward
 from c2srepro.attribution.full_graph import build_graph
 from c2srepro.data.prompts import pad_right
 from c2srepro.features import collect_feature_stats

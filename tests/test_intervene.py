@@ -11,19 +11,17 @@ from _tiny_neox import tiny_model, tiny_transcoders
 
 from c2srepro.attribution import (
     Node,
-    SplicedModel,
     build_graph,
     build_replacement,
-    candidate_pool,
-    clamp_features,
-    intervene,
-    replacement_forward,
     scale_features,
     set_features,
     switch_off_top_features,
     zero_features,
     zero_nodes,
 )
+from c2srepro.attribution.ablation import candidate_pool
+from c2srepro.attribution.intervene import SplicedModel, clamp_features, intervene
+from c2srepro.attribution.linearised import replacement_forward
 from c2srepro.attribution.trace import trace_cell
 from c2srepro.data.cells import CellSentence
 from c2srepro.data.prompts import answer_text, build_prompt

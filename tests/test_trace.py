@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from c2srepro.attribution import circuit_genes
+from c2srepro.attribution.circuit import circuit_genes
 from c2srepro.attribution.trace import pick_cell, trace_cell
 from c2srepro.data.cells import CellSentence
 from c2srepro.models.mini_c2s import build_vocabulary
@@ -87,7 +87,7 @@ def test_graph_cell_builds_the_full_graph_of_the_same_target(tiny, target):
     assert cell_graph.target == traced.target
     assert cell_graph.graph.node(cell_graph.graph.targets[0]) == traced.target
     # Uncapped, the paper's search read off the graph is the circuit trace_cell found by its own passes.
-    greedy = greedy_paths(cell_graph.graph, k=5, depth=2)
+    greedy = greedy_paths(cell_graph.graph, k=5, depth=2).to_networkx()
     assert set(greedy.nodes) == set(traced.graph.nodes) and set(greedy.edges) == set(traced.graph.edges)
     assert set(gene_view(cell_graph.graph).genes["gene"]) == set(CELLS[0].genes)
     capped = graph_cell(model, transcoders, cell_tokenizer, CELLS[0], "CD14+ Monocyte", target=target, max_feature_nodes=3)

@@ -10,7 +10,9 @@ import torch
 from _tiny_neox import tiny_setup
 from safetensors.torch import load_file, save_file
 
-from c2srepro.attribution import Node, attribute, build_replacement, head_contributions, replacement_forward
+from c2srepro.attribution import Node, build_replacement
+from c2srepro.attribution.contributions import attribute, head_contributions
+from c2srepro.attribution.linearised import replacement_forward
 from c2srepro.attribution.full_graph import build_graph
 from c2srepro.transcoder import TensorActivations, TrainConfig, Transcoder, TranscoderConfig, train_transcoders
 from c2srepro.transcoder.model import activate

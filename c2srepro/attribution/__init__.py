@@ -1,91 +1,50 @@
-"""Attribution and circuits on a linearised transcoder replacement of a GPT-NeoX (Pythia/C2S) model.
+"""Attribution graphs of a C2S model through its transcoders, at circuit-tracer's shape.
 
 Typical use::
 
-    rep = build_replacement(model, transcoders, input_ids)       # linearised.py
-    target = Node.feature(23, rep.n_pos - 1, 2692)                 # or rep.answer_node(answer_start)
-    contributions = attribute(rep, target)                         # contributions.py (exact, eq. 5)
-    graph = find_circuit(rep, target, k=10, depth=3, genes=genes, tokens=tokens)   # circuit.py
-    save_circuit(graph, "circuit.json"); fig = draw_circuit(graph)  # graph.py
-    faithfulness = ablate(rep, graph, n_random=20)                 # ablation.py
-    full = build_graph(rep, target, max_feature_nodes=500, genes=genes)   # full_graph.py: every node
-    pruned = full.prune(); full.scores(); gene_view(full).genes; greedy_paths(full, k=10, depth=3)
-    spliced = SplicedModel(model, transcoders, tokenizer, input_ids, labels)   # intervene.py: the real model
-    spliced.run([zero_features(3, [12, 40], positions=[7])], freeze_attention=False).table()
-    export_viewer_files(full, "viewer-data", slug="cell0")       # export.py: circuit-tracer's viewer
+    replacement = ReplacementModel(model, transcoders, tokenizer)    # replacement.py (or .load(...))
+    graph = replacement.attribute(cell, LabelTarget(label, candidates=labels), max_feature_nodes=512)
+    graph.scores(); graph.prune(); graph.genes(); graph.save("graph.safetensors")   # full_graph.py
+    circuit = greedy_paths(graph, k=10, depth=3)                     # the paper's beam search: a Graph
+    replacement.intervene(cell, zero_nodes(graph.top_features(10)), labels=labels)  # intervene.py
+    export_viewer_files(graph, "viewer-data", slug="cell0")         # export.py: circuit-tracer's viewer
+
+Targets (targets.py): ``FeatureTarget``, ``LogitTarget`` (demeaned by default), ``LabelTarget``
+(teacher-forced answer log-probability, optionally among candidates), ``ContrastTarget``,
+``DirectionTarget``. Everything else is importable by its module path: ``linearised``
+(the frozen replacement), ``contributions`` (exact attributions, attention paths), ``circuit``
+(the greedy search on the replacement), ``graph`` (circuit JSON and drawing), ``plots``,
+``ablation``, ``intervene``, ``export``, ``nodes``.
 """
 
-from c2srepro.attribution.ablation import ablate, candidate_pool
-from c2srepro.attribution.contributions import Attribution, HeadPaths, attribute, attribute_many, head_contributions
-from c2srepro.attribution.circuit import circuit_features, circuit_genes, find_circuit, graph_node
-from c2srepro.attribution.export import export_viewer_files, viewer_feature, viewer_features, viewer_graph
-from c2srepro.attribution.full_graph import (
-    AttributionGraph,
-    GeneGraph,
-    Pruning,
-    build_graph,
-    gene_view,
-    greedy_paths,
-    prune_graph,
-)
-from c2srepro.attribution.graph import circuit_from_json, circuit_to_json, draw_circuit, load_circuit, save_circuit
-from c2srepro.attribution.intervene import (
-    Intervention,
-    InterventionResult,
-    SplicedModel,
-    SwitchOffResult,
-    clamp_features,
-    intervene,
-    scale_features,
-    set_features,
-    switch_off_top_features,
-    zero_features,
-    zero_nodes,
-)
-from c2srepro.attribution.linearised import LinearisedReplacement, build_replacement, replacement_forward
+from c2srepro.attribution.ablation import ablate
+from c2srepro.attribution.export import export_viewer_files
+from c2srepro.attribution.full_graph import Graph, build_graph, gene_view, greedy_paths, prune_graph
+from c2srepro.attribution.intervene import scale_features, set_features, switch_off_top_features, zero_features, zero_nodes
+from c2srepro.attribution.linearised import build_replacement
 from c2srepro.attribution.nodes import Node
+from c2srepro.attribution.replacement import ReplacementModel
+from c2srepro.attribution.targets import ContrastTarget, DirectionTarget, FeatureTarget, LabelTarget, LogitTarget
 
 __all__ = [
-    "Attribution",
-    "AttributionGraph",
-    "GeneGraph",
-    "HeadPaths",
-    "Intervention",
-    "InterventionResult",
-    "LinearisedReplacement",
+    "ContrastTarget",
+    "DirectionTarget",
+    "FeatureTarget",
+    "Graph",
+    "LabelTarget",
+    "LogitTarget",
     "Node",
-    "Pruning",
-    "SplicedModel",
-    "SwitchOffResult",
+    "ReplacementModel",
     "ablate",
-    "attribute",
-    "attribute_many",
     "build_graph",
     "build_replacement",
-    "candidate_pool",
-    "circuit_features",
-    "circuit_from_json",
-    "circuit_genes",
-    "circuit_to_json",
-    "clamp_features",
-    "draw_circuit",
     "export_viewer_files",
-    "find_circuit",
     "gene_view",
-    "graph_node",
     "greedy_paths",
-    "head_contributions",
-    "intervene",
-    "load_circuit",
     "prune_graph",
-    "replacement_forward",
-    "save_circuit",
     "scale_features",
     "set_features",
     "switch_off_top_features",
-    "viewer_feature",
-    "viewer_features",
-    "viewer_graph",
     "zero_features",
     "zero_nodes",
 ]

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Sequence
 
 import networkx as nx
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -31,6 +32,13 @@ from c2srepro.attribution.linearised import LinearisedReplacement, replacement_f
 from c2srepro.attribution.nodes import Node
 
 logger = logging.getLogger(__name__)
+
+
+def empirical_p_value(observed: float, null: np.ndarray) -> float:
+    """(1 + #{null >= observed}) / (1 + len(null)): how often a random draw does at least as well,
+    counting the observed one (never 0)."""
+    null = np.asarray(null)
+    return (1 + int((null >= observed).sum())) / (1 + len(null))
 
 
 def candidate_pool(rep: LinearisedReplacement, target: Node) -> list[Node]:
@@ -119,7 +127,7 @@ def ablate(
         "random_drops": random_drops,
         "random_mean": float(drops.mean()),
         "random_std": float(drops.std()) if n_random > 1 else 0.0,
-        "p_value": (1 + int((drops >= circuit_drop).sum())) / (1 + n_random),
+        "p_value": empirical_p_value(circuit_drop, drops.numpy()),
     }
     logger.info("ablation of %d features: drop %.4g vs random %.4g +- %.4g", len(features), circuit_drop,
                 result["random_mean"], result["random_std"])

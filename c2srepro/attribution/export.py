@@ -5,7 +5,7 @@ circuit-tracer (decoderesearch/circuit-tracer, ``circuit_tracer/frontend``) serv
 ``<slug>.json`` per graph, read by its ``graph_models.Model`` (``metadata``, ``qParams``, ``nodes``,
 ``links``), and, for the feature panel, one ``<featureIndex>.json`` per feature
 (``feature_models.Model``). :func:`export_viewer_files` writes that folder from an
-:class:`~c2srepro.attribution.full_graph.AttributionGraph`:
+:class:`~c2srepro.attribution.full_graph.Graph`:
 
 1. Prune (optional, :func:`~c2srepro.attribution.full_graph.prune_graph` with circuit-tracer's
    default thresholds) and read each node's ``influence`` as the viewer does: the cumulative share
@@ -40,10 +40,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from c2srepro._cache import atomic_path
-from c2srepro.attribution.full_graph import AttributionGraph, prune_graph
+from c2srepro.attribution.full_graph import Graph, prune_graph
 from c2srepro.features.collect import ExampleWindow
 from c2srepro.features.stats import LayerFeatureStats, feature_key
 
@@ -71,15 +72,15 @@ def _check_name(what: str, name: str) -> str:
     return name
 
 
-def _as_graph(graph) -> AttributionGraph:
-    if isinstance(graph, AttributionGraph):
+def _as_graph(graph) -> Graph:
+    if isinstance(graph, Graph):
         return graph
     if isinstance(graph, (str, os.PathLike)):
-        return AttributionGraph.load(graph)  # refuses another schema version, naming it
-    raise TypeError(f"expected an AttributionGraph (build_graph) or the path of a saved one, got {type(graph).__name__}")
+        return Graph.load(graph)  # refuses another schema version, naming it
+    raise TypeError(f"expected a Graph (build_graph) or the path of a saved one, got {type(graph).__name__}")
 
 
-def _prompt_tokens(graph: AttributionGraph, tokenizer) -> tuple[list[str], list[str]]:
+def _prompt_tokens(graph: Graph, tokenizer) -> tuple[list[str], list[str]]:
     """The prompt's token strings (as the tokenizer decodes them, else as the graph holds them),
     and the same with each gene token's gene: ``token [GENE]``."""
     if tokenizer is not None:
@@ -91,7 +92,7 @@ def _prompt_tokens(graph: AttributionGraph, tokenizer) -> tuple[list[str], list[
 
 
 def viewer_graph(
-    graph: AttributionGraph | str | os.PathLike,
+    graph: Graph | str | os.PathLike,
     *,
     slug: str,
     scan: str = "c2srepro",
@@ -148,7 +149,7 @@ def viewer_graph(
     return {"metadata": metadata, "qParams": q_params, "nodes": kept, "links": links}
 
 
-def _top_genes(graph: AttributionGraph, keep, stats) -> dict[tuple[int, int], list[str]]:
+def _top_genes(graph: Graph, keep, stats) -> dict[tuple[int, int], list[str]]:
     if stats is None:
         return {}
     table = graph.nodes.iloc[keep.nonzero().flatten().numpy()]
@@ -183,6 +184,12 @@ def _viewer_node(row, n_layers: int, influence: float, tokens: Sequence[str], to
         token_id = int(row["token_id"])
         node.update(node_id=f"E_{token_id}_{position}", jsNodeId=f"E_{token_id}-{position}", feature=position,
                     layer="E")
+    elif pd.isna(row["logit_token"]):  # a target read along a direction (a label, a contrast): no token of its own
+        viewer_layer = str(n_layers + 1)
+        name = str(row["node_id"]).rsplit("@", 1)[0]
+        node.update(node_id=f"{viewer_layer}_{name}_{position}", jsNodeId=f"L_{name}-{position}", feature=-1,
+                    layer=viewer_layer, is_target_logit=bool(row["is_target"]), token_prob=0.0,
+                    clerp=f'Output "{name}" (p=?)')
     else:
         token_id, viewer_layer = int(row["logit_token"]), str(n_layers + 1)
         text = tokenizer.decode([token_id]) if tokenizer is not None else f"<{token_id}>"
@@ -217,7 +224,7 @@ def viewer_feature(
 
 
 def export_viewer_files(
-    graph: AttributionGraph | str | os.PathLike,
+    graph: Graph | str | os.PathLike,
     directory: str | os.PathLike,
     *,
     slug: str,
@@ -261,7 +268,7 @@ def export_viewer_files(
 
 
 def viewer_features(
-    graph: AttributionGraph | str | os.PathLike,
+    graph: Graph | str | os.PathLike,
     *,
     prune: bool = True,
     node_threshold: float = 0.8,

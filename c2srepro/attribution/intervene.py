@@ -56,14 +56,14 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from c2srepro.attribution.ablation import candidate_pool
-from c2srepro.attribution.full_graph import AttributionGraph
+from c2srepro.attribution.ablation import candidate_pool, empirical_p_value
+from c2srepro.attribution.full_graph import Graph
 from c2srepro.attribution.linearised import build_replacement, replacement_forward, transcoder_weights
 from c2srepro.attribution.nodes import Node
 from c2srepro.data.prompts import require_prompt_ids
 from c2srepro.data.tokenizer import CellTokenizer
 from c2srepro.models.hooked import HookedModel, HookPoint, as_hooked, hook_name
-from c2srepro.models.predict import answer_log_likelihoods, answer_tokens, label_log_likelihoods
+from c2srepro.models.predict import answer_log_likelihoods, answer_tokens, label_log_likelihoods, label_probabilities
 from c2srepro.transcoder.fit import check_transcoders_fit
 from c2srepro.transcoder.model import Transcoder
 
@@ -289,11 +289,6 @@ def check_interventions(
     return FeatureEdits(layers)
 
 
-def _softmax(log_likelihood: np.ndarray) -> np.ndarray:
-    shifted = np.exp(log_likelihood - log_likelihood.max())
-    return shifted / shifted.sum()
-
-
 @dataclass(frozen=True)
 class InterventionResult:
     """The answer before and after an intervention (module docstring, step 2).
@@ -311,11 +306,11 @@ class InterventionResult:
 
     @property
     def clean_probabilities(self) -> np.ndarray:
-        return _softmax(self.clean_log_likelihood)
+        return label_probabilities(self.clean_log_likelihood)
 
     @property
     def intervened_probabilities(self) -> np.ndarray:
-        return _softmax(self.intervened_log_likelihood)
+        return label_probabilities(self.intervened_log_likelihood)
 
     @property
     def clean_answer(self) -> str:
@@ -574,7 +569,7 @@ class SwitchOffResult:
 
     @property
     def p_value(self) -> float:
-        return (1 + int((self.random_drops >= self.top_drop).sum())) / (1 + len(self.random))
+        return empirical_p_value(self.top_drop, self.random_drops)
 
     @property
     def random_flip_rate(self) -> float:
@@ -614,7 +609,7 @@ class SwitchOffResult:
         }
 
 
-def top_influence_features(graph: AttributionGraph, n: int) -> list[Node]:
+def top_influence_features(graph: Graph, n: int) -> list[Node]:
     """The graph's ``n`` feature nodes of highest influence on its targets (targets excluded; ties by node order)."""
     influence = graph.node_influence()
     features = graph.indices("feature")
@@ -634,7 +629,7 @@ def switch_off_top_features(
     transcoders: Mapping[int, Transcoder] | Sequence[Transcoder],
     tokenizer: CellTokenizer,
     traced: "CellCircuit",
-    graph: AttributionGraph,
+    graph: Graph,
     candidates: Sequence[str],
     *,
     top_n: int = 10,

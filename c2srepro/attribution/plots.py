@@ -1,7 +1,7 @@
 """An attribution graph to explore: the pruned, gene-level graph as an interactive plotly figure.
 
 :func:`graph_figure` draws what :func:`c2srepro.attribution.full_graph.gene_view` makes of an
-influence-pruned :class:`~c2srepro.attribution.full_graph.AttributionGraph`; the static drawing for
+influence-pruned :class:`~c2srepro.attribution.full_graph.Graph`; the static drawing for
 print stays :func:`c2srepro.attribution.graph.draw_circuit`.
 
 1. Influence: each node's influence on the targets is read on the whole graph and summed over each
@@ -37,7 +37,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 
-from c2srepro.attribution.full_graph import AttributionGraph, gene_view
+from c2srepro.attribution.full_graph import Graph, gene_view
 from c2srepro.attribution.graph import _COLOURS, FEATURE_TYPES, _layout, circuit_columns
 
 COLOURS = {**_COLOURS, "embedding": "#b7d7b7", "gene": _COLOURS["embedding"]}
@@ -63,7 +63,7 @@ def _text(raw) -> str:
     return text.strip() or repr(text)
 
 
-def _drawn_graph(graph: AttributionGraph, node_threshold: float, edge_threshold: float) -> nx.DiGraph:
+def _drawn_graph(graph: Graph, node_threshold: float, edge_threshold: float) -> nx.DiGraph:
     """Steps 1-2: the pruned gene view as a networkx DAG (edges source -> target, weight = A[t, s])."""
     influence = dict(zip(*(gene_view(graph).nodes[c] for c in ("node_id", "influence"))))
     view = gene_view(graph.prune(node_threshold=node_threshold, edge_threshold=edge_threshold))
@@ -106,7 +106,7 @@ def _segments(xy, edges) -> tuple[list, list]:
 
 
 def graph_figure(
-    graph: AttributionGraph,
+    graph: Graph,
     *,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,

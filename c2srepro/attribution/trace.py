@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import networkx as nx
 
 from c2srepro.attribution.circuit import find_circuit
-from c2srepro.attribution.full_graph import AttributionGraph, build_graph
+from c2srepro.attribution.full_graph import Graph, build_graph
 from c2srepro.attribution.linearised import LinearisedReplacement, build_replacement
 from c2srepro.attribution.nodes import Node
 from c2srepro.data.cells import CellSentence
@@ -52,7 +52,7 @@ class CellGraph:
     tokens: list[str]
     replacement: LinearisedReplacement
     target: Node
-    graph: AttributionGraph
+    graph: Graph
 
 
 def pick_cell(

@@ -60,6 +60,7 @@ import pandas as pd
 
 from tqdm import tqdm
 
+from c2srepro.attribution.ablation import empirical_p_value
 from c2srepro.attribution.circuit import circuit_features, circuit_genes
 from c2srepro.attribution.full_graph import gene_view
 from c2srepro.attribution.trace import graph_cell, trace_cell
@@ -366,8 +367,7 @@ def _placement(circuit: float, random: np.ndarray) -> tuple[float, float]:
     below = int((random < circuit).sum())
     tied = int((random == circuit).sum())
     percentile = 100.0 * (below + 0.5 * tied) / len(random)
-    p_value = (1 + int((random >= circuit).sum())) / (1 + len(random))
-    return percentile, p_value
+    return percentile, empirical_p_value(circuit, random)
 
 
 def prompt_subset_control(

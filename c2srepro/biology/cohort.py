@@ -36,7 +36,7 @@ import torch
 from scipy.stats import false_discovery_control
 from tqdm import tqdm
 
-from c2srepro.attribution.full_graph import AttributionGraph, gene_view
+from c2srepro.attribution.full_graph import Graph, gene_view
 from c2srepro.enrichment.libraries import GeneSetLibrary
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class CellInfluence:
 
 
 def cell_influence(
-    graph: AttributionGraph, *, cell_id: str, label: str, node_threshold: float = 0.8, edge_threshold: float = 0.98
+    graph: Graph, *, cell_id: str, label: str, node_threshold: float = 0.8, edge_threshold: float = 0.98
 ) -> CellInfluence:
     """Gene and feature influence of one cell's graph, and pruned-graph membership (module docstring, step 1)."""
     genes = gene_view(graph).genes.set_index("gene")[["influence"]]

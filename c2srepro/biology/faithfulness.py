@@ -45,8 +45,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from c2srepro.attribution.circuit import circuit_genes
-from c2srepro.attribution.contributions import _reading
-from c2srepro.attribution.full_graph import AttributionGraph, gene_view, greedy_paths
+from c2srepro.attribution.contributions import node_reading
+from c2srepro.attribution.full_graph import Graph, gene_view, greedy_paths
 from c2srepro.attribution.linearised import LinearisedReplacement
 from c2srepro.attribution.trace import graph_cell
 from c2srepro.biology.cohort import CellInfluence, cell_influence
@@ -58,7 +58,7 @@ SIGNED_PREDICTORS = ("linear", "dla")
 TOP_N = 10
 
 
-def total_effects(graph: AttributionGraph) -> Float[Tensor, "node"]:
+def total_effects(graph: Graph) -> Float[Tensor, "node"]:
     """Each node's signed total effect on the weighted targets in the linear model (module docstring, step 2)."""
     activation = torch.as_tensor(graph.nodes["activation"].to_numpy(dtype=float), dtype=graph.adjacency.dtype)
     is_feature = torch.as_tensor(graph.nodes["kind"].to_numpy() == "feature")
@@ -75,7 +75,7 @@ def total_effects(graph: AttributionGraph) -> Float[Tensor, "node"]:
     raise RuntimeError("total effects did not converge: the adjacency has a cycle")
 
 
-def removal_estimate(graph: AttributionGraph, genes: Sequence[str | None] | None = None) -> pd.Series:
+def removal_estimate(graph: Graph, genes: Sequence[str | None] | None = None) -> pd.Series:
     """The first-order change of the target when each gene's token embeddings are removed, per gene."""
     genes = list(genes) if genes is not None else graph.info.get("genes")
     if genes is None or len(genes) != graph.n_pos:
@@ -93,7 +93,7 @@ def direct_logit_attribution(rep: LinearisedReplacement, target, genes: Sequence
     """Attention-free direct logit attribution of each gene's token embeddings (module docstring, step 2)."""
     if target.kind != "logit":
         raise ValueError(f"direct logit attribution needs a logit target, got {target.id}")
-    reading, _ = _reading(rep, target)
+    reading = node_reading(rep, target).vectors[0]
     values = (rep.weights.embed[rep.input_ids] @ reading).to(torch.float64).numpy()
     frame = pd.DataFrame({"gene": list(genes), "value": values}).dropna(subset=["gene"])
     order = list(dict.fromkeys(g for g in genes if g is not None))
@@ -126,7 +126,7 @@ class CellFaithfulness:
     predicted_label: str
     genes: pd.DataFrame  # one row per removed gene: sentence_rank, every predictor, observed
     effects: PerturbationEffects
-    graph: AttributionGraph
+    graph: Graph
     influence: CellInfluence  # gene and feature influence, for the cohort
 
     def summary(self, *, top_n: int = TOP_N) -> dict:
@@ -186,7 +186,7 @@ def cell_faithfulness(
     table["rank"] = 1.0 / table["sentence_rank"]
     table["expression"] = [np.nan if expression is None else float(expression[g]) for g in genes]
     table["random"] = np.random.default_rng([seed, cell.cell_index]).random(len(genes))
-    in_circuit = set(circuit_genes(greedy_paths(graph, k=k, depth=depth)))
+    in_circuit = set(circuit_genes(greedy_paths(graph, k=k, depth=depth).to_networkx()))
     table["circuit"] = [float(g in in_circuit) for g in genes]
     table["dla"] = direct_logit_attribution(rep, target, token_genes).reindex(genes).to_numpy()
     effects = removal_effects(model, tokenizer, cell, candidates, genes=genes, label=predicted_label,

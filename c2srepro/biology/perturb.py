@@ -42,6 +42,7 @@ from c2srepro.data.prompts import (
     require_cell_sentences,
 )
 from c2srepro.data.tokenizer import CellTokenizer
+from c2srepro.models.predict import label_probabilities
 
 
 def _require_gene(cell: CellSentence, gene: str) -> int:
@@ -142,11 +143,6 @@ def label_scores(
     return scores
 
 
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
 @dataclass(frozen=True)
 class PerturbationEffects:
     """Scores of one cell's candidate labels, unperturbed and under each perturbation."""
@@ -170,12 +166,12 @@ class PerturbationEffects:
 
     @property
     def base_distribution(self) -> Float[np.ndarray, "candidate"]:
-        return _softmax(self.base)
+        return label_probabilities(self.base)
 
     @property
     def distributions(self) -> Float[np.ndarray, "perturbation candidate"]:
         """The label distribution under each perturbation (softmax of the scores over the candidates)."""
-        return _softmax(self.scores)
+        return label_probabilities(self.scores)
 
     @property
     def total_variation(self) -> Float[np.ndarray, "perturbation"]:

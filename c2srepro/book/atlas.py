@@ -93,7 +93,7 @@ def chapter5_settings(results_dir: str | os.PathLike) -> dict[str, Any]:
 
 def graph_cohort(results_dir: str | os.PathLike):
     """Chapter 6's graph as a one-cell cohort of feature influence, or None when chapter 6 left none."""
-    from c2srepro.attribution.full_graph import AttributionGraph
+    from c2srepro.attribution.full_graph import Graph
     from c2srepro.biology.cohort import TYPE_COLUMN, cell_influence, cohort_anndata
 
     results = Path(results_dir)
@@ -101,7 +101,7 @@ def graph_cohort(results_dir: str | os.PathLike):
         return None
     check_consumed(results_dir, CIRCUIT_RESULT, made_by="06-circuit")
     summary = json.loads((results / CIRCUIT_RESULT).read_text())
-    graph = AttributionGraph.load(results / summary.get("graph_file", "graph.safetensors"))
+    graph = Graph.load(results / summary.get("graph_file", "graph.safetensors"))
     cell = cell_influence(graph, cell_id=str(summary["cell_id"]), label=str(summary["cell_label"]),
                           node_threshold=float(summary["node_threshold"]), edge_threshold=float(summary["edge_threshold"]))
     cohort = cohort_anndata([cell], kind="features")

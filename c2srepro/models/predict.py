@@ -46,6 +46,13 @@ def answer_log_likelihoods(
     return (log_probs.gather(-1, answer_ids[..., None])[..., 0] * answer_mask).sum(dim=-1)
 
 
+def label_probabilities(log_likelihood: np.ndarray) -> np.ndarray:
+    """Each candidate's probability among the candidates: the softmax of their log-likelihoods over
+    the last axis (shifted by the maximum, so large negative scores do not underflow to 0/0)."""
+    shifted = np.exp(log_likelihood - log_likelihood.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
 @torch.no_grad()
 def label_log_likelihoods(
     model,
