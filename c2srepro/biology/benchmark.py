@@ -1,0 +1,292 @@
+"""A faithfulness benchmark for gene attributions: deletion and insertion curves, NAOPC, precision@k,
+sign agreement, intervals over cells, and a control for the rank shift a removal causes.
+
+For one cell, a *target* is a number the real model computes from the cell's sentence (for example
+the log-probability of the predicted label among the candidates), ``measure`` returns it for a
+batch of sentences, and each *predictor* gives every gene of the sentence a score (larger: the gene
+matters more; for a signed predictor, positive: the gene supports the target).
+
+1. Orderings. A predictor orders the genes by score, descending; equal scores keep sentence order
+   (the more expressed gene first), so an ordering never depends on a sort's tie rule. The
+   *oracle* orders them by their observed single-gene removal effects f(x) - f(x without g), and
+   the *anti-oracle* by the same effects ascending.
+2. Deletion curve (Edin et al. 2024, "Normalized AOPC"): for k = 1..K the sentence without the
+   ordering's first k genes, all removed at once; the curve is the drop f(x) - f(x without top-k).
+   AOPC is the curve's mean over k. A faithful ordering removes what the target rests on first.
+3. Insertion curve: for k = 1..K the sentence made of the ordering's first k genes alone, in their
+   sentence order; the curve is f(top-k). AOPC is its mean over k (f of an empty sentence would
+   shift every ordering alike, and NAOPC does not see a common shift).
+4. NAOPC = (AOPC - lower) / (upper - lower), with lower and upper the smallest and largest AOPC of
+   any ordering evaluated on that cell: every predictor's, the oracle's and the anti-oracle's.
+   Edin et al. search for the bounds (beam search); here they are the bounds among the orderings
+   found, so NAOPC is in [0, 1] by construction and 1 means "the best ordering we know of". A cell
+   where every ordering gives the same AOPC has no NAOPC (NaN).
+5. precision@k: the share of a predictor's top k genes that are among the k genes whose removal
+   lowers the target most (signed predictors), or changes it most either way (unsigned ones).
+   Sign agreement (signed predictors): the share of genes with a nonzero observed effect whose
+   predicted score has the same sign.
+6. Pooling: per predictor, the mean over cells and a 95% percentile bootstrap interval over cells
+   (seeded, cells resampled with replacement).
+7. Rank-shift control. Removing a gene also moves every gene below it up one rank. For the
+   oracle's first k genes, two more sentences tell identity from shift: the genes moved to the end
+   of the sentence (the others shift as in a removal, the genes stay), and each gene replaced by a
+   gene absent from the cell at the same rank (no one shifts, the identity goes). If the drop of a
+   removal is mostly the shift's, the shift sentence loses as much as the removal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from c2srepro.biology.perturb import knock_out
+from c2srepro.data.cells import CellSentence
+
+ORACLE = "oracle"
+ANTI_ORACLE = "anti-oracle"
+CONTROLS = ("remove", "shift to end", "replace with absent gene")
+
+# The target's value for each of a batch of sentences, one model call per batch.
+Measure = Callable[[Sequence[CellSentence]], Sequence[float]]
+
+
+def ordering(scores: pd.Series, genes: Sequence[str]) -> list[str]:
+    """``genes`` by descending score; equal scores keep sentence order (module docstring, step 1)."""
+    missing = [g for g in genes if g not in scores.index]
+    if missing:
+        raise ValueError(f"the scores name no value for {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
+                         "give a score for every gene of the sentence")
+    values = scores.reindex(list(genes)).to_numpy(dtype=float)
+    if np.isnan(values).any():
+        raise ValueError(f"a score is NaN for {[g for g, v in zip(genes, values) if np.isnan(v)][:5]}: "
+                         "score every gene with a number")
+    order = np.lexsort((np.arange(len(genes)), -values))  # last key first: score, then sentence place
+    return [genes[i] for i in order]
+
+
+def keep_only(cell: CellSentence, genes: Sequence[str]) -> CellSentence:
+    """The sentence of ``genes`` alone, in the cell's sentence order (the insertion step)."""
+    wanted = set(genes)
+    unknown = wanted - set(cell.genes)
+    if unknown:
+        raise ValueError(f"{sorted(unknown)[:5]} are not in cell {cell.cell_id!r}'s sentence")
+    if not wanted:
+        raise ValueError("an insertion sentence needs at least one gene")
+    return replace(cell, genes=tuple(g for g in cell.genes if g in wanted))
+
+
+def shift_to_end(cell: CellSentence, genes: Sequence[str]) -> CellSentence:
+    """The sentence with ``genes`` moved, in their order, behind every other gene (step 7)."""
+    moved = set(genes)
+    unknown = moved - set(cell.genes)
+    if unknown:
+        raise ValueError(f"{sorted(unknown)[:5]} are not in cell {cell.cell_id!r}'s sentence")
+    return replace(cell, genes=tuple(g for g in cell.genes if g not in moved) + tuple(g for g in cell.genes if g in moved))
+
+
+def replace_with_absent(cell: CellSentence, genes: Sequence[str], absent: Sequence[str], *, seed: int = 0) -> CellSentence:
+    """The sentence with each of ``genes`` replaced, at its rank, by a gene of ``absent`` not in the cell (step 7).
+
+    The replacements are drawn without replacement from ``absent`` less the cell's genes, seeded by
+    (``seed``, the cell's index), so the same cell gets the same sentence."""
+    unknown = set(genes) - set(cell.genes)
+    if unknown:
+        raise ValueError(f"{sorted(unknown)[:5]} are not in cell {cell.cell_id!r}'s sentence")
+    present = set(cell.genes)
+    pool = sorted(set(absent) - present)
+    if len(pool) < len(genes):
+        raise ValueError(f"{len(genes)} replacements needed but only {len(pool)} genes of `absent` are missing from "
+                         f"cell {cell.cell_id!r}: pass a larger pool (e.g. every gene of the data set)")
+    drawn = np.random.default_rng([seed, cell.cell_index]).choice(len(pool), size=len(genes), replace=False)
+    substitute = dict(zip(genes, (pool[i] for i in drawn)))
+    return replace(cell, genes=tuple(substitute.get(g, g) for g in cell.genes))
+
+
+def aopc(curve: Sequence[float]) -> float:
+    """The area over the perturbation curve: its mean over k = 1..K (steps 2-3)."""
+    curve = np.asarray(curve, dtype=float)
+    if curve.size == 0:
+        raise ValueError("a curve needs at least one point (K >= 1)")
+    return float(curve.mean())
+
+
+def normalised(aopcs: pd.Series) -> pd.Series:
+    """NAOPC of every ordering, between the smallest and largest AOPC among them (step 4)."""
+    low, high = float(aopcs.min()), float(aopcs.max())
+    if not high > low:
+        return pd.Series(np.nan, index=aopcs.index)
+    return (aopcs - low) / (high - low)
+
+
+def precision_at_k(predicted: pd.Series, observed: pd.Series, k: int, *, signed: bool) -> float:
+    """Share of the predictor's top ``k`` genes among the ``k`` largest observed effects (step 5)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    genes = list(observed.index)
+    k = min(k, len(genes))
+    effect = observed if signed else observed.abs()
+    top_predicted = set(ordering(predicted, genes)[:k])
+    top_observed = set(ordering(effect, genes)[:k])
+    return len(top_predicted & top_observed) / k
+
+
+def sign_agreement(predicted: pd.Series, observed: pd.Series) -> float:
+    """Share of genes with a nonzero observed effect whose predicted sign is the same (step 5)."""
+    effect = observed.to_numpy(dtype=float)
+    guess = predicted.reindex(observed.index).to_numpy(dtype=float)
+    moved = effect != 0
+    if not moved.any():
+        return float("nan")
+    return float((np.sign(guess[moved]) == np.sign(effect[moved])).mean())
+
+
+def bootstrap_interval(values: Sequence[float], *, n_boot: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over cells and its percentile bootstrap interval (step 6); NaNs are skipped."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return (float("nan"),) * 3
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(values.mean()), float(low), float(high)
+
+
+@dataclass(frozen=True)
+class CellBenchmark:
+    """One cell's curves and scores (module docstring, steps 1-5 and 7).
+
+    ``deletion`` and ``insertion``: orderings x k (the drop, and the target with the top k alone);
+    ``scores``: per ordering ``aopc_deletion``, ``naopc_deletion``, ``aopc_insertion``,
+    ``naopc_insertion``, ``precision_at_k``, ``sign_agreement``; ``controls``: removal, shift to the
+    end and replacement by an absent gene of the oracle's top k, as drops, controls x k."""
+
+    cell_id: str
+    cell_type: str | None
+    value: float
+    observed: pd.Series
+    deletion: pd.DataFrame
+    insertion: pd.DataFrame
+    scores: pd.DataFrame
+    controls: pd.DataFrame
+
+
+def benchmark_cell(
+    cell: CellSentence,
+    predictors: pd.DataFrame,
+    measure: Measure,
+    *,
+    k_max: int = 10,
+    precision_k: int = 10,
+    signed: Sequence[str] = (),
+    absent: Sequence[str] = (),
+    seed: int = 0,
+) -> CellBenchmark:
+    """Every curve and score of one cell, from one call of ``measure`` on all its sentences.
+
+    predictors: genes (index, every gene of the sentence) x predictors, larger = matters more;
+    signed: the predictors whose sign says "supports (+) or opposes (-) the target"; the oracle
+    (observed single-gene removal effects, computed here) is signed; absent: genes to draw the
+    replacement control from (none: the control is skipped)."""
+    genes = list(cell.genes)
+    if len(genes) < 2:
+        raise ValueError(f"cell {cell.cell_id!r} has {len(genes)} gene(s): a deletion curve needs at least 2")
+    if k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    for name in (ORACLE, ANTI_ORACLE):
+        if name in predictors.columns:
+            raise ValueError(f"{name!r} is computed here from the observed effects: rename that predictor column")
+    unknown = sorted(set(signed) - set(predictors.columns))
+    if unknown:
+        raise ValueError(f"signed names {unknown}, which are not predictor columns {list(predictors.columns)}")
+    k_del = min(k_max, len(genes) - 1)
+    k_ins = min(k_max, len(genes))
+
+    # One batch: the cell, its single removals, then each predictor's curves (the oracle's once known).
+    singles = [knock_out(cell, [g]) for g in genes]
+    first = np.asarray(measure([cell, *singles]), dtype=float)
+    value, observed = float(first[0]), pd.Series(first[0] - first[1:], index=genes, name="observed")
+    orderings = {name: ordering(predictors[name], genes) for name in predictors.columns}
+    orderings[ORACLE] = ordering(observed, genes)
+    orderings[ANTI_ORACLE] = ordering(-observed, genes)
+
+    sentences: list[CellSentence] = []
+    for order in orderings.values():
+        sentences += [knock_out(cell, order[:k]) for k in range(1, k_del + 1)]
+        sentences += [keep_only(cell, order[:k]) for k in range(1, k_ins + 1)]
+    oracle_top = orderings[ORACLE]
+    sentences += [shift_to_end(cell, oracle_top[:k]) for k in range(1, k_del + 1)]
+    if absent:
+        sentences += [replace_with_absent(cell, oracle_top[:k], absent, seed=seed) for k in range(1, k_del + 1)]
+    values = iter(np.asarray(measure(sentences), dtype=float))
+
+    deletion, insertion = {}, {}
+    for name in orderings:
+        deletion[name] = [value - next(values) for _ in range(k_del)]
+        insertion[name] = [next(values) for _ in range(k_ins)]
+    controls = {"remove": deletion[ORACLE], "shift to end": [value - next(values) for _ in range(k_del)]}
+    if absent:
+        controls["replace with absent gene"] = [value - next(values) for _ in range(k_del)]
+    deletion = pd.DataFrame(deletion, index=pd.RangeIndex(1, k_del + 1, name="k")).T
+    insertion = pd.DataFrame(insertion, index=pd.RangeIndex(1, k_ins + 1, name="k")).T
+
+    scores = pd.DataFrame(index=list(orderings))
+    scores["aopc_deletion"] = deletion.mean(axis=1)
+    scores["naopc_deletion"] = normalised(scores["aopc_deletion"])
+    scores["aopc_insertion"] = insertion.mean(axis=1)
+    scores["naopc_insertion"] = normalised(scores["aopc_insertion"])
+    columns = {**{name: predictors[name] for name in predictors.columns}, ORACLE: observed, ANTI_ORACLE: -observed}
+    is_signed = set(signed) | {ORACLE, ANTI_ORACLE}
+    scores["precision_at_k"] = [precision_at_k(columns[n], observed, precision_k, signed=n in is_signed)
+                                for n in scores.index]
+    scores["sign_agreement"] = [sign_agreement(columns[n], observed) if n in is_signed else np.nan
+                                for n in scores.index]
+    return CellBenchmark(cell.cell_id, cell.label, value, observed, deletion, insertion, scores,
+                         pd.DataFrame(controls, index=deletion.columns).T)
+
+
+def pooled_scores(results: Sequence[CellBenchmark], *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Per ordering and score: the mean over cells with its 95% bootstrap interval (step 6).
+
+    Columns are ``(score, statistic)`` pairs, statistic one of ``mean``, ``low``, ``high``."""
+    if not results:
+        raise ValueError("no cells to pool")
+    names = list(results[0].scores.index)
+    out = {}
+    for score in results[0].scores.columns:
+        table = pd.DataFrame({r.cell_id: r.scores[score].reindex(names) for r in results})
+        stats = [bootstrap_interval(table.loc[name], n_boot=n_boot, seed=seed) for name in names]
+        for i, statistic in enumerate(("mean", "low", "high")):
+            out[(score, statistic)] = [s[i] for s in stats]
+    return pd.DataFrame(out, index=pd.Index(names, name="ordering"))
+
+
+def pooled_curves(results: Sequence[CellBenchmark], *, curve: str = "deletion", n_boot: int = 2000,
+                  seed: int = 0) -> pd.DataFrame:
+    """Long table (ordering, k, mean, low, high) of a curve over cells, for drawing with bands (step 6)."""
+    if curve not in ("deletion", "insertion", "controls"):
+        raise ValueError(f"curve must be 'deletion', 'insertion' or 'controls', got {curve!r}")
+    rows = []
+    tables = [getattr(r, curve) for r in results]
+    for name in tables[0].index:
+        for k in tables[0].columns:
+            values = [t.loc[name, k] if (name in t.index and k in t.columns) else np.nan for t in tables]
+            mean, low, high = bootstrap_interval(values, n_boot=n_boot, seed=seed)
+            rows.append({"ordering": name, "k": int(k), "mean": mean, "low": low, "high": high})
+    return pd.DataFrame(rows)
+
+
+def scores_table(results: Sequence[CellBenchmark]) -> pd.DataFrame:
+    """Every cell's scores in one long table (cell_id, cell_type, ordering, score columns)."""
+    frames = [r.scores.rename_axis("ordering").reset_index().assign(cell_id=r.cell_id, cell_type=r.cell_type)
+              for r in results]
+    table = pd.concat(frames, ignore_index=True)
+    return table[["cell_id", "cell_type", "ordering", *results[0].scores.columns]]
+

@@ -1,0 +1,203 @@
+"""The faithfulness benchmark's curves, NAOPC, precision@k, intervals and controls, on toy targets with known effects."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import bootstrap
+
+from c2srepro.biology.benchmark import (
+    ANTI_ORACLE,
+    ORACLE,
+    aopc,
+    benchmark_cell,
+    bootstrap_interval,
+    keep_only,
+    normalised,
+    ordering,
+    pooled_curves,
+    pooled_scores,
+    precision_at_k,
+    replace_with_absent,
+    scores_table,
+    shift_to_end,
+    sign_agreement,
+)
+from c2srepro.data.cells import CellSentence
+
+GENES = ("CD14", "LYZ", "FCN1", "S100A8", "NKG7", "GNLY")
+
+
+def toy_cell(genes=GENES, index=0, label="CD14+ Monocyte"):
+    return CellSentence(cell_index=index, cell_id=f"cell{index}", genes=tuple(genes), label=label)
+
+
+def additive(weights, *, rank_decay=0.0, calls=None):
+    """Target = sum of weight(gene) * (1 - rank_decay * place): identity effects, plus a rank effect when rank_decay > 0."""
+    def measure(sentences):
+        if calls is not None:
+            calls.append(len(sentences))
+        return [sum(weights.get(g, 0.0) * (1 - rank_decay * i) for i, g in enumerate(s.genes)) for s in sentences]
+
+    return measure
+
+
+def random_weights(seed, genes=GENES):
+    rng = np.random.default_rng(seed)
+    return dict(zip(genes, rng.normal(size=len(genes))))
+
+
+def brute_force_deletion(weights, genes, order, k_max):
+    full = sum(weights[g] for g in genes)
+    return [full - sum(weights[g] for g in genes if g not in order[:k]) for k in range(1, k_max + 1)]
+
+
+def test_ordering_is_descending_and_ties_keep_sentence_order():
+    scores = pd.Series({"A": 1.0, "B": 3.0, "C": 1.0, "D": 3.0, "E": -2.0})
+    assert ordering(scores, ["A", "B", "C", "D", "E"]) == ["B", "D", "A", "C", "E"]
+    assert ordering(scores, ["C", "A", "E", "D", "B"]) == ["D", "B", "C", "A", "E"]
+
+
+def test_ordering_refuses_missing_and_nan_scores():
+    with pytest.raises(ValueError, match="no value for \\['B'\\]"):
+        ordering(pd.Series({"A": 1.0}), ["A", "B"])
+    with pytest.raises(ValueError, match="NaN for \\['A'\\]"):
+        ordering(pd.Series({"A": np.nan, "B": 1.0}), ["A", "B"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_deletion_and_insertion_curves_match_brute_force_on_an_additive_target(seed):
+    weights = random_weights(seed)
+    cell = toy_cell()
+    rng = np.random.default_rng(100 + seed)
+    predictors = pd.DataFrame({"noisy": [weights[g] + rng.normal(scale=0.5) for g in GENES],
+                               "rank": [1 / (i + 1) for i in range(len(GENES))]}, index=list(GENES))
+    result = benchmark_cell(cell, predictors, additive(weights), k_max=4, signed=["noisy"])
+    # an additive target's single-gene effects are the weights themselves
+    np.testing.assert_allclose(result.observed.to_numpy(), [weights[g] for g in GENES], rtol=0, atol=1e-12)
+    for name in ("noisy", "rank", ORACLE):
+        order = ordering(predictors[name] if name != ORACLE else result.observed, list(GENES))
+        np.testing.assert_allclose(result.deletion.loc[name].to_numpy(), brute_force_deletion(weights, GENES, order, 4),
+                                   rtol=0, atol=1e-12)
+        inserted = [sum(weights[g] for g in order[:k]) for k in range(1, 5)]
+        np.testing.assert_allclose(result.insertion.loc[name].to_numpy(), inserted, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_oracle_bounds_every_ordering_on_an_additive_target(seed):
+    """The oracle's deletion AOPC is the largest of all 720 orderings, the anti-oracle's the smallest."""
+    weights = random_weights(seed)
+    cell = toy_cell()
+    all_aopcs = [aopc(brute_force_deletion(weights, GENES, list(p), 5)) for p in itertools.permutations(GENES)]
+    result = benchmark_cell(cell, pd.DataFrame({"rank": np.arange(6.0)[::-1]}, index=list(GENES)), additive(weights),
+                            k_max=5)
+    assert result.scores.loc[ORACLE, "aopc_deletion"] == pytest.approx(max(all_aopcs), abs=1e-12)
+    assert result.scores.loc[ANTI_ORACLE, "aopc_deletion"] == pytest.approx(min(all_aopcs), abs=1e-12)
+    assert result.scores.loc[ORACLE, "naopc_deletion"] == 1.0 and result.scores.loc[ANTI_ORACLE, "naopc_deletion"] == 0.0
+    expected = (result.scores.loc["rank", "aopc_deletion"] - min(all_aopcs)) / (max(all_aopcs) - min(all_aopcs))
+    assert result.scores.loc["rank", "naopc_deletion"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_measure_is_called_twice_per_cell():
+    calls = []
+    benchmark_cell(toy_cell(), pd.DataFrame({"rank": np.arange(6.0)}, index=list(GENES)), additive(random_weights(0), calls=calls),
+                   k_max=3)
+    assert len(calls) == 2 and calls[0] == 1 + len(GENES)
+
+
+def test_normalised_is_nan_when_every_ordering_ties():
+    assert normalised(pd.Series({"a": 2.0, "b": 2.0})).isna().all()
+    np.testing.assert_allclose(normalised(pd.Series({"a": 1.0, "b": 3.0, "c": 2.0})).to_numpy(), [0.0, 1.0, 0.5])
+
+
+def test_precision_at_k_and_sign_agreement():
+    observed = pd.Series({"A": 3.0, "B": -5.0, "C": 1.0, "D": 0.0})
+    predicted = pd.Series({"A": 2.0, "B": 1.0, "C": -1.0, "D": 0.5})
+    # signed: the two genes that lower the target most are A and C; the predictor's top two are A and B
+    assert precision_at_k(predicted, observed, 2, signed=True) == 0.5
+    # unsigned: the two largest effects either way are B and A
+    assert precision_at_k(predicted, observed, 2, signed=False) == 1.0
+    assert precision_at_k(predicted, observed, 10, signed=True) == 1.0  # k is capped at the gene count
+    # D's effect is zero and does not count; A agrees, B and C do not
+    assert sign_agreement(predicted, observed) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        precision_at_k(predicted, observed, 0, signed=True)
+
+
+def test_bootstrap_interval_is_seeded_and_agrees_with_scipy():
+    values = np.random.default_rng(7).normal(loc=0.3, scale=1.0, size=200)
+    mean, low, high = bootstrap_interval(values, n_boot=4000, seed=1)
+    assert (mean, low, high) == bootstrap_interval(values, n_boot=4000, seed=1)
+    assert (low, high) != bootstrap_interval(values, n_boot=4000, seed=2)[1:]
+    reference = bootstrap((values,), np.mean, n_resamples=4000, method="percentile",
+                          rng=np.random.default_rng(0)).confidence_interval
+    # two Monte Carlo estimates of the same interval: they agree to a few hundredths of the sd of the mean (0.07)
+    assert low == pytest.approx(reference.low, abs=0.015) and high == pytest.approx(reference.high, abs=0.015)
+    assert bootstrap_interval([2.0, 2.0, np.nan]) == (2.0, 2.0, 2.0)
+    assert np.isnan(bootstrap_interval([np.nan])[0])
+
+
+def test_rank_shift_sentences():
+    cell = toy_cell()
+    assert shift_to_end(cell, ["LYZ", "CD14"]).genes == ("FCN1", "S100A8", "NKG7", "GNLY", "CD14", "LYZ")
+    assert keep_only(cell, ["GNLY", "LYZ"]).genes == ("LYZ", "GNLY")
+    pool = ["CD3E", "MS4A1", "CD14", "PPBP", "CD79A"]
+    replaced = replace_with_absent(cell, ["LYZ", "NKG7"], pool, seed=0)
+    assert replaced.genes[0] == "CD14" and replaced.genes[2:4] == ("FCN1", "S100A8") and replaced.genes[5] == "GNLY"
+    new = {replaced.genes[1], replaced.genes[4]}
+    assert len(new) == 2 and new <= {"CD3E", "MS4A1", "PPBP", "CD79A"}  # absent from the cell, distinct
+    assert replace_with_absent(cell, ["LYZ", "NKG7"], pool, seed=0) == replaced
+    with pytest.raises(ValueError, match="2 replacements needed but only 1"):
+        replace_with_absent(cell, ["LYZ", "NKG7"], ["CD14", "CD3E"])
+    with pytest.raises(ValueError, match="not in cell 'cell0'"):
+        shift_to_end(cell, ["CD3E"])
+
+
+def test_controls_tell_identity_from_rank_shift():
+    cell = toy_cell()
+    pool = ["CD3E", "MS4A1", "PPBP", "CD79A"]
+    predictors = pd.DataFrame({"rank": np.arange(6.0)[::-1]}, index=list(GENES))
+    # identity only: moving genes to the end costs nothing, replacing them by a weightless gene costs the removal
+    identity = benchmark_cell(cell, predictors, additive(random_weights(5)), k_max=3, absent=pool).controls
+    np.testing.assert_allclose(identity.loc["shift to end"].to_numpy(), 0.0, atol=1e-12)
+    np.testing.assert_allclose(identity.loc["replace with absent gene"].to_numpy(), identity.loc["remove"].to_numpy(),
+                               atol=1e-12)
+    # rank only (every gene, present or not, weighs the same): a replacement keeps every rank and costs nothing
+    rank_only = additive({g: 1.0 for g in [*GENES, *pool]}, rank_decay=0.1)
+    shifted = benchmark_cell(cell, predictors, rank_only, k_max=3, absent=pool).controls
+    np.testing.assert_allclose(shifted.loc["replace with absent gene"].to_numpy(), 0.0, atol=1e-12)
+    assert (shifted.loc["remove"] > 0).all()
+
+
+def test_benchmark_cell_refuses_bad_input():
+    predictors = pd.DataFrame({"rank": np.arange(6.0)}, index=list(GENES))
+    measure = additive(random_weights(0))
+    with pytest.raises(ValueError, match="at least 2"):
+        benchmark_cell(toy_cell(["CD14"]), predictors.iloc[:1], measure)
+    with pytest.raises(ValueError, match="'oracle' is computed here"):
+        benchmark_cell(toy_cell(), predictors.rename(columns={"rank": "oracle"}), measure)
+    with pytest.raises(ValueError, match="signed names \\['dla'\\]"):
+        benchmark_cell(toy_cell(), predictors, measure, signed=["dla"])
+    with pytest.raises(ValueError, match="k_max must be >= 1"):
+        benchmark_cell(toy_cell(), predictors, measure, k_max=0)
+
+
+def test_pooling_over_cells():
+    cells = [toy_cell(index=i) for i in range(6)]
+    results = [benchmark_cell(c, pd.DataFrame({"rank": np.arange(6.0)[::-1]}, index=list(GENES)),
+                              additive(random_weights(10 + i)), k_max=3) for i, c in enumerate(cells)]
+    pooled = pooled_scores(results, n_boot=500, seed=0)
+    assert pooled.loc[ORACLE, ("naopc_deletion", "mean")] == 1.0
+    assert pooled.loc[ORACLE, ("naopc_deletion", "low")] == 1.0
+    ranks = [r.scores.loc["rank", "naopc_deletion"] for r in results]
+    assert pooled.loc["rank", ("naopc_deletion", "mean")] == pytest.approx(np.mean(ranks))
+    assert pooled.loc["rank", ("naopc_deletion", "low")] <= np.mean(ranks) <= pooled.loc["rank", ("naopc_deletion", "high")]
+    curves = pooled_curves(results, curve="deletion", n_boot=500)
+    assert set(curves["k"]) == {1, 2, 3} and len(curves) == 3 * 3
+    table = scores_table(results)
+    assert len(table) == 6 * 3 and set(table["cell_id"]) == {f"cell{i}" for i in range(6)}
+    with pytest.raises(ValueError, match="curve must be"):
+        pooled_curves(results, curve="area")
