@@ -7,14 +7,18 @@ import itertools
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from conftest import tiny_c2s
 from scipy.stats import bootstrap
 
 from c2srepro.biology.benchmark import (
     ANTI_ORACLE,
     ORACLE,
+    answer_scores,
     aopc,
     benchmark_cell,
     bootstrap_interval,
+    gradient_x_input,
     keep_only,
     normalised,
     ordering,
@@ -26,7 +30,10 @@ from c2srepro.biology.benchmark import (
     shift_to_end,
     sign_agreement,
 )
+from c2srepro.biology.perturb import knock_out
 from c2srepro.data.cells import CellSentence
+from c2srepro.data.prompts import answer_text, build_prompt, encode_prompts
+from c2srepro.models.predict import score_labels
 
 GENES = ("CD14", "LYZ", "FCN1", "S100A8", "NKG7", "GNLY")
 
@@ -201,3 +208,99 @@ def test_pooling_over_cells():
     assert len(table) == 6 * 3 and set(table["cell_id"]) == {f"cell{i}" for i in range(6)}
     with pytest.raises(ValueError, match="curve must be"):
         pooled_curves(results, curve="area")
+
+
+CELL = CellSentence(7, "c7", ("CD14", "LYZ", "S100A8", "VWF", "PTPRB"), "CD14+ Monocyte")
+LABELS = ["CD14+ Monocyte", "CD16+ Monocyte", "CD56+ NK", "Dendritic"]
+
+
+@pytest.fixture(scope="module")
+def tiny64(tokenizer):
+    return tiny_c2s(tokenizer, [CELL], LABELS, dtype=torch.float64)
+
+
+def answer_of(cell_tokenizer, label):
+    return cell_tokenizer.encode(answer_text(label))[0]
+
+
+def prefix_competitors(answers, label):
+    """The prefix tree's competitors, written out for the test: per position, the label's token and the other
+    candidates' tokens after the same prefix."""
+    mine = answers[label]
+    return [[mine[j], *sorted({a[j] for name, a in answers.items() if name != label and len(a) > j
+                                and a[:j] == mine[:j]} - {mine[j]})] for j in range(len(mine))]
+
+
+def reference_target(model, cell_tokenizer, cell, answer, competitors, num_genes):
+    """One sentence, whole logits, probabilities by exp and sum (not log_softmax)."""
+    template = build_prompt(cell).text.replace(" ".join(cell.genes), "{cell_sentence}")
+    template = template.replace(f"list of {len(cell.genes)} gene", f"list of {num_genes} gene")
+    prompt = encode_prompts([cell], cell_tokenizer, template=template).input_ids[0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[*prompt, *answer[:-1]]])).logits[0, len(prompt) - 1:].double()
+    total = 0.0
+    for j, (token, tokens) in enumerate(zip(answer, competitors)):
+        pool = list(range(logits.shape[-1])) if not tokens else list(tokens)
+        if len(pool) > 1:
+            weights = torch.exp(logits[j, pool] - logits[j, pool].max())
+            total += float(torch.log(weights[pool.index(token)] / weights.sum()))
+    return total
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_answer_scores_equal_a_direct_computation(tiny64, batch_size):
+    model, cell_tokenizer = tiny64
+    answers = {label: answer_of(cell_tokenizer, label) for label in LABELS}
+    sentences = [CELL, knock_out(CELL, ["LYZ"]), knock_out(CELL, ["VWF", "CD14"]), shift_to_end(CELL, ["CD14"])]
+    for label in ("CD14+ Monocyte", "Dendritic"):
+        tree = prefix_competitors(answers, label)
+        for competitors in (tree, [[] for _ in tree]):
+            ours = answer_scores(model, cell_tokenizer, sentences, answers[label], competitors, num_genes=5,
+                                 batch_size=batch_size)
+            expected = [reference_target(model, cell_tokenizer, s, answers[label], competitors, 5) for s in sentences]
+            np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_answer_scores_of_the_whole_vocabulary_are_the_label_scores(tiny64):
+    model, cell_tokenizer = tiny64
+    answer = answer_of(cell_tokenizer, "CD56+ NK")
+    sentences = [CELL, knock_out(CELL, ["LYZ"])]
+    ours = answer_scores(model, cell_tokenizer, sentences, answer, [[] for _ in answer], num_genes=5)
+    template = build_prompt(CELL).text.replace(" ".join(CELL.genes), "{cell_sentence}")  # states 5 genes
+    reference = score_labels(model, cell_tokenizer, sentences, LABELS, template=template)[:, LABELS.index("CD56+ NK")]
+    np.testing.assert_allclose(ours, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_gradient_x_input_is_the_directional_derivative_of_each_genes_embeddings(tiny64):
+    model, cell_tokenizer = tiny64
+    answers = {label: answer_of(cell_tokenizer, label) for label in LABELS}
+    answer, competitors = answers["CD14+ Monocyte"], prefix_competitors(answers, "CD14+ Monocyte")
+    scores = gradient_x_input(model, cell_tokenizer, CELL, answer, competitors)
+    assert list(scores.index) == list(CELL.genes)
+    prompt = encode_prompts([CELL], cell_tokenizer)
+    ids = torch.tensor([[*prompt.input_ids[0], *answer[:-1]]])
+    embeddings = model.get_input_embeddings()(ids).detach()
+    eps = 1e-5
+    for gene in CELL.genes:
+        mask = torch.zeros(ids.shape[1], 1, dtype=torch.float64)
+        mask[[i for i, g in enumerate(prompt.gene_of_token[0]) if g == gene]] = 1.0
+
+        def value(scale):
+            with torch.no_grad():
+                logits = model(inputs_embeds=embeddings * (1 + scale * mask), logits_to_keep=len(answer)).logits
+            total = 0.0
+            for j, tokens in enumerate(competitors):
+                if len(tokens) > 1:
+                    total += float(torch.log_softmax(logits[0, j, tokens], -1)[0])
+            return total
+
+        # d/ds f(E + s * E on the gene's tokens) at s = 0 is the gene's gradient x input
+        derivative = (value(eps) - value(-eps)) / (2 * eps)
+        assert scores[gene] == pytest.approx(derivative, rel=1e-6, abs=1e-8)
+
+
+def test_answer_checks():
+    with pytest.raises(ValueError, match="2 answer tokens but competitors for 1"):
+        answer_scores(None, None, [CELL], [1, 2], [[]])
+    with pytest.raises(ValueError, match="answer token 2 at position 1 is not among its competitors"):
+        answer_scores(None, None, [CELL], [1, 2], [[], [3, 4]])

@@ -32,7 +32,15 @@ matters more; for a signed predictor, positive: the gene supports the target).
    of the sentence (the others shift as in a removal, the genes stay), and each gene replaced by a
    gene absent from the cell at the same rank (no one shifts, the identity goes). If the drop of a
    removal is mostly the shift's, the shift sentence loses as much as the removal.
+8. The real model's target (:func:`answer_scores`): teacher-forced on prompt + answer, the sum
+   over answer positions j of log q_j(y_j), q_j the softmax of the logits at j over the tokens the
+   answer's token competes with there (the candidates' prefix tree,
+   :meth:`c2srepro.attribution.targets.LabelTarget.competitors`; all of the vocabulary for the
+   answer's plain log-probability); a position where the token has no competitor adds nothing.
+   :func:`gradient_x_input` is the baseline predictor of the same scalar: the gradient of it with
+   respect to the input embeddings, dotted with them, summed over each gene's tokens.
 """
+
 
 from __future__ import annotations
 
@@ -41,9 +49,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from c2srepro.biology.perturb import knock_out
 from c2srepro.data.cells import CellSentence
+from c2srepro.data.prompts import C2S_CELL_TYPE_TEMPLATE, encode_prompts
+from c2srepro.data.tokenizer import CellTokenizer
 
 ORACLE = "oracle"
 ANTI_ORACLE = "anti-oracle"
@@ -290,3 +303,94 @@ def scores_table(results: Sequence[CellBenchmark]) -> pd.DataFrame:
     table = pd.concat(frames, ignore_index=True)
     return table[["cell_id", "cell_type", "ordering", *results[0].scores.columns]]
 
+
+
+def _check_answer(answer: Sequence[int], competitors: Sequence[Sequence[int]]) -> None:
+    if len(answer) == 0:
+        raise ValueError("the answer has no token")
+    if len(competitors) != len(answer):
+        raise ValueError(f"{len(answer)} answer tokens but competitors for {len(competitors)} positions: give one "
+                         "list per answer position (LabelTarget.competitors)")
+    for j, (token, tokens) in enumerate(zip(answer, competitors)):
+        if tokens and token not in tokens:
+            raise ValueError(f"answer token {token} at position {j} is not among its competitors {list(tokens)}")
+
+
+def _answer_terms(logits: Float[Tensor, "batch answer vocab"], answer: Sequence[int],
+                  competitors: Sequence[Sequence[int]]) -> Float[Tensor, "batch"]:
+    """Step 8's sum over answer positions, for logits[:, j] predicting answer token j."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    total = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    for j, (token, tokens) in enumerate(zip(answer, competitors)):
+        if not tokens:
+            total = total + torch.log_softmax(logits[:, j], dim=-1)[:, token]
+        elif len(tokens) > 1:
+            chosen = torch.as_tensor(list(tokens), device=logits.device)
+            total = total + torch.log_softmax(logits[:, j, chosen], dim=-1)[:, list(tokens).index(token)]
+    return total
+
+
+def _stated_count(template: str, num_genes: int | None) -> str:
+    return template if num_genes is None else template.replace("{num_genes}", str(num_genes))
+
+
+@torch.no_grad()
+def answer_scores(
+    model,
+    tokenizer: CellTokenizer,
+    sentences: Sequence[CellSentence],
+    answer: Sequence[int],
+    competitors: Sequence[Sequence[int]],
+    *,
+    num_genes: int | None = None,
+    batch_size: int = 64,
+    template: str = C2S_CELL_TYPE_TEMPLATE,
+) -> Float[np.ndarray, "sentence"]:
+    """The real model's target for each sentence (module docstring, step 8).
+
+    answer: the answer's token ids (`` {label}.``); competitors: per answer position, the tokens it
+    competes with (itself included; empty: the whole vocabulary); num_genes: the gene count every
+    prompt states (a perturbed cell keeps its original count, so only the sentence changes; None:
+    each its own). Prompts of one token length run together, unpadded."""
+    _check_answer(answer, competitors)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = encode_prompts(sentences, tokenizer, template=_stated_count(template, num_genes))
+    device = next(model.parameters()).device
+    tail = torch.as_tensor(list(answer[:-1]), dtype=torch.long, device=device)
+    by_length: dict[int, list[int]] = {}
+    for row, ids in enumerate(prompts.input_ids):
+        by_length.setdefault(len(ids), []).append(row)
+    scores = torch.zeros(len(prompts), dtype=torch.float64)
+    for rows in by_length.values():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            ids = torch.tensor([prompts.input_ids[r] for r in chunk], device=device)
+            ids = torch.cat([ids, tail.expand(len(chunk), -1)], dim=1)
+            logits = model(input_ids=ids, logits_to_keep=len(answer)).logits
+            scores[chunk] = _answer_terms(logits, answer, competitors).double().cpu()
+    return scores.numpy()
+
+
+def gradient_x_input(
+    model,
+    tokenizer: CellTokenizer,
+    cell: CellSentence,
+    answer: Sequence[int],
+    competitors: Sequence[Sequence[int]],
+    *,
+    num_genes: int | None = None,
+    template: str = C2S_CELL_TYPE_TEMPLATE,
+) -> pd.Series:
+    """Gradient x input of :func:`answer_scores`' target on ``cell``, summed over each gene's tokens (step 8)."""
+    _check_answer(answer, competitors)
+    prompts = encode_prompts([cell], tokenizer, template=_stated_count(template, num_genes))
+    device = next(model.parameters()).device
+    ids = torch.tensor([[*prompts.input_ids[0], *answer[:-1]]], device=device)
+    embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeddings, logits_to_keep=len(answer)).logits
+    (gradient,) = torch.autograd.grad(_answer_terms(logits, answer, competitors).sum(), embeddings)
+    per_token = (gradient * embeddings.detach()).sum(-1)[0, : len(prompts.input_ids[0])].double().cpu().numpy()
+    genes = prompts.gene_of_token[0]
+    frame = pd.DataFrame({"gene": genes, "score": per_token}).dropna(subset=["gene"])
+    return frame.groupby("gene", sort=False)["score"].sum().reindex(list(cell.genes)).rename("gradient_x_input")
