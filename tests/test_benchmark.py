@@ -304,3 +304,26 @@ def test_answer_checks():
         answer_scores(None, None, [CELL], [1, 2], [[]])
     with pytest.raises(ValueError, match="answer token 2 at position 1 is not among its competitors"):
         answer_scores(None, None, [CELL], [1, 2], [[], [3, 4]])
+
+
+def test_benchmark_figures_draw_every_ordering():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from c2srepro.biology.plots import plot_curves, plot_naopc_by_type, plot_predicted_vs_observed
+
+    cells = [toy_cell(index=i, label=["a", "b"][i % 2]) for i in range(4)]
+    predictors = pd.DataFrame({"rank": np.arange(6.0)[::-1], "noise": np.random.default_rng(0).normal(size=6)},
+                              index=list(GENES))
+    results = [benchmark_cell(c, predictors, additive(random_weights(20 + i)), k_max=3, signed=["noise"])
+               for i, c in enumerate(cells)]
+    ax = plot_curves(pooled_curves(results, n_boot=200), target="log p(label)")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["rank", "noise", ORACLE, ANTI_ORACLE]
+    assert all(len(line.get_xdata()) == 3 for line in ax.get_lines())
+    ax = plot_naopc_by_type(scores_table(results))
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+    genes = results[0].observed.rename("observed").rename_axis("gene").reset_index().assign(rank=predictors["rank"].to_numpy())
+    ax = plot_predicted_vs_observed(genes, "rank", label="CD14+ Monocyte")
+    assert "CD14+ Monocyte" in ax.get_xlabel() and len(ax.texts) == 5
+    with pytest.raises(ValueError, match="pooled_curves"):
+        plot_curves(pd.DataFrame({"k": [1]}))
