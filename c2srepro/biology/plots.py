@@ -80,8 +80,10 @@ def plot_predicted_vs_observed(genes: pd.DataFrame, predictor: str, *, observed:
         raise ValueError(f"genes lack columns {sorted(missing)}")
     if ax is None:
         _, ax = plt.subplots(figsize=(3.6, 3.2))
-    colour = genes["sentence_rank"] if "sentence_rank" in genes.columns else None
-    ax.scatter(genes[predictor], genes[observed], c=colour, cmap="viridis_r", s=14)
+    if "sentence_rank" in genes.columns:
+        ax.scatter(genes[predictor], genes[observed], c=genes["sentence_rank"], cmap="viridis_r", s=14)
+    else:
+        ax.scatter(genes[predictor], genes[observed], s=14)
     for _, row in genes.reindex(genes[observed].abs().sort_values(ascending=False).index[:n_named]).iterrows():
         ax.annotate(row["gene"], (row[predictor], row[observed]), fontsize=6)
     ax.axhline(0, color="0.7", lw=0.6)
