@@ -289,11 +289,11 @@ def test_bad_inputs(rep, graph, targets):
     silent = next(f for f in range(rep.transcoders[layer].d_tc) if f not in firing)
     with pytest.raises(ValueError, match=f"feature {silent} at layer 1, position 4 does not fire"):
         build_graph(rep, Node.feature(layer, position, silent))
-    with pytest.raises(ValueError, match="position 12 is out of range for a prompt of 12 tokens"):
+    with pytest.raises(ValueError, match="position 12 is past the prompt: the replacement was run on 12 tokens"):
         build_graph(rep, rep.logit_node(12, 0))
     with pytest.raises(ValueError, match="targets must be distinct"):
         build_graph(rep, [targets[0], targets[0]])
-    with pytest.raises(ValueError, match="target_weights must be 2 positive numbers"):
+    with pytest.raises(ValueError, match="target_weights must be nonzero"):
         build_graph(rep, targets, target_weights=[1.0, 0.0])
     with pytest.raises(ValueError, match=r"genes must have one entry per prompt token \(12\), got 3"):
         build_graph(rep, targets, genes=["A", None, "B"])

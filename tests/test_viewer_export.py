@@ -34,8 +34,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -44,18 +42,15 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from _circuit_tracer import wheel as circuit_tracer_wheel
 from _tiny_neox import GENES, TOKENS, VOCAB, tiny_setup
 
-from c2srepro._cache import cache_dir, sha256_file
 from c2srepro.attribution import build_graph, build_replacement, prune_graph
 from c2srepro.attribution.export import cantor_pairing, export_viewer_files, viewer_features, viewer_graph
 from c2srepro.attribution.linearised import run_model
 from c2srepro.data.prompts import EncodedPrompts
 from c2srepro.features import collect_feature_stats, example_activations
 
-WHEEL = "circuit-tracer==0.5.0"
-WHEEL_FILE = "circuit_tracer-0.5.0-py3-none-any.whl"
-WHEEL_SHA256 = "e457e6558e1c9eb0d3d7c54ce2298492b4e919a4f7f2b8b7e217427284fdc802"
 VIEWER_LIB = "https://transformer-circuits.pub/2025/attribution-graphs/static_js/lib/"
 JETPACK = VIEWER_LIB + "jetpack_2024-07-20.js"
 SCRIPTS = {
@@ -82,15 +77,8 @@ SLUG = "tiny-cell"
 @pytest.fixture(scope="module")
 def frontend(tmp_path_factory) -> Path:
     """circuit-tracer's ``frontend/`` folder out of its wheel (downloaded once into the cache)."""
-    wheel_dir = cache_dir("wheels")
-    wheel = wheel_dir / WHEEL_FILE
-    if not wheel.is_file():
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                                 "--only-binary=:all:", "-d", str(wheel_dir), WHEEL], capture_output=True, text=True)
-        assert result.returncode == 0 and wheel.is_file(), f"pip download {WHEEL} failed: {result.stderr[-500:]}"
-    assert sha256_file(wheel) == WHEEL_SHA256, f"{wheel} is not the pinned release; delete it"
     out = tmp_path_factory.mktemp("circuit_tracer")
-    with zipfile.ZipFile(wheel) as archive:
+    with zipfile.ZipFile(circuit_tracer_wheel()) as archive:
         members = [m for m in archive.namelist() if m.startswith("circuit_tracer/frontend/")]
         archive.extractall(out, members)
     return out / "circuit_tracer" / "frontend"

@@ -123,6 +123,21 @@ class HeadPaths:
         return self.residual + float(self.heads.sum()) + float(self.skip.sum())
 
 
+@dataclass(frozen=True)
+class Reading:
+    """What a target reads: sum_j r[positions[j]] . vectors[j] + constant, r the residual stream it
+    reads at backward ``step`` (module docstring, first equation, summed over positions)."""
+
+    positions: tuple[int, ...]
+    vectors: Float[Tensor, "read d_model"]
+    constant: float
+    step: int
+
+    @property
+    def last_position(self) -> int:
+        return max(self.positions)
+
+
 def _read_layer(rep: LinearisedReplacement, target: Node) -> int:
     return rep.n_layers if target.kind == "logit" else target.layer
 
@@ -135,20 +150,23 @@ def _seed_step(rep: LinearisedReplacement, target: Node) -> int:
     return 2 * layer + 1 if target.kind == "feature" and rep.weights.mlp_reads_attention else 2 * layer
 
 
-def _seed(grad: Tensor, targets: Sequence[Node], readings, steps: Tensor, step: int) -> None:
-    """Add each reading vector v of the targets seeded at ``step`` at its position (G = v there)."""
+def _seed(grad: Tensor, readings: Sequence[Reading], steps: Tensor, step: int) -> None:
+    """Add each reading's vectors at their positions (G = v there) for the readings seeded at ``step``."""
     for i in (steps == step).nonzero().flatten().tolist():
-        grad[i, targets[i].position] += readings[i][0]
+        for position, vector in zip(readings[i].positions, readings[i].vectors):
+            grad[i, position] += vector
 
 
-def _reading(rep: LinearisedReplacement, target: Node) -> tuple[Float[Tensor, "d_model"], float]:
-    """The target's reading vector v and reading bias c (module docstring, first equation), from the
-    architecture's frozen norms (``rep.weights.feature_reading`` / ``logit_reading``)."""
+def node_reading(rep: LinearisedReplacement, target: Node) -> Reading:
+    """The reading of a feature's pre-activation or of one token's raw logit (module docstring, first
+    equation), from the architecture's frozen norms (``rep.weights.feature_reading`` / ``logit_reading``)."""
     if target.kind == "logit":
-        return rep.weights.logit_reading(rep.run, target.position, target.index)
-    tc = rep.transcoders[target.layer]
-    v, c = rep.weights.feature_reading(rep.run, target.layer, target.position, tc.W_enc[:, target.index])
-    return v, c + float(tc.b_enc[target.index])
+        v, c = rep.weights.logit_reading(rep.run, target.position, target.index)
+    else:
+        tc = rep.transcoders[target.layer]
+        v, c = rep.weights.feature_reading(rep.run, target.layer, target.position, tc.W_enc[:, target.index])
+        c += float(tc.b_enc[target.index])
+    return Reading((target.position,), v[None], c, _seed_step(rep, target))
 
 
 def _attention_transpose(
@@ -187,25 +205,24 @@ def _layer_transpose(
 
 
 def residual_gradients(
-    rep: LinearisedReplacement, targets: Sequence[Node], readings: Sequence[tuple[Tensor, float]]
+    rep: LinearisedReplacement, readings: Sequence[Reading]
 ) -> Iterator[tuple[int | None, Float[Tensor, "target pos d_model"]]]:
-    """The shared backward pass of ``targets`` (steps 1-3 of the module docstring), top layer first.
+    """The shared backward pass of ``readings`` (steps 1-3 of the module docstring), top layer first.
 
-    Yields (layer, G_{layer+1}) for each layer from the last one the targets read down to layer 0,
+    Yields (layer, G_{layer+1}) for each layer from the last one the readings read down to layer 0,
     the gradient the sources that layer writes into r_{layer+1} are read by; then (None, G_0), read by
-    the token embeddings. Positions stop at the last target's: nothing after it contributes. Each
-    target is seeded with its reading vector (``readings``, from :func:`_reading`) at the step it
-    reads the residual stream.
+    the token embeddings. Positions stop at the last one read: nothing after it contributes. Each
+    reading's vectors are seeded at its positions at the step it reads the residual stream.
     """
-    n_pos = max(t.position for t in targets) + 1
-    steps = torch.tensor([_seed_step(rep, t) for t in targets])
-    grad = rep.weights.embed.new_zeros(len(targets), n_pos, rep.weights.d_model)
+    n_pos = max(r.last_position for r in readings) + 1
+    steps = torch.tensor([r.step for r in readings])
+    grad = rep.weights.embed.new_zeros(len(readings), n_pos, rep.weights.d_model)
     for m in range((int(steps.max()) + 1) // 2, 0, -1):  # grad holds G_m = d value / d r_m
-        _seed(grad, targets, readings, steps, 2 * m)
+        _seed(grad, readings, steps, 2 * m)
         yield m - 1, grad  # sources written by layer m - 1 land in r_m
         # G_{m-1} = G_m + (Attn^T + Skip^T)(G_m), seeding the targets that read r_m less this layer's sources
-        grad = _layer_transpose(rep, m - 1, grad, lambda g: _seed(g, targets, readings, steps, 2 * m - 1))
-    _seed(grad, targets, readings, steps, 0)
+        grad = _layer_transpose(rep, m - 1, grad, lambda g: _seed(g, readings, steps, 2 * m - 1))
+    _seed(grad, readings, steps, 0)
     yield None, grad
 
 
@@ -233,12 +250,12 @@ def attribute_many(rep: LinearisedReplacement, targets: Sequence[Node]) -> list[
         rep.check_target(target)
     n_targets, n_layers = len(targets), rep.n_layers
     n_pos = max(t.position for t in targets) + 1
-    readings = [_reading(rep, t) for t in targets]
+    readings = [node_reading(rep, t) for t in targets]
     error = rep.weights.embed.new_zeros(n_targets, n_layers, rep.n_pos)
     bias = error.new_zeros(n_targets, n_layers, rep.n_pos)
     embedding = error.new_zeros(n_targets, rep.n_pos)
     features = [error.new_zeros(n_targets, len(a)) for a in rep.active]
-    for layer, grad in residual_gradients(rep, targets, readings):
+    for layer, grad in residual_gradients(rep, readings):
         if layer is None:
             embedding[:, :n_pos] = torch.einsum("ntd,td->nt", grad, rep.weights.embed[rep.input_ids[:n_pos]])
             continue
@@ -250,7 +267,7 @@ def attribute_many(rep: LinearisedReplacement, targets: Sequence[Node]) -> list[
             replacement=rep,
             target=target,
             value=rep.value(target),
-            reading_bias=readings[i][1],
+            reading_bias=readings[i].constant,
             embedding=embedding[i],
             features=[f[i] for f in features],
             error=error[i],
@@ -289,7 +306,7 @@ def head_contributions(rep: LinearisedReplacement, source: Node, target: Node) -
         rep.check_layer(source.layer)
     rep.check_position(source.position)
     u = _source_vector(rep, source)
-    v, _ = _reading(rep, target)
+    v = node_reading(rep, target).vectors[0]
     m, s = _read_layer(rep, target), source.position
     heads = u.new_zeros(rep.n_layers, rep.weights.n_heads)
     skip = u.new_zeros(rep.n_layers)

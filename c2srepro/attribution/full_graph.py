@@ -38,7 +38,8 @@ the edges carrying ``edge_threshold`` of the edge scores N[t, s] (I[t] + w[t]), 
 and error nodes left without a kept outgoing edge and features without a kept incoming one,
 until stable. Tokens and targets are always kept. Unlike circuit-tracer, edge scores are taken on
 the whole graph rather than re-normalised over the kept nodes, which makes the pruned graph
-monotone: a larger threshold never drops a node or an edge that a smaller one kept.
+monotone: a larger threshold never drops a node or an edge that a smaller one kept;
+``edge_scores="renormalised"`` gives circuit-tracer's own edge scores instead.
 
 Views of the same graph: :func:`greedy_paths` (the paper's beam search over the stored rows) and
 :func:`gene_view` (each gene's sub-word token nodes merged, genes ranked by influence). Files:
@@ -66,9 +67,10 @@ from torch import Tensor
 
 from c2srepro._cache import atomic_path
 from c2srepro.attribution.circuit import beam_search, check_search
-from c2srepro.attribution.contributions import _reading, residual_gradients
+from c2srepro.attribution.contributions import Reading, node_reading, residual_gradients
 from c2srepro.attribution.linearised import LinearisedReplacement
 from c2srepro.attribution.nodes import Node
+from c2srepro.attribution.targets import Answers, Target, as_target, check_weights
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,8 @@ class AttributionGraph:
         row = self.nodes.iloc[index]
         kind = row["kind"]
         extra = row["feature"] if kind == "feature" else row["logit_token"] if kind == "logit" else None
+        if kind == "logit" and pd.isna(extra):  # a target read along a direction: its id carries its name
+            return Node(kind, int(row["layer"]), int(row["position"]), name=row["node_id"].rsplit("@", 1)[0])
         return Node(kind, int(row["layer"]), int(row["position"]), None if extra is None else int(extra))
 
     def index_of(self, node: Node) -> int:
@@ -134,8 +138,8 @@ class AttributionGraph:
         return int(match[0])
 
     def node_influence(self) -> Float[Tensor, "node"]:
-        """I = w (N + N^2 + ...): each node's total influence on the weighted targets."""
-        return _influence(_normalise(self.adjacency), self.target_weights)
+        """I = |w| (N + N^2 + ...): each node's total influence on the weighted targets."""
+        return _influence(_normalise(self.adjacency), self.target_weights.abs())
 
     def scores(self) -> dict[str, float]:
         """circuit-tracer's replacement and completeness scores (module docstring of ``graph.py`` there).
@@ -146,12 +150,12 @@ class AttributionGraph:
         node's inputs, sum_t (1 - sum_{s error} N[t, s]) (I[t] + w[t]) / sum_t (I[t] + w[t]).
         """
         normalised = _normalise(self.adjacency)
-        influence = _influence(normalised, self.target_weights)
+        influence = _influence(normalised, self.target_weights.abs())
         errors, tokens = self.indices("error"), self.indices("embedding")
         token_influence, error_influence = influence[tokens].sum(), influence[errors].sum()
         replacement = token_influence / (token_influence + error_influence)
         non_error = 1.0 - normalised[:, errors].sum(dim=1)
-        weight = influence + self.target_weights
+        weight = influence + self.target_weights.abs()
         completeness = (non_error * weight).sum() / weight.sum()
         return {"replacement": float(replacement), "completeness": float(completeness)}
 
@@ -173,9 +177,12 @@ class AttributionGraph:
             info=dict(self.info),
         )
 
-    def prune(self, *, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "AttributionGraph":
+    def prune(
+        self, *, node_threshold: float = 0.8, edge_threshold: float = 0.98, edge_scores: str = "monotone"
+    ) -> "AttributionGraph":
         """The influence-pruned graph (:func:`prune_graph`) as a new graph."""
-        pruning = prune_graph(self, node_threshold=node_threshold, edge_threshold=edge_threshold)
+        pruning = prune_graph(self, node_threshold=node_threshold, edge_threshold=edge_threshold,
+                              edge_scores=edge_scores)
         return self.subgraph(pruning.node_mask, pruning.edge_mask)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -290,21 +297,40 @@ def _threshold_value(scores: Float[Tensor, "n"], threshold: float) -> float:
     return float(ordered[index])
 
 
-def prune_graph(graph: AttributionGraph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruning:
-    """Influence pruning (module docstring); thresholds in (0, 1], circuit-tracer's defaults."""
+EDGE_SCORES = ("monotone", "renormalised")
+
+
+def prune_graph(
+    graph: AttributionGraph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+    edge_scores: str = "monotone",
+) -> Pruning:
+    """Influence pruning (module docstring); thresholds in (0, 1], circuit-tracer's defaults.
+
+    edge_scores: ``"monotone"`` scores edges on the whole graph; ``"renormalised"`` as
+    circuit-tracer's ``prune_graph``: on the graph restricted to the kept nodes, its rows
+    normalised and its influence recomputed there, every score (zeros included) entering the
+    threshold."""
     _check_threshold("node_threshold", node_threshold)
     _check_threshold("edge_threshold", edge_threshold)
+    if edge_scores not in EDGE_SCORES:
+        raise ValueError(f"edge_scores must be one of {EDGE_SCORES}, got {edge_scores!r}")
+    weights = graph.target_weights.abs()
     normalised = _normalise(graph.adjacency)
-    influence = _influence(normalised, graph.target_weights)
+    influence = _influence(normalised, weights)
     kinds = graph.nodes["kind"].to_numpy()
     always = torch.as_tensor((kinds == "embedding") | graph.nodes["is_target"].to_numpy())
     is_feature = torch.as_tensor(kinds == "feature") & ~always
     needs_out = torch.as_tensor((kinds == "feature") | (kinds == "error")) & ~always
 
     node_mask = (influence >= _threshold_value(influence, node_threshold)) | always
-    edge_scores = normalised * (influence + graph.target_weights)[:, None]
-    nonzero = graph.adjacency != 0
-    edge_mask = nonzero & (edge_scores >= _threshold_value(edge_scores[nonzero], edge_threshold))
+    if edge_scores == "monotone":
+        scores = normalised * (influence + weights)[:, None]
+        nonzero = graph.adjacency != 0
+        edge_mask = nonzero & (scores >= _threshold_value(scores[nonzero], edge_threshold))
+    else:
+        kept = _normalise(graph.adjacency * node_mask[:, None] * node_mask[None, :])
+        scores = kept * (_influence(kept, weights) + weights)[:, None]
+        edge_mask = scores >= _threshold_value(scores.flatten(), edge_threshold)
     while True:  # at most n_layers + 2 rounds: each removes a layer of dangling nodes
         edge_mask &= node_mask[:, None] & node_mask[None, :]
         keep = node_mask & ~(needs_out & ~edge_mask.any(dim=0)) & ~(is_feature & ~edge_mask.any(dim=1))
@@ -351,13 +377,12 @@ class _Columns:
 
 
 @torch.no_grad()
-def _rows(rep: LinearisedReplacement, targets: Sequence[Node], cols: _Columns) -> tuple[Tensor, Tensor]:
+def _rows(rep: LinearisedReplacement, readings: Sequence[Reading], cols: _Columns) -> tuple[Tensor, Tensor]:
     """One shared backward pass (module docstring, step 2): rows over ``cols`` and each row's constant."""
-    n, n_pos = len(targets), max(t.position for t in targets) + 1
+    n, n_pos = len(readings), max(r.last_position for r in readings) + 1
     rows = rep.weights.embed.new_zeros(n, cols.n_cols)
-    readings = [_reading(rep, t) for t in targets]
-    constant = torch.tensor([c for _, c in readings], dtype=rows.dtype, device=rows.device)
-    for layer, grad in residual_gradients(rep, targets, readings):
+    constant = torch.tensor([r.constant for r in readings], dtype=rows.dtype, device=rows.device)
+    for layer, grad in residual_gradients(rep, readings):
         if layer is None:
             rows[:, cols.token_start : cols.token_start + n_pos] = torch.einsum(
                 "ntd,td->nt", grad, rep.weights.embed[rep.input_ids[:n_pos]]
@@ -390,7 +415,7 @@ def _feature_nodes(rep: LinearisedReplacement) -> tuple[Tensor, Tensor, Tensor, 
 
 def build_graph(
     rep: LinearisedReplacement,
-    targets: Node | Sequence[Node],
+    targets: Target | Node | Sequence[Target | Node],
     *,
     target_weights: Sequence[float] | None = None,
     max_feature_nodes: int | None = None,
@@ -398,22 +423,26 @@ def build_graph(
     update_interval: int = 4,
     tokens: Sequence[str] | None = None,
     genes: Sequence[str | None] | None = None,
+    prompt_length: int | None = None,
+    answers: Answers | None = None,
 ) -> AttributionGraph:
     """The full attribution graph of ``rep``'s prompt for ``targets`` (module docstring, steps 1-4).
 
-    targets: logit nodes (``rep.logit_node`` / ``rep.answer_node``) or active feature nodes;
-    target_weights: their weights w in influence (default equal, normalised to sum 1);
-    max_feature_nodes: cap on feature nodes, chosen by influence (None: every active feature);
-    batch_size: rows per backward pass; update_interval: batches between influence re-estimates;
-    tokens / genes: per prompt token its string and gene symbol (None for template text).
+    targets: :mod:`c2srepro.attribution.targets` objects, or feature / logit nodes (a logit node
+    is its raw logit); target_weights: their weights w in influence, of either sign (default
+    equal; scaled to sum |w| = 1); max_feature_nodes: cap on feature nodes, chosen by influence
+    (None: every active feature); batch_size: rows per backward pass; update_interval: batches
+    between influence re-estimates; tokens / genes: per token its string and gene symbol (None for
+    template text); prompt_length, answers: what label targets need
+    (:meth:`c2srepro.attribution.targets.Target.resolve`).
     """
-    targets = [targets] if isinstance(targets, Node) else list(targets)
+    targets = [targets] if isinstance(targets, (Target, Node)) else list(targets)
     if not targets:
-        raise ValueError("give at least one target node (a logit or an active feature)")
-    if len(set(targets)) != len(targets):
-        raise ValueError("the targets must be distinct nodes")
-    for target in targets:
-        rep.check_target(target)
+        raise ValueError("give at least one target (a Target, or a logit or active feature node)")
+    resolved = [as_target(t).resolve(rep, prompt_length=prompt_length, answers=answers) for t in targets]
+    target_nodes = [r.node for r in resolved]
+    if len({n.id for n in target_nodes}) != len(target_nodes):
+        raise ValueError(f"the targets must be distinct, got {[n.id for n in target_nodes]}")
     if batch_size < 1 or update_interval < 1:
         raise ValueError(f"batch_size and update_interval must be >= 1, got {batch_size}, {update_interval}")
     if max_feature_nodes is not None and max_feature_nodes < 0:
@@ -421,14 +450,10 @@ def build_graph(
     for name, values in (("tokens", tokens), ("genes", genes)):
         if values is not None and len(values) != rep.n_pos:
             raise ValueError(f"{name} must have one entry per prompt token ({rep.n_pos}), got {len(values)}")
-    if target_weights is None:
-        target_weights = [1.0] * len(targets)
-    if len(target_weights) != len(targets) or min(target_weights) <= 0:
-        raise ValueError(f"target_weights must be {len(targets)} positive numbers, got {list(target_weights)}")
-    w = torch.tensor(target_weights, dtype=torch.float64)
-    w = w / w.sum()
+    w = check_weights(target_weights, len(targets))
 
-    logit_targets = [t for t in targets if t.kind == "logit"]
+    logit_targets = [r for r in resolved if r.node.kind == "logit"]
+    logit_nodes = [r.node for r in logit_targets]
     cols = _Columns.of(rep, len(logit_targets))
     f_layer, f_pos, f_feat, f_act = _feature_nodes(rep)
     n_active = len(f_layer)
@@ -436,22 +461,22 @@ def build_graph(
 
     def column(node: Node) -> int:
         if node.kind == "logit":
-            return cols.logit_start + logit_targets.index(node)
+            return cols.logit_start + logit_nodes.index(node)
         return cols.feature_start[node.layer] + rep.active_index(node)
 
     # Step 1: the targets' rows; row_col[r] is the column of row r's node.
     row_blocks, constants = [], []
-    for start in range(0, len(targets), batch_size):
-        rows, constant = _rows(rep, targets[start : start + batch_size], cols)
+    for start in range(0, len(resolved), batch_size):
+        rows, constant = _rows(rep, [r.reading for r in resolved[start : start + batch_size]], cols)
         row_blocks.append(rows)
         constants.append(constant)
-    row_col = [column(t) for t in targets]
+    row_col = [column(n) for n in target_nodes]
     visited = torch.zeros(n_active, dtype=torch.bool)
-    for t in targets:
-        if t.kind == "feature":
-            visited[column(t)] = True
+    for node in target_nodes:
+        if node.kind == "feature":
+            visited[column(node)] = True
     col_weights = rep.weights.embed.new_zeros(cols.n_cols)
-    col_weights[row_col] = w.to(col_weights)
+    col_weights[row_col] = w.abs().to(col_weights)
     n_features = int(visited.sum())
     cap = max(cap, n_features)  # feature targets always count as feature nodes
 
@@ -473,8 +498,8 @@ def build_graph(
         pending = pending[torch.argsort(f_layer[pending] * rep.n_pos + f_pos[pending], stable=True)]
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
-            nodes = [Node.feature(f_layer[i], f_pos[i], f_feat[i]) for i in batch.tolist()]
-            rows, constant = _rows(rep, nodes, cols)
+            readings = [node_reading(rep, Node.feature(f_layer[i], f_pos[i], f_feat[i])) for i in batch.tolist()]
+            rows, constant = _rows(rep, readings, cols)
             row_blocks.append(rows)
             constants.append(constant)
             row_col.extend(batch.tolist())
@@ -499,7 +524,7 @@ def build_graph(
     constant_of = torch.full((len(kept_cols),), float("nan"), dtype=torch.float64)
     constant_of[row_index] = torch.cat(constants).cpu().to(torch.float64)
     weights = torch.zeros(len(kept_cols), dtype=adjacency.dtype)
-    weights[new_index[torch.tensor([column(t) for t in targets])]] = w.to(adjacency.dtype)
+    weights[new_index[torch.tensor([column(n) for n in target_nodes])]] = w.to(adjacency.dtype)
 
     nodes = _node_table(rep, selected, (f_layer, f_pos, f_feat, f_act), logit_targets, tokens, genes)
     nodes["constant"] = constant_of.numpy()
@@ -510,7 +535,7 @@ def build_graph(
     nodes["computed"] = computed.numpy()
     values = adjacency.sum(dim=1).to(torch.float64) + constant_of + dropped_of
     nodes["value"] = values.numpy()  # = pre-activation or logit on the real prompt (exact decomposition)
-    nodes.loc[nodes["node_id"].isin([t.id for t in targets]), "is_target"] = True
+    nodes.loc[nodes["node_id"].isin([n.id for n in target_nodes]), "is_target"] = True
     info = {
         "n_active": n_active,
         "max_feature_nodes": max_feature_nodes,
@@ -519,6 +544,7 @@ def build_graph(
         "dtype": str(rep.weights.dtype).removeprefix("torch."),
         "tokens": list(tokens) if tokens is not None else None,
         "genes": list(genes) if genes is not None else None,
+        "targets": [dict(r.target.to_dict(), node_id=r.node.id, value=r.value) for r in resolved],
     }
     return AttributionGraph(adjacency, _typed(nodes), weights, [int(i) for i in rep.input_ids], rep.n_layers, info)
 
@@ -548,7 +574,7 @@ def _node_table(rep, selected, features, logit_targets, tokens, genes) -> pd.Dat
     for position in range(rep.n_pos):
         add(Node.embedding(position), None)
     for target in logit_targets:
-        add(target, rep.value(target))
+        add(target.node, target.value)
     return pd.DataFrame.from_records(records, columns=list(NODE_COLUMNS))
 
 

@@ -8,8 +8,10 @@ Every quantity of the linearised replacement model is a sum of contributions fro
 - ``bias``       (layer l, position t): the constants layer l writes into the residual stream at t
   (attention output bias, the LN1 bias and value bias carried through the OV circuit, transcoder b_dec).
 
-Targets are ``feature`` nodes (their pre-activation x @ W_enc + b_enc) or ``logit`` nodes
-(layer n_layers, position t, token id: the logit read at t).
+Targets are ``feature`` nodes (their pre-activation x @ W_enc + b_enc) or ``logit`` nodes (layer
+n_layers, position t, token id: the logit read at t; or, for a target read along a direction of the
+final residual stream -- an answer's log-probability, a contrast, a custom vector -- a ``name`` and
+no token, t its last position read: :mod:`c2srepro.attribution.targets`).
 """
 
 from __future__ import annotations
@@ -22,17 +24,24 @@ SOURCE_KINDS = ("embedding", "feature", "error", "bias")
 
 @dataclass(frozen=True)
 class Node:
-    """A node; ``index`` is the feature id (feature) or the token id (logit), else None."""
+    """A node; ``index`` is the feature id (feature) or the token id (logit), else None; ``name``
+    names a logit node read along a direction rather than one token's logit."""
 
     kind: str
     layer: int
     position: int
     index: int | None = None
+    name: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"node kind must be one of {KINDS}, got {self.kind!r}")
-        if (self.index is None) != (self.kind in ("embedding", "error", "bias")):
+        if self.kind == "logit":
+            if (self.index is None) == (self.name is None):
+                raise ValueError("a logit node needs either a token index or a name (a direction target), not both")
+        elif self.name is not None:
+            raise ValueError(f"only logit nodes take a name, got one on a {self.kind} node")
+        elif (self.index is None) != (self.kind in ("embedding", "error", "bias")):
             raise ValueError(f"a {self.kind} node {'needs' if self.index is None else 'takes no'} index")
 
     @classmethod
@@ -57,7 +66,7 @@ class Node:
         if self.kind == "feature":
             return f"L{self.layer}F{self.index}@{self.position}"
         if self.kind == "logit":
-            return f"logit{self.index}@{self.position}"
+            return f"logit{self.index}@{self.position}" if self.name is None else f"{self.name}@{self.position}"
         if self.kind == "embedding":
             return f"emb@{self.position}"
         return f"L{self.layer}{self.kind}@{self.position}"

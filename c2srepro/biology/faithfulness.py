@@ -45,7 +45,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from c2srepro.attribution.circuit import circuit_genes
-from c2srepro.attribution.contributions import _reading
+from c2srepro.attribution.contributions import node_reading
 from c2srepro.attribution.full_graph import AttributionGraph, gene_view, greedy_paths
 from c2srepro.attribution.linearised import LinearisedReplacement
 from c2srepro.attribution.trace import graph_cell
@@ -93,7 +93,7 @@ def direct_logit_attribution(rep: LinearisedReplacement, target, genes: Sequence
     """Attention-free direct logit attribution of each gene's token embeddings (module docstring, step 2)."""
     if target.kind != "logit":
         raise ValueError(f"direct logit attribution needs a logit target, got {target.id}")
-    reading, _ = _reading(rep, target)
+    reading = node_reading(rep, target).vectors[0]
     values = (rep.weights.embed[rep.input_ids] @ reading).to(torch.float64).numpy()
     frame = pd.DataFrame({"gene": list(genes), "value": values}).dropna(subset=["gene"])
     order = list(dict.fromkeys(g for g in genes if g is not None))

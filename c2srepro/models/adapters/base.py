@@ -92,8 +92,14 @@ class LinearisedWeights(Protocol):
         """The transpose of the frozen map from the residual ``layer``'s MLP reads to its input,
         applied to a gradient at the MLP input (a skip transcoder's W_skip path goes through it)."""
 
-    def logit_reading(self, run: Any, position: int, token: int) -> tuple[Float[Tensor, "d_model"], float]:
-        """(v, c): the frozen logit of ``token`` at ``position`` is r_L . v + c."""
+    def final_reading(self, run: Any, position: int, w: Float[Tensor, "d_model"]) -> tuple[Float[Tensor, "d_model"], float]:
+        """(v, c): the frozen final norm's output at ``position`` dotted with w is r_L . v + c."""
+
+    def logit_reading(
+        self, run: Any, position: int, direction: int | Float[Tensor, "vocab"]
+    ) -> tuple[Float[Tensor, "d_model"], float]:
+        """(v, c): the frozen logits at ``position`` dotted with a (a token's one-hot when
+        ``direction`` is a token id, else the coefficient vector ``direction``) are r_L . v + c."""
 
     def attention_transpose(
         self, run: Any, layer: int, grad: Float[Tensor, "target pos d_model"]

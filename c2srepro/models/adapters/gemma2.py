@@ -208,10 +208,19 @@ class Gemma2Weights:
         """The frozen pre-feed-forward RMS norm is diagonal: (1 + w) ⊙ rho^-1[s]."""
         return grad * self.layers[layer].pre_feedforward_gain * run.pre_feedforward_scale[layer, : grad.shape[1], None]
 
-    def logit_reading(self, run: "Gemma2Run", position: int, token: int) -> tuple[Float[Tensor, "d_model"], float]:
-        """(v, c) with logit[t, token] = r_L[t] . v + c under the frozen final scale and soft-cap ratio."""
-        ratio = run.final_softcap_ratio[position, token]
-        return ratio * run.final_scale[position] * self.final_gain * self.W_U[token], 0.0
+    def final_reading(self, run: "Gemma2Run", position: int, w: Float[Tensor, "d_model"]) -> tuple[Float[Tensor, "d_model"], float]:
+        """(v, c) with RMS(r_L; g_f)[t] . w = r_L[t] . v + c under the frozen final scale."""
+        return run.final_scale[position] * self.final_gain * w, 0.0
+
+    def logit_reading(
+        self, run: "Gemma2Run", position: int, direction: int | Float[Tensor, "vocab"]
+    ) -> tuple[Float[Tensor, "d_model"], float]:
+        """(v, c) with a . logit[t] = r_L[t] . v + c under the frozen final scale and soft-cap ratio
+        (a: a token's one-hot, or a coefficient vector over the vocabulary)."""
+        ratio = run.final_softcap_ratio[position]
+        if isinstance(direction, int):
+            return self.final_reading(run, position, ratio[direction] * self.W_U[direction])
+        return self.final_reading(run, position, (direction * ratio) @ self.W_U)
 
     def _values_out(self, layer: int) -> Float[Tensor, "head d_model d_head"]:
         """W_V of the key/value head each query head reads (grouped-query attention)."""

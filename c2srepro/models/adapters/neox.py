@@ -186,10 +186,17 @@ class NeoXWeights:
         """LN2_l^T: g2 ⊙ sigma^-1[s], then the mean-centering C (symmetric)."""
         return center(grad * self.layers[layer].ln2_weight * run.ln_scale[layer, : grad.shape[1], None])
 
-    def logit_reading(self, run: "ModelRun", position: int, token: int) -> tuple[Float[Tensor, "d_model"], float]:
-        """(v, c) with logit[t, token] = r_L[t] . v + c under the frozen final scale."""
-        w = self.W_U[token]
+    def final_reading(self, run: "ModelRun", position: int, w: Float[Tensor, "d_model"]) -> tuple[Float[Tensor, "d_model"], float]:
+        """(v, c) with LNf(r_L)[t] . w = r_L[t] . v + c under the frozen final scale."""
         return run.lnf_scale[position] * center(self.lnf_weight * w), float(self.lnf_bias @ w)
+
+    def logit_reading(
+        self, run: "ModelRun", position: int, direction: int | Float[Tensor, "vocab"]
+    ) -> tuple[Float[Tensor, "d_model"], float]:
+        """(v, c) with a . logit[t] = r_L[t] . v + c under the frozen final scale (a: a token's
+        one-hot, or a coefficient vector over the vocabulary)."""
+        w = self.W_U[direction] if isinstance(direction, int) else direction @ self.W_U
+        return self.final_reading(run, position, w)
 
     def attention_transpose(
         self, run: "ModelRun", layer: int, grad: Float[Tensor, "target pos d_model"]
