@@ -327,3 +327,41 @@ def test_benchmark_figures_draw_every_ordering():
     assert "CD14+ Monocyte" in ax.get_xlabel() and len(ax.texts) == 5
     with pytest.raises(ValueError, match="pooled_curves"):
         plot_curves(pd.DataFrame({"k": [1]}))
+
+
+@pytest.fixture(scope="module")
+def tiny_replacement(tokenizer):
+    from _tiny_neox import tiny_model, tiny_transcoders
+
+    from c2srepro.attribution.replacement import ReplacementModel
+    from c2srepro.attribution.targets import teacher_forced
+    from c2srepro.data.tokenizer import CellTokenizer
+    from c2srepro.models.mini_c2s import build_vocabulary
+
+    texts = [build_prompt(CELL).text, "NKG7 GNLY CD3E", *(answer_text(label) for label in LABELS)]
+    cell_tokenizer = CellTokenizer(tokenizer.bpe, build_vocabulary(texts, tokenizer.bpe))
+    model = tiny_model(vocab_size=cell_tokenizer.vocab_size, max_positions=128)
+    prompt = cell_tokenizer.encode(build_prompt(CELL).text)[0]
+    ids = teacher_forced(prompt, cell_tokenizer.encode(answer_text(LABELS[0]))[0])
+    return ReplacementModel(model, tiny_transcoders(model, torch.tensor(ids), firing=0.1), cell_tokenizer)
+
+
+def test_label_benchmark_reads_the_graphs_own_target(tiny_replacement):
+    from c2srepro.attribution.targets import LabelTarget
+    from c2srepro.biology.benchmark import label_benchmark
+
+    target = LabelTarget(LABELS[0], candidates=LABELS)
+    expression = {g: float(len(CELL.genes) - i) for i, g in enumerate(CELL.genes)}
+    result, predictors, graph = label_benchmark(tiny_replacement, CELL, target, expression=expression,
+                                                max_feature_nodes=16, k_max=3, absent=["NKG7", "GNLY", "CD3E"])
+    assert list(predictors.index) == list(CELL.genes)
+    assert set(predictors.columns) == {"influence", "linear", "gradient_x_input", "dla", "rank", "expression", "random"}
+    assert (predictors["influence"] >= 0).all() and predictors["rank"].is_monotonic_decreasing
+    # the graph explains the same number the benchmark measures on the real model
+    assert float(graph.nodes["value"].iloc[graph.targets[0]]) == pytest.approx(result.value, rel=1e-9)
+    answers = {label: tiny_replacement.answer_ids(label) for label in LABELS}
+    direct = answer_scores(tiny_replacement.model, tiny_replacement.tokenizer,
+                           [CELL, knock_out(CELL, ["LYZ"])], answers[LABELS[0]], target.competitors(answers), num_genes=5)
+    assert result.observed["LYZ"] == pytest.approx(direct[0] - direct[1], rel=1e-9, abs=1e-12)
+    assert set(result.scores.index) == {*predictors.columns, ORACLE, ANTI_ORACLE}
+    assert list(result.controls.index) == ["remove", "shift to end", "replace with absent gene"]

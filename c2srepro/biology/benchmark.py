@@ -39,12 +39,19 @@ matters more; for a signed predictor, positive: the gene supports the target).
    answer's plain log-probability); a position where the token has no competitor adds nothing.
    :func:`gradient_x_input` is the baseline predictor of the same scalar: the gradient of it with
    respect to the input embeddings, dotted with them, summed over each gene's tokens.
+9. :func:`label_predictors`: one cell's predictors of its genes' support for a label target, all
+   positive where the gene supports the label: ``influence`` (the graph's gene-node influence,
+   unsigned), ``linear`` (the graph's signed first-order removal estimate, negated),
+   ``gradient_x_input`` (the real model), ``dla`` (attention-free: the target's reading vectors
+   applied to the gene's token embeddings as if they sat at the reading positions), ``rank``
+   (1 / sentence rank), ``expression`` and ``random``. :func:`label_benchmark` runs
+   :func:`benchmark_cell` on them with the real model's target of step 8.
 """
 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -53,6 +60,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from c2srepro.attribution.full_graph import gene_view
+from c2srepro.attribution.replacement import ReplacementModel
+from c2srepro.attribution.targets import LabelTarget, teacher_forced
+from c2srepro.biology.faithfulness import removal_estimate
 from c2srepro.biology.perturb import knock_out
 from c2srepro.data.cells import CellSentence
 from c2srepro.data.prompts import C2S_CELL_TYPE_TEMPLATE, encode_prompts
@@ -394,3 +405,70 @@ def gradient_x_input(
     genes = prompts.gene_of_token[0]
     frame = pd.DataFrame({"gene": genes, "score": per_token}).dropna(subset=["gene"])
     return frame.groupby("gene", sort=False)["score"].sum().reindex(list(cell.genes)).rename("gradient_x_input")
+
+
+SIGNED_PREDICTORS = ("linear", "gradient_x_input", "dla")
+
+
+def label_predictors(
+    replacement: ReplacementModel,
+    cell: CellSentence,
+    target: LabelTarget,
+    *,
+    expression: Mapping[str, float] | None = None,
+    max_feature_nodes: int | None = 200,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, "Graph"]:
+    """Every predictor of step 9 for ``cell``'s genes (index: the sentence's genes), and the graph."""
+    if not isinstance(target, LabelTarget):
+        raise TypeError(f"label_predictors takes a LabelTarget, got {type(target).__name__}")
+    genes = list(cell.genes)
+    graph = replacement.attribute(cell, target, max_feature_nodes=max_feature_nodes)
+    prompt, _ = replacement.prompt(cell)
+    answers = {label: replacement.answer_ids(label) for label in target.labels}
+    rep = replacement.linearise(teacher_forced(prompt, answers[target.label]))
+    reading = target.resolve(rep, prompt_length=len(prompt), answers=answers).reading
+    per_token = (rep.weights.embed[rep.input_ids] @ reading.vectors.sum(0).to(rep.weights.dtype)).double().cpu()
+    token_genes = graph.info["genes"]
+    dla = pd.Series(per_token.numpy()[: len(token_genes)], index=token_genes)
+    dla = dla[dla.index.notna()].groupby(level=0).sum()
+    competitors = target.competitors(answers)
+    table = pd.DataFrame(index=pd.Index(genes, name="gene"))
+    table["influence"] = gene_view(graph).genes.set_index("gene")["influence"].reindex(genes).fillna(0.0)
+    table["linear"] = -removal_estimate(graph).reindex(genes).fillna(0.0)
+    table["gradient_x_input"] = gradient_x_input(replacement.model, replacement.tokenizer, cell, answers[target.label],
+                                                 competitors)
+    table["dla"] = dla.reindex(genes).fillna(0.0)
+    table["rank"] = 1.0 / np.arange(1, len(genes) + 1)
+    table["expression"] = [np.nan if expression is None else float(expression[g]) for g in genes]
+    table["random"] = np.random.default_rng([seed, cell.cell_index]).random(len(genes))
+    if expression is None:
+        table = table.drop(columns="expression")
+    return table, graph
+
+
+def label_benchmark(
+    replacement: ReplacementModel,
+    cell: CellSentence,
+    target: LabelTarget,
+    *,
+    expression: Mapping[str, float] | None = None,
+    max_feature_nodes: int | None = 200,
+    k_max: int = 10,
+    precision_k: int = 10,
+    absent: Sequence[str] = (),
+    batch_size: int = 64,
+    seed: int = 0,
+) -> tuple[CellBenchmark, pd.DataFrame, "Graph"]:
+    """One cell's benchmark on a label target (step 9): the result, the predictors and the graph."""
+    predictors, graph = label_predictors(replacement, cell, target, expression=expression,
+                                         max_feature_nodes=max_feature_nodes, seed=seed)
+    answers = {label: replacement.answer_ids(label) for label in target.labels}
+
+    def measure(sentences: Sequence[CellSentence]) -> np.ndarray:
+        return answer_scores(replacement.model, replacement.tokenizer, sentences, answers[target.label],
+                             target.competitors(answers), num_genes=len(cell.genes), batch_size=batch_size)
+
+    result = benchmark_cell(cell, predictors, measure, k_max=k_max, precision_k=precision_k,
+                            signed=[p for p in SIGNED_PREDICTORS if p in predictors.columns], absent=absent, seed=seed)
+    return result, predictors, graph
