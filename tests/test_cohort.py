@@ -7,6 +7,7 @@ from scipy.stats import false_discovery_control, kstest
 
 from c2srepro.attribution import build_graph, gene_view
 from c2srepro.biology.cohort import (
+    break_ties,
     CellInfluence,
     aggregate,
     cell_influence,
@@ -52,10 +53,11 @@ def test_pruned_membership_follows_kept_edges(graphs):
     assert tight.features["in_pruned"].sum() < loose.features["in_pruned"].sum()
 
 
-def _cohort(values, labels):
+def _cohort(values, labels, in_sentence=None):
+    in_sentence = np.ones(np.shape(values)) if in_sentence is None else np.asarray(in_sentence, float)
     return ad.AnnData(X=np.asarray(values, float), obs=pd.DataFrame({"type": pd.Categorical(labels)},
                       index=[f"c{i}" for i in range(len(labels))]),
-                      layers={"influence": np.asarray(values, float)},
+                      layers={"influence": np.asarray(values, float), "in_sentence": in_sentence},
                       var=pd.DataFrame(index=pd.Index([f"G{j}" for j in range(np.shape(values)[1])], name="gene")))
 
 
@@ -179,3 +181,42 @@ def test_prerank_types_finds_the_own_term_and_the_shuffle_control_loses_it():
     assert not (control["own_first"] & (control["own_fdr"] < 0.05)).all()
     with pytest.raises(ValueError, match="types \\['c'\\] have no cells"):
         prerank_types(cohort, LIBRARY, own, types=["c"])
+
+
+def test_break_ties_orders_ties_by_the_stated_rule_and_keeps_every_other_order():
+    values = pd.Series([0.0, 2.0, 0.0, 0.0, 1.0, 2.0], index=["D", "B", "A", "C", "E", "F"])
+    tiebreak = pd.Series([0.1, 0.0, 0.1, 0.5, 0.0, 1.0], index=values.index)
+    split = break_ties(values, tiebreak)
+    assert split.is_unique
+    # F before B (tiebreak), C before A and D (tiebreak), A before D (name), and no value crosses a gap
+    assert list(split.sort_values(ascending=False).index) == ["F", "B", "E", "C", "A", "D"]
+    assert (split - values).abs().max() < 1 / 3
+    assert break_ties(pd.Series([1.0, 3.0], index=["x", "y"]), pd.Series([0.0, 0.0], index=["x", "y"])).tolist() == [1.0, 3.0]
+
+
+def test_prerank_types_ranks_the_types_own_genes_without_ties(monkeypatch):
+    """Genes absent from every sentence of the type are left out, and gseapy meets no tied value (its
+    "order of those genes will be arbitrary" case)."""
+    import c2srepro.biology.cohort as cohort_module
+
+    rng = np.random.default_rng(4)
+    labels = np.array(["a"] * 6 + ["b"] * 6)
+    values = np.zeros((12, 30))
+    values[:, :12] = rng.gamma(1.0, size=(12, 12)) * (rng.random((12, 12)) < 0.5)  # many exact zeros: ties
+    in_sentence = np.ones((12, 30))
+    in_sentence[labels == "a", 24:] = 0  # G24..G29 are in no sentence of type a
+    cohort = _cohort(values, labels, in_sentence)
+    seen = {}
+    real_prerank = cohort_module.prerank
+
+    def spy(ranking, library, **options):
+        seen[len(seen)] = ranking
+        return real_prerank(ranking, library, **options)
+
+    monkeypatch.setattr(cohort_module, "prerank", spy)
+    prerank_types(cohort, LIBRARY, {"a": ["type a"], "b": ["type b"]}, permutation_num=20, seed=0)
+    assert (values[labels == "a"][:, :24] == 0).all(axis=0).any()  # the input does hold ties
+    assert set(seen[0].index) == {f"G{j}" for j in range(24)} and seen[0].is_unique
+    assert set(seen[1].index) == {f"G{j}" for j in range(30)} and seen[1].is_unique
+    with pytest.raises(ValueError, match="in_sentence"):
+        prerank_types(ad.AnnData(X=values, obs=cohort.obs, layers={"influence": values}), LIBRARY, {})

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from conftest import tiny_c2s
 
 from c2srepro.biology.perturb import (
     knock_out,
@@ -14,8 +14,6 @@ from c2srepro.biology.perturb import (
 )
 from c2srepro.data.cells import CellSentence
 from c2srepro.data.prompts import build_prompt, encode_prompts
-from c2srepro.data.tokenizer import CellTokenizer
-from c2srepro.models.mini_c2s import build_vocabulary
 from c2srepro.models.predict import score_labels
 
 CELL = CellSentence(7, "c7", ("CD14", "LYZ", "S100A8", "VWF", "PTPRB"), "CD14+ Monocyte")
@@ -69,15 +67,7 @@ def test_perturbation_errors():
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    cells = [CELL, OTHER, remove_gene(CELL, "LYZ")]
-    texts = [build_prompt(c, with_answer=True).text for c in cells]
-    texts += [build_prompt(CellSentence(0, "x", CELL.genes, label), with_answer=True).text for label in LABELS]
-    cell_tokenizer = CellTokenizer(tokenizer.bpe, build_vocabulary(texts, tokenizer.bpe))
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=cell_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=64, rotary_pct=0.25,
-                           use_parallel_residual=True, max_position_embeddings=128)
-    return GPTNeoXForCausalLM(config).eval(), cell_tokenizer
+    return tiny_c2s(tokenizer, [CELL, OTHER, remove_gene(CELL, "LYZ")], LABELS)
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 64])

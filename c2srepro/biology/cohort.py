@@ -6,7 +6,8 @@
    it: a gene when one of its token nodes keeps an outgoing edge, a feature when its node is kept.
 2. :func:`cohort_anndata`: cells x genes (or features) as an AnnData, influence in ``X`` and in
    ``layers["influence"]``, the 0/1 pruned-graph membership in ``layers["in_pruned"]``, the cell
-   type in ``obs["type"]``; a gene absent from a cell's sentence has influence 0. So
+   type in ``obs["type"]``, and 0/1 "the gene is in the cell's sentence" in
+   ``layers["in_sentence"]``; a gene absent from a cell's sentence has influence 0. So
    ``sc.tl.rank_genes_groups(cohort, "type")`` ranks genes by influence as it ranks them by
    expression. :func:`aggregate` gives per type the mean influence and the fraction of cells
    whose pruned graph holds the gene.
@@ -18,7 +19,11 @@
 4. :func:`compare_rankings`: ``rank_genes_groups`` (Wilcoxon) on influence and on expression of
    the same cells; per type the overlap of the two top-``n`` lists.
 5. :func:`prerank_types`: ``gseapy.prerank`` (GSEA on a ranked list) of each type's contrast d
-   against a gene set library; per type the best own marker term (a label-map term,
+   against a gene set library. Only genes in the sentence of at least one of the type's cells are
+   ranked (the others' d says nothing about the type's own answers), and equal values of d are
+   ordered by the gene's mean influence over the type's cells, then by symbol: each tie is split by
+   offsets far below the smallest gap between distinct values (:func:`break_ties`), so the result
+   does not depend on gseapy's order for ties. Per type the best own marker term (a label-map term,
    :func:`c2srepro.biology.casestudy.label_marker_terms`), its place among the terms by NES and
    its FDR. :func:`shuffled_cohort` permutes the type labels (seeded) for the control.
 """
@@ -88,15 +93,18 @@ def cohort_anndata(cells: Sequence[CellInfluence], *, kind: str = "genes") -> ad
     names = list(dict.fromkeys(name for t in tables for name in t.index))
     influence = np.zeros((len(cells), len(names)))
     in_pruned = np.zeros((len(cells), len(names)))
+    in_sentence = np.zeros((len(cells), len(names)))
     column = {name: j for j, name in enumerate(names)}
     for i, t in enumerate(tables):
         cols = [column[n] for n in t.index]
         influence[i, cols] = t["influence"].to_numpy()
         in_pruned[i, cols] = t["in_pruned"].to_numpy(dtype=float)
+        in_sentence[i, cols] = 1.0
     obs = pd.DataFrame({TYPE_COLUMN: pd.Categorical([c.label for c in cells])}, index=ids)
     cohort = ad.AnnData(X=influence.copy(), obs=obs, var=pd.DataFrame(index=pd.Index(names, name=kind[:-1])))
     cohort.layers["influence"] = influence
     cohort.layers["in_pruned"] = in_pruned
+    cohort.layers["in_sentence"] = in_sentence
     return cohort
 
 
@@ -205,6 +213,21 @@ def shuffled_cohort(cohort: ad.AnnData, *, groupby: str = TYPE_COLUMN, seed: int
     return copy
 
 
+def break_ties(values: pd.Series, tiebreak: pd.Series) -> pd.Series:
+    """``values`` with each run of equal values split, in descending ``tiebreak`` and then ascending name,
+    by offsets below a third of the smallest gap between distinct values (module docstring, step 5)."""
+    order = np.lexsort((values.index.to_numpy(dtype=str), -tiebreak.reindex(values.index).to_numpy(dtype=float),
+                        -values.to_numpy(dtype=float)))
+    ranked = values.to_numpy(dtype=float)[order]
+    gaps = np.diff(np.unique(ranked))
+    scale = gaps.min() if gaps.size else (abs(float(ranked[0])) or 1.0)
+    n = len(ranked)
+    tie_start = np.maximum.accumulate(np.where(np.r_[True, np.diff(ranked) != 0], np.arange(n), 0))
+    out = np.empty(n)
+    out[order] = ranked - scale / 3 * (np.arange(n) - tie_start) / n
+    return pd.Series(out, index=values.index, name=values.name)
+
+
 def prerank(ranking: pd.Series, library: GeneSetLibrary, *, permutation_num: int = 1000, seed: int = 0,
             min_size: int = 5, max_size: int = 500) -> pd.DataFrame:
     """``gseapy.prerank`` of one ranked gene list (gene -> score) against ``library``; its ``res2d``
@@ -254,12 +277,18 @@ def prerank_types(
     unknown = sorted(set(types) - set(labels))
     if unknown:
         raise ValueError(f"types {unknown} have no cells in the cohort; its types: {sorted(set(labels))}")
+    if "in_sentence" not in cohort.layers:
+        raise ValueError("the cohort has no layers['in_sentence']: build it with cohort_anndata (c2srepro >= 0.2)")
     values = np.asarray(cohort.layers["influence"], dtype=float)
+    in_sentence = np.asarray(cohort.layers["in_sentence"], dtype=bool)
     all_types = sorted(set(labels))
     contrast = _contrast(values, (labels[:, None] == np.array(all_types)[None, :]).astype(float))
     rows = []
     for group in types:
-        ranking = pd.Series(contrast[all_types.index(group)], index=cohort.var_names)
+        own_cells = labels == group
+        ranked = in_sentence[own_cells].any(axis=0)
+        ranking = break_ties(pd.Series(contrast[all_types.index(group)][ranked], index=cohort.var_names[ranked]),
+                             pd.Series(values[own_cells][:, ranked].mean(axis=0), index=cohort.var_names[ranked]))
         table = prerank(ranking, library, permutation_num=permutation_num, seed=seed, min_size=min_size,
                         max_size=max_size)
         own = table[table["Term"].isin(list(own_terms.get(group, ())))]
