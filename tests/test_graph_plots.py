@@ -85,9 +85,11 @@ def test_the_menu_highlights_one_nodes_paths(graph):
 
 def test_interactive_embeds_plotly_and_is_reproducible(graph):
     fig = graph_figure(graph)
-    page = interactive(fig).data
-    assert page.count("plotly.js v") == 1 and "Plotly.newPlot" in page
-    assert page == interactive(graph_figure(graph)).data  # the element id follows the content
+    shown = interactive(fig)
+    library, page = shown.library_html(), shown.figure_html()
+    assert library.count("plotly.js v") == 1 and "plotly.js v" not in page and "Plotly.newPlot" in page
+    again = interactive(graph_figure(graph))
+    assert page == again.figure_html()  # the element id follows the content
     with pytest.raises(TypeError, match="plotly Figure"):
         interactive("not a figure")
     with pytest.raises(ValueError, match="n_highlight must be >= 0"):
