@@ -166,7 +166,7 @@ class FeatureAtlas:
         if layer is not None:
             extra = extra[extra["layer"] == int(layer)]
         if extra.empty:
-            return self._nothing(what, asked, known)
+            return self._nothing(what, asked, known, columns=extra)
         return self._with_summary(extra)
 
     def for_type(self, cell_type: str, *, min_cells: int = 1) -> pd.DataFrame:
@@ -223,7 +223,7 @@ class FeatureAtlas:
         first = ["anchor", "layer", "feature"]
         return merged[first + [c for c in merged.columns if c not in first]].reset_index(drop=True)
 
-    def _nothing(self, what: str, asked: str, known) -> pd.DataFrame:
+    def _nothing(self, what: str, asked: str, known, columns: pd.DataFrame | None = None) -> pd.DataFrame:
         known = sorted({str(k) for k in known})
         # Names sharing a word with the query first ("NK cell" -> "CD56+ NK"), then spelling neighbours.
         words = {w for w in re.findall(r"[\w+-]+", asked.lower()) if len(w) > 1}
@@ -235,8 +235,10 @@ class FeatureAtlas:
         message = (f"no feature of the atlas has the {what} {asked!r}; nearest: {', '.join(near)}" if near
                    else f"no feature of the atlas has the {what} {asked!r}, nor anything close")
         log.warning("%s", message)
-        empty = self._with_summary(pd.DataFrame({"layer": pd.Series(dtype=np.int64),
-                                                 "feature": pd.Series(dtype=np.int64)}))
+        # The columns a hit would have carried (gene_rank, matched_term, ...), so code that selects them runs.
+        rows = columns.iloc[:0] if columns is not None else pd.DataFrame({"layer": pd.Series(dtype=np.int64),
+                                                                          "feature": pd.Series(dtype=np.int64)})
+        empty = self._with_summary(rows)
         empty.attrs["message"] = message
         return empty
 
@@ -384,13 +386,20 @@ def _genes(stats: LayerFeatureStats, live: np.ndarray, n_genes: int, min_occurre
     rank = np.arange(len(row)) - np.repeat(starts, np.diff(np.r_[starts, len(row)]))
     top = rank < n_genes
     row, col, fired, occurrences, frequency, rank = (a[top] for a in (row, col, fired, occurrences, frequency, rank))
-    tokens = np.asarray(stats.gene_fire_tokens[row, col], dtype=np.float64).ravel()
-    act = np.asarray(stats.gene_act_sum[row, col], dtype=np.float64).ravel()
+    tokens = _entries(stats.gene_fire_tokens, row, col)
+    act = _entries(stats.gene_act_sum, row, col)
     return pd.DataFrame({
         "layer": stats.layer, "feature": row.astype(np.int64), "rank": rank + 1, "gene": names[col],
         "frequency": frequency, "firing_occurrences": fired.astype(np.int64), "occurrences": occurrences.astype(np.int64),
         "mean_act": act / np.maximum(tokens, 1),
     }, columns=GENE_COLUMNS)
+
+
+def _entries(matrix, row: np.ndarray, col: np.ndarray) -> np.ndarray:
+    """matrix[row[i], col[i]] as float64; scipy gives a sparse matrix, not a dense one, for no entries."""
+    if len(row) == 0:
+        return np.zeros(0, dtype=np.float64)
+    return np.asarray(matrix[row, col], dtype=np.float64).ravel()
 
 
 def _examples(stats: LayerFeatureStats, live: np.ndarray, n_examples: int) -> pd.DataFrame:
