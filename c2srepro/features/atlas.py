@@ -79,6 +79,8 @@ FEATURE_COLUMNS = [
     "n_graphs", "n_pruned", "max_influence",
 ]
 GENE_COLUMNS = ["layer", "feature", "rank", "gene", "frequency", "firing_occurrences", "occurrences", "mean_act"]
+# What for_type() returns beside the feature's summary.
+TYPE_RESULT_COLUMNS = ["layer", "feature", "cell_type", "auroc", "mean_activation", "fraction_active"]
 EXAMPLE_COLUMNS = ["layer", "feature", "rank", "activation", "token", "gene", "context"]
 CELL_COLUMNS = ["layer", "feature", "rank", "cell_id", "cell_type", "activation"]
 TYPE_COLUMNS = ["layer", "feature", "cell_type", "n_cells", "mean_activation", "median_activation", "max_activation",
@@ -179,10 +181,10 @@ class FeatureAtlas:
             folded = [t for t in labels if t.lower() == str(cell_type).strip().lower()]
             label = folded[0] if len(folded) == 1 else None
         if label is None:
-            return self._nothing("cell type", str(cell_type), labels)
+            return self._nothing("cell type", str(cell_type), labels, columns=self.types[TYPE_RESULT_COLUMNS])
         rows = self.types[(self.types["cell_type"] == label) & (self.types["n_cells"] >= min_cells)]
         rows = rows.sort_values(["auroc", "mean_activation"], ascending=False, kind="stable")
-        return self._with_summary(rows[["layer", "feature", "cell_type", "auroc", "mean_activation", "fraction_active"]])
+        return self._with_summary(rows[TYPE_RESULT_COLUMNS])
 
     def card(self, layer: int, feature: int) -> dict[str, Any]:
         """Everything the atlas holds on one feature: ``summary`` (its row of ``features``) and
@@ -223,7 +225,7 @@ class FeatureAtlas:
         first = ["anchor", "layer", "feature"]
         return merged[first + [c for c in merged.columns if c not in first]].reset_index(drop=True)
 
-    def _nothing(self, what: str, asked: str, known, columns: pd.DataFrame | None = None) -> pd.DataFrame:
+    def _nothing(self, what: str, asked: str, known, columns: pd.DataFrame) -> pd.DataFrame:
         known = sorted({str(k) for k in known})
         # Names sharing a word with the query first ("NK cell" -> "CD56+ NK"), then spelling neighbours.
         words = {w for w in re.findall(r"[\w+-]+", asked.lower()) if len(w) > 1}
@@ -236,9 +238,7 @@ class FeatureAtlas:
                    else f"no feature of the atlas has the {what} {asked!r}, nor anything close")
         log.warning("%s", message)
         # The columns a hit would have carried (gene_rank, matched_term, ...), so code that selects them runs.
-        rows = columns.iloc[:0] if columns is not None else pd.DataFrame({"layer": pd.Series(dtype=np.int64),
-                                                                          "feature": pd.Series(dtype=np.int64)})
-        empty = self._with_summary(rows)
+        empty = self._with_summary(columns.iloc[:0])
         empty.attrs["message"] = message
         return empty
 
