@@ -5,7 +5,6 @@ from conftest import tiny_c2s
 
 from c2srepro.biology.perturb import (
     knock_out,
-    label_scores,
     move_gene,
     perturbation_effects,
     remove_gene,
@@ -13,7 +12,7 @@ from c2srepro.biology.perturb import (
     swap_genes,
 )
 from c2srepro.data.cells import CellSentence
-from c2srepro.data.prompts import build_prompt, encode_prompts
+from c2srepro.data.prompts import answer_text, build_prompt, encode_prompts
 from c2srepro.models.predict import score_labels
 
 CELL = CellSentence(7, "c7", ("CD14", "LYZ", "S100A8", "VWF", "PTPRB"), "CD14+ Monocyte")
@@ -70,12 +69,25 @@ def tiny(tokenizer):
     return tiny_c2s(tokenizer, [CELL, OTHER, remove_gene(CELL, "LYZ")], LABELS)
 
 
+@torch.no_grad()
+def full_sequence_scores(model, cell_tokenizer, sentences, labels) -> np.ndarray:
+    """The reference: one uncached forward pass over each prompt + answer, its answer tokens' log-probabilities summed."""
+    scores = np.zeros((len(sentences), len(labels)))
+    for i, ids in enumerate(encode_prompts(sentences, cell_tokenizer).input_ids):
+        for j, label in enumerate(labels):
+            answer = list(cell_tokenizer.encode(answer_text(label))[0])
+            logits = model(input_ids=torch.tensor([list(ids) + answer])).logits[0].double()
+            log_probs = torch.log_softmax(logits, -1)[len(ids) - 1 : -1]
+            scores[i, j] = float(log_probs.gather(-1, torch.tensor(answer)[:, None]).sum())
+    return scores
+
+
 @pytest.mark.parametrize("batch_size", [1, 4, 64])
-def test_batched_scores_equal_the_models_scores(tiny, batch_size):
+def test_batched_scores_equal_full_sequence_passes(tiny, batch_size):
     model, cell_tokenizer = tiny
     sentences = [CELL, OTHER, remove_gene(CELL, "LYZ")]
-    ours = label_scores(model, cell_tokenizer, sentences, LABELS, batch_size=batch_size)
-    reference = score_labels(model, cell_tokenizer, sentences, LABELS)
+    ours = score_labels(model, cell_tokenizer, sentences, LABELS, batch_size=batch_size)
+    reference = full_sequence_scores(model, cell_tokenizer, sentences, LABELS)
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
 
 
@@ -110,6 +122,6 @@ def test_effect_errors(tiny):
     with pytest.raises(ValueError, match="1 perturbed sentences but 2 names"):
         perturbation_effects(model, cell_tokenizer, CELL, [remove_gene(CELL, "LYZ")], LABELS, names=["a", "b"])
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        label_scores(model, cell_tokenizer, [CELL], LABELS, batch_size=0)
+        score_labels(model, cell_tokenizer, [CELL], LABELS, batch_size=0)
     with pytest.raises(TypeError, match="expected a list of CellSentence"):
-        label_scores(model, cell_tokenizer, CELL, LABELS)
+        score_labels(model, cell_tokenizer, CELL, LABELS)

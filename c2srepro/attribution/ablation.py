@@ -1,35 +1,37 @@
-"""Faithfulness of a circuit: ablate its features and compare the target's drop with random feature sets.
+"""Faithfulness of a graph's features: switch them off and compare the label's drop with random sets.
 
-1. Collect the circuit's transcoder features (target excluded) and the pool of features that could
-   affect the target: active on this prompt, at a layer below the target's, at a position not after it.
-2. Measure the target -- a feature's activation ReLU(pre) or a logit -- with a feature set ablated
-   (activations set to zero), in one of three modes:
-   - ``propagate=False`` ("direct"): only the ablated features' direct contributions are removed,
-     pre' = pre - sum_f c(f -> target); exact and cheap (one attribution pass);
-   - ``propagate=True, freeze=True`` ("frozen"): a real re-run of the replacement model with the
-     features zeroed; downstream features are recomputed by their encoders from the changed residual,
-     error terms stay at their clean values, attention patterns and layer-norm scales stay frozen;
-   - ``propagate=True, freeze=False`` ("recomputed"): as "frozen" but attention patterns and
-     layer-norm scales are recomputed from the changed residual.
-3. Do the same for ``n_random`` random sets of the same size drawn uniformly from the pool
-   (``seed`` fixes them) and report the circuit's drop beside the random drops, with the empirical
-   p-value (1 + #{random drop >= circuit drop}) / (1 + n_random).
+1. The features: any transcoder feature nodes at prompt positions, usually a graph's
+   (:meth:`~c2srepro.attribution.full_graph.Graph.top_features`, or every feature of a pruned graph).
+   The pool they are compared with: every feature active on the prompt (all of them lie upstream
+   of the answer). Each feature must be in the pool.
+2. Switch the features off (activations set to zero) with one intervention of
+   :meth:`c2srepro.attribution.replacement.ReplacementModel.intervene`, on the real model with
+   attention and layer norms recomputed (``freeze_attention=False``) or on the frozen replacement
+   (``freeze_attention=True``), and score the candidate labels: the followed label's probability
+   among them before and after, and whether the greedy answer flips.
+3. Do the same for ``n_random`` random sets of as many features drawn uniformly from the pool
+   (``seed`` fixes them), and report the drop beside the random drops with the empirical p-value
+   (1 + #{random drop >= drop}) / (1 + n_random).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
-from c2srepro.attribution.contributions import attribute
-from c2srepro.attribution.circuit import circuit_features, graph_node
-from c2srepro.attribution.linearised import LinearisedReplacement, replacement_forward
+from c2srepro.attribution.intervene import InterventionResult, SplicedModel, zero_nodes
+from c2srepro.attribution.linearised import LinearisedReplacement
 from c2srepro.attribution.nodes import Node
+
+if TYPE_CHECKING:
+    from c2srepro.attribution.replacement import CellOrPrompt, ReplacementModel
 
 logger = logging.getLogger(__name__)
 
@@ -41,94 +43,115 @@ def empirical_p_value(observed: float, null: np.ndarray) -> float:
     return (1 + int((null >= observed).sum())) / (1 + len(null))
 
 
-def candidate_pool(rep: LinearisedReplacement, target: Node) -> list[Node]:
-    """Active features that can reach ``target``: lower layer, position not after it."""
-    read_layer = rep.n_layers if target.kind == "logit" else target.layer
+def feature_pool(rep: LinearisedReplacement) -> list[Node]:
+    """Every feature active on the replacement's prompt, by layer, then position."""
     pool = []
-    for layer in range(read_layer):
-        act = rep.active[layer]
-        upstream = act.position <= target.position
-        positions, features = act.position[upstream].tolist(), act.feature[upstream].tolist()
-        pool.extend(Node("feature", layer, p, f) for p, f in zip(positions, features))
+    for layer, act in enumerate(rep.active):
+        pool.extend(Node("feature", layer, p, f) for p, f in zip(act.position.tolist(), act.feature.tolist()))
     return pool
 
 
+@dataclass(frozen=True)
+class AblationResult:
+    """Features switched off, against random sets of as many active features (module docstring)."""
+
+    label: str
+    features: tuple[Node, ...]
+    off: InterventionResult
+    random: tuple[InterventionResult, ...]
+    random_features: tuple[tuple[Node, ...], ...]
+    pool_size: int
+    seed: int
+
+    @property
+    def drop(self) -> float:
+        """The label's probability, clean minus with the features off."""
+        return -self.off.label_probability_change
+
+    @property
+    def random_drops(self) -> np.ndarray:
+        return np.array([-r.label_probability_change for r in self.random])
+
+    @property
+    def p_value(self) -> float:
+        return empirical_p_value(self.drop, self.random_drops)
+
+    @property
+    def random_flip_rate(self) -> float:
+        return float(np.mean([r.flipped for r in self.random]))
+
+    def table(self) -> pd.DataFrame:
+        """One row per run: the clean prompt, the features off, each random set off."""
+        rows = [("clean", 0, self.off.label_probability_clean, 0.0, self.off.clean_answer, False),
+                (f"{len(self.features)} features off", len(self.features), self.off.label_probability, self.drop,
+                 self.off.intervened_answer, self.off.flipped)]
+        rows += [(f"random set {i + 1} off", len(f), r.label_probability, -r.label_probability_change,
+                  r.intervened_answer, r.flipped) for i, (r, f) in enumerate(zip(self.random, self.random_features))]
+        return pd.DataFrame(rows, columns=["run", "features_off", "label_probability", "drop", "answer", "flipped"])
+
+    def summary(self) -> dict:
+        """JSON-ready: label, mode, the features, the label's probability clean / off / random, p-value."""
+        drops = self.random_drops
+        return {
+            "label": self.label,
+            "mode": self.off.mode,
+            "n_features": len(self.features),
+            "features": [f.id for f in self.features],
+            "pool_size": self.pool_size,
+            "label_probability_clean": self.off.label_probability_clean,
+            "label_probability_off": self.off.label_probability,
+            "drop": self.drop,
+            "answer_clean": self.off.clean_answer,
+            "answer_off": self.off.intervened_answer,
+            "flipped": self.off.flipped,
+            "n_random": len(self.random),
+            "random_drops": drops.tolist(),
+            "random_drop_mean": float(drops.mean()),
+            "random_drop_std": float(drops.std(ddof=1)) if len(drops) > 1 else 0.0,
+            "random_flip_rate": self.random_flip_rate,
+            "p_value": self.p_value,
+            "seed": self.seed,
+        }
+
+
 def ablate(
-    rep: LinearisedReplacement,
-    circuit: nx.DiGraph | Sequence[Node],
-    target: Node | None = None,
+    replacement: "ReplacementModel",
+    cell_or_prompt: "CellOrPrompt",
+    features: Sequence[Node],
     *,
+    labels: Sequence[str],
+    label: str | None = None,
     n_random: int = 20,
     seed: int = 0,
-    propagate: bool = True,
-    freeze: bool = True,
-) -> dict:
-    """Drop of the target when the circuit's features are ablated, against same-size random sets.
-
-    circuit: a graph from :func:`find_circuit` (its target is used unless ``target`` is given) or a
-        list of feature nodes (then ``target`` is required).
-    Returns a dict: target, mode, n_features, pool_size, clean, circuit_value, circuit_drop,
-    random_drops (list), random_mean, random_std, p_value. Values are the target's activation
-    (feature) or logit; a drop is clean minus ablated.
-    """
-    if isinstance(circuit, nx.DiGraph):
-        target = target if target is not None else graph_node(circuit, circuit.graph["target"])
-        features = circuit_features(circuit)
-    else:
-        if target is None:
-            raise ValueError("pass target= when ablating a list of features (a circuit graph carries its own)")
-        features = list(dict.fromkeys(circuit))
-    rep.check_target(target)
+    freeze_attention: bool = False,
+) -> AblationResult:
+    """Switch ``features`` off on one cell or prompt and score ``labels``, against ``n_random``
+    random sets of as many active features (module docstring). ``label``: the one to follow
+    (default: the clean answer)."""
+    features = tuple(dict.fromkeys(features))
+    if not features:
+        raise ValueError("no features to switch off: pass at least one feature node (e.g. graph.top_features(10))")
     if n_random < 1:
         raise ValueError(f"n_random must be >= 1, got {n_random}")
-    pool = candidate_pool(rep, target)
-    reachable = set(pool)
-    stray = [f.id for f in features if f not in reachable]
+    prompt_ids = replacement.prompt(cell_or_prompt)[0]
+    pool = feature_pool(replacement.linearise(prompt_ids))
+    stray = [f.id for f in features if f not in set(pool)]
     if stray:
-        raise ValueError(
-            f"features {stray[:5]} are not active features upstream of {target.id}; they cannot be ablated"
-        )
-    if not features:
-        raise ValueError(f"no feature nodes to ablate for {target.id} (the circuit has none besides the target)")
+        raise ValueError(f"features {stray[:5]} are not active on this prompt (a graph built on another prompt, or "
+                         "a position of the answer): switch off features of this prompt's graph")
     if len(pool) < len(features):
-        raise ValueError(
-            f"only {len(pool)} active features upstream of {target.id}, fewer than the {len(features)} to ablate"
-        )
-
-    def measure(value: float) -> float:
-        return max(value, 0.0) if target.kind == "feature" else value  # a feature is measured by z = ReLU(pre)
-
-    if propagate:
-        def run(ablated: Sequence[Node]) -> float:
-            return measure(float(replacement_forward(rep, freeze=freeze, ablate=ablated).value(target)))
-    else:
-        direct = attribute(rep, target)
-
-        def run(ablated: Sequence[Node]) -> float:
-            return measure(direct.value - sum(direct.contribution(f) for f in ablated))
-
+        raise ValueError(f"only {len(pool)} features are active on the prompt, fewer than the {len(features)} to "
+                         "switch off")
+    spliced = SplicedModel(replacement.hooked, replacement.transcoders, replacement.tokenizer, prompt_ids, labels)
+    off = spliced.run(zero_nodes(features), freeze_attention=freeze_attention, label=label)
     generator = torch.Generator().manual_seed(seed)
-    clean = run([])
-    circuit_value = run(features)
-    random_drops = []
-    for _ in tqdm(range(n_random), desc="random ablations", disable=not propagate, leave=False):
-        chosen = torch.randperm(len(pool), generator=generator)[: len(features)].tolist()
-        random_drops.append(clean - run([pool[i] for i in chosen]))
-    circuit_drop = clean - circuit_value
-    drops = torch.tensor(random_drops, dtype=torch.float64)
-    result = {
-        "target": target.id,
-        "mode": "direct" if not propagate else ("frozen" if freeze else "recomputed"),
-        "n_features": len(features),
-        "pool_size": len(pool),
-        "clean": clean,
-        "circuit_value": circuit_value,
-        "circuit_drop": circuit_drop,
-        "random_drops": random_drops,
-        "random_mean": float(drops.mean()),
-        "random_std": float(drops.std()) if n_random > 1 else 0.0,
-        "p_value": empirical_p_value(circuit_drop, drops.numpy()),
-    }
-    logger.info("ablation of %d features: drop %.4g vs random %.4g +- %.4g", len(features), circuit_drop,
-                result["random_mean"], result["random_std"])
+    random_sets, random_runs = [], []
+    for _ in tqdm(range(n_random), desc="random feature sets off", leave=False, disable=n_random < 5):
+        chosen = tuple(pool[i] for i in torch.randperm(len(pool), generator=generator)[: len(features)].tolist())
+        random_sets.append(chosen)
+        random_runs.append(spliced.run(zero_nodes(chosen), freeze_attention=freeze_attention, label=off.label))
+    result = AblationResult(label=off.label, features=features, off=off, random=tuple(random_runs),
+                            random_features=tuple(random_sets), pool_size=len(pool), seed=seed)
+    logger.info("%d features off (%s): drop %.4g vs random %.4g", len(features), off.mode, result.drop,
+                float(result.random_drops.mean()))
     return result

@@ -180,10 +180,14 @@ class Graph:
     def prune(
         self, *, node_threshold: float = 0.8, edge_threshold: float = 0.98, edge_scores: str = "monotone"
     ) -> "Graph":
-        """The influence-pruned graph (:func:`prune_graph`) as a new graph."""
+        """The influence-pruned graph (:func:`prune_graph`) as a new graph; its ``info["pruning"]``
+        records the thresholds."""
         pruning = prune_graph(self, node_threshold=node_threshold, edge_threshold=edge_threshold,
                               edge_scores=edge_scores)
-        return self.subgraph(pruning.node_mask, pruning.edge_mask)
+        pruned = self.subgraph(pruning.node_mask, pruning.edge_mask)
+        pruned.info["pruning"] = {"node_threshold": node_threshold, "edge_threshold": edge_threshold,
+                                  "edge_scores": edge_scores}
+        return pruned
 
     def genes(self) -> pd.DataFrame:
         """Genes ranked by influence on the targets (:func:`gene_view`)."""
@@ -200,8 +204,9 @@ class Graph:
         return [self.node(int(i)) for i in features[order[:n]]]
 
     def to_networkx(self) -> nx.DiGraph:
-        """The graph as a networkx DiGraph in the circuit schema of :mod:`c2srepro.attribution.graph`
-        (edges source -> target with their weight). A node's ``influence`` is its summed path weight
+        """The graph as a networkx DiGraph: graph attributes target, target_value, n_layers, input_ids,
+        prompt_tokens, genes, search; node attributes the node table's columns plus ``influence``;
+        edges source -> target with their weight. A node's ``influence`` is its summed path weight
         for a greedy circuit (:func:`greedy_paths`), else its influence I on the targets; the
         (first) target's is its value."""
         search = self.info.get("search")
@@ -637,9 +642,8 @@ def greedy_paths(
 
     Returns the subgraph of the kept paths' nodes and edges (every target kept), with the search in
     ``info["search"]``: its sizes, its target and each path head's summed path weight
-    (``influence``, what :meth:`Graph.to_networkx` puts on the nodes). On an uncapped graph it is
-    :func:`c2srepro.attribution.circuit.find_circuit`'s circuit, without new backward passes; a
-    feature whose row the cap left uncomputed is a leaf. target: one of the graph's targets
+    (``influence``, what :meth:`Graph.to_networkx` puts on the nodes). A feature whose row the cap
+    left uncomputed is a leaf. target: one of the graph's targets
     (default: the only one).
     """
     if target is None:

@@ -33,12 +33,6 @@
    changed residual). Its logits are reported as the model's clean logits plus the change the
    edits make, logits_clean + (F(edits) - F(none)), so that the two implementations' rounding
    cancels and nothing edited again gives the model's output exactly.
-6. Case study (:func:`switch_off_top_features`): zero the attribution graph's ``top_n`` feature
-   nodes by influence (targets excluded), and ``n_random`` sets of as many features drawn
-   uniformly (seeded) from the active features upstream of the graph's targets (the pool of
-   :func:`c2srepro.attribution.ablation.candidate_pool`, as the ablation draws them); report the
-   traced label's probability before and after, whether the greedy answer flips, and the empirical
-   p-value (1 + #{random drop >= top drop}) / (1 + n_random) of the drop in that probability.
 """
 
 from __future__ import annotations
@@ -47,17 +41,14 @@ import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from c2srepro.attribution.ablation import candidate_pool, empirical_p_value
-from c2srepro.attribution.full_graph import Graph
 from c2srepro.attribution.linearised import build_replacement, replacement_forward, transcoder_weights
 from c2srepro.attribution.nodes import Node
 from c2srepro.data.prompts import require_prompt_ids
@@ -66,9 +57,6 @@ from c2srepro.models.hooked import HookedModel, HookPoint, as_hooked, hook_name
 from c2srepro.models.predict import answer_log_likelihoods, answer_tokens, label_log_likelihoods, label_probabilities
 from c2srepro.transcoder.fit import check_transcoders_fit
 from c2srepro.transcoder.model import Transcoder
-
-if TYPE_CHECKING:
-    from c2srepro.attribution.trace import CellCircuit
 
 OPS = ("set", "scale", "zero", "clamp")
 ALL_POSITIONS = "all"
@@ -526,154 +514,3 @@ class SplicedModel:
         score = lambda rows: answer_log_likelihoods(torch.stack(rows), self.answer_ids, self.answer_mask)  # noqa: E731
         return score(clean_rows), score(intervened_rows)
 
-
-def intervene(
-    model: nn.Module | HookedModel,
-    transcoders: Mapping[int, Transcoder] | Sequence[Transcoder],
-    tokenizer: CellTokenizer,
-    prompt_ids: Int[Tensor, "pos"] | Sequence[int],
-    candidates: Sequence[str],
-    interventions: Intervention | Iterable[Intervention],
-    *,
-    freeze_attention: bool = False,
-    label: str | None = None,
-) -> InterventionResult:
-    """One intervention on one prompt: ``SplicedModel(...).run(...)`` (for several, keep the SplicedModel)."""
-    spliced = SplicedModel(model, transcoders, tokenizer, prompt_ids, candidates)
-    return spliced.run(interventions, freeze_attention=freeze_attention, label=label)
-
-
-# ---------------------------------------------------------------------- case study (step 6)
-
-
-@dataclass(frozen=True)
-class SwitchOffResult:
-    """The graph's top features switched off, against random sets of as many active features."""
-
-    label: str
-    features: tuple[Node, ...]  # the graph's top features by influence, switched off
-    top: InterventionResult
-    random: tuple[InterventionResult, ...]
-    random_features: tuple[tuple[Node, ...], ...]
-    pool_size: int
-    seed: int
-
-    @property
-    def top_drop(self) -> float:
-        """The label's probability, clean minus with the top features off."""
-        return -self.top.label_probability_change
-
-    @property
-    def random_drops(self) -> np.ndarray:
-        return np.array([-r.label_probability_change for r in self.random])
-
-    @property
-    def p_value(self) -> float:
-        return empirical_p_value(self.top_drop, self.random_drops)
-
-    @property
-    def random_flip_rate(self) -> float:
-        return float(np.mean([r.flipped for r in self.random]))
-
-    def table(self) -> pd.DataFrame:
-        """One row per run: the clean prompt, the top features off, each random set off."""
-        rows = [("clean", 0, self.top.label_probability_clean, 0.0, self.top.clean_answer, False)]
-        rows.append((f"top {len(self.features)} graph features off", len(self.features), self.top.label_probability,
-                     self.top_drop, self.top.intervened_answer, self.top.flipped))
-        rows += [(f"random set {i + 1} off", len(f), r.label_probability, -r.label_probability_change,
-                  r.intervened_answer, r.flipped) for i, (r, f) in enumerate(zip(self.random, self.random_features))]
-        return pd.DataFrame(rows, columns=["run", "features_off", "label_probability", "drop", "answer", "flipped"])
-
-    def summary(self) -> dict:
-        """JSON-ready: label, mode, the features, the label's probability clean / top off / random, p-value."""
-        drops = self.random_drops
-        return {
-            "label": self.label,
-            "mode": self.top.mode,
-            "n_features": len(self.features),
-            "features": [f.id for f in self.features],
-            "pool_size": self.pool_size,
-            "label_probability_clean": self.top.label_probability_clean,
-            "label_probability_top_off": self.top.label_probability,
-            "top_drop": self.top_drop,
-            "answer_clean": self.top.clean_answer,
-            "answer_top_off": self.top.intervened_answer,
-            "flipped": self.top.flipped,
-            "n_random": len(self.random),
-            "random_drops": drops.tolist(),
-            "random_drop_mean": float(drops.mean()),
-            "random_drop_std": float(drops.std(ddof=1)) if len(drops) > 1 else 0.0,
-            "random_flip_rate": self.random_flip_rate,
-            "p_value": self.p_value,
-            "seed": self.seed,
-        }
-
-
-def top_influence_features(graph: Graph, n: int) -> list[Node]:
-    """The graph's ``n`` feature nodes of highest influence on its targets (targets excluded; ties by node order)."""
-    influence = graph.node_influence()
-    features = graph.indices("feature")
-    targets = set(graph.targets)
-    ranked = [int(i) for i in features[influence[features].argsort(descending=True, stable=True)]
-              if int(i) not in targets and float(influence[i]) > 0]
-    if len(ranked) < n:
-        raise ValueError(
-            f"the graph has {len(ranked)} feature nodes with influence on its targets, fewer than top_n={n}: "
-            "lower top_n, or build the graph with a larger max_feature_nodes (or prune it less)"
-        )
-    return [graph.node(i) for i in ranked[:n]]
-
-
-def switch_off_top_features(
-    model: nn.Module | HookedModel,
-    transcoders: Mapping[int, Transcoder] | Sequence[Transcoder],
-    tokenizer: CellTokenizer,
-    traced: "CellCircuit",
-    graph: Graph,
-    candidates: Sequence[str],
-    *,
-    top_n: int = 10,
-    n_random: int = 20,
-    seed: int = 0,
-    freeze_attention: bool = False,
-) -> SwitchOffResult:
-    """Step 6 of the module docstring for a traced cell (:func:`c2srepro.attribution.trace.trace_cell`)
-    and its attribution graph (:func:`c2srepro.attribution.full_graph.build_graph` on
-    ``traced.replacement``, pruned or not). The followed label is ``traced.predicted_label``."""
-    if top_n < 1 or n_random < 1:
-        raise ValueError(f"top_n and n_random must be >= 1, got top_n={top_n}, n_random={n_random}")
-    prompt_ids = [int(i) for i in traced.prompt.input_ids[0]]
-    if list(graph.input_ids) != prompt_ids:
-        raise ValueError(
-            "the graph was built on another prompt than the traced cell's: build it with "
-            "build_graph(traced.replacement, traced.target, ...)"
-        )
-    label = traced.predicted_label
-    if label not in candidates:
-        raise ValueError(f"the traced label {label!r} is not among the candidates {list(candidates)}: add it to them")
-    features = top_influence_features(graph, top_n)
-    rep = traced.replacement
-    pool = list(dict.fromkeys(node for t in graph.targets for node in candidate_pool(rep, graph.node(t))))
-    if len(pool) < top_n:
-        raise ValueError(f"only {len(pool)} active features upstream of the graph's targets, fewer than top_n={top_n}")
-    stray = [f.id for f in features if f not in set(pool)]
-    if stray:
-        raise ValueError(f"the graph's features {stray[:5]} are not active upstream of its targets on the traced "
-                         "prompt: build the graph on traced.replacement")
-    spliced = SplicedModel(model, transcoders, tokenizer, prompt_ids, candidates)
-    top = spliced.run(zero_nodes(features), freeze_attention=freeze_attention, label=label)
-    generator = torch.Generator().manual_seed(seed)
-    random_sets, random_runs = [], []
-    for _ in tqdm(range(n_random), desc="random feature sets off", leave=False, disable=n_random < 5):
-        chosen = tuple(pool[i] for i in torch.randperm(len(pool), generator=generator)[:top_n].tolist())
-        random_sets.append(chosen)
-        random_runs.append(spliced.run(zero_nodes(chosen), freeze_attention=freeze_attention, label=label))
-    return SwitchOffResult(
-        label=label,
-        features=tuple(features),
-        top=top,
-        random=tuple(random_runs),
-        random_features=tuple(random_sets),
-        pool_size=len(pool),
-        seed=seed,
-    )

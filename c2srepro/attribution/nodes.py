@@ -19,6 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KINDS = ("embedding", "feature", "error", "bias", "logit")
+# What each kind is called in legends and tables.
+KIND_LABELS = {"feature": "transcoder", "error": "mlp reconstruction error", "embedding": "embedding", "bias": "bias",
+               "logit": "logit"}
 SOURCE_KINDS = ("embedding", "feature", "error", "bias")
 
 

@@ -1,8 +1,8 @@
 """An attribution graph to explore: the pruned, gene-level graph as an interactive plotly figure.
 
 :func:`graph_figure` draws what :func:`c2srepro.attribution.full_graph.gene_view` makes of an
-influence-pruned :class:`~c2srepro.attribution.full_graph.Graph`; the static drawing for
-print stays :func:`c2srepro.attribution.graph.draw_circuit`.
+influence-pruned :class:`~c2srepro.attribution.full_graph.Graph`; :func:`draw_circuit` is the
+static drawing for print (the paper's Figure 5) of a small graph, such as a greedy circuit.
 
 1. Influence: each node's influence on the targets is read on the whole graph and summed over each
    gene's tokens (``gene_view(graph)``), so a node shows the share it carries in the full graph, not
@@ -12,7 +12,7 @@ print stays :func:`c2srepro.attribution.graph.draw_circuit`.
    node rule is applied to the gene and template-token nodes here: only the most influential ones
    that carry ``node_threshold`` of their summed influence are drawn. Nodes left without an edge
    are not drawn.
-3. Layout as :func:`~c2srepro.attribution.graph.draw_circuit`: layers up (embeddings and genes at
+3. Layout as :func:`draw_circuit`: layers up (embeddings and genes at
    the bottom, logits on top), prompt positions across, a column only for the positions drawn; a
    gene sits at its first token. Node area grows with influence.
 4. Edges are line segments, one trace per sign and width class (|weight| over the largest: below
@@ -26,6 +26,13 @@ print stays :func:`c2srepro.attribution.graph.draw_circuit`.
 The figure needs plotly (imported when called). To show it offline, embed plotly.js in the page:
 ``fig.to_html(include_plotlyjs=True)``, as :func:`c2srepro.book.display.interactive` does; plotly's
 notebook renderers ``notebook_connected`` and ``plotly_mimetype`` load it from a CDN.
+
+The static drawing puts layers up (embeddings at the bottom, logits at the top) and positions
+across, labels the positions the graph touches with their token and gene, and scales edge width by
+|weight| (blue positive, red negative). With ``compress=True`` (the default) only the positions the
+graph touches get a column, in prompt order, so a circuit over a few dozen of a prompt's hundreds
+of tokens stays legible at page width; the tick labels keep each column's position
+(``"311: V [VWF]"``). The figure widens with the number of columns unless ``figsize`` is given.
 """
 
 from __future__ import annotations
@@ -33,15 +40,20 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from collections import defaultdict
+
 import networkx as nx
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from c2srepro.attribution.full_graph import Graph, gene_view
-from c2srepro.attribution.graph import _COLOURS, FEATURE_TYPES, _layout, circuit_columns
+from c2srepro.attribution.nodes import KIND_LABELS
 
+_COLOURS = {"feature": "#4c72b0", "error": "#8c8c8c", "embedding": "#55a868", "bias": "#ccb974", "logit": "#c44e52"}
 COLOURS = {**_COLOURS, "embedding": "#b7d7b7", "gene": _COLOURS["embedding"]}
-KIND_NAMES = {**FEATURE_TYPES, "gene": "gene (its tokens merged)", "embedding": "template token"}
+KIND_NAMES = {**KIND_LABELS, "gene": "gene (its tokens merged)", "embedding": "template token"}
 WIDTH_CLASSES = ((0.0, 0.8), (0.1, 2.0), (0.3, 4.0))  # (lower bound of |w| / max |w|, line width)
 _HOVER = ("%{customdata[0]}<br>%{customdata[1]}<br>layer %{customdata[2]}, position %{customdata[3]}"
           "<br>token %{customdata[4]}<br>gene %{customdata[5]}<br>%{customdata[6]}"
@@ -212,3 +224,111 @@ def _top(top_genes: Mapping, data: dict) -> str:
     if genes is None:
         return "unknown"
     return genes if isinstance(genes, str) else ", ".join(genes)
+
+
+# ---------------------------------------------------------------------- the static drawing
+
+
+def circuit_columns(graph: nx.DiGraph, *, compress: bool = True) -> dict[int, int]:
+    """{prompt position: x column} for the positions the circuit touches: consecutive columns in
+    prompt order when ``compress``, else the position itself."""
+    positions = sorted({d["position"] for _, d in graph.nodes(data=True)})
+    return {p: (i if compress else p) for i, p in enumerate(positions)}
+
+
+def _layout(graph: nx.DiGraph, columns: dict[int, int]) -> dict[str, tuple[float, float]]:
+    """x = the position's column (nodes sharing a layer and position spread within it), y = layer."""
+    cells: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for node_id, data in graph.nodes(data=True):
+        cells[(data["layer"], data["position"])].append(node_id)
+    xy = {}
+    for (layer, position), members in cells.items():
+        members.sort()
+        width = min(0.8, 0.25 * (len(members) - 1))
+        for i, node_id in enumerate(members):
+            offset = 0.0 if len(members) == 1 else width * (i / (len(members) - 1) - 0.5)
+            xy[node_id] = (columns[position] + offset, layer)
+    return xy
+
+
+def _position_label(graph: nx.DiGraph, position: int, *, with_position: bool) -> str:
+    # Byte-level BPE spells a leading space "Ġ" and a newline "Ċ"; the label shows the text.
+    raw = str(graph.graph["prompt_tokens"][position]).replace("Ġ", " ").replace("Ċ", "\n")
+    token = raw.strip() or repr(raw)
+    genes = graph.graph["genes"]
+    gene = genes[position] if genes is not None else None
+    text = f"{token} [{gene}]" if gene else token
+    return f"{position}: {text}" if with_position else text
+
+
+def draw_circuit(
+    circuit: Graph,
+    *,
+    figsize: tuple[float, float] | None = None,
+    label_features: bool = True,
+    compress: bool = True,
+    fontsize: float = 8.0,
+) -> Figure:
+    """Draw a circuit: layers up, positions across (only those it touches when ``compress``), gene
+    tokens labelled in green, edge width by |attribution|. ``figsize`` None: 0.32 inch per column
+    (at least 7 wide) by 0.55 inch per layer (at least 5 high). Meant for a small graph (a greedy
+    circuit, :func:`~c2srepro.attribution.full_graph.greedy_paths`, or a strongly pruned one)."""
+    graph = circuit.to_networkx()
+    columns = circuit_columns(graph, compress=compress)
+    n_layers = graph.graph["n_layers"]
+    if figsize is None:
+        span = len(columns) if compress else max(columns.values(), default=0) + 1
+        figsize = (max(7.0, 2.5 + 0.32 * span), max(5.0, 2.2 + 0.55 * (n_layers + 2)))
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    xy = _layout(graph, columns)
+    weights = [abs(d["weight"]) for _, _, d in graph.edges(data=True)]
+    max_weight = max(weights, default=1.0) or 1.0
+    for u, v, d in sorted(graph.edges(data=True), key=lambda e: abs(e[2]["weight"])):
+        (x0, y0), (x1, y1) = xy[u], xy[v]
+        colour = "#2a6fdb" if d["weight"] >= 0 else "#d62728"
+        width = 0.3 + 4.0 * abs(d["weight"]) / max_weight
+        ax.plot([x0, x1], [y0, y1], color=colour, alpha=0.6, linewidth=width, zorder=1)
+    target = graph.graph["target"]
+    for kind, colour in _COLOURS.items():
+        ids = [n for n, d in graph.nodes(data=True) if d["kind"] == kind]
+        if ids:
+            ax.scatter([xy[n][0] for n in ids], [xy[n][1] for n in ids], s=40, color=colour, edgecolor="black",
+                       linewidth=0.5, zorder=2)
+    tx, ty = xy[target]
+    ax.scatter([tx], [ty], s=160, facecolor="none", edgecolor="black", linewidth=1.5, zorder=3)
+    if label_features:
+        for node_id, data in graph.nodes(data=True):
+            if data["kind"] == "feature":
+                ax.annotate(str(data["feature"]), xy[node_id], xytext=(3, 3), textcoords="offset points",
+                            fontsize=fontsize - 2)
+
+    positions = sorted(columns)
+    labels = [_position_label(graph, p, with_position=compress) for p in positions]
+    ax.set_xticks([columns[p] for p in positions], labels, rotation=90, fontsize=fontsize)
+    genes = graph.graph["genes"]
+    for tick, position in zip(ax.get_xticklabels(), positions):
+        if genes is not None and genes[position]:
+            tick.set_color("#1b7837")
+            tick.set_fontweight("bold")
+    if compress:
+        ax.set_xlim(-0.7, len(positions) - 0.3)
+    ax.set_yticks(range(-1, n_layers + 1), ["emb", *map(str, range(n_layers)), "logit"], fontsize=fontsize)
+    ax.set_ylim(-1.7, n_layers + 0.7)
+    ax.set_xlabel(("prompt position: token [gene] of the positions the circuit touches" if compress
+                   else "token position") + " (gene tokens in green)", fontsize=fontsize + 1)
+    ax.set_ylabel("layer")
+    ax.set_title(f"circuit for {target} (value {graph.graph['target_value']:.3g})", fontsize=fontsize + 2)
+    present = {d["kind"] for _, d in graph.nodes(data=True)}
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=c, label=KIND_LABELS[k])
+        for k, c in _COLOURS.items()
+        if k in present
+    ]
+    handles += [
+        Line2D([], [], color="#2a6fdb", label="positive edge"),
+        Line2D([], [], color="#d62728", label="negative edge"),
+    ]
+    # Above the plot, in one row: a legend at the side would take the width the columns need.
+    fig.legend(handles=handles, fontsize=fontsize, loc="outside upper center", ncol=len(handles), frameon=False)
+    return fig

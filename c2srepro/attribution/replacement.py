@@ -11,7 +11,11 @@ verbs of attribution as its methods (circuit-tracer's ``ReplacementModel``, for 
    label targets of one graph must follow the same answer); positions of the graph then include
    the answer prefix. It returns the attribution graph
    (:func:`c2srepro.attribution.full_graph.build_graph`) with each token's string and gene.
-4. :meth:`ReplacementModel.score_labels` is the model's own label scoring
+4. :meth:`ReplacementModel.answer_target` names the targets a question about the model's answer
+   asks, by kind (:data:`TARGET_KINDS`): the label among the candidates (the default question:
+   which cell type), the label's whole answer, the answer's first token (demeaned logit), or the
+   paper's target, the last layer's most active feature on the final prompt token.
+5. :meth:`ReplacementModel.score_labels` is the model's own label scoring
    (:func:`c2srepro.models.predict.score_labels`); :meth:`ReplacementModel.intervene` runs feature
    and node interventions on the real model or the frozen replacement
    (:class:`c2srepro.attribution.intervene.SplicedModel`).
@@ -30,7 +34,9 @@ from c2srepro.attribution.full_graph import Graph, build_graph
 from c2srepro.attribution.intervene import Intervention, InterventionResult, SplicedModel
 from c2srepro.attribution.linearised import LinearisedReplacement, build_replacement
 from c2srepro.attribution.nodes import Node
-from c2srepro.attribution.targets import ContrastTarget, LabelTarget, Target, teacher_forced
+from c2srepro.attribution.targets import (
+    ContrastTarget, FeatureTarget, LabelTarget, LogitTarget, Target, teacher_forced,
+)
 from c2srepro.data.cells import CellSentence
 from c2srepro.data.prompts import answer_text, encode_prompts
 from c2srepro.data.tokenizer import CellTokenizer
@@ -41,6 +47,8 @@ from c2srepro.transcoder.fit import check_transcoders_fit
 from c2srepro.transcoder.model import Transcoder, load_transcoders
 
 CellOrPrompt = CellSentence | Sequence[int] | torch.Tensor
+# The questions about an answer that :meth:`ReplacementModel.answer_target` names, the default first.
+TARGET_KINDS = ("label_vs_candidates", "label", "first_token", "feature")
 
 
 class ReplacementModel:
@@ -81,6 +89,43 @@ class ReplacementModel:
     def linearise(self, cell_or_prompt: CellOrPrompt) -> LinearisedReplacement:
         """The linearised replacement of one prompt (module docstring, step 2)."""
         return build_replacement(self.hooked, self.transcoders, self.prompt(cell_or_prompt)[0])
+
+    def answer_target(
+        self,
+        kind: str,
+        cell_or_prompt: CellOrPrompt,
+        label: str,
+        *,
+        candidates: Sequence[str] | None = None,
+        feature: int | None = None,
+    ) -> Target:
+        """The target of kind ``kind`` (:data:`TARGET_KINDS`) for the answer ``label`` on one cell or prompt.
+
+        ``label_vs_candidates``: ``LabelTarget(label, candidates=candidates)``; ``label``:
+        ``LabelTarget(label)``; ``first_token``: the demeaned logit of the answer's first token at the
+        final prompt token; ``feature``: the last layer's feature ``feature`` at the final prompt
+        token, by default the most active one there (the paper's target)."""
+        if kind not in TARGET_KINDS:
+            raise ValueError(f"target kind must be one of {TARGET_KINDS}, got {kind!r}")
+        if kind == "label_vs_candidates":
+            if candidates is None:
+                raise ValueError("the label_vs_candidates target needs candidates= (the labels the answer is among)")
+            return LabelTarget(label, candidates=tuple(candidates))
+        if kind == "label":
+            return LabelTarget(label)
+        if kind == "first_token":
+            return LogitTarget(self.answer_ids(label)[0])
+        last_layer = self.hooked.n_layers - 1
+        if feature is None:
+            rep = self.linearise(cell_or_prompt)
+            top = rep.top_features(last_layer, rep.n_pos - 1, n=1)
+            if not top:
+                raise ValueError(
+                    f"no transcoder feature of layer {last_layer} fires on the final prompt token, so there is no "
+                    "feature target: ask about the label instead (kind='label_vs_candidates')"
+                )
+            feature = top[0][0]
+        return FeatureTarget(last_layer, None, int(feature))
 
     def attribute(
         self,

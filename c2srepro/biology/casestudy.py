@@ -25,19 +25,19 @@ combined score among those with FDR < 0.05 ("Endothelial cell: heart", FDR 0.001
    "the top term is the cell's own type" happens by drawing genes from the prompt alone.
 4. :func:`own_type_rate` runs step 2 for many cells' circuits in one call and reports, per cell, the
    top term and whether it is in the cell's own-type terms (step 1), and the rate over cells.
-   :func:`traced_own_type_rate` first traces those circuits: for the first ``n_cells`` cells the
-   model classifies correctly, either the greedy circuit of
-   :func:`c2srepro.attribution.trace.trace_cell` and its genes (``circuit="greedy"``), or the full
-   attribution graph of :func:`c2srepro.attribution.trace.graph_cell` and its influential genes
-   (``circuit="graph"``, below).
+   :func:`traced_own_type_rate` first builds those circuits: for the first ``n_cells`` cells the
+   model classifies correctly, the attribution graph of one question about the answer
+   (:meth:`c2srepro.attribution.ReplacementModel.answer_target`) and its influential genes (below).
 
 Influential genes of a full graph: :func:`influential_genes` takes the gene view's table
 (:func:`c2srepro.attribution.gene_view`, genes ranked by their influence on the target) and keeps
 the fewest top-ranked genes whose cumulative share of the genes' total influence reaches
 ``threshold``: the node rule of influence pruning, applied to gene nodes (pruning itself keeps every
 token node, so it names no gene list of its own).
-5. :func:`summarise_circuit` gathers a circuit's graph, labels, enrichment, control and ablation
-   (:func:`c2srepro.attribution.ablate`) into the JSON-ready dict of ``circuit_summary.json``.
+5. :func:`summarise_circuit` gathers a traced cell's graph, genes, enrichment, control, ablations
+   (:func:`c2srepro.attribution.ablate`) and own-type rate into one :class:`CircuitSummary`, whose
+   ``to_dict`` is ``circuit_summary.json``; ``CircuitSummary.from_dict`` reads it back and names
+   any field missing or unknown. :func:`pick_cell` chooses the traced cell.
 
 Scores: "Combined Score" (the paper's enrichment score), "Odds Ratio", or "P-value" / "Adjusted
 P-value" (taken as -log10 so that higher is better, as for the others).
@@ -51,21 +51,22 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import networkx as nx
 import numpy as np
 import pandas as pd
-
 from tqdm import tqdm
 
-from c2srepro.attribution.ablation import empirical_p_value
-from c2srepro.attribution.circuit import circuit_features, circuit_genes
-from c2srepro.attribution.full_graph import gene_view
-from c2srepro.attribution.trace import graph_cell, trace_cell
+from c2srepro.attribution.ablation import AblationResult, empirical_p_value
+from c2srepro.attribution.circuit import circuit_genes
+from c2srepro.attribution.full_graph import Graph
 from c2srepro.data.cells import CellSentence
 from c2srepro.enrichment import GeneSetLibrary, enrich, load_library
+
+if TYPE_CHECKING:
+    from c2srepro.attribution.replacement import ReplacementModel
 
 logger = logging.getLogger(__name__)
 
@@ -516,38 +517,29 @@ def own_type_rate(
 
 
 def traced_own_type_rate(
-    model,
-    transcoders,
-    tokenizer,
+    replacement: "ReplacementModel",
     cells: Sequence[CellSentence],
     predicted: Sequence[str],
     library: GeneSetLibrary | str,
     *,
     dataset: str | os.PathLike,
     n_cells: int,
-    target: str = "feature",
-    circuit: str = "greedy",
-    k: int = 10,
-    depth: int = 3,
-    threshold: float = 0.0,
+    candidates: Sequence[str],
+    target: str = "label_vs_candidates",
     max_feature_nodes: int | None = None,
     gene_threshold: float = 0.8,
     fdr: float = DEFAULT_FDR,
     strict: bool = False,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, float | None]:
-    """:func:`own_type_rate` over the traced circuits of the first ``n_cells`` of ``cells`` whose
-    prediction (``predicted``, one per cell) is their label (module docstring, step 4).
+    """:func:`own_type_rate` over the first ``n_cells`` of ``cells`` whose prediction (``predicted``,
+    one per cell) is their label (module docstring, step 4).
 
-    circuit: ``"greedy"``, the genes of :func:`c2srepro.attribution.trace.trace_cell`'s path search
-    (``k``, ``depth``, ``threshold``); ``"graph"``, the :func:`influential_genes` (``gene_threshold``)
-    of :func:`c2srepro.attribution.trace.graph_cell`'s full graph (``max_feature_nodes``). Each
-    cell's target is its own strongest last-layer feature (or its answer's logit). Returns
+    Each cell's genes are the :func:`influential_genes` (``gene_threshold``) of its attribution
+    graph (``max_feature_nodes``) for the target of kind ``target`` of its own answer
+    (:meth:`~c2srepro.attribution.ReplacementModel.answer_target`, among ``candidates``). Returns
     ``(rows, rate)``; with no correctly classified cell, an empty table and None.
     """
-    if circuit not in ("greedy", "graph"):
-        raise ValueError(f"circuit must be 'greedy' (the paper's path search) or 'graph' (the full graph), "
-                         f"got {circuit!r}")
     if len(cells) != len(predicted):
         raise ValueError(f"{len(cells)} cells but {len(predicted)} predictions: pass one prediction per cell")
     if n_cells < 1:
@@ -557,12 +549,9 @@ def traced_own_type_rate(
         return pd.DataFrame(), None
 
     def genes_of(cell: CellSentence, label: str) -> list[str]:
-        if circuit == "greedy":
-            return circuit_genes(trace_cell(model, transcoders, tokenizer, cell, label, target=target, k=k,
-                                            depth=depth, threshold=threshold).graph)
-        graph = graph_cell(model, transcoders, tokenizer, cell, label, target=target,
-                           max_feature_nodes=max_feature_nodes).graph
-        return influential_genes(gene_view(graph).genes, threshold=gene_threshold)
+        question = replacement.answer_target(target, cell, label, candidates=candidates)
+        graph = replacement.attribute(cell, question, max_feature_nodes=max_feature_nodes)
+        return influential_genes(graph.genes(), threshold=gene_threshold)
 
     traced = [(cell.label, genes_of(cell, label))
               for cell, label in tqdm(correct, desc="tracing cells", disable=not progress)]
@@ -573,92 +562,230 @@ def traced_own_type_rate(
 # 5. The circuit summary
 
 
+
+
+def pick_cell(
+    cells: Sequence[CellSentence], predicted: Sequence[str], choice: int | str
+) -> tuple[CellSentence, str]:
+    """The cell to trace and the model's prediction for it: an index among ``cells``, or a label,
+    meaning the first cell carrying it that the model classifies correctly (the paper traces a
+    correct prediction)."""
+    if len(cells) != len(predicted):
+        raise ValueError(f"{len(cells)} cells but {len(predicted)} predictions")
+    if isinstance(choice, int):
+        if not 0 <= choice < len(cells):
+            raise ValueError(f"cell index {choice} is out of range: there are {len(cells)} cells (0..{len(cells) - 1})")
+        return cells[choice], predicted[choice]
+    labelled = [i for i, c in enumerate(cells) if c.label == choice]
+    if not labelled:
+        known = sorted({c.label for c in cells})
+        raise ValueError(f"no cell is labelled {choice!r}; labels: {known}")
+    correct = [i for i in labelled if predicted[i] == choice]
+    if not correct:
+        raise ValueError(
+            f"the model classifies none of the {len(labelled)} cells labelled {choice!r} correctly; "
+            "pick another label or a cell index"
+        )
+    return cells[correct[0]], predicted[correct[0]]
+
+
+def graph_size(graph: Graph) -> dict[str, int]:
+    """Nodes by kind (feature, error, embedding, logit), all nodes, and edges (nonzero adjacency entries)."""
+    counts = graph.nodes["kind"].value_counts()
+    return {**{kind: int(counts.get(kind, 0)) for kind in ("feature", "error", "embedding", "logit")},
+            "nodes": graph.n_nodes, "edges": int((graph.adjacency != 0).sum())}
+
+
+@dataclass(frozen=True)
+class CircuitSummary:
+    """One traced cell's circuit (module docstring, step 5): ``circuit_summary.json``."""
+
+    cell_id: str
+    cell_label: str
+    predicted_label: str
+    target: dict  # the graph's target: Target.to_dict() with node_id and value
+    n_active_features: int
+    max_feature_nodes: int | None
+    graph_size: dict  # graph_size() of the full graph
+    pruned_graph_size: dict
+    node_threshold: float
+    edge_threshold: float
+    gene_threshold: float
+    replacement_score: float
+    completeness_score: float
+    genes: list  # the influential genes, in influence order
+    gene_influence: list  # per prompt gene: gene, influence, influence_rank, sentence_rank
+    greedy_target: dict  # the greedy circuit's target (the paper's Figure 5)
+    greedy_k: int
+    greedy_depth: int
+    greedy_genes: list
+    greedy_top_marker_term: str | None
+    top_marker_library: str | None
+    top_marker_term: str | None
+    top_marker_fdr: float | None
+    top_marker_combined_score: float | None
+    top_marker_odds_ratio: float | None
+    top_marker_tied_terms: list
+    top_marker_matches_cell_type: bool
+    prompt_subset_percentile: float | None
+    prompt_subset_p_value: float | None
+    prompt_subset_target_percentile: float | None
+    prompt_subset_random_top_is_target_fraction: float | None
+    ablation: dict | None  # AblationResult.summary(): the pruned graph's features off
+    intervention: dict | None  # AblationResult.summary(): the graph's top features off in the real model
+    own_type_rate: float | None
+    own_type_rate_cells: int
+    targets: list  # per target kind asked of the same cell: its top genes, scores and pruned size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CircuitSummary":
+        """Read a summary back; a field missing or unknown is an error that names it (a file of
+        another c2srepro version: rerun chapter 6)."""
+        names = {f.name for f in fields(cls)}
+        missing, unknown = sorted(names - set(data)), sorted(set(data) - names - {"provenance"})
+        if missing or unknown:
+            raise ValueError(f"not a circuit summary of this c2srepro: fields missing {missing}, unknown {unknown}; "
+                             "rerun chapter 6 (06-circuit) to write it again")
+        return cls(**{name: data[name] for name in names})
+
+
 def _finite_or_none(value) -> float | None:
     return None if value is None or not math.isfinite(float(value)) else float(value)
 
 
 def summarise_circuit(
-    graph: nx.DiGraph,
     *,
-    cell_label: str,
+    cell: CellSentence,
     predicted_label: str,
+    graph: Graph,
+    pruned: Graph,
+    genes: Sequence[str],
+    greedy: Graph,
     enrichment: pd.DataFrame | None,
-    genes: Sequence[str] | None = None,
-    control: Mapping | None = None,
-    ablation: Mapping | None = None,
+    greedy_enrichment: pd.DataFrame | None,
+    control: Mapping | None,
+    ablation: AblationResult | None,
+    intervention: AblationResult | None,
+    own_type: tuple[pd.DataFrame, float | None],
+    targets: pd.DataFrame,
+    library: GeneSetLibrary | str,
     dataset: str | os.PathLike | None = None,
     target_terms: Sequence[str] | None = None,
-    library: GeneSetLibrary | str | None = None,
+    gene_threshold: float,
     fdr: float = DEFAULT_FDR,
     strict: bool = False,
-) -> dict:
-    """The JSON-ready summary of one circuit (``results/<profile>/circuit_summary.json``).
+) -> CircuitSummary:
+    """The :class:`CircuitSummary` of one traced cell (module docstring, step 5).
 
-    graph: from :func:`c2srepro.attribution.find_circuit` (or ``greedy_paths``); genes: the circuit's
-    gene list (default: the graph's, :func:`c2srepro.attribution.circuit_genes`; a full graph's
-    :func:`influential_genes`); enrichment: :func:`circuit_enrichment` of those genes, or None for a
-    circuit without genes (then no term, and no match); control:
-    :func:`prompt_subset_control`'s dict; ablation: :func:`c2srepro.attribution.ablate`'s.
-    The own-type terms are ``target_terms`` or, with ``dataset``, :func:`label_marker_terms` of
-    ``cell_label`` in the top term's library. ``library`` picks one Gene_set of a multi-library table.
-    Keys: cell_label, predicted_label, target, target_value, n_nodes, n_edges, n_feature_nodes, genes,
-    top_marker_library, top_marker_term, top_marker_fdr, top_marker_combined_score,
-    top_marker_odds_ratio, top_marker_matches_cell_type, prompt_subset_percentile,
-    prompt_subset_p_value, prompt_subset_target_percentile, prompt_subset_random_top_is_target_fraction,
-    ablation_mode, ablation_drop, random_ablation_drop, random_ablation_std, ablation_p_value
-    (control and ablation keys are None when those are not given).
+    graph / pruned: its attribution graph and ``graph.prune(...)``; genes: the graph's
+    :func:`influential_genes`; greedy: the paper's greedy circuit
+    (:func:`~c2srepro.attribution.full_graph.greedy_paths`); enrichment / greedy_enrichment:
+    :func:`circuit_enrichment` of their genes in ``library`` (None for no genes); control:
+    :func:`prompt_subset_control`'s dict; ablation / intervention: :func:`c2srepro.attribution.ablate`;
+    own_type: :func:`traced_own_type_rate`'s ``(rows, rate)``; targets: the table comparing target
+    kinds. The own-type terms are ``target_terms`` or, with ``dataset``, :func:`label_marker_terms` of
+    the cell's label in ``library``.
     """
     if target_terms is None and dataset is None:
         raise ValueError("summarise_circuit: pass dataset= (to look up the label map) or target_terms=")
-    if "target" not in graph.graph:
-        raise ValueError("summarise_circuit: graph has no 'target'; pass a graph from find_circuit")
-    if enrichment is None:
-        library_name = _library_name(library) if library is not None else None
-        top, ties = None, []
-    else:
-        rows = _library_rows(enrichment, library)
-        library_name = _library_name(library) if library is not None else (
-            str(rows["Gene_set"].iloc[0]) if len(rows) else None
-        )
-        top = top_marker_term(rows, fdr=fdr)
-        ties = top_marker_ties(rows, fdr=fdr)
-    if target_terms is not None:
-        own = set(target_terms)
-    elif library_name is None:
-        own = set()  # no library, no term: nothing can match
-    else:
-        own = set(label_marker_terms(dataset, cell_label, library_name, strict=strict))
-
-    summary = {
-        "cell_label": cell_label,
-        "predicted_label": predicted_label,
-        "target": graph.graph["target"],
-        "target_value": float(graph.graph["target_value"]) if "target_value" in graph.graph else None,
-        "n_nodes": graph.number_of_nodes(),
-        "n_edges": graph.number_of_edges(),
-        "n_feature_nodes": len(circuit_features(graph)),
-        "genes": list(genes) if genes is not None else circuit_genes(graph),
-        "top_marker_library": library_name,
-        "top_marker_term": top.term if top else None,
-        "top_marker_fdr": top.fdr if top else None,
-        "top_marker_combined_score": top.combined_score if top else None,
-        "top_marker_odds_ratio": top.odds_ratio if top else None,
-        "top_marker_tied_terms": ties,
-        "top_marker_matches_cell_type": bool(set(ties) & own),
-    }
+    if len(graph.targets) != 1:
+        raise ValueError(f"summarise_circuit reads a graph of one target, got {len(graph.targets)}")
+    library_name = _library_name(library)
+    rows = _library_rows(enrichment, library) if enrichment is not None else None
+    top = top_marker_term(rows, fdr=fdr) if rows is not None else None
+    ties = top_marker_ties(rows, fdr=fdr) if rows is not None else []
+    own = set(target_terms) if target_terms is not None else set(
+        label_marker_terms(dataset, cell.label, library_name, strict=strict))
+    greedy_top = (top_marker_term(_library_rows(greedy_enrichment, library), fdr=fdr)
+                  if greedy_enrichment is not None else None)
+    search = greedy.info["search"]
+    gene_table = graph.genes()
     control = control or {}
-    summary |= {
-        "prompt_subset_percentile": control.get("percentile"),
-        "prompt_subset_p_value": control.get("p_value"),
-        "prompt_subset_target_percentile": control.get("target_percentile"),
-        "prompt_subset_random_top_is_target_fraction": control.get("random_top_is_target_fraction"),
-    }
-    ablation = ablation or {}
-    summary |= {
-        "ablation_mode": ablation.get("mode"),
-        "ablation_drop": _finite_or_none(ablation.get("circuit_drop")),
-        "random_ablation_drop": _finite_or_none(ablation.get("random_mean")),
-        "random_ablation_std": _finite_or_none(ablation.get("random_std")),
-        "ablation_p_value": _finite_or_none(ablation.get("p_value")),
-    }
-    return summary
+    rate_rows, rate = own_type
+    scores = graph.scores()
+    return CircuitSummary(
+        cell_id=cell.cell_id,
+        cell_label=cell.label,
+        predicted_label=predicted_label,
+        target=graph.info["targets"][0],
+        n_active_features=int(graph.info["n_active"]),
+        max_feature_nodes=graph.info.get("max_feature_nodes"),
+        graph_size=graph_size(graph),
+        pruned_graph_size=graph_size(pruned),
+        node_threshold=float(pruned.info["pruning"]["node_threshold"]),
+        edge_threshold=float(pruned.info["pruning"]["edge_threshold"]),
+        gene_threshold=float(gene_threshold),
+        replacement_score=scores["replacement"],
+        completeness_score=scores["completeness"],
+        genes=list(genes),
+        gene_influence=gene_table[["gene", "influence", "influence_rank", "sentence_rank"]].to_dict("records"),
+        greedy_target=next(t for t in greedy.info["targets"] if t["node_id"] == search["target"]),
+        greedy_k=int(search["k"]),
+        greedy_depth=int(search["depth"]),
+        greedy_genes=circuit_genes(greedy),
+        greedy_top_marker_term=greedy_top.term if greedy_top else None,
+        top_marker_library=library_name,
+        top_marker_term=top.term if top else None,
+        top_marker_fdr=top.fdr if top else None,
+        top_marker_combined_score=top.combined_score if top else None,
+        top_marker_odds_ratio=_finite_or_none(top.odds_ratio) if top else None,
+        top_marker_tied_terms=list(ties),
+        top_marker_matches_cell_type=bool(set(ties) & own),
+        prompt_subset_percentile=control.get("percentile"),
+        prompt_subset_p_value=control.get("p_value"),
+        prompt_subset_target_percentile=control.get("target_percentile"),
+        prompt_subset_random_top_is_target_fraction=control.get("random_top_is_target_fraction"),
+        ablation=ablation.summary() if ablation is not None else None,
+        intervention=intervention.summary() if intervention is not None else None,
+        own_type_rate=rate,
+        own_type_rate_cells=len(rate_rows),
+        targets=targets.to_dict("records"),
+    )
+
+
+def compare_targets(
+    replacement: "ReplacementModel",
+    cell: CellSentence,
+    label: str,
+    *,
+    candidates: Sequence[str],
+    kinds: Sequence[str],
+    max_feature_nodes: int | None = None,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    gene_threshold: float = 0.8,
+    n_top_genes: int = 10,
+    graphs: Mapping[str, Graph] | None = None,
+) -> tuple[dict[str, Graph], pd.DataFrame]:
+    """The same cell asked several questions about its answer ``label``: one attribution graph per
+    target kind (:meth:`~c2srepro.attribution.ReplacementModel.answer_target`), and a table of what
+    each explains: the target and its value, the top ``n_top_genes`` genes by influence, the number
+    of influential genes (``gene_threshold``), the replacement and completeness scores and the pruned
+    graph's size. ``graphs``: graphs already built, by kind, reused. A kind whose target does not
+    exist on this cell (no feature fires on the final token) gets a row saying so and no graph."""
+    built = dict(graphs or {})
+    rows = []
+    for kind in kinds:
+        if kind not in built:
+            try:
+                question = replacement.answer_target(kind, cell, label, candidates=candidates)
+            except ValueError as error:  # the question has no answer on this cell: say why in its row
+                rows.append({"target kind": kind, "target": None, "value": None, "note": str(error)})
+                continue
+            built[kind] = replacement.attribute(cell, question, max_feature_nodes=max_feature_nodes)
+        graph = built[kind]
+        genes = graph.genes()
+        pruned = graph.prune(node_threshold=node_threshold, edge_threshold=edge_threshold)
+        scores = graph.scores()
+        target = graph.info["targets"][0]
+        rows.append({
+            "target kind": kind, "target": target["node_id"], "value": target["value"],
+            "top genes": ", ".join(genes["gene"].head(n_top_genes)),
+            "influential genes": len(influential_genes(genes, threshold=gene_threshold)),
+            "replacement": scores["replacement"], "completeness": scores["completeness"],
+            "pruned nodes": pruned.n_nodes, "pruned features": graph_size(pruned)["feature"], "note": "",
+        })
+    return built, pd.DataFrame(rows)

@@ -9,13 +9,9 @@ place in that list. A perturbation edits the list as C2S would see an edited cel
    exchanges the ranks of two genes. Each returns a new :class:`~c2srepro.data.cells.CellSentence`
    (same cell id and label), so its prompt is built as any other: the template's gene count
    follows the new length.
-2. :func:`label_scores`: for every (sentence, candidate label) pair, the summed log-probability of
-   the answer tokens `` {label}.`` after the prompt, as
-   :func:`c2srepro.models.predict.score_labels` defines it, computed in batches: prompts of equal
-   token length (a removal shortens a prompt by the gene's one to four tokens, so a cell's
-   perturbations fall in a few lengths) go through the model together without padding, and
-   their key/value cache is shared by every candidate's answer tokens, ``batch_size`` answer
-   sequences per pass.
+2. The model scores every perturbed sentence's candidate labels
+   (:func:`c2srepro.models.predict.score_labels`, batched by prompt length: a removal shortens a
+   prompt by the gene's one to four tokens, so a cell's perturbations fall in a few lengths).
 3. :func:`perturbation_effects`: the scores of the unperturbed cell and of each perturbed one; the
    change in the log-probability of the cell's label (by default the predicted one, the best
    score of the unperturbed cell), and the label distribution (softmax of the scores over the
@@ -29,20 +25,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-import torch
 from jaxtyping import Float
-from tqdm import tqdm
 
 from c2srepro.data.cells import CellSentence
-from c2srepro.data.prompts import (
-    C2S_CELL_TYPE_TEMPLATE,
-    answer_text,
-    encode_prompts,
-    pad_right,
-    require_cell_sentences,
-)
+from c2srepro.data.prompts import C2S_CELL_TYPE_TEMPLATE, require_cell_sentences
 from c2srepro.data.tokenizer import CellTokenizer
-from c2srepro.models.predict import label_probabilities
+from c2srepro.models.predict import label_probabilities, score_labels
 
 
 def _require_gene(cell: CellSentence, gene: str) -> int:
@@ -97,50 +85,6 @@ def swap_genes(cell: CellSentence, first: str, second: str) -> CellSentence:
     genes = list(cell.genes)
     genes[i], genes[j] = genes[j], genes[i]
     return replace(cell, genes=tuple(genes))
-
-
-@torch.no_grad()
-def label_scores(
-    model,
-    tokenizer: CellTokenizer,
-    sentences: Sequence[CellSentence],
-    candidates: Sequence[str],
-    *,
-    batch_size: int = 64,
-    progress: bool = False,
-    **prompt_options,
-) -> Float[np.ndarray, "sentence candidate"]:
-    """Log-likelihood of each candidate answer after each sentence's prompt (module docstring, step 2)."""
-    require_cell_sentences(sentences, where="label_scores")
-    if not candidates:
-        raise ValueError("give at least one candidate label")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = encode_prompts(sentences, tokenizer, **prompt_options)
-    answers = [tokenizer.encode(answer_text(label))[0] for label in candidates]
-    device = next(model.parameters()).device
-    answer_ids, answer_mask = (t.to(device) for t in pad_right(answers, pad_id=tokenizer.pad_id))  # [candidate, pos]
-    by_length: dict[int, list[int]] = {}
-    for row, ids in enumerate(prompts.input_ids):
-        by_length.setdefault(len(ids), []).append(row)
-    per_pass = max(1, batch_size // len(answers))  # prompts per pass: each continues into every candidate
-    chunks = [rows[i : i + per_pass] for rows in by_length.values() for i in range(0, len(rows), per_pass)]
-    scores = np.zeros((len(prompts), len(answers)))
-    for rows in tqdm(chunks, desc="label scores", disable=not progress):
-        prompt = torch.tensor([prompts.input_ids[r] for r in rows], device=device)  # [rows, pos], one length
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [rows, vocab]
-        cache = out.cache  # transformers >= 5.24 names the KV cache ``cache``
-        cache.batch_repeat_interleave(len(answers))  # row-major: prompt r's candidates are adjacent
-        ones = torch.ones(len(rows) * len(answers), prompt.shape[1], dtype=answer_mask.dtype, device=device)
-        mask = torch.cat([ones, answer_mask.repeat(len(rows), 1)], 1)
-        rest = model(input_ids=answer_ids.repeat(len(rows), 1), attention_mask=mask, cache=cache).logits
-        rest = torch.log_softmax(rest.float(), -1).view(len(rows), len(answers), answer_ids.shape[1], -1)
-        # rest[r, c, j] predicts answer token j + 1
-        following = rest[:, :, :-1].gather(-1, answer_ids[None, :, 1:, None].expand(len(rows), -1, -1, 1))[..., 0]
-        following = (following * answer_mask[None, :, 1:]).sum(-1)  # [rows, candidate]
-        scores[rows] = (first[:, answer_ids[:, 0]] + following).cpu().numpy()
-    return scores
 
 
 @dataclass(frozen=True)
@@ -220,7 +164,7 @@ def perturbation_effects(
     names = [f"perturbation {i}" for i in range(len(perturbed))] if names is None else list(names)
     if len(names) != len(perturbed):
         raise ValueError(f"{len(perturbed)} perturbed sentences but {len(names)} names")
-    scores = label_scores(model, tokenizer, [cell, *perturbed], candidates, batch_size=batch_size, template=template,
+    scores = score_labels(model, tokenizer, [cell, *perturbed], candidates, batch_size=batch_size, template=template,
                           **prompt_options)
     base = scores[0]
     label = candidates[int(base.argmax())] if label is None else label

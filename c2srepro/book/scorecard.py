@@ -56,6 +56,7 @@ import pandas as pd
 from pandas.io.formats.style import Styler
 from scipy.stats import fisher_exact
 
+from c2srepro.biology.casestudy import CircuitSummary
 from c2srepro.book.display import badge, format_number, table
 from c2srepro.book.paper import CIRCUIT_GENES as PAPER_CIRCUIT_GENES
 from c2srepro.book.paper import MARKER_LIBRARY as PAPER_MARKER_LIBRARY
@@ -151,6 +152,11 @@ class _Results:
         if table.empty:
             raise _Missing(name, "rows")
         return table
+
+    def circuit(self) -> CircuitSummary:
+        """Chapter 6's summary; a field it lacks is an error here (a file of another version), not a
+        missing row."""
+        return CircuitSummary.from_dict(self._read("circuit_summary.json"))
 
     def optional(self, name: str, key: str):
         """A key that may be None by design (e.g. no marker term passed); the file must exist."""
@@ -360,24 +366,21 @@ def _table4_rows(r: _Results, ctx: _Context) -> list[_Builder]:
 
 
 def _circuit_rows(r: _Results, ctx: _Context) -> list[_Builder]:
-    name = "circuit_summary.json"
-
     def genes() -> list[str]:
-        return list(r.json(name, "genes"))
+        return list(r.circuit().genes)
 
     def n_genes():
-        share = r.optional(name, "gene_threshold")
-        how = (f"the top genes carrying {float(share):.0%} of the genes' influence in the attribution graph"
-               if share is not None else "the circuit's gene list")
+        summary = r.circuit()
+        how = (f"the top genes carrying {summary.gene_threshold:.0%} of the genes' influence in the attribution "
+               f"graph of {summary.target['node_id']}")
         return _numeric("circuit_n_genes", len(genes()), ctx, _TOLERANCES["circuit_n_genes"],
                         f"{how}; the paper's 9 are its greedy circuit's")
 
     def n_genes_greedy():
-        greedy = list(r.json(name, "greedy_genes"))
-        k, depth = r.optional(name, "greedy_k"), r.optional(name, "greedy_depth")
-        return _numeric("circuit_n_genes_greedy", len(greedy), ctx, _TOLERANCES["circuit_n_genes_greedy"],
-                        f"beam k = {k}, depth {depth}: the count follows k and depth" if k is not None
-                        else "the count follows k and depth")
+        summary = r.circuit()
+        return _numeric("circuit_n_genes_greedy", len(summary.greedy_genes), ctx, _TOLERANCES["circuit_n_genes_greedy"],
+                        f"beam k = {summary.greedy_k}, depth {summary.greedy_depth} from "
+                        f"{summary.greedy_target['node_id']}: the count follows k and depth")
 
     def paper_genes():
         shared = sorted(set(genes()) & set(PAPER_CIRCUIT_GENES))
@@ -391,27 +394,25 @@ def _circuit_rows(r: _Results, ctx: _Context) -> list[_Builder]:
                     "at least half shared")
 
     def own_type():
-        matches = r.json(name, "top_marker_matches_cell_type")
-        label = r.json(name, "cell_label")
-        term = r.optional(name, "top_marker_term")
-        shown = f"{term or 'no term at FDR < 0.05'} (cell: {label})"
-        return _claim("top_marker_own_type", shown, bool(matches),
-                      f"library {r.optional(name, 'top_marker_library')}")
+        summary = r.circuit()
+        shown = f"{summary.top_marker_term or 'no term at FDR < 0.05'} (cell: {summary.cell_label})"
+        return _claim("top_marker_own_type", shown, bool(summary.top_marker_matches_cell_type),
+                      f"library {summary.top_marker_library}")
 
     def fdr():
-        library = r.optional(name, "top_marker_library")
-        term = r.optional(name, "top_marker_term")
-        if term is None:
+        summary = r.circuit()
+        library = summary.top_marker_library
+        if summary.top_marker_term is None:
             # No term passed FDR < 0.05: the claim of a significant marker term fails.
             return _claim("top_marker_fdr", "no term at FDR < 0.05", False, f"library {library}")
-        value = float(r.json(name, "top_marker_fdr"))
+        value = float(summary.top_marker_fdr)
         return _claim("top_marker_fdr", value, value < 0.05,
                       f"library {library}; the exact FDR follows the gene list and the library")
 
     def score():
-        library = r.optional(name, "top_marker_library")
-        term = r.optional(name, "top_marker_term")
-        value = None if term is None else float(r.json(name, "top_marker_combined_score"))
+        summary = r.circuit()
+        library, term = summary.top_marker_library, summary.top_marker_term
+        value = None if term is None else float(summary.top_marker_combined_score)
         shown = "no term at FDR < 0.05" if term is None else ""
         if not ctx.same_model:
             return _row("top_marker_combined_score", value, "not comparable",
@@ -458,17 +459,14 @@ def _controls(r: _Results) -> list[dict[str, Any]]:
          "the paper reports one prediction, no accuracy", lambda d: f"logistic-regression baseline on the same top-K genes {_fmt(d.get('baseline_accuracy'))}"),
         ("accuracy_transcoder", "held-out cell-type accuracy, transcoders in place", "validation.json",
          "accuracy_transcoder", "", lambda d: f"original {_fmt(d.get('accuracy_original'))}"),
-        ("prompt_subset_percentile", "circuit marker score, percentile among random prompt-gene subsets",
-         "circuit_summary.json", "prompt_subset_percentile", "", lambda d: f"p = {_fmt(d.get('prompt_subset_p_value'))}"),
-        ("ablation_drop", "target drop when the circuit's features are ablated", "circuit_summary.json",
-         "ablation_drop", "", lambda d: f"random feature sets of the same size: {_fmt(d.get('random_ablation_drop'))}"),
-        ("own_type_rate", "rate at which the top marker term is the cell's own type", "circuit_summary.json",
-         "own_type_rate", "", lambda d: f"over {_fmt(d.get('own_type_rate_cells'))} correctly classified cells"),
     ]
+    def base_of(key: str, quantity: str | None = None) -> dict[str, Any]:
+        return {"key": key, "quantity": quantity or dict(_CIRCUIT_CONTROLS).get(key), "source": "beyond the paper",
+                "kind": "control", "paper": None, "difference": None, "verdict": "not comparable", "tolerance": ""}
+
     rows = []
     for key, quantity, file, field, why, detail in specs:
-        base = {"key": key, "quantity": quantity, "source": "beyond the paper", "kind": "control", "paper": None,
-                "difference": None, "verdict": "not comparable", "tolerance": ""}
+        base = base_of(key, quantity)
         try:
             value = r.json(file, field)
         except _Missing as missing:
@@ -476,11 +474,34 @@ def _controls(r: _Results) -> list[dict[str, Any]]:
             continue
         rows.append({**base, "reproduced": value, "note": _join(why or "the paper reports no such control",
                                                                detail(r.document(file)))})
+    try:
+        summary = r.circuit()
+    except _Missing as missing:
+        return rows + [{**base_of(key), "reproduced": None, "note": _missing_note(missing)} for key, _ in _CIRCUIT_CONTROLS]
+    ablation = summary.ablation or {}
+    values = {
+        "prompt_subset_percentile": (summary.prompt_subset_percentile, f"p = {_fmt(summary.prompt_subset_p_value)}"),
+        "ablation_drop": (ablation.get("drop"), f"random feature sets of the same size: {_fmt(ablation.get('random_drop_mean'))}"),
+        "own_type_rate": (summary.own_type_rate, f"over {summary.own_type_rate_cells} correctly classified cells"),
+    }
+    for key, quantity in _CIRCUIT_CONTROLS:
+        value, detail = values[key]
+        rows.append({**base_of(key), "reproduced": value,
+                     "note": _join("the paper reports no such control", detail) if value is not None
+                     else _join(f"{key} is absent: the circuit has no genes or features", detail)})
     return rows
 
 
 def _holds(test: str, holds: bool) -> str:
     return f"{test}: {'holds' if holds else 'does not hold'}"
+
+
+# Chapter 6's controls (rule b), in the scorecard's order: (key, quantity)
+_CIRCUIT_CONTROLS = (
+    ("prompt_subset_percentile", "circuit marker score, percentile among random prompt-gene subsets"),
+    ("ablation_drop", "drop in p(label) when the pruned graph's features are switched off (frozen replacement)"),
+    ("own_type_rate", "rate at which the top marker term is the cell's own type"),
+)
 
 
 def _beyond_rows(r: _Results) -> list[_Builder]:
@@ -491,18 +512,20 @@ def _beyond_rows(r: _Results) -> list[_Builder]:
 
     def graph_score(name: str, what: str):
         def build():
-            score = r.json("circuit_summary.json", f"{name}_score")
-            size = r.json("circuit_summary.json", "pruned_graph_size")
+            summary = r.circuit()
+            score, size = getattr(summary, f"{name}_score"), summary.pruned_graph_size
             return beyond(f"graph_{name}_score", f"attribution graph {name} score", "ch. 6", score,
                           _join(what, f"pruned graph of {size['nodes']} nodes ({size['feature']} features, "
                                       f"{size['error']} error nodes)"))
         return build
 
     def intervention():
-        run = r.json("circuit_summary.json", "intervention")
-        beats = run["top_drop"] > run["random_drop_mean"] + 2 * run["random_drop_std"]
+        run = r.circuit().intervention
+        if run is None:
+            raise _Missing("circuit_summary.json", "intervention")
+        beats = run["drop"] > run["random_drop_mean"] + 2 * run["random_drop_std"]
         return beyond("intervention_top_drop", f"drop in p(label) with the graph's top {run['n_features']} features "
-                      "switched off in the real model", "ch. 6", run["top_drop"],
+                      "switched off in the real model", "ch. 6", run["drop"],
                       _join(_holds("larger than random sets of as many active features", beats),
                             f"random {_fmt(run['random_drop_mean'])} ± {_fmt(run['random_drop_std'])} over "
                             f"{run['n_random']} sets, p = {_fmt(run['p_value'])}",

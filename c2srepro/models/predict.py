@@ -1,9 +1,10 @@
 """Cell-type prediction with a C2S model: candidate-label scoring and greedy generation.
 
 1. Scoring: for each cell and each candidate label, the summed log-probability of the answer
-   tokens `` {label}.`` after the prompt; the prediction is the best-scoring label. The prompt
-   is run once per cell and every candidate continues from its key/value cache (two forward
-   passes per cell, :func:`label_log_likelihoods`; hooks installed around it see both).
+   tokens `` {label}.`` after the prompt; the prediction is the best-scoring label. Prompts of
+   equal length run once, together, and every candidate continues from their key/value cache
+   (two forward passes per batch, :func:`score_labels`; :func:`label_log_likelihoods` does the
+   same for one prompt, and hooks installed around either see both passes).
    Log-probabilities are taken in float32, or in the model's dtype when it is wider.
 2. Generation: greedy decoding from the prompt until the answer's closing ``.`` (or a token
    budget), as a user of the hub model would query it.
@@ -20,7 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from c2srepro.data.cells import CellSentence
-from c2srepro.data.prompts import answer_text, encode_prompts, pad_right
+from c2srepro.data.prompts import answer_text, encode_prompts, pad_right, require_cell_sentences
 from c2srepro.data.tokenizer import CellTokenizer
 
 
@@ -36,13 +37,18 @@ def answer_tokens(
     return tuple(t.to(device) for t in pad_right(answers, pad_id=tokenizer.pad_id))
 
 
+def _wide(logits: Tensor) -> Tensor:
+    """Logits in float32, or in their own dtype when it is wider (module docstring, step 1)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def answer_log_likelihoods(
     logits: Float[Tensor, "candidate answer vocab"],
     answer_ids: Int[Tensor, "candidate answer"],
     answer_mask: Int[Tensor, "candidate answer"],
 ) -> Float[Tensor, "candidate"]:
     """Summed log-probability of each candidate's answer tokens; ``logits[c, j]`` predicts answer token j."""
-    log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    log_probs = torch.log_softmax(_wide(logits), dim=-1)
     return (log_probs.gather(-1, answer_ids[..., None])[..., 0] * answer_mask).sum(dim=-1)
 
 
@@ -73,16 +79,46 @@ def label_log_likelihoods(
 
 @torch.no_grad()
 def score_labels(
-    model, tokenizer: CellTokenizer, sentences: Sequence[CellSentence], candidates: Sequence[str], **prompt_options
-) -> np.ndarray:
-    """Log-likelihood of each candidate answer: array [n_cells, n_candidates]."""
-    prompts = encode_prompts(sentences, tokenizer, **prompt_options)  # checks sentences and tokenizer first
+    model,
+    tokenizer: CellTokenizer,
+    sentences: Sequence[CellSentence],
+    candidates: Sequence[str],
+    *,
+    batch_size: int = 64,
+    progress: bool | None = None,
+    **prompt_options,
+) -> Float[np.ndarray, "sentence candidate"]:
+    """Log-likelihood of each candidate answer after each sentence's prompt: [sentence, candidate]
+    (module docstring, step 1). Prompts of equal token length run together, unpadded, and share
+    their key/value cache with every candidate's answer, ``batch_size`` answer sequences a pass."""
+    require_cell_sentences(sentences, where="score_labels")
+    if not candidates:
+        raise ValueError("give at least one candidate label")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = encode_prompts(sentences, tokenizer, **prompt_options)
     device = next(model.parameters()).device
-    answer_ids, answer_mask = answer_tokens(tokenizer, candidates, device=device)
+    answer_ids, answer_mask = answer_tokens(tokenizer, candidates, device=device)  # [candidate, answer]
+    by_length: dict[int, list[int]] = {}
+    for row, ids in enumerate(prompts.input_ids):
+        by_length.setdefault(len(ids), []).append(row)
+    per_pass = max(1, batch_size // len(candidates))  # prompts per pass: each continues into every candidate
+    chunks = [rows[i : i + per_pass] for rows in by_length.values() for i in range(0, len(rows), per_pass)]
     scores = np.zeros((len(prompts), len(candidates)))
-    for row in tqdm(range(len(prompts)), desc="scoring labels", disable=len(prompts) < 50):
-        prompt = torch.tensor(prompts.input_ids[row], device=device)
-        scores[row] = label_log_likelihoods(model, prompt, answer_ids, answer_mask).cpu().numpy()
+    for rows in tqdm(chunks, desc="label scores", disable=not progress if progress is not None else len(chunks) < 50):
+        prompt = torch.tensor([prompts.input_ids[r] for r in rows], device=device)  # [rows, pos], one length
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(_wide(out.logits[:, -1]), dim=-1)  # [rows, vocab]
+        cache = out.cache  # transformers >= 5.24 names the KV cache ``cache``
+        cache.batch_repeat_interleave(len(candidates))  # row-major: prompt r's candidates are adjacent
+        ones = torch.ones(len(rows) * len(candidates), prompt.shape[1], dtype=answer_mask.dtype, device=device)
+        mask = torch.cat([ones, answer_mask.repeat(len(rows), 1)], 1)
+        rest = model(input_ids=answer_ids.repeat(len(rows), 1), attention_mask=mask, cache=cache).logits
+        rest = torch.log_softmax(_wide(rest), -1).view(len(rows), len(candidates), answer_ids.shape[1], -1)
+        # rest[r, c, j] predicts answer token j + 1
+        following = rest[:, :, :-1].gather(-1, answer_ids[None, :, 1:, None].expand(len(rows), -1, -1, 1))[..., 0]
+        following = (following * answer_mask[None, :, 1:]).sum(-1)  # [rows, candidate]
+        scores[rows] = (first[:, answer_ids[:, 0]] + following).cpu().numpy()
     return scores
 
 
