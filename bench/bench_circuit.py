@@ -1,4 +1,4 @@
-"""Circuit extraction time (linearised replacement + attribution + greedy path search) on CPU.
+"""Circuit extraction time (linearised replacement + attribution + graph + greedy path search) on CPU.
 
 1. Build a randomly initialised model of a given shape (``--preset``; default 410m: Pythia-410m,
    i.e. C2S-Pythia-410m, GPT-NeoX with 24 layers, hidden 1024, 16 heads, intermediate 4096,
@@ -13,9 +13,10 @@
    search would stop at depth 1).
 3. Time, side by side in one run: ``build_replacement`` (the real forward pass, transcoder
    encodings, error terms); one ``attribute`` of a last-layer feature at the last position (one
-   backward pass); ``find_circuit`` (k, depth) from that feature and from the last position's top
-   logit; the ``direct`` ablation; and optionally (``--ablate-runs``) frozen re-run ablations.
-   Each ``attribute`` result is checked for exactness (contributions + reading bias = value).
+   backward pass); the attribution graph of that feature and of the last position's top logit
+   (``build_graph``, ``--max-feature-nodes`` feature rows) and the paper's greedy search read off
+   each (``greedy_paths``, k, depth). The ``attribute`` result is checked for exactness
+   (contributions + reading bias = value).
 4. ``--layers`` runs a truncated model (fewer layers, same width) when the full depth is too slow
    for the machine; the per-layer costs are then extrapolated to the preset's depth, labelled as such.
 
@@ -35,8 +36,7 @@ import torch
 from torch import nn
 from transformers import Gemma2ForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from c2srepro.attribution import Node, ablate, build_replacement
-from c2srepro.attribution.circuit import find_circuit
+from c2srepro.attribution import Node, build_graph, build_replacement, greedy_paths
 from c2srepro.attribution.contributions import attribute
 from c2srepro.attribution.linearised import run_model
 from c2srepro.book.smoke import GEMMA2_2B, gemma2_2b_config
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--firing", type=float, default=0.008, help="fraction of features firing per token")
-    parser.add_argument("--ablate-runs", type=int, default=0, help="random sets for a frozen re-run ablation")
+    parser.add_argument("--max-feature-nodes", type=int, default=64, help="feature rows of each attribution graph")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 avoids spin-wait stalls on a contended machine)")
     args = parser.parse_args(argv)
@@ -165,31 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     target = Node.feature(layers - 1, last, feature)
     result = timed("attribute (1 feature target)", lambda: attribute(rep, target), results)
     print(f"  exactness: value {result.value:.6g}, sum of contributions {result.total():.6g}")
-    graph = timed(f"find_circuit feature (k={args.k}, depth={args.depth})",
-                  lambda: find_circuit(rep, target, k=args.k, depth=args.depth), results)
+    search = f"graph ({args.max_feature_nodes} features) + greedy_paths (k={args.k}, depth={args.depth})"
+
+    def circuit_of(node: Node):
+        graph = build_graph(rep, node, max_feature_nodes=args.max_feature_nodes)
+        return greedy_paths(graph, k=args.k, depth=args.depth).to_networkx()
+
+    graph = timed(f"{search}, feature", lambda: circuit_of(target), results)
     print(f"  circuit: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges, {describe(graph)}")
     logit = rep.logit_node(last, int(rep.run.logits[last].argmax()))
-    logit_graph = timed(f"find_circuit logit (k={args.k}, depth={args.depth})",
-                        lambda: find_circuit(rep, logit, k=args.k, depth=args.depth), results)
+    logit_graph = timed(f"{search}, logit", lambda: circuit_of(logit), results)
     print(f"  circuit: {logit_graph.number_of_nodes()} nodes, {logit_graph.number_of_edges()} edges, "
           f"{describe(logit_graph)}")
-    # Ablation needs feature nodes besides the target; in a random Gemma-2 the embedding (scaled by
-    # sqrt(d_model)) can carry a whole shallow feature circuit, so the logit circuit stands in.
-    n_features = {"feature": Counter(d["kind"] for _, d in graph.nodes(data=True))["feature"] - 1,
-                  "logit": Counter(d["kind"] for _, d in logit_graph.nodes(data=True))["feature"]}
-    kind = next((k for k, n in n_features.items() if n > 0), None)
-    circuit = {"feature": graph, "logit": logit_graph}.get(kind)
-    if circuit is None:
-        print("  ablate: skipped (neither circuit holds a feature node besides its target)")
-    else:
-        timed(f"ablate direct ({kind} circuit, 20 random sets)",
-              lambda: ablate(rep, circuit, n_random=20, propagate=False), results)
-    if args.ablate_runs and circuit is not None:
-        timed(f"ablate frozen re-run ({kind} circuit, {args.ablate_runs} random sets)",
-              lambda: ablate(rep, circuit, n_random=args.ablate_runs, propagate=True, freeze=True), results)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"  peak resident memory {peak_gib:.2f} GiB")
-    extraction = results["build_replacement"] + results[f"find_circuit feature (k={args.k}, depth={args.depth})"]
+    extraction = results["build_replacement"] + results[f"{search}, feature"]
     print(f"circuit extraction (build + search, feature target): {extraction:.1f} s")
     full_layers = PRESETS[args.preset][0]
     if layers != full_layers:

@@ -5,24 +5,28 @@ from __future__ import annotations
 import json
 import math
 
-import networkx as nx
 import numpy as np
 import pandas as pd
 import pytest
 
 from c2srepro._cache import write_json_atomic
 from c2srepro.biology.casestudy import (
+    CircuitSummary,
     MarkerTerm,
     circuit_enrichment,
+    compare_targets,
     dataset_key,
     label_marker_terms,
+    influential_genes,
     own_type_rate,
+    pick_cell,
     prompt_subset_control,
     read_label_map,
     summarise_circuit,
     top_marker_term,
     traced_own_type_rate,
 )
+from c2srepro.data.cells import CellSentence
 from c2srepro.enrichment import GeneSetLibrary, enrich, load_library
 
 PBMC_LABELS = [
@@ -293,105 +297,185 @@ def test_own_type_rate_counts_cells_whose_top_term_is_their_type(libraries):
 
 
 # ---------------------------------------------------------------------------------------------
-# Summary
+# A traced cell on a tiny C2S model: the cell, its graphs, its own-type rate, its summary
+
+TINY_CELLS = [
+    CellSentence(0, "a", ("CD14", "LYZ", "S100A8", "FCN1"), "CD14+ Monocyte"),
+    CellSentence(1, "b", ("NKG7", "GNLY", "CST7", "PRF1"), "CD56+ NK"),
+    CellSentence(2, "c", ("CD79A", "MS4A1", "CD19", "CD74"), "CD19+ B"),
+    CellSentence(3, "d", ("GNLY", "NKG7", "KLRD1", "GZMB"), "CD56+ NK"),
+]
+TINY_LABELS = ["CD14+ Monocyte", "CD56+ NK", "CD19+ B", "Dendritic"]
+TINY_PREDICTED = ["CD14+ Monocyte", "CD56+ NK", "CD14+ Monocyte", "CD56+ NK"]  # cell 2 is wrong
 
 
-SUMMARY_KEYS = {
-    "cell_label": str, "predicted_label": str, "target": str, "n_nodes": int, "n_edges": int,
-    "n_feature_nodes": int, "genes": list, "top_marker_term": (str, type(None)),
-    "top_marker_fdr": (float, type(None)), "top_marker_matches_cell_type": bool,
-    "prompt_subset_percentile": (float, type(None)), "ablation_drop": (float, type(None)),
-    "random_ablation_drop": (float, type(None)),
-}
+@pytest.fixture(scope="module")
+def tiny_replacement(tokenizer):
+    import torch
+    from _tiny_neox import tiny_transcoders
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-# Gene symbol per prompt token of the tiny model (11 genes over 12 tokens; VWF spans two).
-TINY_GENES = ["VWF", "VWF", "PTPRB", "PECAM1", "CDH5", "KDR", "ENG", "CLDN5", "EMCN", "PLVAP", "FLT1", "TIE1"]
+    from c2srepro.attribution import ReplacementModel
+    from c2srepro.data.prompts import answer_text, build_prompt
+    from c2srepro.data.tokenizer import CellTokenizer
+    from c2srepro.models.mini_c2s import build_vocabulary
 
-
-def check_summary_types(summary: dict) -> None:
-    for key, kind in SUMMARY_KEYS.items():
-        assert key in summary, key
-        assert isinstance(summary[key], kind), (key, summary[key])
-
-
-def test_summarise_a_real_circuit_of_a_tiny_gpt_neox(tmp_path, libraries):
-    from _tiny_neox import tiny_setup
-
-    from c2srepro.attribution import Node, ablate, build_replacement
-    from c2srepro.attribution.circuit import find_circuit
-
-    model, transcoders, input_ids = tiny_setup(n_pos=len(TINY_GENES))
-    rep = build_replacement(model, transcoders, input_ids)
-    feature, _ = rep.top_features(rep.n_layers - 1, rep.n_pos - 1, 1)[0]
-    graph = find_circuit(rep, Node.feature(rep.n_layers - 1, rep.n_pos - 1, feature), k=6, depth=3, genes=TINY_GENES)
-    genes = list(dict.fromkeys(d["gene"] for _, d in graph.nodes(data=True) if d["gene"]))
-    assert genes, "the tiny circuit should touch gene tokens"
-    lib = libraries["cellconsensus_L2"]
-    enrichment = circuit_enrichment(genes, lib)
-    prompt = list(dict.fromkeys(TINY_GENES)) + ["CD14", "LYZ", "MS4A1", "NKG7", "CD3E", "GNLY"]
-    control = prompt_subset_control(genes, prompt, lib, n_random=50)
-    ablation = ablate(rep, graph, n_random=3, propagate=False)
-    summary = summarise_circuit(
-        graph, cell_label="Endothelial", predicted_label="endothelial cell of artery", enrichment=enrichment,
-        control=control, ablation=ablation, dataset="heart_cell_atlas_v2",
-    )
-    check_summary_types(summary)
-    assert summary["n_nodes"] == graph.number_of_nodes() and summary["n_edges"] == graph.number_of_edges()
-    assert sorted(summary["genes"]) == sorted(genes)
-    assert summary["ablation_drop"] == pytest.approx(ablation["circuit_drop"])
-    assert summary["random_ablation_drop"] == pytest.approx(ablation["random_mean"])
-    assert summary["prompt_subset_percentile"] == control["percentile"]
-    top = top_marker_term(enrichment)
-    assert summary["top_marker_term"] == (top.term if top else None)
-    own = label_marker_terms("heart_cell_atlas_v2", "Endothelial", lib)
-    assert summary["top_marker_matches_cell_type"] == (top is not None and top.term in own)
-    path = write_json_atomic(tmp_path / "circuit_summary.json", summary)
-    assert json.loads(path.read_text()) == summary
+    texts = [build_prompt(c, with_answer=True).text for c in TINY_CELLS] + [answer_text(label) for label in TINY_LABELS]
+    cell_tokenizer = CellTokenizer(tokenizer.bpe, build_vocabulary(texts, tokenizer.bpe))
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=cell_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=128)).eval()
+    ids = torch.tensor(cell_tokenizer.encode(build_prompt(TINY_CELLS[0]).text)[0])
+    return ReplacementModel(model, tiny_transcoders(model, ids, firing=0.3), cell_tokenizer)
 
 
-def synthetic_graph(genes_at: dict[int, str]) -> nx.DiGraph:
-    """A circuit as find_circuit builds it: target feature, two features, an embedding, with genes."""
-    graph = nx.DiGraph(target="L2F7@5", target_value=1.5, n_layers=3)
-
-    def node(node_id, kind, layer, position, feature=None):
-        graph.add_node(node_id, kind=kind, layer=layer, position=position, feature=feature, logit_token=None,
-                       token_id=0, token="t", gene=genes_at.get(position), activation=1.0, influence=0.5)
-
-    node("L2F7@5", "feature", 2, 5, 7)
-    node("L1F3@2", "feature", 1, 2, 3)
-    node("L0F9@1", "feature", 0, 1, 9)
-    node("emb@1", "embedding", -1, 1)
-    graph.add_edges_from([("L1F3@2", "L2F7@5"), ("L0F9@1", "L1F3@2"), ("emb@1", "L0F9@1")], weight=0.3)
-    return graph
+def test_pick_cell_by_label_takes_the_first_correct_one():
+    cell, predicted = pick_cell(TINY_CELLS, TINY_PREDICTED, "CD56+ NK")
+    assert cell.cell_id == "b" and predicted == "CD56+ NK"
+    later, _ = pick_cell(TINY_CELLS, ["x", "CD19+ B", "x", "CD56+ NK"], "CD56+ NK")
+    assert later.cell_id == "d"
+    assert pick_cell(TINY_CELLS, TINY_PREDICTED, 2) == (TINY_CELLS[2], "CD14+ Monocyte")
 
 
-def test_summarise_a_synthetic_graph_and_its_edge_cases(libraries):
-    lib = libraries["CellMarker_2.0"]
-    graph = synthetic_graph({1: "VWF", 2: "PTPRB"})
-    enrichment = circuit_enrichment(["VWF", "PTPRB"], lib)
-    summary = summarise_circuit(
-        graph, cell_label="CD14+ Monocyte", predicted_label="monocyte", enrichment=enrichment,
-        dataset="pbmc68k_reduced",
-    )
-    check_summary_types(summary)
-    assert summary["genes"] == ["VWF", "PTPRB"] and summary["n_feature_nodes"] == 2
-    assert summary["top_marker_matches_cell_type"] is False  # endothelial genes in a monocyte
-    assert summary["prompt_subset_percentile"] is None and summary["ablation_drop"] is None
-    own = summarise_circuit(
-        graph, cell_label="Endothelial", predicted_label="x", enrichment=enrichment,
-        target_terms=[summary["top_marker_term"]],
-    )
-    assert own["top_marker_matches_cell_type"] is True
-    empty = summarise_circuit(
-        synthetic_graph({}), cell_label="Endothelial", predicted_label="x", enrichment=None,
-        dataset="heart_cell_atlas_v2",
-    )
-    assert empty["genes"] == [] and empty["top_marker_term"] is None and empty["top_marker_matches_cell_type"] is False
+def test_pick_cell_errors():
+    with pytest.raises(ValueError, match="cell index 5 is out of range: there are 4 cells"):
+        pick_cell(TINY_CELLS, TINY_PREDICTED, 5)
+    with pytest.raises(ValueError, match="no cell is labelled 'B cell'"):
+        pick_cell(TINY_CELLS, TINY_PREDICTED, "B cell")
+    with pytest.raises(ValueError, match="classifies none of the 1 cells labelled 'CD19\\+ B'"):
+        pick_cell(TINY_CELLS, TINY_PREDICTED, "CD19+ B")
+    with pytest.raises(ValueError, match="4 cells but 3 predictions"):
+        pick_cell(TINY_CELLS, TINY_PREDICTED[:3], 0)
+
+
+def test_compare_targets_asks_each_question_of_one_cell(tiny_replacement):
+    from c2srepro.attribution import LabelTarget
+
+    cell, label = TINY_CELLS[0], TINY_PREDICTED[0]
+    graphs, table = compare_targets(tiny_replacement, cell, label, candidates=TINY_LABELS,
+                                    kinds=["label_vs_candidates", "first_token", "feature", "label"])
+    assert table["target kind"].tolist() == ["label_vs_candidates", "first_token", "feature", "label"]
+    direct = tiny_replacement.attribute(cell, LabelTarget(label, candidates=TINY_LABELS))
+    assert torch_equal(graphs["label_vs_candidates"].adjacency, direct.adjacency)
+    row = table.iloc[0]
+    assert row["value"] == pytest.approx(direct.info["targets"][0]["value"], rel=1e-12)
+    assert row["top genes"].split(", ") == direct.genes()["gene"].head(10).tolist()
+    assert row["influential genes"] == len(influential_genes(direct.genes()))
+    assert row["replacement"] == pytest.approx(direct.scores()["replacement"])
+    assert table.set_index("target kind").loc["first_token", "target"].startswith("logit")
+    reused, _ = compare_targets(tiny_replacement, cell, label, candidates=TINY_LABELS, kinds=["label_vs_candidates"],
+                                graphs={"label_vs_candidates": direct})
+    assert reused["label_vs_candidates"] is direct
+    with pytest.raises(ValueError, match=r"target kinds \['logit'\] are not among"):
+        compare_targets(tiny_replacement, cell, label, candidates=TINY_LABELS, kinds=["logit"])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_traced_own_type_rate_traces_the_first_correct_cells(tiny_replacement, libraries):
+    from c2srepro.attribution import LabelTarget
+
+    library = libraries["cellconsensus_L2"]
+    rows, rate = traced_own_type_rate(tiny_replacement, TINY_CELLS, TINY_PREDICTED, library, dataset="pbmc68k_reduced",
+                                      n_cells=2, candidates=TINY_LABELS, gene_threshold=0.5, progress=False)
+    # Independent composition: the first two correct cells (0 and 1), each its label among the labels.
+    by_hand = [(c.label, influential_genes(
+        tiny_replacement.attribute(c, LabelTarget(c.label, candidates=TINY_LABELS)).genes(), threshold=0.5))
+        for c in TINY_CELLS[:2]]
+    expected_rows, expected_rate = own_type_rate(by_hand, library, dataset="pbmc68k_reduced")
+    pd.testing.assert_frame_equal(rows, expected_rows)
+    assert rate == expected_rate and rows["label"].tolist() == ["CD14+ Monocyte", "CD56+ NK"]
+
+    none_correct, no_rate = traced_own_type_rate(tiny_replacement, TINY_CELLS[2:3], ["CD56+ NK"], library,
+                                                 dataset="pbmc68k_reduced", n_cells=5, candidates=TINY_LABELS,
+                                                 progress=False)
+    assert none_correct.empty and no_rate is None
+    with pytest.raises(ValueError, match="4 cells but 3 predictions"):
+        traced_own_type_rate(tiny_replacement, TINY_CELLS, TINY_PREDICTED[:3], library, dataset="pbmc68k_reduced",
+                             n_cells=2, candidates=TINY_LABELS)
+    with pytest.raises(ValueError, match="n_cells must be >= 1"):
+        traced_own_type_rate(tiny_replacement, TINY_CELLS, TINY_PREDICTED, library, dataset="pbmc68k_reduced",
+                             n_cells=0, candidates=TINY_LABELS)
+    with pytest.raises(ValueError, match="target kind must be one of"):
+        traced_own_type_rate(tiny_replacement, TINY_CELLS, TINY_PREDICTED, library, dataset="pbmc68k_reduced",
+                             n_cells=1, candidates=TINY_LABELS, target="logit", progress=False)
+
+
+@pytest.fixture(scope="module")
+def traced_summary(tiny_replacement, libraries):
+    """Every piece chapter 6 gathers for one cell, and the summary of them."""
+    from c2srepro.attribution import LabelTarget, ablate, greedy_paths
+
+    cell, label = TINY_CELLS[0], TINY_PREDICTED[0]
+    graph = tiny_replacement.attribute(cell, LabelTarget(label, candidates=TINY_LABELS))
+    pruned = graph.prune(node_threshold=0.8, edge_threshold=0.98)
+    genes = influential_genes(graph.genes(), threshold=0.5)
+    greedy = greedy_paths(graph, k=8, depth=2)
+    library = libraries["cellconsensus_L2"]
+    enrichment = circuit_enrichment(genes, library) if genes else None
+    control = prompt_subset_control(genes, cell.genes, library, n_random=20) if genes else None
+    ablation = ablate(tiny_replacement, cell, pruned.top_features(pruned.n_nodes), labels=TINY_LABELS, n_random=2,
+                      freeze_attention=True)
+    intervention = ablate(tiny_replacement, cell, graph.top_features(2), labels=TINY_LABELS, n_random=2)
+    own_type = traced_own_type_rate(tiny_replacement, TINY_CELLS, TINY_PREDICTED, library, dataset="pbmc68k_reduced",
+                                    n_cells=2, candidates=TINY_LABELS, progress=False)
+    _, targets = compare_targets(tiny_replacement, cell, label, candidates=TINY_LABELS, kinds=["label_vs_candidates"],
+                                 graphs={"label_vs_candidates": graph})
+    pieces = dict(cell=cell, predicted_label=label, graph=graph, pruned=pruned, genes=genes, greedy=greedy,
+                  enrichment=enrichment, greedy_enrichment=None, control=control, ablation=ablation,
+                  intervention=intervention, own_type=own_type, targets=targets, library=library,
+                  dataset="pbmc68k_reduced", gene_threshold=0.5)
+    return pieces, summarise_circuit(**pieces)
+
+
+def test_the_summary_reads_each_piece(traced_summary):
+    pieces, summary = traced_summary
+    graph, pruned = pieces["graph"], pieces["pruned"]
+    assert summary.cell_id == "a" and summary.cell_label == summary.predicted_label == "CD14+ Monocyte"
+    assert summary.target["kind"] == "LabelTarget" and summary.target["node_id"] == graph.node(graph.targets[0]).id
+    assert summary.graph_size["nodes"] == graph.n_nodes and summary.pruned_graph_size["nodes"] == pruned.n_nodes
+    assert summary.graph_size["edges"] == int((graph.adjacency != 0).sum())
+    assert (summary.node_threshold, summary.edge_threshold, summary.gene_threshold) == (0.8, 0.98, 0.5)
+    assert summary.replacement_score == graph.scores()["replacement"]
+    assert summary.genes == pieces["genes"]
+    assert summary.greedy_k == 8 and summary.greedy_depth == 2 and summary.greedy_target == summary.target
+    assert summary.ablation == pieces["ablation"].summary() and summary.ablation["mode"] == "frozen"
+    assert summary.intervention["n_features"] == 2 and summary.intervention["mode"] == "recomputed"
+    assert summary.own_type_rate == pieces["own_type"][1] and summary.own_type_rate_cells == 2
+    assert len(summary.targets) == 1 and summary.targets[0]["target kind"] == "label_vs_candidates"
+    top = top_marker_term(pieces["enrichment"]) if pieces["enrichment"] is not None else None
+    assert summary.top_marker_term == (top.term if top else None)
+    assert summary.prompt_subset_percentile == (pieces["control"]["percentile"] if pieces["control"] else None)
+
+
+def test_the_summary_round_trips_through_json_and_names_a_missing_field(tmp_path, traced_summary):
+    _, summary = traced_summary
+    path = write_json_atomic(tmp_path / "circuit_summary.json", summary.to_dict())
+    data = json.loads(path.read_text())
+    assert CircuitSummary.from_dict(data) == CircuitSummary.from_dict(json.loads(json.dumps(summary.to_dict())))
+    assert CircuitSummary.from_dict({**data, "provenance": {"params": {}}}).genes == summary.genes
+    renamed = {("ablation_drop" if key == "ablation" else key): value for key, value in data.items()}
+    with pytest.raises(ValueError, match=r"fields missing \['ablation'\], unknown \['ablation_drop'\]; rerun chapter 6"):
+        CircuitSummary.from_dict(renamed)
+
+
+def test_summary_edge_cases(traced_summary):
+    pieces, summary = traced_summary
+    bare = summarise_circuit(**{**pieces, "enrichment": None, "control": None, "ablation": None, "intervention": None})
+    assert bare.top_marker_term is None and bare.top_marker_matches_cell_type is False and bare.ablation is None
+    assert bare.prompt_subset_percentile is None and bare.top_marker_library == "cellconsensus_L2"
+    if summary.top_marker_term is not None:
+        own = summarise_circuit(**{**pieces, "dataset": None, "target_terms": [summary.top_marker_term]})
+        assert own.top_marker_matches_cell_type is True
     with pytest.raises(ValueError, match="pass dataset="):
-        summarise_circuit(graph, cell_label="Endothelial", predicted_label="x", enrichment=enrichment)
-    with pytest.raises(ValueError, match="label 'Pericyte' is unmapped"):
-        summarise_circuit(graph, cell_label="Pericyte", predicted_label="x", enrichment=enrichment,
-                          dataset="heart_cell_atlas_v2")
+        summarise_circuit(**{**pieces, "dataset": None})
+    with pytest.raises(ValueError, match="label 'CD14\\+ Monocyte' is unmapped"):
+        summarise_circuit(**{**pieces, "dataset": "heart_cell_atlas_v2"})
 
 
 def test_exactly_tied_top_terms_all_count_as_the_top():
@@ -407,71 +491,6 @@ def test_exactly_tied_top_terms_all_count_as_the_top():
     assert top_marker_ties(table.assign(**{"Adjusted P-value": 0.5})) == []
 
 
-def test_traced_own_type_rate_traces_the_first_correct_cells(tokenizer, libraries):
-    import torch
-    from _tiny_neox import tiny_transcoders
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from c2srepro.attribution.circuit import circuit_genes
-    from c2srepro.attribution.trace import trace_cell
-    from c2srepro.data.cells import CellSentence
-    from c2srepro.data.prompts import build_prompt
-    from c2srepro.data.tokenizer import CellTokenizer
-    from c2srepro.models.mini_c2s import build_vocabulary
-
-    cells = [
-        CellSentence(0, "a", ("CD14", "LYZ", "S100A8", "FCN1"), "CD14+ Monocyte"),
-        CellSentence(1, "b", ("NKG7", "GNLY", "CST7", "PRF1"), "CD56+ NK"),
-        CellSentence(2, "c", ("CD79A", "MS4A1", "CD19", "CD74"), "CD19+ B"),
-        CellSentence(3, "d", ("GNLY", "NKG7", "KLRD1", "GZMB"), "CD56+ NK"),
-    ]
-    cell_tokenizer = CellTokenizer(tokenizer.bpe, build_vocabulary([build_prompt(c, with_answer=True).text for c in cells],
-                                                                    tokenizer.bpe))
-    torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(
-        vocab_size=cell_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=128, rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=128)).eval()
-    ids = torch.tensor(cell_tokenizer.encode(build_prompt(cells[0]).text)[0])
-    transcoders = tiny_transcoders(model, ids, firing=0.3)
-    predicted = ["CD14+ Monocyte", "CD56+ NK", "CD14+ Monocyte", "CD56+ NK"]  # cell 2 is wrong
-    library = libraries["cellconsensus_L2"]
-
-    rows, rate = traced_own_type_rate(model, transcoders, cell_tokenizer, cells, predicted, library,
-                                      dataset="pbmc68k_reduced", n_cells=2, k=5, depth=2, progress=False)
-    # Independent composition: trace the first two correct cells (0 and 1) by hand, then own_type_rate.
-    by_hand = [(c.label, circuit_genes(trace_cell(model, transcoders, cell_tokenizer, c, c.label, k=5, depth=2).graph))
-               for c in cells[:2]]
-    expected_rows, expected_rate = own_type_rate(by_hand, library, dataset="pbmc68k_reduced")
-    pd.testing.assert_frame_equal(rows, expected_rows)
-    assert rate == expected_rate and rows["label"].tolist() == ["CD14+ Monocyte", "CD56+ NK"]
-
-    # circuit="graph": each cell's influential genes in its full attribution graph, composed by hand.
-    from c2srepro.attribution import gene_view
-    from c2srepro.attribution.trace import graph_cell
-    from c2srepro.biology.casestudy import influential_genes
-
-    graph_rows, graph_rate = traced_own_type_rate(model, transcoders, cell_tokenizer, cells, predicted, library,
-                                                  dataset="pbmc68k_reduced", n_cells=2, circuit="graph",
-                                                  gene_threshold=0.5, progress=False)
-    by_graph = [(c.label, influential_genes(gene_view(graph_cell(model, transcoders, cell_tokenizer, c, c.label).graph).genes,
-                                            threshold=0.5)) for c in cells[:2]]
-    pd.testing.assert_frame_equal(graph_rows, own_type_rate(by_graph, library, dataset="pbmc68k_reduced")[0])
-    assert graph_rate == own_type_rate(by_graph, library, dataset="pbmc68k_reduced")[1]
-    with pytest.raises(ValueError, match="circuit must be 'greedy'"):
-        traced_own_type_rate(model, transcoders, cell_tokenizer, cells, predicted, library,
-                             dataset="pbmc68k_reduced", n_cells=2, circuit="pruned")
-
-    none_correct, no_rate = traced_own_type_rate(model, transcoders, cell_tokenizer, cells[2:3], ["CD56+ NK"], library,
-                                                 dataset="pbmc68k_reduced", n_cells=5, progress=False)
-    assert none_correct.empty and no_rate is None
-    with pytest.raises(ValueError, match="4 cells but 3 predictions"):
-        traced_own_type_rate(model, transcoders, cell_tokenizer, cells, predicted[:3], library,
-                             dataset="pbmc68k_reduced", n_cells=2)
-    with pytest.raises(ValueError, match="n_cells must be >= 1"):
-        traced_own_type_rate(model, transcoders, cell_tokenizer, cells, predicted, library,
-                             dataset="pbmc68k_reduced", n_cells=0)
-
-
 def test_a_marker_library_the_circuit_misses_is_reported_as_no_term():
     markers = GeneSetLibrary("markers", {"B cell": ["CD79A", "MS4A1"], "NK": ["NKG7", "GNLY"]},
                              source="test", version="1", sha256="-")
@@ -479,10 +498,5 @@ def test_a_marker_library_the_circuit_misses_is_reported_as_no_term():
     enrichment = circuit_enrichment(["LYZ", "CTSS"], [markers, pathways])
     assert set(enrichment["Gene_set"]) == {"pathways"}  # no marker term holds a circuit gene
     assert top_marker_term(enrichment, library="markers") is None
-    summary = summarise_circuit(synthetic_graph({1: "LYZ", 2: "CTSS"}), cell_label="CD14+ Monocyte",
-                                predicted_label="CD14+ Monocyte", enrichment=enrichment, library=markers,
-                                target_terms=["monocyte"])
-    assert summary["top_marker_library"] == "markers" and summary["top_marker_term"] is None
-    assert summary["top_marker_matches_cell_type"] is False
     with pytest.raises(ValueError, match="library 'markerz' is not in the enrichment"):  # a typo still is an error
         top_marker_term(enrichment, library="markerz")

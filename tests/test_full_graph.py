@@ -11,7 +11,6 @@ from _tiny_neox import GENES, TOKENS, sentence_replacement
 from safetensors.torch import load_file, save_file
 
 from c2srepro.attribution import Node, build_replacement
-from c2srepro.attribution.circuit import find_circuit
 from c2srepro.attribution.linearised import replacement_forward
 from c2srepro.attribution.full_graph import (
     Graph,
@@ -268,24 +267,6 @@ def test_gene_view_merges_tokens_and_conserves_influence(graph):
     assert view.genes["influence"].is_monotonic_decreasing
     assert view.genes["influence_rank"].tolist() == [1, 2, 3]
     assert dict(zip(view.genes["gene"], view.genes["sentence_rank"])) == {"VWF": 1, "PTPRB": 2, "KHDRBS1": 3}
-
-
-def test_greedy_paths_of_the_graph_are_the_papers_search(rep):
-    target = top_feature(rep, rep.n_layers - 1, rep.n_pos - 1)
-    graph = build_graph(rep, target, tokens=TOKENS, genes=GENES)
-    reference = find_circuit(rep, target, k=6, depth=3, tokens=TOKENS, genes=GENES)
-    found = greedy_paths(graph, k=6, depth=3)
-    assert isinstance(found, Graph) and found.info["search"]["k"] == 6
-    circuit = found.to_networkx()
-    assert sorted(circuit.nodes) == sorted(reference.nodes) and len(circuit) > 6
-    assert sorted(circuit.edges) == sorted(reference.edges)
-    for u, v, data in reference.edges(data=True):
-        assert circuit.edges[u, v]["weight"] == pytest.approx(data["weight"], rel=1e-9, abs=1e-13)
-    for node, data in reference.nodes(data=True):
-        assert circuit.nodes[node]["influence"] == pytest.approx(data["influence"], rel=1e-9, abs=1e-13)
-        assert circuit.nodes[node]["gene"] == data["gene"] and circuit.nodes[node]["token"] == data["token"]
-    assert circuit.graph["target"] == reference.graph["target"]
-    assert circuit.graph["search"] == reference.graph["search"]
 
 
 def test_bad_inputs(rep, graph, targets):

@@ -10,19 +10,19 @@ import torch
 from _tiny_neox import tiny_model, tiny_transcoders
 
 from c2srepro.attribution import (
+    LabelTarget,
     Node,
-    build_graph,
+    ReplacementModel,
+    ablate,
     build_replacement,
     scale_features,
     set_features,
-    switch_off_top_features,
     zero_features,
     zero_nodes,
 )
-from c2srepro.attribution.ablation import candidate_pool
-from c2srepro.attribution.intervene import SplicedModel, clamp_features, intervene
+from c2srepro.attribution.ablation import feature_pool
+from c2srepro.attribution.intervene import SplicedModel, clamp_features
 from c2srepro.attribution.linearised import replacement_forward
-from c2srepro.attribution.trace import trace_cell
 from c2srepro.data.cells import CellSentence
 from c2srepro.data.prompts import answer_text, build_prompt
 from c2srepro.data.tokenizer import CellTokenizer
@@ -212,7 +212,7 @@ def test_set_scale_and_clamp_agree_where_they_must(spliced, prompt_rep, freeze):
 def test_intervene_is_one_run_of_a_spliced_model(setup, spliced):
     model, transcoders, cell_tokenizer, prompt = setup
     edit = zero_features(0, every_feature(spliced, 0), positions=[3, 4, 5])
-    once = intervene(model, transcoders, cell_tokenizer, prompt, LABELS, edit, label="CD56+ NK")
+    once = ReplacementModel(model, transcoders, cell_tokenizer).intervene(prompt, edit, labels=LABELS, label="CD56+ NK")
     again = spliced.run(edit, label="CD56+ NK")
     assert np.array_equal(once.intervened_log_likelihood, again.intervened_log_likelihood)
     assert once.label == "CD56+ NK" and once.mode == "recomputed"
@@ -268,62 +268,71 @@ def test_bad_intervention_values_are_clear_errors(setup):
         SplicedModel(model, transcoders, cell_tokenizer, prompt, [])
 
 
-# ---------------------------------------------------------------- the case study
+# ---------------------------------------------------------------- ablation against random sets
 
 
 @pytest.fixture(scope="module")
-def traced(setup, spliced):
+def replacement(setup):
     model, transcoders, cell_tokenizer, _ = setup
-    label = spliced.run([]).clean_answer
-    return trace_cell(model, transcoders, cell_tokenizer, CELL, label, k=5, depth=2)
+    return ReplacementModel(model, transcoders, cell_tokenizer)
 
 
 @pytest.fixture(scope="module")
-def graph(traced):
-    return build_graph(traced.replacement, traced.target, max_feature_nodes=60)
+def graph(replacement, spliced):
+    label = spliced.run([]).clean_answer
+    return replacement.attribute(CELL, LabelTarget(label, candidates=LABELS), max_feature_nodes=60)
 
 
 @pytest.mark.parametrize("freeze", MODES)
-def test_switching_off_the_graphs_top_features(setup, spliced, traced, graph, freeze):
-    model, transcoders, cell_tokenizer, _ = setup
-    study = switch_off_top_features(model, transcoders, cell_tokenizer, traced, graph, LABELS,
-                                    top_n=4, n_random=6, seed=3, freeze_attention=freeze)
-    influence = graph.node_influence()
-    ranked = sorted((i for i in graph.indices("feature").tolist() if i not in graph.targets),
-                    key=lambda i: -float(influence[i]))
-    assert list(study.features) == [graph.node(i) for i in ranked[:4]]
-    by_hand = spliced.run(zero_nodes(study.features), freeze_attention=freeze, label=traced.predicted_label)
-    assert np.array_equal(study.top.intervened_log_likelihood, by_hand.intervened_log_likelihood)
-    assert study.top_drop == pytest.approx(by_hand.label_probability_clean - by_hand.label_probability)
-    pool = set(candidate_pool(traced.replacement, traced.target))
-    assert study.pool_size == len(pool)
+def test_switching_off_the_graphs_top_features(replacement, spliced, prompt_rep, graph, freeze):
+    label = spliced.run([]).clean_answer
+    top = graph.top_features(4)
+    assert all(f.position < len(replacement.prompt(CELL)[0]) for f in top)  # never an answer position
+    study = ablate(replacement, CELL, top, labels=LABELS, label=label, n_random=6, seed=3, freeze_attention=freeze)
+    # The one intervention path: the same edit on the spliced model gives the same scores bit for bit.
+    by_hand = spliced.run(zero_nodes(top), freeze_attention=freeze, label=label)
+    assert np.array_equal(study.off.intervened_log_likelihood, by_hand.intervened_log_likelihood)
+    assert study.drop == pytest.approx(by_hand.label_probability_clean - by_hand.label_probability)
+    pool = set(feature_pool(prompt_rep))
+    assert study.pool_size == len(pool) == prompt_rep.n_active
     assert all(len(set(f)) == 4 and set(f) <= pool for f in study.random_features)
-    assert study.p_value == (1 + sum(d >= study.top_drop for d in study.random_drops)) / 7
+    assert study.p_value == (1 + sum(d >= study.drop for d in study.random_drops)) / 7
     summary = study.summary()
     json.dumps(summary)
-    assert summary["flipped"] == (study.top.intervened_answer != study.top.clean_answer)
+    assert summary["flipped"] == (study.off.intervened_answer != study.off.clean_answer)
     assert len(study.table()) == 8 and study.table()["features_off"].tolist() == [0] + [4] * 7
 
-    again = switch_off_top_features(model, transcoders, cell_tokenizer, traced, graph, LABELS,
-                                    top_n=4, n_random=6, seed=3, freeze_attention=freeze)
+    again = ablate(replacement, CELL, top, labels=LABELS, label=label, n_random=6, seed=3, freeze_attention=freeze)
     assert again.random_features == study.random_features
     assert np.array_equal(again.random_drops, study.random_drops)
-    other = switch_off_top_features(model, transcoders, cell_tokenizer, traced, graph, LABELS,
-                                    top_n=4, n_random=6, seed=4, freeze_attention=freeze)
+    other = ablate(replacement, CELL, top, labels=LABELS, label=label, n_random=6, seed=4, freeze_attention=freeze)
     assert other.random_features != study.random_features
 
 
-def test_switch_off_bad_input(setup, traced, graph):
+def test_frozen_ablation_is_the_replacement_with_the_features_ablated(replacement, setup, prompt_rep):
+    """The frozen path against replacement_forward on prompt + answer, computed here by hand."""
     model, transcoders, cell_tokenizer, prompt = setup
-    with pytest.raises(ValueError, match="fewer than top_n=10000"):
-        switch_off_top_features(model, transcoders, cell_tokenizer, traced, graph, LABELS, top_n=10_000)
-    with pytest.raises(ValueError, match="the traced label .* is not among the candidates"):
-        switch_off_top_features(model, transcoders, cell_tokenizer, traced, graph, LABELS[:0] + ["other"])
-    shorter = build_replacement(model, transcoders, prompt[:-1])
-    last, final = shorter.n_layers - 1, shorter.n_pos - 1
-    other_graph = build_graph(shorter, Node.feature(last, final, shorter.top_features(last, final)[0][0]),
-                              max_feature_nodes=10)
-    with pytest.raises(ValueError, match="built on another prompt than the traced cell's"):
-        switch_off_top_features(model, transcoders, cell_tokenizer, traced, other_graph, LABELS)
-    with pytest.raises(ValueError, match="top_n and n_random must be >= 1"):
-        switch_off_top_features(model, transcoders, cell_tokenizer, traced, graph, LABELS, n_random=0)
+    features = active_nodes(prompt_rep, 0)[:3]
+    study = ablate(replacement, CELL, features, labels=LABELS, n_random=1, freeze_attention=True)
+    for j, label in enumerate(LABELS):
+        answer = cell_tokenizer.encode(answer_text(label))[0]
+        rep = build_replacement(model, transcoders, list(prompt) + list(answer))
+        rows = slice(len(prompt) - 1, len(prompt) - 1 + len(answer))
+        clean = replacement_forward(rep, freeze=True).logits[rows]
+        off = replacement_forward(rep, freeze=True, ablate=features).logits[rows]
+        change = torch.log_softmax(rep.run.logits[rows] + off - clean, -1) - torch.log_softmax(rep.run.logits[rows], -1)
+        expected = float(change.gather(-1, torch.tensor(answer)[:, None]).sum())
+        got = study.off.intervened_log_likelihood[j] - study.off.clean_log_likelihood[j]
+        assert got == pytest.approx(expected, abs=1e-9)
+
+
+def test_ablation_bad_input(replacement, graph, prompt_rep):
+    with pytest.raises(ValueError, match="no features to switch off"):
+        ablate(replacement, CELL, [], labels=LABELS)
+    with pytest.raises(ValueError, match="label 'other' is not among the candidates"):
+        ablate(replacement, CELL, graph.top_features(2), labels=LABELS, label="other")
+    silent = next(Node.feature(0, 0, f) for f in range(10_000) if Node.feature(0, 0, f) not in set(feature_pool(prompt_rep)))
+    with pytest.raises(ValueError, match="are not active on this prompt"):
+        ablate(replacement, CELL, [silent], labels=LABELS)
+    with pytest.raises(ValueError, match="n_random must be >= 1"):
+        ablate(replacement, CELL, graph.top_features(2), labels=LABELS, n_random=0)

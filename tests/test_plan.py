@@ -99,7 +99,8 @@ def test_chapter_work_at_the_papers_sizes():
     assert work["03-validation"] == {"replacement": heldout, "forward": 4 * heldout}
     assert work["04-features"] == {"replacement": 704_296 - heldout}
     assert work["05-enrichment"] == {"enrich_list": 2 * 3 * 24 * 8192}
-    assert work["06-circuit"] == {"forward": heldout + 40, "replacement": 21, "graph": 21, "graph_batch": 21 * 8}
+    # four questions of the traced cell (TARGET_KINDS), then one graph per rate cell
+    assert work["06-circuit"] == {"forward": heldout + 40, "replacement": 24, "graph": 24, "graph_batch": 24 * 8}
     assert work["08-faithfulness"] == {"forward": 2 * heldout + 50 * 64, "replacement": 50, "graph": 50,
                                        "graph_batch": 50 * math.ceil(200 / GRAPH_BATCH)}
     capped = {w.chapter: w.counts for w in chapter_work(

@@ -43,13 +43,23 @@ def _results(folder: Path, *, model: str = PAPER_MODEL, n_layers: int = 24, d_mo
     fractions = list(PAPER_TABLE4["fraction"]) if fractions is None else fractions
     _table(folder / "table4.csv", pd.DataFrame({"layer": range(len(fractions)), "fraction": fractions,
                                                 RANDOM_FRACTION: 0.1}), {"live_threshold": -3.0, "fdr": 0.05})
-    _json(folder / "circuit_summary.json", {
-        "cell_label": "endothelial cell", "genes": list(PAPER_CIRCUIT_GENES), "greedy_genes": list(PAPER_CIRCUIT_GENES),
-        "greedy_k": 10, "greedy_depth": 3, "gene_threshold": 0.8, "top_marker_library": library,
-        "top_marker_term": "Endothelial cell: heart", "top_marker_fdr": 0.002, "top_marker_combined_score": 300.0,
+    target = {"kind": "FeatureTarget", "layer": n_layers - 1, "position": None, "feature": 2692,
+              "node_id": f"L{n_layers - 1}F2692@311", "value": 1.0}
+    size = {"feature": 10, "error": 2, "embedding": 30, "logit": 0, "nodes": 50, "edges": 90}
+    summary = {
+        "cell_id": "c0", "cell_label": "endothelial cell", "predicted_label": "endothelial cell", "target": target,
+        "n_active_features": 5000, "max_feature_nodes": 512, "graph_size": size, "pruned_graph_size": size,
+        "node_threshold": 0.8, "edge_threshold": 0.98, "gene_threshold": 0.8, "replacement_score": 0.9,
+        "completeness_score": 0.95, "genes": list(PAPER_CIRCUIT_GENES), "gene_influence": [], "greedy_target": target,
+        "greedy_k": 10, "greedy_depth": 3, "greedy_genes": list(PAPER_CIRCUIT_GENES), "greedy_top_marker_term": None,
+        "top_marker_library": library, "top_marker_term": "Endothelial cell: heart", "top_marker_fdr": 0.002,
+        "top_marker_combined_score": 300.0, "top_marker_odds_ratio": 20.0, "top_marker_tied_terms": [],
         "top_marker_matches_cell_type": True, "prompt_subset_percentile": 97.0, "prompt_subset_p_value": 0.03,
-        "ablation_drop": 1.0, "random_ablation_drop": 0.1, "own_type_rate": 0.6, "own_type_rate_cells": 20,
-        **(circuit or {})})
+        "prompt_subset_target_percentile": 95.0, "prompt_subset_random_top_is_target_fraction": 0.2,
+        "ablation": {"drop": 1.0, "random_drop_mean": 0.1}, "intervention": None, "own_type_rate": 0.6,
+        "own_type_rate_cells": 20, "targets": [],
+    }
+    _json(folder / "circuit_summary.json", {**summary, **(circuit or {})})
     return folder
 
 
@@ -118,8 +128,12 @@ def test_both_circuit_gene_counts_are_compared_with_the_papers_nine(tmp_path):
     assert "80% of the genes' influence" in graph["note"]
     assert (greedy["paper"], greedy["reproduced"], greedy["verdict"]) == (9, 25, "differs")
     assert "beam k = 60, depth 3" in greedy["note"] and "higher than the paper's" in greedy["note"]
-    old = _by_key(build_scorecard(_results(tmp_path / "old", circuit={"greedy_genes": None}), profile="paper"))
-    assert "greedy_genes is absent" in old["circuit_n_genes_greedy"]["note"]  # a summary from before the graph
+    old = _results(tmp_path / "old")
+    summary = json.loads((old / "circuit_summary.json").read_text())
+    summary["top_drop"] = summary.pop("greedy_genes")  # a summary of another c2srepro version
+    (old / "circuit_summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match=r"fields missing \['greedy_genes'\], unknown \['top_drop'\]; rerun chapter 6"):
+        build_scorecard(old, profile="paper")
 
 
 def test_table3_uses_fishers_exact_test(tmp_path):
@@ -257,7 +271,7 @@ def _beyond_results(folder: Path, *, influence: float, rank: float) -> Path:
     folder = _results(folder, circuit={
         "replacement_score": 0.9, "completeness_score": 0.95,
         "pruned_graph_size": {"nodes": 50, "feature": 10, "error": 2},
-        "intervention": {"n_features": 10, "top_drop": 0.3, "random_drop_mean": 0.01, "random_drop_std": 0.02,
+        "intervention": {"n_features": 10, "drop": 0.3, "random_drop_mean": 0.01, "random_drop_std": 0.02,
                          "n_random": 20, "p_value": 0.05, "flipped": False}})
     _json(folder / "faithfulness.json", {
         "n_cells": 50, "median_rho": {"influence": influence, "linear": 0.1, "rank": rank, "random": 0.0},

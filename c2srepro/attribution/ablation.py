@@ -139,9 +139,6 @@ def ablate(
     if stray:
         raise ValueError(f"features {stray[:5]} are not active on this prompt (a graph built on another prompt, or "
                          "a position of the answer): switch off features of this prompt's graph")
-    if len(pool) < len(features):
-        raise ValueError(f"only {len(pool)} features are active on the prompt, fewer than the {len(features)} to "
-                         "switch off")
     spliced = SplicedModel(replacement.hooked, replacement.transcoders, replacement.tokenizer, prompt_ids, labels)
     off = spliced.run(zero_nodes(features), freeze_attention=freeze_attention, label=label)
     generator = torch.Generator().manual_seed(seed)

@@ -766,6 +766,11 @@ def compare_targets(
     of influential genes (``gene_threshold``), the replacement and completeness scores and the pruned
     graph's size. ``graphs``: graphs already built, by kind, reused. A kind whose target does not
     exist on this cell (no feature fires on the final token) gets a row saying so and no graph."""
+    from c2srepro.attribution.replacement import TARGET_KINDS
+
+    unknown = [kind for kind in kinds if kind not in TARGET_KINDS]
+    if unknown:
+        raise ValueError(f"target kinds {unknown} are not among {TARGET_KINDS}")
     built = dict(graphs or {})
     rows = []
     for kind in kinds:

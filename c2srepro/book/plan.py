@@ -41,6 +41,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from c2srepro.attribution.replacement import TARGET_KINDS
 from c2srepro.book.runner import declared_parameters, load_profile, project_root, resolve_parameters
 
 MEASUREMENTS = Path("bench/throughput")
@@ -221,7 +222,7 @@ def chapter_work(params: Mapping[str, Mapping[str, Any]], shape: ModelShape, cel
     d_tc = int(p02["expansion_factor"]) * shape.d_model
     tokens = int(p02["training_tokens"])
     accuracy_cells = capped(p03["max_accuracy_cells"])
-    graphs06 = 1 + int(p06["n_rate_cells"])
+    graphs06 = len(TARGET_KINDS) + int(p06["n_rate_cells"])  # the traced cell asked each question, then the rate cells
     removals = int(p08["max_genes"] or p01["top_k"])
     n08 = int(p08["n_cells"])
     umap = capped(p08["max_umap_cells"])

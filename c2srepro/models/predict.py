@@ -62,19 +62,25 @@ def label_probabilities(log_likelihood: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def label_log_likelihoods(
     model,
-    prompt: Int[Tensor, "pos"],
+    prompt: Int[Tensor, "*rows pos"],
     answer_ids: Int[Tensor, "candidate answer"],
     answer_mask: Int[Tensor, "candidate answer"],
-) -> Float[Tensor, "candidate"]:
-    """Step 1 for one prompt: a pass over the prompt, then one over every answer from its cache."""
-    out = model(input_ids=prompt[None], use_cache=True)
+) -> Float[Tensor, "*rows candidate"]:
+    """Step 1 for one prompt, or several of one length: a pass over the prompts, then one over
+    every answer from their cache."""
+    prompts = prompt if prompt.dim() == 2 else prompt[None]
+    n_rows, n_candidates = prompts.shape[0], len(answer_ids)
+    out = model(input_ids=prompts, use_cache=True, logits_to_keep=1)
     cache = out.cache  # transformers >= 5.24 names the KV cache ``cache`` (``past_key_values`` before)
-    cache.batch_repeat_interleave(len(answer_ids))  # the prompt is run once, shared by every candidate
-    prompt_mask = torch.ones(len(answer_ids), prompt.shape[0], dtype=answer_mask.dtype, device=answer_mask.device)
-    rest = model(input_ids=answer_ids, attention_mask=torch.cat([prompt_mask, answer_mask], 1), cache=cache).logits
+    cache.batch_repeat_interleave(n_candidates)  # row-major: prompt r's candidates are adjacent
+    ones = torch.ones(n_rows * n_candidates, prompts.shape[1], dtype=answer_mask.dtype, device=answer_mask.device)
+    mask = torch.cat([ones, answer_mask.repeat(n_rows, 1)], 1)
+    rest = model(input_ids=answer_ids.repeat(n_rows, 1), attention_mask=mask, cache=cache).logits
     # The prompt's last position predicts each answer's first token, answer position j token j + 1.
-    first = out.logits[:, -1:].expand(len(answer_ids), 1, -1)
-    return answer_log_likelihoods(torch.cat([first, rest[:, :-1]], dim=1), answer_ids, answer_mask)
+    first = out.logits[:, -1:].repeat_interleave(n_candidates, dim=0)
+    logits = torch.cat([first, rest[:, :-1]], dim=1)
+    scores = answer_log_likelihoods(logits, answer_ids.repeat(n_rows, 1), answer_mask.repeat(n_rows, 1))
+    return scores.view(n_rows, n_candidates) if prompt.dim() == 2 else scores
 
 
 @torch.no_grad()
@@ -107,18 +113,7 @@ def score_labels(
     scores = np.zeros((len(prompts), len(candidates)))
     for rows in tqdm(chunks, desc="label scores", disable=not progress if progress is not None else len(chunks) < 50):
         prompt = torch.tensor([prompts.input_ids[r] for r in rows], device=device)  # [rows, pos], one length
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(_wide(out.logits[:, -1]), dim=-1)  # [rows, vocab]
-        cache = out.cache  # transformers >= 5.24 names the KV cache ``cache``
-        cache.batch_repeat_interleave(len(candidates))  # row-major: prompt r's candidates are adjacent
-        ones = torch.ones(len(rows) * len(candidates), prompt.shape[1], dtype=answer_mask.dtype, device=device)
-        mask = torch.cat([ones, answer_mask.repeat(len(rows), 1)], 1)
-        rest = model(input_ids=answer_ids.repeat(len(rows), 1), attention_mask=mask, cache=cache).logits
-        rest = torch.log_softmax(_wide(rest), -1).view(len(rows), len(candidates), answer_ids.shape[1], -1)
-        # rest[r, c, j] predicts answer token j + 1
-        following = rest[:, :, :-1].gather(-1, answer_ids[None, :, 1:, None].expand(len(rows), -1, -1, 1))[..., 0]
-        following = (following * answer_mask[None, :, 1:]).sum(-1)  # [rows, candidate]
-        scores[rows] = (first[:, answer_ids[:, 0]] + following).cpu().numpy()
+        scores[rows] = label_log_likelihoods(model, prompt, answer_ids, answer_mask).to(torch.float64).cpu().numpy()
     return scores
 
 
