@@ -237,3 +237,36 @@ def test_cards_are_chosen_and_only_they_are_linked(planted):
     linked = table["feature"].str.startswith("<a ").to_numpy()
     assert linked.sum() == len(cards)
     assert table.loc[0, "terms"] != "" and table.loc[0, "top term"] not in table.loc[0, "terms"]
+
+
+def test_a_graphs_features_link_to_the_cards_the_atlas_holds():
+    from _tiny_neox import GENES, TOKENS, sentence_replacement
+
+    from c2srepro.attribution import LogitTarget, build_graph
+    from c2srepro.book.atlas import graph_features
+    from c2srepro.book.display import table
+
+    rep = sentence_replacement()
+    graph = build_graph(rep, LogitTarget(int(rep.input_ids[-1]), rep.n_pos - 2), tokens=TOKENS, genes=GENES)
+    pruned = graph.prune(node_threshold=0.9, edge_threshold=0.99)
+    kept = pruned.nodes[pruned.nodes["kind"] == "feature"]
+    pairs = sorted(set(zip(kept["layer"].astype(int), kept["feature"].astype(int))))
+    live = {pairs[0][0]: {pairs[0][1]}}  # the atlas holds one of them only
+    frame = graph_features(graph, pruned, live, top_genes={pairs[0]: "VWF, PTPRB"})
+    assert sorted(zip(frame["layer"], frame["feature"])) == pairs
+    assert frame["influence"].is_monotonic_decreasing
+    influence = dict(zip(graph.nodes["node_id"], graph.node_influence().tolist()))
+    first = frame.iloc[0]
+    ids = kept.loc[(kept["layer"] == first["layer"]) & (kept["feature"] == first["feature"]), "node_id"]
+    assert first["influence"] == pytest.approx(sum(influence[i] for i in ids))
+    row = frame.set_index(["layer", "feature"]).loc[pairs[0]]
+    assert row["card"] == (f'<a href="A2-feature-atlas.html#{feature_anchor(*pairs[0])}">'
+                           f"L{pairs[0][0]}/F{pairs[0][1]}</a>")
+    assert row["top genes"] == "VWF, PTPRB"
+    assert not any(c.startswith("<a ") for c in frame.set_index(["layer", "feature"]).drop(index=pairs[0])["card"])
+    html_table = table(frame, html_columns=["card"]).to_html()
+    assert row["card"] in html_table  # the link stays a link
+    escaped = table(frame).to_html()
+    assert row["card"] not in escaped and "&lt;a href" in escaped  # elsewhere HTML is escaped
+    with pytest.raises(ValueError, match=r"html_columns \['link'\] are not columns"):
+        table(frame, html_columns=["link"])

@@ -11,6 +11,8 @@ the chapters' results, and the page: one searchable table and one card per featu
    pruned-graph membership, with chapter 6's thresholds). Each input is refused when made from
    another model, split or transcoder set than the current ones; chapter 6's graph is optional
    (the atlas then says it has none). Nothing runs the model.
+   Chapter 6 links its graph's features to their cards (:func:`graph_features`): a feature the
+   atlas holds (live at chapter 5's threshold) and the stored pruned graph keeps always has one.
 3. The page: :func:`atlas_table` is one row per live feature, its first column linking to the
    card (``#L03-F0123``, :func:`c2srepro.features.feature_anchor`); :func:`show_table` draws it
    with itables (DataTables) offline, its JavaScript embedded in the page: a search box over
@@ -41,7 +43,9 @@ CELLS_RESULT = f"{CELLS_DIRECTORY}/provenance.json"
 TABLE4_RESULT = "table4.csv"
 TABLE4_FEATURES = "features"
 CIRCUIT_RESULT = "circuit_summary.json"
+GRAPH_RESULT = "graph.safetensors"  # chapter 6's attribution graph
 CIRCUIT_PAGE = "06-circuit.html"
+ATLAS_PAGE = "A2-feature-atlas.html"
 GROUPBY = "cell_type"
 # A type whose AUROC reaches this is listed in the table's hidden "specific to" column, so that a
 # search for a type finds the features that prefer it, not only those it tops.
@@ -91,19 +95,50 @@ def chapter5_settings(results_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())["params"]
 
 
+def live_features(results_dir: str | os.PathLike) -> dict[int, set[int]]:
+    """{layer: the features the atlas holds}: those live at chapter 5's threshold in chapter 4's statistics."""
+    threshold = float(chapter5_settings(results_dir)["live_threshold"])
+    return {layer: set(stats.live_features(threshold).tolist()) for layer, stats in feature_stats(results_dir).items()}
+
+
+def graph_features(graph, pruned, live: Mapping[int, set[int]], *,
+                   top_genes: Mapping[tuple[int, int], str] | None = None, page: str = ATLAS_PAGE) -> pd.DataFrame:
+    """The pruned graph's transcoder features (targets excluded), one row per (layer, feature), most
+    influential first: its positions, its summed influence on the targets in the whole graph, its top
+    genes, and in ``card`` its key, linked (HTML) to its card on the atlas page where the atlas holds
+    it (``live``, :func:`live_features`; module docstring, step 2)."""
+    nodes = pruned.nodes[(pruned.nodes["kind"] == "feature") & ~pruned.nodes["is_target"].astype(bool)]
+    influence = dict(zip(graph.nodes["node_id"], graph.node_influence().tolist()))
+    frame = pd.DataFrame({"layer": nodes["layer"].astype(int), "feature": nodes["feature"].astype(int),
+                          "position": nodes["position"].astype(int),
+                          "influence": [influence[n] for n in nodes["node_id"]]})
+    frame = (frame.groupby(["layer", "feature"], as_index=False)
+             .agg(positions=("position", lambda p: ", ".join(map(str, sorted(p)))), influence=("influence", "sum"))
+             .sort_values("influence", ascending=False, kind="stable").reset_index(drop=True))
+    cards = []
+    for layer, feature in zip(frame["layer"], frame["feature"]):
+        key = html.escape(f"L{layer}/F{feature}")
+        cards.append(f'<a href="{page}#{feature_anchor(layer, feature)}">{key}</a>'
+                     if feature in live.get(layer, ()) else key)
+    frame.insert(0, "card", cards)
+    frame["top genes"] = [(top_genes or {}).get((l_, f_), "") for l_, f_ in zip(frame["layer"], frame["feature"])]
+    return frame
+
+
 def graph_cohort(results_dir: str | os.PathLike):
     """Chapter 6's graph as a one-cell cohort of feature influence, or None when chapter 6 left none."""
     from c2srepro.attribution.full_graph import Graph
+    from c2srepro.biology.casestudy import CircuitSummary
     from c2srepro.biology.cohort import TYPE_COLUMN, cell_influence, cohort_anndata
 
     results = Path(results_dir)
     if not (results / CIRCUIT_RESULT).is_file():
         return None
     check_consumed(results_dir, CIRCUIT_RESULT, made_by="06-circuit")
-    summary = json.loads((results / CIRCUIT_RESULT).read_text())
-    graph = Graph.load(results / summary.get("graph_file", "graph.safetensors"))
-    cell = cell_influence(graph, cell_id=str(summary["cell_id"]), label=str(summary["cell_label"]),
-                          node_threshold=float(summary["node_threshold"]), edge_threshold=float(summary["edge_threshold"]))
+    summary = CircuitSummary.from_dict(json.loads((results / CIRCUIT_RESULT).read_text()))
+    graph = Graph.load(results / GRAPH_RESULT)
+    cell = cell_influence(graph, cell_id=summary.cell_id, label=summary.cell_label,
+                          node_threshold=summary.node_threshold, edge_threshold=summary.edge_threshold)
     cohort = cohort_anndata([cell], kind="features")
     cohort.obs[GROUPBY] = cohort.obs[TYPE_COLUMN].astype(str)
     return cohort

@@ -137,27 +137,33 @@ def _frame(data: pd.DataFrame | pd.Series) -> pd.DataFrame:
 
 
 def table(
-    data: pd.DataFrame | pd.Series, *, digits: int = 3, p_columns: Sequence[str] | None = None
+    data: pd.DataFrame | pd.Series, *, digits: int = 3, p_columns: Sequence[str] | None = None,
+    html_columns: Sequence[str] = (),
 ) -> Styler:
     """The styled table of ``data`` for the book: index hidden (or shown as a column when it is
     named), numbers to ``digits`` significant digits, p-values and FDRs compact (module docstring).
-    ``p_columns``: columns holding p-values in addition to those recognised by name."""
+    ``p_columns``: columns holding p-values in addition to those recognised by name;
+    ``html_columns``: columns of HTML (links) made by the caller, shown as HTML, not escaped."""
     if digits < 1:
         raise ValueError(f"digits must be >= 1, got {digits}")
     frame = _frame(data)
     if not frame.columns.is_unique:
         raise ValueError(f"table() needs unique column names; repeated: {frame.columns[frame.columns.duplicated()].tolist()}")
     extra = set(p_columns or ())
-    unknown = sorted(map(str, extra - set(frame.columns)))
+    unknown = sorted(map(str, (extra | set(html_columns)) - set(frame.columns)))
     if unknown:
-        raise ValueError(f"p_columns {unknown} are not columns of the table; columns: {list(frame.columns)}")
+        raise ValueError(f"p_columns / html_columns {unknown} are not columns of the table; "
+                         f"columns: {list(frame.columns)}")
     formatters = {
         column: format_p if (column in extra or is_p_column(column)) else (lambda v: format_number(v, digits=digits))
         for column in frame.columns
     }
     uuid = hashlib.sha1(frame.to_csv(index=False).encode()).hexdigest()[:10]
+    styled = frame.style.format(formatters, escape="html")
+    if html_columns:
+        styled = styled.format(str, subset=list(html_columns), escape=None)
     return (
-        frame.style.format(formatters, escape="html")
+        styled
         .format_index(lambda name: html.escape(str(name).replace("_", " ")), axis="columns")
         .hide(axis="index")
         .set_uuid(uuid)
