@@ -270,3 +270,18 @@ def test_a_graphs_features_link_to_the_cards_the_atlas_holds():
     assert row["card"] not in escaped and "&lt;a href" in escaped  # elsewhere HTML is escaped
     with pytest.raises(ValueError, match=r"html_columns \['link'\] are not columns"):
         table(frame, html_columns=["link"])
+
+
+def test_labels_name_genes_type_and_term_for_another_viewer(planted):
+    *_, atlas = planted
+    labels = atlas.labels(n_genes=2, min_auroc=0.7)
+    assert set(labels) == set(zip(atlas.features["layer"], atlas.features["feature"]))
+    for row in atlas.features.itertuples(index=False):
+        text = labels[(row.layer, row.feature)]
+        genes = row.top_genes.split()[:2] if isinstance(row.top_genes, str) else []
+        assert (f"top genes {', '.join(genes)}" in text) == bool(genes)
+        assert (f"type {row.top_type} (AUROC" in text) == (isinstance(row.top_type, str) and row.top_auroc >= 0.7)
+        assert (f"term {row.top_term}" in text) == (isinstance(row.top_term, str) and bool(row.top_term))
+    assert any("type " in t for t in labels.values())  # the planted NK and B cell features
+    with pytest.raises(ValueError, match="n_genes must be >= 1"):
+        atlas.labels(n_genes=0)

@@ -324,3 +324,23 @@ def test_a_second_graph_joins_the_listing(setup, exported, tmp_path):
     assert [g["slug"] for g in listing["graphs"]] == [SLUG, "other"]
     unpruned = json.loads((data / "other.json").read_text())
     assert len(unpruned["links"]) == int((graph.adjacency != 0).sum())
+
+
+def test_feature_labels_replace_the_top_genes_in_the_viewers_feature_label(setup):
+    from c2srepro.attribution.export import viewer_graph
+
+    _, _, _, stats, graph = setup
+    plain = viewer_graph(graph, slug="plain", stats=stats)
+    features = [n for n in plain["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert features and all("; top genes " in n["clerp"] for n in features)  # from the statistics
+    first = (int(features[0]["layer"]), int(features[0]["node_id"].split("_")[1]))
+    labelled = viewer_graph(graph, slug="labelled", stats=stats,
+                            feature_labels={first: "top genes VWF, PTPRB; type Endothelial (AUROC 0.95)"})
+    by_id = {n["node_id"]: n["clerp"] for n in labelled["nodes"]}
+    for node in features:
+        key = (int(node["layer"]), int(node["node_id"].split("_")[1]))
+        if key == first:
+            assert by_id[node["node_id"]].endswith("; top genes VWF, PTPRB; type Endothelial (AUROC 0.95)")
+            assert by_id[node["node_id"]].count("top genes") == 1
+        else:
+            assert by_id[node["node_id"]] == node["clerp"]

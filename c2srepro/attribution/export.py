@@ -15,8 +15,10 @@ circuit-tracer (decoderesearch/circuit-tracer, ``circuit_tracer/frontend``) serv
    the Cantor pairing of layer and feature, the name of its feature file), error
    ``0_{layer}_{pos}``, token ``E_{token_id}_{pos}``, logit ``{n_layers + 1}_{token_id}_{pos}``;
    ``jsNodeId`` likewise. The viewer labels token and error nodes from ``metadata.prompt_tokens``,
-   so each gene token is written there as ``token [GENE]``; a feature's ``clerp`` names its
-   token, gene and (with feature statistics) its top genes; a logit's reads ``Output "..." (p=...)``.
+   so each gene token is written there as ``token [GENE]``; a feature's ``clerp`` (the label the
+   viewer's feature panel shows) names its token, gene and its ``feature_labels`` entry (e.g. the
+   atlas's top genes, cell type and term, :meth:`c2srepro.features.FeatureAtlas.labels`), else
+   (with feature statistics) its top genes; a logit's reads ``Output "..." (p=...)``.
 3. Links: one per nonzero kept edge, ``{"source", "target", "weight"}`` (weight = A[target, source]);
    nodes left without a link are dropped, except tokens and logits (as circuit-tracer does).
 4. ``metadata`` (slug, scan, prompt, prompt tokens, node threshold, schema version 1) and empty
@@ -102,10 +104,12 @@ def viewer_graph(
     stats: Mapping[int, LayerFeatureStats] | None = None,
     tokenizer=None,
     logit_probabilities: Mapping[int, float] | None = None,
+    feature_labels: Mapping[tuple[int, int], str] | None = None,
 ) -> dict:
     """The graph as the JSON of circuit-tracer's ``graph_models.Model`` (module docstring, steps 1-4).
 
-    stats: feature statistics per layer, for the top genes in feature labels. tokenizer: decodes
+    stats: feature statistics per layer, for the top genes in feature labels; feature_labels:
+    (layer, feature) -> the text that labels it instead (``FeatureAtlas.labels()``). tokenizer: decodes
     the prompt's and the logit targets' tokens (else the graph's ``tokens`` and ``<id>``).
     logit_probabilities: {token id: probability} of the logit targets, shown in their labels
     (else ``p=?``).
@@ -121,10 +125,12 @@ def viewer_graph(
         edges = graph.adjacency != 0
     tokens, labelled = _prompt_tokens(graph, tokenizer)
     top_genes = _top_genes(graph, keep, stats)
+    described = {key: f"; {text}" for key, text in (feature_labels or {}).items() if text}
+    described |= {key: f"; top genes {', '.join(genes)}" for key, genes in top_genes.items() if key not in described}
     nodes, ids = {}, {}
     for index in keep.nonzero().flatten().tolist():
         row = graph.nodes.iloc[index]
-        node = _viewer_node(row, graph.n_layers, float(pruning.cumulative[index]), tokens, top_genes,
+        node = _viewer_node(row, graph.n_layers, float(pruning.cumulative[index]), tokens, described,
                             tokenizer, logit_probabilities)
         nodes[index] = node
         ids[index] = node["node_id"]
@@ -164,7 +170,7 @@ def _top_genes(graph: Graph, keep, stats) -> dict[tuple[int, int], list[str]]:
     return out
 
 
-def _viewer_node(row, n_layers: int, influence: float, tokens: Sequence[str], top_genes, tokenizer,
+def _viewer_node(row, n_layers: int, influence: float, tokens: Sequence[str], described, tokenizer,
                  probabilities) -> dict:
     kind, layer, position = row["kind"], int(row["layer"]), int(row["position"])
     activation = None if row["activation"] is None or np.isnan(row["activation"]) else float(row["activation"])
@@ -173,11 +179,10 @@ def _viewer_node(row, n_layers: int, influence: float, tokens: Sequence[str], to
     if kind == "feature":
         feature = int(row["feature"])
         gene = f" in {row['gene']}" if row["gene"] is not None else ""
-        genes = top_genes.get((layer, feature))
         clerp = f'{feature_key(layer, feature)} on "{tokens[position]}"{gene}'
         node.update(node_id=f"{layer}_{feature}_{position}", jsNodeId=f"{layer}_{feature}-0",
                     feature=cantor_pairing(layer, feature), layer=str(layer),
-                    clerp=clerp + (f"; top genes {', '.join(genes)}" if genes else ""))
+                    clerp=clerp + described.get((layer, feature), ""))
     elif kind == "error":
         node.update(node_id=f"0_{layer}_{position}", jsNodeId=f"{layer}_{position}-0", feature=-1, layer=str(layer))
     elif kind == "embedding":
@@ -236,6 +241,7 @@ def export_viewer_files(
     examples: Mapping[tuple[int, int], Sequence[ExampleWindow]] | None = None,
     tokenizer=None,
     logit_probabilities: Mapping[int, float] | None = None,
+    feature_labels: Mapping[tuple[int, int], str] | None = None,
 ) -> Path:
     """Write ``<slug>.json``, update ``graph-metadata.json`` and write the feature files; returns the graph file.
 
@@ -245,7 +251,7 @@ def export_viewer_files(
     """
     data = viewer_graph(graph, slug=slug, scan=scan, prune=prune, node_threshold=node_threshold,
                         edge_threshold=edge_threshold, stats=stats, tokenizer=tokenizer,
-                        logit_probabilities=logit_probabilities)
+                        logit_probabilities=logit_probabilities, feature_labels=feature_labels)
     directory = Path(directory)
     listing = _read_listing(directory / METADATA_FILENAME)
     features = _features_of(data)

@@ -186,6 +186,23 @@ class FeatureAtlas:
         rows = rows.sort_values(["auroc", "mean_activation"], ascending=False, kind="stable")
         return self._with_summary(rows[TYPE_RESULT_COLUMNS])
 
+    def labels(self, *, n_genes: int = 5, min_auroc: float = 0.7) -> dict[tuple[int, int], str]:
+        """One line per feature for another viewer (circuit-tracer's feature label): its first
+        ``n_genes`` top genes, the cell type it is most specific to where that AUROC reaches
+        ``min_auroc``, and its top term at FDR < fdr."""
+        if n_genes < 1:
+            raise ValueError(f"n_genes must be >= 1, got {n_genes}")
+        labels = {}
+        for row in self.features.itertuples(index=False):
+            genes = str(row.top_genes).split()[:n_genes] if isinstance(row.top_genes, str) else []
+            parts = [f"top genes {', '.join(genes)}"] if genes else []
+            if isinstance(row.top_type, str) and row.top_auroc >= min_auroc:
+                parts.append(f"type {row.top_type} (AUROC {row.top_auroc:.2f})")
+            if isinstance(row.top_term, str) and row.top_term:
+                parts.append(f"term {row.top_term}")
+            labels[(int(row.layer), int(row.feature))] = "; ".join(parts)
+        return labels
+
     def card(self, layer: int, feature: int) -> dict[str, Any]:
         """Everything the atlas holds on one feature: ``summary`` (its row of ``features``) and
         its rows of every other table, under the table's name."""
