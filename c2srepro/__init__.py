@@ -11,6 +11,7 @@ The package is laid out as its data flow, and the front door names one function 
     transcoders = c2s.train_transcoders(activations, c2s.TrainConfig(), steps=300).transcoders
     features = c2s.feature_activations(adata, model, tokenizer, transcoders, layer=3, use_raw=True)  # features/
     table = c2s.enrich(genes, "KEGG_2021_Human")                                # enrichment/
+    atlas = c2s.feature_atlas(stats, table4_features=table4.features)  # features/: atlas.search(gene="NKG7")
     replacement = c2s.ReplacementModel(model, transcoders, tokenizer)           # attribution/
     graph = replacement.attribute(cells[0], c2s.LabelTarget(label, candidates=labels))
     replacement.intervene(cells[0], c2s.zero_nodes(graph.top_features(10)), labels=labels)
@@ -32,12 +33,12 @@ _FRONT_DOOR = {
     "cell_sentences": "c2srepro.data.cells",
     "encode_prompts": "c2srepro.data.prompts",
     "load_c2s_model": "c2srepro.models.load",
-    "predict_labels": "c2srepro.models.predict",
     "harvest_activations": "c2srepro.transcoder.harvest",
     "TrainConfig": "c2srepro.transcoder.config",
     "train_transcoders": "c2srepro.transcoder.train",
     "feature_activations": "c2srepro.features.anndata",
     "enrich": "c2srepro.enrichment.ora",
+    "feature_atlas": "c2srepro.features.atlas",
     "ReplacementModel": "c2srepro.attribution.replacement",
     "LabelTarget": "c2srepro.attribution.targets",
     "zero_nodes": "c2srepro.attribution.intervene",
