@@ -367,6 +367,9 @@ def test_compare_targets_asks_each_question_of_one_cell(tiny_replacement):
     reused, _ = compare_targets(tiny_replacement, cell, label, candidates=TINY_LABELS, kinds=["label_vs_candidates"],
                                 graphs={"label_vs_candidates": direct})
     assert reused["label_vs_candidates"] is direct
+    kept, rows = compare_targets(tiny_replacement, cell, label, candidates=TINY_LABELS, kinds=["first_token", "label"],
+                                 keep=["label"])
+    assert list(kept) == ["label"] and rows["target kind"].tolist() == ["first_token", "label"]
     with pytest.raises(ValueError, match=r"target kinds \['logit'\] are not among"):
         compare_targets(tiny_replacement, cell, label, candidates=TINY_LABELS, kinds=["logit"])
 

@@ -759,13 +759,16 @@ def compare_targets(
     gene_threshold: float = 0.8,
     n_top_genes: int = 10,
     graphs: Mapping[str, Graph] | None = None,
+    keep: Sequence[str] | None = None,
 ) -> tuple[dict[str, Graph], pd.DataFrame]:
     """The same cell asked several questions about its answer ``label``: one attribution graph per
     target kind (:meth:`~c2srepro.attribution.ReplacementModel.answer_target`), and a table of what
     each explains: the target and its value, the top ``n_top_genes`` genes by influence, the number
     of influential genes (``gene_threshold``), the replacement and completeness scores and the pruned
-    graph's size. ``graphs``: graphs already built, by kind, reused. A kind whose target does not
-    exist on this cell (no feature fires on the final token) gets a row saying so and no graph."""
+    graph's size. ``graphs``: graphs already built, by kind, reused; ``keep``: the kinds whose graphs
+    are returned (default: all; a graph at a real model's shape holds hundreds of MB). A kind whose
+    target does not exist on this cell (no feature fires on the final token) gets a row saying so
+    and no graph."""
     from c2srepro.attribution.replacement import TARGET_KINDS
 
     unknown = [kind for kind in kinds if kind not in TARGET_KINDS]
@@ -793,4 +796,6 @@ def compare_targets(
             "replacement": scores["replacement"], "completeness": scores["completeness"],
             "pruned nodes": pruned.n_nodes, "pruned features": graph_size(pruned)["feature"], "note": "",
         })
+        if keep is not None and kind not in keep:
+            del built[kind]
     return built, pd.DataFrame(rows)
