@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,8 +16,10 @@ from c2srepro.biology.faithfulness import (
     compare_targets,
     direct_logit_attribution,
     faithfulness_cells,
+    faithfulness_numbers,
     faithfulness_table,
     graph_target,
+    json_ready,
     median_by_type,
     predictor_summary,
     removal_estimate,
@@ -190,6 +194,14 @@ def test_cell_faithfulness_observes_the_quantity_its_graph_explains(tiny):
     assert ORACLE in summary.index and {"median_rho_signed", "naopc_deletion_low", "precision_at_k"} <= set(summary)
     assert summary.loc[ORACLE, "precision_at_k"] == 1.0
     assert summary.loc["linear", "median_rho_signed"] == pytest.approx(table["rho_signed_linear"].median())
+
+    numbers = faithfulness_numbers([result, again], n_boot=200)
+    json.dumps(numbers, allow_nan=False)  # strict JSON: a NaN is written as null
+    assert numbers["target"] == "label_vs_candidates" and numbers["n_cells"] == 2 and numbers["n_removals"] == 10
+    assert numbers["median_rho"]["influence"] == pytest.approx(table["rho_abs_influence"].median(), nan_ok=True)
+    assert numbers["predictors"]["linear"]["naopc"]["mean"] == pytest.approx(summary.loc["linear", "naopc_deletion"])
+    assert set(numbers["predictors"]["oracle"]["precision_at_10"]) == {"mean", "low", "high"}
+    assert json_ready({"a": [np.float64("nan"), np.int64(3)], "b": float("inf")}) == {"a": [None, 3], "b": None}
 
     with pytest.raises(ValueError, match="max_genes must be >= 3"):
         cell_faithfulness(tiny, cell, label, LABELS, max_genes=2)

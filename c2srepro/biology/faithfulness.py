@@ -65,7 +65,8 @@ from c2srepro.data.cells import CellSentence
 __all__ = [
     "PREDICTORS", "READOUTS", "SIGNED_PREDICTORS", "TARGETS", "TARGET_READOUT", "CellFaithfulness", "NoFeatureFires",
     "agreement", "cell_expression", "cell_faithfulness", "cohort_faithfulness", "compare_targets",
-    "direct_logit_attribution", "faithfulness_cells", "faithfulness_table", "graph_target", "median_by_type",
+    "direct_logit_attribution", "faithfulness_cells", "faithfulness_numbers", "faithfulness_table", "graph_target",
+    "json_ready", "median_by_type",
     "predictor_summary", "readouts", "removal_estimate", "target_table", "total_effects",
 ]
 
@@ -396,6 +397,61 @@ def predictor_summary(results: Sequence[CellFaithfulness], *, top_n: int = TOP_N
         for statistic, suffix in (("mean", ""), ("low", "_low"), ("high", "_high")):
             out[f"{score}{suffix}"] = pooled[(score, statistic)]
     return out
+
+
+def json_ready(value):
+    """``value`` with NaN and infinite floats as None and numpy scalars as Python ones, for strict JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def faithfulness_numbers(results: Sequence[CellFaithfulness], comparison: pd.DataFrame | None = None, *,
+                         precision_k: int = 10, top_n: int = TOP_N, n_boot: int = 2000, seed: int = 0) -> dict:
+    """The chapter's numbers for ``faithfulness.json`` (NaN written as None): the target and its readout,
+    median rho (``median_rho``: unsigned, ``median_rho_signed``) per predictor and per type, the share
+    of cells where the graph's rho beats the rank's, and per ordering its rho, NAOPC (deletion and
+    insertion), precision@k and sign agreement as ``{mean, low, high}`` over cells; ``targets``: the
+    per-target table of ``comparison`` (:func:`target_table`)."""
+    table = faithfulness_table(results, top_n=top_n)
+    summary = predictor_summary(results, top_n=top_n, n_boot=n_boot, seed=seed)
+    predictors = results[0].predictors
+    by_type = median_by_type(table, columns=[f"rho_abs_{p}" for p in predictors])
+
+    def interval(name: str, score: str) -> dict:
+        return {"mean": summary.loc[name, score], "low": summary.loc[name, f"{score}_low"],
+                "high": summary.loc[name, f"{score}_high"]}
+
+    numbers = {
+        "target": results[0].target,
+        "observed": TARGET_READOUT[results[0].target],
+        "n_cells": len(results),
+        "n_removals": int(table["n_genes"].sum()),
+        "precision_k": precision_k,
+        "median_rho": {p: table[f"rho_abs_{p}"].median() for p in predictors},
+        "median_rho_signed": {p: table[f"rho_signed_{p}"].median() for p in predictors},
+        "median_rho_by_type": {row["type"]: {p: row[f"rho_abs_{p}"] for p in predictors}
+                               for _, row in by_type.iterrows()},
+        "graph_beats_rank": {p: float((table[f"rho_abs_{p}"] > table["rho_abs_rank"]).mean()) for p in GRAPH_PREDICTORS},
+        "graph_beats_rank_signed": {p: float((table[f"rho_signed_{p}"] > table["rho_signed_rank"]).mean())
+                                    for p in GRAPH_PREDICTORS},
+        "predictors": {
+            name: {"median_rho_signed": summary.loc[name, "median_rho_signed"],
+                   "median_rho_abs": summary.loc[name, "median_rho_abs"],
+                   "naopc": interval(name, "naopc_deletion"),
+                   "naopc_insertion": interval(name, "naopc_insertion"),
+                   f"precision_at_{precision_k}": interval(name, "precision_at_k"),
+                   "sign_agreement": interval(name, "sign_agreement")}
+            for name in summary.index},
+        "targets": [] if comparison is None else target_table(comparison).to_dict("records"),
+    }
+    return json_ready(numbers)
 
 
 def cell_expression(adata, cells: Sequence[CellSentence], *, use_raw: bool = False, layer: str | None = None,
