@@ -365,3 +365,56 @@ def test_label_benchmark_reads_the_graphs_own_target(tiny_replacement):
     assert result.observed["LYZ"] == pytest.approx(direct[0] - direct[1], rel=1e-9, abs=1e-12)
     assert set(result.scores.index) == {*predictors.columns, ORACLE, ANTI_ORACLE}
     assert list(result.controls.index) == ["remove", "shift to end", "replace with absent gene"]
+
+
+def test_removable_subset_orders_and_removes_only_those_genes():
+    weights = random_weights(5)
+    cell = toy_cell()
+    subset = ["LYZ", "S100A8", "GNLY"]
+    calls = []
+    predictors = pd.DataFrame({"noisy": [weights[g] + 0.1 for g in subset]}, index=subset)
+    result = benchmark_cell(cell, predictors, additive(weights, calls=calls), k_max=5, removable=subset)
+    assert calls[0] == 1 + len(subset) and list(result.observed.index) == subset
+    # every removable gene may go at once: the rest of the sentence is still there
+    assert list(result.deletion.columns) == [1, 2, 3]
+    order = ordering(predictors["noisy"], subset)
+    expected = [sum(weights[g] for g in order[:k]) for k in range(1, 4)]
+    np.testing.assert_allclose(result.deletion.loc["noisy"].to_numpy(), expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="removable genes \\['XIST'\\] are not in"):
+        benchmark_cell(cell, predictors, additive(weights), removable=["LYZ", "XIST"])
+
+
+def test_readouts_come_from_one_forward_pass_and_the_first_logit_is_demeaned(tiny64):
+    from c2srepro.biology.benchmark import Readout, readout_gradient_x_input, readout_scores
+
+    model, cell_tokenizer = tiny64
+    answers = {label: answer_of(cell_tokenizer, label) for label in LABELS}
+    answer = answers["CD56+ NK"]
+    sentences = [CELL, knock_out(CELL, ["LYZ"]), shift_to_end(CELL, ["CD14"])]
+    reads = {"tree": Readout(answer, prefix_competitors(answers, "CD56+ NK")), "vocab": Readout(answer),
+             "first": Readout(answer, kind="first_logit")}
+    frame = readout_scores(model, cell_tokenizer, sentences, reads, num_genes=5, batch_size=2)
+    assert list(frame.columns) == ["tree", "vocab", "first"]
+    np.testing.assert_allclose(frame["vocab"], answer_scores(model, cell_tokenizer, sentences, answer,
+                                                             [[] for _ in answer], num_genes=5), rtol=1e-12)
+    template = build_prompt(CELL).text.replace(" ".join(CELL.genes), "{cell_sentence}")
+    for row, sentence in enumerate(sentences):
+        prompt = encode_prompts([sentence], cell_tokenizer, template=template).input_ids[0]
+        with torch.no_grad():
+            last = model(input_ids=torch.tensor([prompt])).logits[0, -1].double()
+        assert frame.loc[row, "first"] == pytest.approx(float(last[answer[0]] - last.mean()), rel=1e-9)
+    # gradient x input of the first logit: the directional derivative along each gene's embeddings
+    scores = readout_gradient_x_input(model, cell_tokenizer, CELL, reads["first"])
+    prompt = encode_prompts([CELL], cell_tokenizer)
+    ids = torch.tensor([[*prompt.input_ids[0], *answer[:-1]]])
+    embeddings = model.get_input_embeddings()(ids).detach()
+    mask = torch.zeros(ids.shape[1], 1, dtype=torch.float64)
+    mask[[i for i, g in enumerate(prompt.gene_of_token[0]) if g == "LYZ"]] = 1.0
+    with torch.no_grad():
+        plus, minus = (reads["first"](model(inputs_embeds=embeddings * (1 + s * mask), logits_to_keep=len(answer)).logits)
+                       for s in (1e-5, -1e-5))
+    assert scores["LYZ"] == pytest.approx(float(plus - minus) / 2e-5, rel=1e-6)
+    with pytest.raises(ValueError, match="different answers"):
+        readout_scores(model, cell_tokenizer, sentences, {"a": Readout(answer), "b": Readout(answers["Dendritic"])})
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Readout(answer, kind="logit")

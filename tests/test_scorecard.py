@@ -277,6 +277,17 @@ def _beyond_results(folder: Path, *, influence: float, rank: float) -> Path:
         "n_cells": 50, "median_rho": {"influence": influence, "linear": 0.1, "rank": rank, "random": 0.0},
         "median_rho_by_type": {"B": {"influence": influence, "rank": rank}, "T": {"influence": 0.0, "rank": 0.5}},
         "graph_beats_rank": {"influence": 0.3 if influence <= rank else 0.8, "linear": 0.5},
+        "target": "label_vs_candidates",
+        "predictors": {
+            "influence": {"median_rho_signed": 0.2, "naopc": {"mean": 0.5, "low": 0.4, "high": 0.6}},
+            "linear": {"median_rho_signed": 0.6 if influence > rank else 0.1,
+                       "naopc": {"mean": 0.8, "low": 0.7, "high": 0.9} if influence > rank
+                       else {"mean": 0.45, "low": 0.3, "high": 0.55}},
+            "gradient_x_input": {"median_rho_signed": 0.3, "naopc": {"mean": 0.5, "low": 0.45, "high": 0.6}},
+            "rank": {"median_rho_signed": 0.0, "naopc": {"mean": 0.2, "low": 0.1, "high": 0.3}},
+            "expression": {"median_rho_signed": None, "naopc": {"mean": None, "low": None, "high": None}},
+            "oracle": {"median_rho_signed": None, "naopc": {"mean": 1.0, "low": 1.0, "high": 1.0}},
+        },
         "prerank": [{"type": "B", "own_place": 1, "own_fdr": 0.01, "shuffled_place": 3},
                     {"type": "T", "own_place": 4, "own_fdr": 0.4, "shuffled_place": 1}]})
     _table(folder / "cohorts.csv", pd.DataFrame({"type": ["B", "B", "T"], "gene": ["MS4A1", "CD79A", "CD3E"],
@@ -293,6 +304,14 @@ def test_beyond_rows_state_the_test_each_answers(tmp_path):
     assert beyond["faithfulness_rho_influence"]["note"].startswith("above the rank baseline: holds")
     assert "does not hold" in beyond["faithfulness_rho_random"]["note"]
     assert "types where it does not (median): T" in beyond["faithfulness_beats_rank"]["note"]
+    naopc = beyond["faithfulness_naopc_graph"]
+    assert naopc["reproduced"] == 0.8 and naopc["note"].startswith("linear 0.8 [0.7, 0.9], target label_vs_candidates")
+    assert "best baseline gradient_x_input 0.5 [0.45, 0.6]" in naopc["note"]  # the oracle is a bound, not a baseline
+    assert "the graph beats gradient_x_input (95% intervals apart): holds" in naopc["note"]
+    assert "the graph beats rank (95% intervals apart): holds" in naopc["note"]  # expression has no number here
+    signed = beyond["faithfulness_rho_signed_linear"]
+    assert signed["reproduced"] == 0.6 and "at least 0.5: holds" in signed["note"]
+    assert "best baseline gradient_x_input 0.3; above the best baseline: holds" in signed["note"]
     assert beyond["cohort_significant_pairs"]["reproduced"] == 2
     assert "2 of 2 types" in beyond["cohort_significant_pairs"]["note"]
     assert beyond["prerank_own_first"]["reproduced"] == "1 of 2"
@@ -304,10 +323,15 @@ def test_beyond_rows_state_the_test_each_answers(tmp_path):
     worse = _by_key(build_scorecard(_beyond_results(tmp_path / "bad", influence=-0.1, rank=0.2), profile="default"))
     assert worse["faithfulness_rho_influence"]["note"].startswith("above the rank baseline: does not hold")
     assert worse["faithfulness_beats_rank"]["note"].startswith("in most cells: does not hold")
+    # the graph's best ordering is now influence, whose interval overlaps gradient x input's
+    assert worse["faithfulness_naopc_graph"]["note"].startswith("influence 0.5 [0.4, 0.6]")
+    assert "the graph beats gradient_x_input (95% intervals apart): does not hold" in worse["faithfulness_naopc_graph"]["note"]
+    assert "at least 0.5: does not hold" in worse["faithfulness_rho_signed_linear"]["note"]
 
 
 def test_beyond_rows_name_the_chapter_to_run(tmp_path):
     rows = _by_key(build_scorecard(_results(tmp_path / "r"), profile="default"))
     assert "run chapter 08-faithfulness (faithfulness.json)" in rows["faithfulness_rho_influence"]["note"]
+    assert "run chapter 08-faithfulness (faithfulness.json)" in rows["faithfulness_naopc_graph"]["note"]
     assert "run chapter 08-faithfulness (cohorts.csv)" in rows["cohort_significant_pairs"]["note"]
     assert "intervention is absent or empty in circuit_summary.json" in rows["intervention_top_drop"]["note"]

@@ -32,20 +32,31 @@ matters more; for a signed predictor, positive: the gene supports the target).
    of the sentence (the others shift as in a removal, the genes stay), and each gene replaced by a
    gene absent from the cell at the same rank (no one shifts, the identity goes). If the drop of a
    removal is mostly the shift's, the shift sentence loses as much as the removal.
-8. The real model's target (:func:`answer_scores`): teacher-forced on prompt + answer, the sum
-   over answer positions j of log q_j(y_j), q_j the softmax of the logits at j over the tokens the
-   answer's token competes with there (the candidates' prefix tree,
+8. The real model's target (:class:`Readout`, :func:`readout_scores`): teacher-forced on prompt +
+   answer, either the sum over answer positions j of log q_j(y_j), q_j the softmax of the logits at
+   j over the tokens the answer's token competes with there (the candidates' prefix tree,
    :meth:`c2srepro.attribution.targets.LabelTarget.competitors`; all of the vocabulary for the
-   answer's plain log-probability); a position where the token has no competitor adds nothing.
-   :func:`gradient_x_input` is the baseline predictor of the same scalar: the gradient of it with
-   respect to the input embeddings, dotted with them, summed over each gene's tokens.
-9. :func:`label_predictors`: one cell's predictors of its genes' support for a label target, all
-   positive where the gene supports the label: ``influence`` (the graph's gene-node influence,
-   unsigned), ``linear`` (the graph's signed first-order removal estimate, negated),
-   ``gradient_x_input`` (the real model), ``dla`` (attention-free: the target's reading vectors
-   applied to the gene's token embeddings as if they sat at the reading positions), ``rank``
-   (1 / sentence rank), ``expression`` and ``random``. :func:`label_benchmark` runs
-   :func:`benchmark_cell` on them with the real model's target of step 8.
+   answer's plain log-probability; a position where the token has no competitor adds nothing), or
+   the demeaned logit of the answer's first token at the last prompt position (what a
+   ``LogitTarget`` of that token explains). Several readouts come from one forward pass.
+   :func:`readout_gradient_x_input` is the baseline predictor of the same scalar: the gradient of
+   it with respect to the input embeddings, dotted with them, summed over each gene's tokens.
+9. :func:`target_predictors`: one cell's predictors of its genes' support for any target, all
+   positive where the gene supports it: ``influence`` (the graph's gene-node influence,
+   unsigned), ``linear`` (the graph's signed first-order removal estimate, step 10, negated),
+   ``gradient_x_input`` (the real model, of the readout the benchmark measures), ``dla``
+   (attention-free: the target's reading vectors applied to the gene's token embeddings as if they
+   sat at the reading positions), optionally ``circuit`` (1 if the paper's greedy path search
+   reaches the gene), ``rank`` (1 / sentence rank), ``expression`` and ``random``.
+   :func:`label_benchmark` runs :func:`benchmark_cell` on a label target's predictors with the real
+   model's target of step 8.
+10. :func:`removal_estimate`: the graph's first-order estimate of removing a gene, -sum over its
+    tokens of the total effect of the token's embedding on the target in the linear model
+    (attention, layer norms and errors frozen, each active feature's activation moving with its
+    pre-activation): with M[t, s] = A[t, s] / a_s for a feature source s of activation a_s and
+    M[t, s] = A[t, s] for a token source, the total effect is w (M + M^2 + ...) (paths through
+    uncomputed feature rows are cut). Exact to first order when the gene's embeddings are scaled
+    towards zero; the shift of the genes below it in a real removal is outside the estimate.
 """
 
 
@@ -60,10 +71,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from c2srepro.attribution.full_graph import gene_view
+from c2srepro.attribution.full_graph import Graph, gene_view, greedy_paths
 from c2srepro.attribution.replacement import ReplacementModel
-from c2srepro.attribution.targets import LabelTarget, teacher_forced
-from c2srepro.biology.faithfulness import removal_estimate
+from c2srepro.attribution.targets import LabelTarget, Target, teacher_forced
 from c2srepro.biology.perturb import knock_out
 from c2srepro.data.cells import CellSentence
 from c2srepro.data.prompts import C2S_CELL_TYPE_TEMPLATE, encode_prompts
@@ -75,6 +85,37 @@ CONTROLS = ("remove", "shift to end", "replace with absent gene")
 
 # The target's value for each of a batch of sentences, one model call per batch.
 Measure = Callable[[Sequence[CellSentence]], Sequence[float]]
+
+
+def total_effects(graph: Graph) -> Float[Tensor, "node"]:
+    """Each node's signed total effect on the weighted targets in the linear model (step 10)."""
+    activation = torch.as_tensor(graph.nodes["activation"].to_numpy(dtype=float), dtype=graph.adjacency.dtype)
+    is_feature = torch.as_tensor(graph.nodes["kind"].to_numpy() == "feature")
+    per_unit = torch.where(is_feature, activation, torch.ones_like(activation))
+    if bool((per_unit[is_feature] == 0).any()):
+        raise ValueError("a feature node has activation 0: the graph holds only active features")
+    M = graph.adjacency / per_unit[None, :]
+    current, total = graph.target_weights.to(M.dtype), torch.zeros(graph.n_nodes, dtype=M.dtype)
+    for _ in range(graph.n_nodes + 1):
+        current = current @ M
+        if not bool(current.any()):
+            return total
+        total = total + current
+    raise RuntimeError("total effects did not converge: the adjacency has a cycle")
+
+
+def removal_estimate(graph: Graph, genes: Sequence[str | None] | None = None) -> pd.Series:
+    """The first-order change of the target when each gene's token embeddings are removed, per gene (step 10)."""
+    genes = list(genes) if genes is not None else graph.info.get("genes")
+    if genes is None or len(genes) != graph.n_pos:
+        raise ValueError(f"genes must give one gene symbol or None per prompt token ({graph.n_pos})")
+    total = total_effects(graph).numpy()
+    nodes = graph.nodes
+    tokens = nodes.index[nodes["kind"] == "embedding"]
+    by_gene = pd.Series(total[tokens], index=[genes[p] for p in nodes.loc[tokens, "position"]])
+    by_gene = by_gene[by_gene.index.notna()]
+    order = list(dict.fromkeys(g for g in genes if g is not None))
+    return -by_gene.groupby(level=0).sum().reindex(order)
 
 
 def ordering(scores: pd.Series, genes: Sequence[str]) -> list[str]:
@@ -211,17 +252,27 @@ def benchmark_cell(
     precision_k: int = 10,
     signed: Sequence[str] = (),
     absent: Sequence[str] = (),
+    removable: Sequence[str] | None = None,
     seed: int = 0,
 ) -> CellBenchmark:
     """Every curve and score of one cell, from one call of ``measure`` on all its sentences.
 
-    predictors: genes (index, every gene of the sentence) x predictors, larger = matters more;
+    predictors: genes (index, every removable gene) x predictors, larger = matters more;
     signed: the predictors whose sign says "supports (+) or opposes (-) the target"; the oracle
     (observed single-gene removal effects, computed here) is signed; absent: genes to draw the
-    replacement control from (none: the control is skipped)."""
-    genes = list(cell.genes)
+    replacement control from (none: the control is skipped); removable: the genes that are
+    ordered, removed and inserted (default: every gene of the sentence; a subset, such as the
+    first genes, keeps the number of model calls down on a large model)."""
+    if removable is None:
+        genes = list(cell.genes)
+    else:
+        unknown = sorted(set(removable) - set(cell.genes))
+        if unknown:
+            raise ValueError(f"removable genes {unknown[:5]} are not in cell {cell.cell_id!r}'s sentence")
+        wanted = set(removable)
+        genes = [g for g in cell.genes if g in wanted]
     if len(genes) < 2:
-        raise ValueError(f"cell {cell.cell_id!r} has {len(genes)} gene(s): a deletion curve needs at least 2")
+        raise ValueError(f"cell {cell.cell_id!r} has {len(genes)} removable gene(s): a deletion curve needs at least 2")
     if k_max < 1:
         raise ValueError(f"k_max must be >= 1, got {k_max}")
     for name in (ORACLE, ANTI_ORACLE):
@@ -230,7 +281,8 @@ def benchmark_cell(
     unknown = sorted(set(signed) - set(predictors.columns))
     if unknown:
         raise ValueError(f"signed names {unknown}, which are not predictor columns {list(predictors.columns)}")
-    k_del = min(k_max, len(genes) - 1)
+    # removing every gene of the sentence leaves no prompt to score; removing a subset's all is fine
+    k_del = min(k_max, len(genes) - 1 if len(genes) == len(cell.genes) else len(genes))
     k_ins = min(k_max, len(genes))
 
     # One batch: the cell, its single removals, then each predictor's curves (the oracle's once known).
@@ -327,6 +379,40 @@ def _check_answer(answer: Sequence[int], competitors: Sequence[Sequence[int]]) -
             raise ValueError(f"answer token {token} at position {j} is not among its competitors {list(tokens)}")
 
 
+READOUT_KINDS = ("log_prob", "first_logit")
+
+
+@dataclass(frozen=True)
+class Readout:
+    """A number the real model computes from the logits at the answer positions (module docstring, step 8).
+
+    ``log_prob``: the sum over answer positions of log q_j(y_j) among ``competitors`` (per position;
+    empty: the whole vocabulary); ``first_logit``: the logit of the answer's first token at the last
+    prompt position minus the mean logit there (the demeaned logit a ``LogitTarget`` explains)."""
+
+    answer: tuple[int, ...]
+    competitors: tuple[tuple[int, ...], ...] | None = None
+    kind: str = "log_prob"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "answer", tuple(int(t) for t in self.answer))
+        if self.kind not in READOUT_KINDS:
+            raise ValueError(f"kind must be one of {READOUT_KINDS}, got {self.kind!r}")
+        if not self.answer:
+            raise ValueError("the answer has no token")
+        if self.kind == "log_prob":
+            competitors = self.competitors if self.competitors is not None else [() for _ in self.answer]
+            _check_answer(self.answer, competitors)
+            object.__setattr__(self, "competitors", tuple(tuple(int(t) for t in c) for c in competitors))
+
+    def __call__(self, logits: Float[Tensor, "batch answer vocab"]) -> Float[Tensor, "batch"]:
+        """The readout of each row, for logits[:, j] predicting answer token j."""
+        if self.kind == "first_logit":
+            first = logits[:, 0].to(torch.promote_types(logits.dtype, torch.float32))
+            return first[:, self.answer[0]] - first.mean(-1)
+        return _answer_terms(logits, self.answer, self.competitors)
+
+
 def _answer_terms(logits: Float[Tensor, "batch answer vocab"], answer: Sequence[int],
                   competitors: Sequence[Sequence[int]]) -> Float[Tensor, "batch"]:
     """Step 8's sum over answer positions, for logits[:, j] predicting answer token j."""
@@ -345,7 +431,52 @@ def _stated_count(template: str, num_genes: int | None) -> str:
     return template if num_genes is None else template.replace("{num_genes}", str(num_genes))
 
 
+def _shared_answer(readouts: Mapping[str, Readout]) -> tuple[int, ...]:
+    if not readouts:
+        raise ValueError("give at least one readout")
+    answers = {r.answer for r in readouts.values()}
+    if len(answers) > 1:
+        raise ValueError(f"the readouts follow different answers {sorted(answers)}; one forward pass reads one "
+                         "teacher-forced answer: score each answer separately")
+    return answers.pop()
+
+
 @torch.no_grad()
+def readout_scores(
+    model,
+    tokenizer: CellTokenizer,
+    sentences: Sequence[CellSentence],
+    readouts: Mapping[str, Readout],
+    *,
+    num_genes: int | None = None,
+    batch_size: int = 64,
+    template: str = C2S_CELL_TYPE_TEMPLATE,
+) -> pd.DataFrame:
+    """Every readout of every sentence (sentence x readout), from one forward pass per batch (step 8).
+
+    num_genes: the gene count every prompt states (a perturbed cell keeps its original count, so
+    only the sentence changes; None: each its own). Prompts of one token length run together,
+    unpadded; all readouts must follow the same answer."""
+    answer = _shared_answer(readouts)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = encode_prompts(sentences, tokenizer, template=_stated_count(template, num_genes))
+    device = next(model.parameters()).device
+    tail = torch.as_tensor(list(answer[:-1]), dtype=torch.long, device=device)
+    by_length: dict[int, list[int]] = {}
+    for row, ids in enumerate(prompts.input_ids):
+        by_length.setdefault(len(ids), []).append(row)
+    scores = torch.zeros(len(prompts), len(readouts), dtype=torch.float64)
+    for rows in by_length.values():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            ids = torch.tensor([prompts.input_ids[r] for r in chunk], device=device)
+            ids = torch.cat([ids, tail.expand(len(chunk), -1)], dim=1)
+            logits = model(input_ids=ids, logits_to_keep=len(answer)).logits
+            scores[chunk] = torch.stack([r(logits).double().cpu() for r in readouts.values()], dim=1)
+    return pd.DataFrame(scores.numpy(), columns=list(readouts))
+
+
 def answer_scores(
     model,
     tokenizer: CellTokenizer,
@@ -360,27 +491,33 @@ def answer_scores(
     """The real model's target for each sentence (module docstring, step 8).
 
     answer: the answer's token ids (`` {label}.``); competitors: per answer position, the tokens it
-    competes with (itself included; empty: the whole vocabulary); num_genes: the gene count every
-    prompt states (a perturbed cell keeps its original count, so only the sentence changes; None:
-    each its own). Prompts of one token length run together, unpadded."""
-    _check_answer(answer, competitors)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = encode_prompts(sentences, tokenizer, template=_stated_count(template, num_genes))
+    competes with (itself included; empty: the whole vocabulary); num_genes as in :func:`readout_scores`."""
+    readout = Readout(tuple(answer), tuple(tuple(c) for c in competitors))
+    return readout_scores(model, tokenizer, sentences, {"score": readout}, num_genes=num_genes,
+                          batch_size=batch_size, template=template)["score"].to_numpy()
+
+
+def readout_gradient_x_input(
+    model,
+    tokenizer: CellTokenizer,
+    cell: CellSentence,
+    readout: Readout,
+    *,
+    num_genes: int | None = None,
+    template: str = C2S_CELL_TYPE_TEMPLATE,
+) -> pd.Series:
+    """Gradient x input of a readout on ``cell``, summed over each gene's tokens (step 8)."""
+    answer = readout.answer
+    prompts = encode_prompts([cell], tokenizer, template=_stated_count(template, num_genes))
     device = next(model.parameters()).device
-    tail = torch.as_tensor(list(answer[:-1]), dtype=torch.long, device=device)
-    by_length: dict[int, list[int]] = {}
-    for row, ids in enumerate(prompts.input_ids):
-        by_length.setdefault(len(ids), []).append(row)
-    scores = torch.zeros(len(prompts), dtype=torch.float64)
-    for rows in by_length.values():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            ids = torch.tensor([prompts.input_ids[r] for r in chunk], device=device)
-            ids = torch.cat([ids, tail.expand(len(chunk), -1)], dim=1)
-            logits = model(input_ids=ids, logits_to_keep=len(answer)).logits
-            scores[chunk] = _answer_terms(logits, answer, competitors).double().cpu()
-    return scores.numpy()
+    ids = torch.tensor([[*prompts.input_ids[0], *answer[:-1]]], device=device)
+    embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeddings, logits_to_keep=len(answer)).logits
+    (gradient,) = torch.autograd.grad(readout(logits).sum(), embeddings)
+    per_token = (gradient * embeddings.detach()).sum(-1)[0, : len(prompts.input_ids[0])].double().cpu().numpy()
+    genes = prompts.gene_of_token[0]
+    frame = pd.DataFrame({"gene": genes, "score": per_token}).dropna(subset=["gene"])
+    return frame.groupby("gene", sort=False)["score"].sum().reindex(list(cell.genes)).rename("gradient_x_input")
 
 
 def gradient_x_input(
@@ -394,20 +531,71 @@ def gradient_x_input(
     template: str = C2S_CELL_TYPE_TEMPLATE,
 ) -> pd.Series:
     """Gradient x input of :func:`answer_scores`' target on ``cell``, summed over each gene's tokens (step 8)."""
-    _check_answer(answer, competitors)
-    prompts = encode_prompts([cell], tokenizer, template=_stated_count(template, num_genes))
-    device = next(model.parameters()).device
-    ids = torch.tensor([[*prompts.input_ids[0], *answer[:-1]]], device=device)
-    embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeddings, logits_to_keep=len(answer)).logits
-    (gradient,) = torch.autograd.grad(_answer_terms(logits, answer, competitors).sum(), embeddings)
-    per_token = (gradient * embeddings.detach()).sum(-1)[0, : len(prompts.input_ids[0])].double().cpu().numpy()
-    genes = prompts.gene_of_token[0]
-    frame = pd.DataFrame({"gene": genes, "score": per_token}).dropna(subset=["gene"])
-    return frame.groupby("gene", sort=False)["score"].sum().reindex(list(cell.genes)).rename("gradient_x_input")
+    readout = Readout(tuple(answer), tuple(tuple(c) for c in competitors))
+    return readout_gradient_x_input(model, tokenizer, cell, readout, num_genes=num_genes, template=template)
 
 
 SIGNED_PREDICTORS = ("linear", "gradient_x_input", "dla")
+
+
+def target_dla(replacement: ReplacementModel, cell: CellSentence, target: Target) -> pd.Series:
+    """Attention-free DLA of ``target`` (step 9): its reading vectors, summed, applied to each gene's
+    token embeddings as if they sat at the reading positions, summed over the gene's tokens."""
+    prompt, token_genes = replacement.prompt(cell)
+    answers = {label: replacement.answer_ids(label) for label in target.labels}
+    # a label target reads its answer teacher-forced; other targets read the prompt alone
+    forced = target.label if isinstance(target, LabelTarget) else None
+    rep = replacement.linearise(teacher_forced(prompt, answers[forced]) if forced else prompt)
+    reading = target.resolve(rep, prompt_length=len(prompt), answers=answers).reading
+    vectors = reading.vectors.sum(0).to(rep.weights.dtype)
+    per_token = (rep.weights.embed[rep.input_ids[: len(prompt)]] @ vectors).double().cpu().numpy()
+    dla = pd.Series(per_token, index=token_genes)
+    return dla[dla.index.notna()].groupby(level=0).sum().reindex(list(cell.genes)).fillna(0.0)
+
+
+def circuit_genes(graph: Graph, *, k: int = 60, depth: int = 3) -> set[str]:
+    """The genes whose token nodes the paper's greedy path search (:func:`greedy_paths`) reaches."""
+    circuit = greedy_paths(graph, k=k, depth=depth)
+    nodes = circuit.nodes
+    return set(nodes.loc[nodes["kind"] == "embedding", "gene"].dropna())
+
+
+def target_predictors(
+    replacement: ReplacementModel,
+    cell: CellSentence,
+    target: Target,
+    readout: Readout,
+    *,
+    expression: Mapping[str, float] | None = None,
+    max_feature_nodes: int | None = 200,
+    circuit: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, Graph]:
+    """Step 9's predictors of ``cell``'s genes (index: the sentence's genes) for any target, and its graph.
+
+    readout: the real-model number gradient x input differentiates (the one the benchmark measures);
+    circuit: (k, depth) of the greedy path search whose genes get 1 in a ``circuit`` column (None: no column)."""
+    genes = list(cell.genes)
+    graph = replacement.attribute(cell, target, max_feature_nodes=max_feature_nodes)
+    table = pd.DataFrame(index=pd.Index(genes, name="gene"))
+    table["influence"] = gene_view(graph).genes.set_index("gene")["influence"].reindex(genes).fillna(0.0)
+    table["linear"] = -removal_estimate(graph).reindex(genes).fillna(0.0)
+    table["gradient_x_input"] = readout_gradient_x_input(replacement.model, replacement.tokenizer, cell, readout)
+    table["dla"] = target_dla(replacement, cell, target)
+    if circuit is not None:
+        members = circuit_genes(graph, k=circuit[0], depth=circuit[1])
+        table["circuit"] = [float(g in members) for g in genes]
+    table["rank"] = 1.0 / np.arange(1, len(genes) + 1)
+    if expression is not None:
+        table["expression"] = [float(expression[g]) for g in genes]
+    table["random"] = np.random.default_rng([seed, cell.cell_index]).random(len(genes))
+    return table, graph
+
+
+def label_readout(replacement: ReplacementModel, target: LabelTarget) -> Readout:
+    """The real-model number a label target's graph explains (step 8)."""
+    answers = {label: replacement.answer_ids(label) for label in target.labels}
+    return Readout(tuple(answers[target.label]), tuple(tuple(c) for c in target.competitors(answers)))
 
 
 def label_predictors(
@@ -418,33 +606,12 @@ def label_predictors(
     expression: Mapping[str, float] | None = None,
     max_feature_nodes: int | None = 200,
     seed: int = 0,
-) -> tuple[pd.DataFrame, "Graph"]:
+) -> tuple[pd.DataFrame, Graph]:
     """Every predictor of step 9 for ``cell``'s genes (index: the sentence's genes), and the graph."""
     if not isinstance(target, LabelTarget):
         raise TypeError(f"label_predictors takes a LabelTarget, got {type(target).__name__}")
-    genes = list(cell.genes)
-    graph = replacement.attribute(cell, target, max_feature_nodes=max_feature_nodes)
-    prompt, _ = replacement.prompt(cell)
-    answers = {label: replacement.answer_ids(label) for label in target.labels}
-    rep = replacement.linearise(teacher_forced(prompt, answers[target.label]))
-    reading = target.resolve(rep, prompt_length=len(prompt), answers=answers).reading
-    per_token = (rep.weights.embed[rep.input_ids] @ reading.vectors.sum(0).to(rep.weights.dtype)).double().cpu()
-    token_genes = graph.info["genes"]
-    dla = pd.Series(per_token.numpy()[: len(token_genes)], index=token_genes)
-    dla = dla[dla.index.notna()].groupby(level=0).sum()
-    competitors = target.competitors(answers)
-    table = pd.DataFrame(index=pd.Index(genes, name="gene"))
-    table["influence"] = gene_view(graph).genes.set_index("gene")["influence"].reindex(genes).fillna(0.0)
-    table["linear"] = -removal_estimate(graph).reindex(genes).fillna(0.0)
-    table["gradient_x_input"] = gradient_x_input(replacement.model, replacement.tokenizer, cell, answers[target.label],
-                                                 competitors)
-    table["dla"] = dla.reindex(genes).fillna(0.0)
-    table["rank"] = 1.0 / np.arange(1, len(genes) + 1)
-    table["expression"] = [np.nan if expression is None else float(expression[g]) for g in genes]
-    table["random"] = np.random.default_rng([seed, cell.cell_index]).random(len(genes))
-    if expression is None:
-        table = table.drop(columns="expression")
-    return table, graph
+    return target_predictors(replacement, cell, target, label_readout(replacement, target), expression=expression,
+                             max_feature_nodes=max_feature_nodes, seed=seed)
 
 
 def label_benchmark(
@@ -459,15 +626,15 @@ def label_benchmark(
     absent: Sequence[str] = (),
     batch_size: int = 64,
     seed: int = 0,
-) -> tuple[CellBenchmark, pd.DataFrame, "Graph"]:
+) -> tuple[CellBenchmark, pd.DataFrame, Graph]:
     """One cell's benchmark on a label target (step 9): the result, the predictors and the graph."""
     predictors, graph = label_predictors(replacement, cell, target, expression=expression,
                                          max_feature_nodes=max_feature_nodes, seed=seed)
-    answers = {label: replacement.answer_ids(label) for label in target.labels}
+    readout = label_readout(replacement, target)
 
     def measure(sentences: Sequence[CellSentence]) -> np.ndarray:
-        return answer_scores(replacement.model, replacement.tokenizer, sentences, answers[target.label],
-                             target.competitors(answers), num_genes=len(cell.genes), batch_size=batch_size)
+        return readout_scores(replacement.model, replacement.tokenizer, sentences, {"target": readout},
+                              num_genes=len(cell.genes), batch_size=batch_size)["target"].to_numpy()
 
     result = benchmark_cell(cell, predictors, measure, k_max=k_max, precision_k=precision_k,
                             signed=[p for p in SIGNED_PREDICTORS if p in predictors.columns], absent=absent, seed=seed)

@@ -1,34 +1,36 @@
-"""Does the graph tell the truth about genes? Predicted gene effects against in-silico removal.
+"""Does the graph tell the truth about genes? Predicted gene effects against in-silico removal, and
+the faithfulness benchmark (:mod:`c2srepro.biology.benchmark`) per cell.
 
 For one correctly classified cell:
 
-1. The prompt's linearised replacement and its attribution graph
-   (:func:`c2srepro.attribution.build_graph`) for the logit of the predicted answer's first token
-   at the final prompt position, with a cap on feature nodes.
-2. Predictors, one score per gene of the sentence:
-   - ``influence``: the gene's node influence in the graph (its token nodes merged,
-     :func:`c2srepro.attribution.gene_view`), unsigned;
-   - ``linear``: the first-order estimate of removing the gene, -sum over its tokens of the
-     total effect of the token's embedding on the target in the linear model (attention, layer
-     norms and errors frozen, each active feature's activation moving with its pre-activation):
-     with M[t, s] = A[t, s] / a_s for a feature source s of activation a_s and M[t, s] = A[t, s]
-     for a token source, the total effect is w (M + M^2 + ...) (paths through uncomputed feature
-     rows are cut). Exact to first order when the gene's embeddings are scaled towards zero; the
-     shift of the genes below it in a real removal is outside the estimate;
-   - ``rank``: 1 / the gene's rank in the sentence (top genes matter more);
-   - ``expression``: the gene's expression in the cell (given by the caller);
-   - ``random``: uniform noise, seeded by (seed, cell index);
-   - ``circuit``: 1 if the paper's greedy path search (:func:`c2srepro.attribution.greedy_paths`)
-     touches the gene, else 0;
-   - ``dla``: attention-free direct logit attribution, the target's reading vector (final
-     layer-norm scale at the final position, centred unembedding of the answer token) applied to
-     the gene's token embeddings as if they sat at the final position, summed over its tokens.
-3. Observed: the real model's change in the predicted label's log-probability when the gene is
-   removed from the sentence (:func:`c2srepro.biology.perturb.removal_effects`), ``observed`` =
-   unperturbed minus perturbed (positive: the gene supported the answer).
-4. Per predictor: Spearman rho between |predictor| and |observed| (how much a gene matters, either
-   way), and the overlap of the ten genes largest in each (ties broken by sentence rank); for the
-   signed predictors (``linear``, ``dla``) also rho against the signed ``observed``.
+1. The target (:func:`graph_target`), one of :data:`TARGETS`: ``label`` (the predicted label's
+   log-probability, :class:`~c2srepro.attribution.LabelTarget` without candidates),
+   ``label_vs_candidates`` (its log-probability among the candidate labels, read through their
+   prefix tree: which type, not which first token), ``first_token`` (the demeaned logit of the
+   answer's first token at the last prompt position, a ``LogitTarget``) or ``feature`` (the
+   paper's target: the most active last-layer transcoder feature on the final prompt token).
+2. The graph of that target, ``ReplacementModel.attribute(cell, target, max_feature_nodes=...)``,
+   and the predictors of :func:`c2srepro.biology.benchmark.target_predictors` (graph influence,
+   the graph's signed removal estimate, gradient x input, DLA, greedy-circuit membership, rank,
+   expression, random), positive where the gene supports the target.
+3. Observed: every gene removed in turn (the genes below it move up one rank; the prompt keeps
+   the cell's gene count), and the real model's :data:`READOUTS` recomputed from one forward pass:
+   ``label`` (log p(answer)), ``label_vs_candidates`` (log p(label among candidates)) and
+   ``first_token`` (the demeaned first-token logit). ``observed_<readout>`` is unperturbed minus
+   perturbed (positive: the gene supported it); ``observed`` is the readout the target's graph
+   explains (:data:`TARGET_READOUT`; the feature target has no real-model value without the
+   transcoders, so its genes are judged by the label among the candidates, the question it is
+   asked to answer in the paper).
+4. Per predictor, Spearman rho against ``observed``, signed (``rho_signed_<p>``: does the predictor
+   tell support from opposition) and unsigned (``rho_abs_<p>``: |predictor| against |observed|,
+   how much a gene matters either way), and the overlap of the ten genes largest in each (ties
+   broken by sentence rank).
+5. The benchmark of :func:`c2srepro.biology.benchmark.benchmark_cell` on the same readout:
+   deletion and insertion curves, NAOPC, precision@k, sign agreement and the rank-shift controls;
+   the single removals of step 3 are its first model call, so they are computed once.
+6. :func:`compare_targets` builds the graph of other targets on the same cell and correlates their
+   predictors with their own readout and with the label among the candidates, so the chapter shows
+   the targets side by side (:func:`target_table`).
 """
 
 from __future__ import annotations
@@ -39,58 +41,90 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
 from scipy.stats import spearmanr
-from torch import Tensor
 from tqdm import tqdm
 
-from c2srepro.attribution.circuit import circuit_genes
 from c2srepro.attribution.contributions import node_reading
-from c2srepro.attribution.full_graph import Graph, gene_view, greedy_paths
+from c2srepro.attribution.full_graph import Graph
 from c2srepro.attribution.linearised import LinearisedReplacement
-from c2srepro.attribution.trace import graph_cell
+from c2srepro.attribution.replacement import ReplacementModel
+from c2srepro.attribution.targets import FeatureTarget, LabelTarget, LogitTarget, Target
+from c2srepro.biology.benchmark import (
+    CellBenchmark,
+    Readout,
+    benchmark_cell,
+    pooled_scores,
+    readout_scores,
+    removal_estimate,
+    target_predictors,
+    total_effects,
+)
 from c2srepro.biology.cohort import CellInfluence, cell_influence
-from c2srepro.biology.perturb import PerturbationEffects, removal_effects
 from c2srepro.data.cells import CellSentence
 
-PREDICTORS = ("influence", "linear", "rank", "expression", "random", "circuit", "dla")
-SIGNED_PREDICTORS = ("linear", "dla")
+__all__ = [
+    "PREDICTORS", "READOUTS", "SIGNED_PREDICTORS", "TARGETS", "TARGET_READOUT", "CellFaithfulness", "NoFeatureFires",
+    "agreement", "cell_expression", "cell_faithfulness", "cohort_faithfulness", "compare_targets",
+    "direct_logit_attribution", "faithfulness_cells", "faithfulness_numbers", "faithfulness_table", "graph_target",
+    "json_ready", "median_by_type",
+    "predictor_summary", "readouts", "removal_estimate", "target_table", "total_effects",
+]
+
+TARGETS = ("label", "label_vs_candidates", "first_token", "feature")
+READOUTS = ("label_vs_candidates", "label", "first_token")
+TARGET_READOUT = {"label": "label", "label_vs_candidates": "label_vs_candidates", "first_token": "first_token",
+                  "feature": "label_vs_candidates"}
+PREDICTORS = ("influence", "linear", "gradient_x_input", "dla", "circuit", "rank", "expression", "random")
+SIGNED_PREDICTORS = ("linear", "gradient_x_input", "dla")
+GRAPH_PREDICTORS = ("influence", "linear")
 TOP_N = 10
 
 
-def total_effects(graph: Graph) -> Float[Tensor, "node"]:
-    """Each node's signed total effect on the weighted targets in the linear model (module docstring, step 2)."""
-    activation = torch.as_tensor(graph.nodes["activation"].to_numpy(dtype=float), dtype=graph.adjacency.dtype)
-    is_feature = torch.as_tensor(graph.nodes["kind"].to_numpy() == "feature")
-    per_unit = torch.where(is_feature, activation, torch.ones_like(activation))
-    if bool((per_unit[is_feature] == 0).any()):
-        raise ValueError("a feature node has activation 0: the graph holds only active features")
-    M = graph.adjacency / per_unit[None, :]
-    current, total = graph.target_weights.to(M.dtype), torch.zeros(graph.n_nodes, dtype=M.dtype)
-    for _ in range(graph.n_nodes + 1):
-        current = current @ M
-        if not bool(current.any()):
-            return total
-        total = total + current
-    raise RuntimeError("total effects did not converge: the adjacency has a cycle")
+class NoFeatureFires(ValueError):
+    """The feature target needs a last-layer feature firing on the final prompt token, and none does."""
 
 
-def removal_estimate(graph: Graph, genes: Sequence[str | None] | None = None) -> pd.Series:
-    """The first-order change of the target when each gene's token embeddings are removed, per gene."""
-    genes = list(genes) if genes is not None else graph.info.get("genes")
-    if genes is None or len(genes) != graph.n_pos:
-        raise ValueError(f"genes must give one gene symbol or None per prompt token ({graph.n_pos})")
-    total = total_effects(graph).numpy()
-    nodes = graph.nodes
-    tokens = nodes.index[nodes["kind"] == "embedding"]
-    by_gene = pd.Series(total[tokens], index=[genes[p] for p in nodes.loc[tokens, "position"]])
-    by_gene = by_gene[by_gene.index.notna()]
-    order = list(dict.fromkeys(g for g in genes if g is not None))
-    return -by_gene.groupby(level=0).sum().reindex(order)
+def _check_target(name: str) -> None:
+    if name not in TARGETS:
+        raise ValueError(f"target must be one of {list(TARGETS)}, got {name!r}")
+
+
+def graph_target(name: str, replacement: ReplacementModel, cell: CellSentence, label: str,
+                 candidates: Sequence[str]) -> Target:
+    """The target object of ``name`` for ``cell`` whose answer is ``label`` (module docstring, step 1)."""
+    _check_target(name)
+    if label not in candidates:
+        raise ValueError(f"predicted_label {label!r} is not among the candidates {list(candidates)}")
+    if name == "label":
+        return LabelTarget(label)
+    if name == "label_vs_candidates":
+        return LabelTarget(label, candidates=tuple(candidates))
+    if name == "first_token":
+        return LogitTarget(replacement.answer_ids(label)[0])
+    rep = replacement.linearise(cell)
+    last = rep.n_layers - 1
+    top = rep.top_features(last, rep.n_pos - 1, 1)
+    if not top:
+        raise NoFeatureFires(f"no layer-{last} transcoder feature fires on the final prompt token of cell "
+                             f"{cell.cell_id!r}: the feature target needs one; use target='first_token' or a label target")
+    return FeatureTarget(last, rep.n_pos - 1, top[0][0])
+
+
+def readouts(replacement: ReplacementModel, label: str, candidates: Sequence[str]) -> dict[str, Readout]:
+    """The real model's :data:`READOUTS` of ``label``'s answer (module docstring, step 3)."""
+    answers = {c: replacement.answer_ids(c) for c in candidates}
+    answer = tuple(answers[label])
+    tree = LabelTarget(label, candidates=tuple(candidates)).competitors(answers)
+    return {
+        "label_vs_candidates": Readout(answer, tuple(tuple(t) for t in tree)),
+        "label": Readout(answer),
+        "first_token": Readout(answer, kind="first_logit"),
+    }
 
 
 def direct_logit_attribution(rep: LinearisedReplacement, target, genes: Sequence[str | None]) -> pd.Series:
-    """Attention-free direct logit attribution of each gene's token embeddings (module docstring, step 2)."""
+    """Attention-free direct logit attribution of a logit node: its reading vector applied to each
+    gene's token embeddings as if they sat at the final position, summed over the gene's tokens."""
     if target.kind != "logit":
         raise ValueError(f"direct logit attribution needs a logit target, got {target.id}")
     reading = node_reading(rep, target).vectors[0]
@@ -105,6 +139,13 @@ def _top(values: np.ndarray, n: int) -> set[int]:
     return set(np.argsort(-values, kind="stable")[:n].tolist())
 
 
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    # a constant predictor (a greedy circuit holding no gene, say) ranks nothing: no rho
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
 def agreement(predicted: Sequence[float], observed: Sequence[float], *, top_n: int = TOP_N) -> tuple[float, float]:
     """Spearman rho of |predicted| against |observed|, and the share of the ``top_n`` genes both put first."""
     predicted, observed = np.abs(np.asarray(predicted, float)), np.abs(np.asarray(observed, float))
@@ -112,49 +153,56 @@ def agreement(predicted: Sequence[float], observed: Sequence[float], *, top_n: i
         raise ValueError(f"predicted and observed must be two 1-d arrays of one length, got {predicted.shape}, {observed.shape}")
     if len(predicted) < 3:
         raise ValueError(f"need at least 3 genes to correlate, got {len(predicted)}")
-    constant = np.ptp(predicted) == 0 or np.ptp(observed) == 0
-    rho = float("nan") if constant else float(spearmanr(predicted, observed).statistic)
     n = min(top_n, len(predicted))
-    return rho, len(_top(predicted, n) & _top(observed, n)) / n
+    return _spearman(predicted, observed), len(_top(predicted, n) & _top(observed, n)) / n
+
+
+def _correlations(genes: pd.DataFrame, predictors: Sequence[str], observed: str, *, top_n: int) -> dict:
+    row = {}
+    values = genes[observed].to_numpy(dtype=float)
+    for name in predictors:
+        predicted = genes[name].to_numpy(dtype=float)
+        row[f"rho_abs_{name}"], row[f"top{top_n}_{name}"] = agreement(predicted, values, top_n=top_n)
+        row[f"rho_signed_{name}"] = _spearman(predicted, values)
+    return row
 
 
 @dataclass
 class CellFaithfulness:
-    """One cell's predictors, observed removal effects and graph (module docstring)."""
+    """One cell's predictors, observed removal effects, benchmark and graph (module docstring)."""
 
     cell: CellSentence
     predicted_label: str
-    genes: pd.DataFrame  # one row per removed gene: sentence_rank, every predictor, observed
-    effects: PerturbationEffects
+    target: str
+    genes: pd.DataFrame  # one row per removed gene: gene, sentence_rank, every predictor, observed, observed_<readout>
+    benchmark: CellBenchmark
     graph: Graph
     influence: CellInfluence  # gene and feature influence, for the cohort
 
+    @property
+    def predictors(self) -> list[str]:
+        return [p for p in PREDICTORS if p in self.genes.columns]
+
     def summary(self, *, top_n: int = TOP_N) -> dict:
-        """rho_<predictor> and top<n>_<predictor> for every predictor, rho_signed_<p> for the signed ones."""
+        """rho_signed_<p>, rho_abs_<p> and top<n>_<p> for every predictor, against ``observed`` (step 4)."""
         row = {"cell": self.cell.cell_id, "type": self.cell.label, "predicted": self.predicted_label,
-               "n_genes": len(self.genes)}
-        observed = self.genes["observed"].to_numpy()
-        for name in PREDICTORS:
-            rho, overlap = agreement(self.genes[name].to_numpy(), observed, top_n=top_n)
-            row[f"rho_{name}"], row[f"top{top_n}_{name}"] = rho, overlap
-        for name in SIGNED_PREDICTORS:
-            values = self.genes[name].to_numpy()
-            signed = np.ptp(values) == 0 or np.ptp(observed) == 0
-            row[f"rho_signed_{name}"] = float("nan") if signed else float(spearmanr(values, observed).statistic)
-        return row
+               "target": self.target, "n_genes": len(self.genes)}
+        return row | _correlations(self.genes, self.predictors, "observed", top_n=top_n)
 
 
 def cell_faithfulness(
-    model,
-    transcoders,
-    tokenizer,
+    replacement: ReplacementModel,
     cell: CellSentence,
     predicted_label: str,
     candidates: Sequence[str],
     *,
+    target: str = "label_vs_candidates",
     expression: Mapping[str, float] | None = None,
+    absent: Sequence[str] = (),
     max_genes: int | None = None,
-    max_feature_nodes: int | None = 300,
+    max_feature_nodes: int | None = 200,
+    k_max: int = 10,
+    precision_k: int = 10,
     k: int = 60,
     depth: int = 3,
     node_threshold: float = 0.8,
@@ -162,43 +210,106 @@ def cell_faithfulness(
     batch_size: int = 64,
     seed: int = 0,
 ) -> CellFaithfulness:
-    """Predictors and observed removal effects of one cell's genes (module docstring, steps 1-3).
+    """Predictors, observed removal effects and the benchmark of one cell's genes (module docstring, steps 1-5).
 
-    expression: the cell's expression per gene (default: none, the ``expression`` column is NaN);
+    target: one of :data:`TARGETS`; expression: the cell's expression per gene (default: no
+    ``expression`` predictor); absent: genes to draw the replacement control from (none: skipped);
     max_genes: remove only the sentence's first ``max_genes`` genes (default: all);
-    max_feature_nodes: the graph's feature cap; k, depth: the greedy path search;
-    node_threshold, edge_threshold: the pruning behind the cohort's "in pruned graph".
-    """
+    max_feature_nodes: the graph's feature cap; k_max: the curves' largest k; precision_k: the k of
+    precision@k; k, depth: the greedy path search of the ``circuit`` predictor; node_threshold,
+    edge_threshold: the pruning behind the cohort's "in pruned graph"."""
+    _check_target(target)
     if predicted_label not in candidates:
         raise ValueError(f"predicted_label {predicted_label!r} is not among the candidates {list(candidates)}")
     if max_genes is not None and max_genes < 3:
         raise ValueError(f"max_genes must be >= 3 (a rank correlation needs 3 genes) or None, got {max_genes}")
-    traced = graph_cell(model, transcoders, tokenizer, cell, predicted_label, target="logit",
-                        max_feature_nodes=max_feature_nodes)
-    rep, target, graph = traced.replacement, traced.target, traced.graph
-    token_genes = traced.prompt.gene_of_token[0]
-
+    reads = readouts(replacement, predicted_label, candidates)
+    explained = TARGET_READOUT[target]
+    graph_of = graph_target(target, replacement, cell, predicted_label, candidates)
+    predictors, graph = target_predictors(replacement, cell, graph_of, reads[explained], expression=expression,
+                                          max_feature_nodes=max_feature_nodes, circuit=(k, depth), seed=seed)
     genes = list(cell.genes if max_genes is None else cell.genes[:max_genes])
-    table = pd.DataFrame({"gene": genes, "sentence_rank": [cell.genes.index(g) + 1 for g in genes]})
-    influence = gene_view(graph).genes.set_index("gene")["influence"]
-    table["influence"] = influence.reindex(genes).to_numpy()
-    table["linear"] = removal_estimate(graph).reindex(genes).to_numpy()
-    table["rank"] = 1.0 / table["sentence_rank"]
-    table["expression"] = [np.nan if expression is None else float(expression[g]) for g in genes]
-    table["random"] = np.random.default_rng([seed, cell.cell_index]).random(len(genes))
-    in_circuit = set(circuit_genes(greedy_paths(graph, k=k, depth=depth).to_networkx()))
-    table["circuit"] = [float(g in in_circuit) for g in genes]
-    table["dla"] = direct_logit_attribution(rep, target, token_genes).reindex(genes).to_numpy()
-    effects = removal_effects(model, tokenizer, cell, candidates, genes=genes, label=predicted_label,
-                              batch_size=batch_size)
-    table["observed"] = -effects.delta
-    table["total_variation"] = effects.total_variation
-    table["flips"] = [p != predicted_label for p in effects.predicted]
+
+    calls: list[pd.DataFrame] = []
+
+    def measure(sentences: Sequence[CellSentence]) -> np.ndarray:
+        # one forward pass reads every readout; the benchmark gets the target's, the rest is kept
+        frame = readout_scores(replacement.model, replacement.tokenizer, sentences, reads, num_genes=len(cell.genes),
+                               batch_size=batch_size)
+        calls.append(frame)
+        return frame[explained].to_numpy()
+
+    result = benchmark_cell(cell, predictors.loc[genes], measure, k_max=k_max, precision_k=precision_k,
+                            signed=[p for p in SIGNED_PREDICTORS if p in predictors.columns], absent=absent,
+                            removable=None if max_genes is None else genes, seed=seed)
+    singles = calls[0]  # benchmark_cell's first call: the cell, then each gene removed in its order
+    table = predictors.loc[genes].reset_index()
+    table.insert(1, "sentence_rank", [cell.genes.index(g) + 1 for g in genes])
+    for name in READOUTS:
+        table[f"observed_{name}"] = singles[name].iloc[0] - singles[name].iloc[1:].to_numpy()
+    table["observed"] = table[f"observed_{explained}"]
     return CellFaithfulness(
-        cell, predicted_label, table, effects, graph,
+        cell, predicted_label, target, table, result, graph,
         cell_influence(graph, cell_id=cell.cell_id, label=cell.label,
                        node_threshold=node_threshold, edge_threshold=edge_threshold),
     )
+
+
+def compare_targets(
+    replacement: ReplacementModel,
+    result: CellFaithfulness,
+    candidates: Sequence[str],
+    targets: Sequence[str],
+    *,
+    max_feature_nodes: int | None = 200,
+    top_n: int = TOP_N,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Rank correlations of each target's graph predictors on ``result``'s cell (module docstring, step 6).
+
+    One row per (target, predictor, observed) with ``observed`` the target's own readout (``own``)
+    or the label among the candidates; ``result``'s own target is read from ``result``. Rows of a
+    feature target on a cell where no last-layer feature fires hold NaN (``skipped`` True)."""
+    cell, label = result.cell, result.predicted_label
+    reads = readouts(replacement, label, candidates)
+    rows = []
+    for name in dict.fromkeys([result.target, *targets]):
+        _check_target(name)
+        genes, skipped = result.genes, False
+        if name != result.target:
+            try:
+                graph_of = graph_target(name, replacement, cell, label, candidates)
+            except NoFeatureFires:
+                skipped = True
+            else:
+                predictors, _ = target_predictors(replacement, cell, graph_of, reads[TARGET_READOUT[name]],
+                                                  max_feature_nodes=max_feature_nodes, seed=seed)
+                genes = predictors[["influence", "linear", "gradient_x_input", "dla"]].join(
+                    result.genes.set_index("gene")[[f"observed_{r}" for r in READOUTS]], how="inner")
+        for observed in dict.fromkeys([TARGET_READOUT[name], "label_vs_candidates"]):
+            for predictor in ("influence", "linear", "gradient_x_input", "dla"):
+                row = {"cell": cell.cell_id, "type": cell.label, "target": name, "predictor": predictor,
+                       "observed": observed, "skipped": skipped}
+                if skipped:
+                    row |= {"rho_signed": np.nan, "rho_abs": np.nan}
+                else:
+                    found = _correlations(genes, [predictor], f"observed_{observed}", top_n=top_n)
+                    row |= {"rho_signed": found[f"rho_signed_{predictor}"], "rho_abs": found[f"rho_abs_{predictor}"]}
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def target_table(comparison: pd.DataFrame) -> pd.DataFrame:
+    """Median signed and unsigned rho per (target, observed readout, predictor), with the cells counted
+    (``compare_targets``' rows of every cell, concatenated)."""
+    missing = {"target", "observed", "predictor", "rho_signed", "rho_abs", "cell"} - set(comparison.columns)
+    if missing:
+        raise ValueError(f"the comparison lacks columns {sorted(missing)}: pass compare_targets(...)'s rows")
+    grouped = comparison.groupby(["target", "observed", "predictor"], sort=False)
+    table = grouped[["rho_signed", "rho_abs"]].median()
+    table.insert(0, "cells", grouped["rho_abs"].count())
+    table = table.rename(columns={"rho_signed": "median_rho_signed", "rho_abs": "median_rho_abs"})
+    return table.reset_index()
 
 
 def faithfulness_cells(
@@ -228,9 +339,7 @@ def faithfulness_cells(
 
 
 def cohort_faithfulness(
-    model,
-    transcoders,
-    tokenizer,
+    replacement: ReplacementModel,
     cells: Sequence[CellSentence],
     predicted: Sequence[str],
     candidates: Sequence[str],
@@ -245,22 +354,22 @@ def cohort_faithfulness(
     if expression is not None and len(expression) != len(cells):
         raise ValueError(f"{len(cells)} cells but {len(expression)} expression maps")
     return [
-        cell_faithfulness(model, transcoders, tokenizer, cell, label, candidates,
+        cell_faithfulness(replacement, cell, label, candidates,
                           expression=None if expression is None else expression[i], **options)
         for i, (cell, label) in enumerate(tqdm(list(zip(cells, predicted)), desc="faithfulness", disable=not progress))
     ]
 
 
 def faithfulness_table(results: Sequence[CellFaithfulness], *, top_n: int = TOP_N) -> pd.DataFrame:
-    """One row per cell: cell, type, and rho and top-n overlap per predictor."""
+    """One row per cell: cell, type, target, and signed and unsigned rho and top-n overlap per predictor."""
     if not results:
         raise ValueError("no cells: run cell_faithfulness on at least one cell")
     return pd.DataFrame([r.summary(top_n=top_n) for r in results])
 
 
 def median_by_type(table: pd.DataFrame, *, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Median of each rho column per cell type, with the cell count and an ``all`` row."""
-    columns = [f"rho_{p}" for p in PREDICTORS] if columns is None else list(columns)
+    """Median of each rho column (default: every ``rho_*`` column) per cell type, with the cell count and an ``all`` row."""
+    columns = [c for c in table.columns if c.startswith("rho_")] if columns is None else list(columns)
     missing = sorted(set(columns) - set(table.columns))
     if missing:
         raise ValueError(f"columns {missing} are not in the faithfulness table; it has {list(table.columns)}")
@@ -269,6 +378,80 @@ def median_by_type(table: pd.DataFrame, *, columns: Sequence[str] | None = None)
     overall = table[columns].median().to_frame("all").T
     overall.insert(0, "cells", len(table))
     return pd.concat([grouped, overall]).rename_axis("type").reset_index()
+
+
+def predictor_summary(results: Sequence[CellFaithfulness], *, top_n: int = TOP_N, n_boot: int = 2000,
+                      seed: int = 0) -> pd.DataFrame:
+    """Per ordering (every predictor, the oracle, the anti-oracle): median signed and unsigned rho over
+    cells, and the mean with its 95% bootstrap interval over cells of deletion and insertion NAOPC,
+    precision@k and sign agreement (``<score>``, ``<score>_low``, ``<score>_high``)."""
+    if not results:
+        raise ValueError("no cells: run cell_faithfulness on at least one cell")
+    pooled = pooled_scores([r.benchmark for r in results], n_boot=n_boot, seed=seed)
+    out = pd.DataFrame(index=pooled.index)
+    table = faithfulness_table(results, top_n=top_n)
+    for kind in ("signed", "abs"):
+        out[f"median_rho_{kind}"] = [table[f"rho_{kind}_{n}"].median() if f"rho_{kind}_{n}" in table else np.nan
+                                     for n in out.index]
+    for score in ("naopc_deletion", "naopc_insertion", "precision_at_k", "sign_agreement"):
+        for statistic, suffix in (("mean", ""), ("low", "_low"), ("high", "_high")):
+            out[f"{score}{suffix}"] = pooled[(score, statistic)]
+    return out
+
+
+def json_ready(value):
+    """``value`` with NaN and infinite floats as None and numpy scalars as Python ones, for strict JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def faithfulness_numbers(results: Sequence[CellFaithfulness], comparison: pd.DataFrame | None = None, *,
+                         precision_k: int = 10, top_n: int = TOP_N, n_boot: int = 2000, seed: int = 0) -> dict:
+    """The chapter's numbers for ``faithfulness.json`` (NaN written as None): the target and its readout,
+    median rho (``median_rho``: unsigned, ``median_rho_signed``) per predictor and per type, the share
+    of cells where the graph's rho beats the rank's, and per ordering its rho, NAOPC (deletion and
+    insertion), precision@k and sign agreement as ``{mean, low, high}`` over cells; ``targets``: the
+    per-target table of ``comparison`` (:func:`target_table`)."""
+    table = faithfulness_table(results, top_n=top_n)
+    summary = predictor_summary(results, top_n=top_n, n_boot=n_boot, seed=seed)
+    predictors = results[0].predictors
+    by_type = median_by_type(table, columns=[f"rho_abs_{p}" for p in predictors])
+
+    def interval(name: str, score: str) -> dict:
+        return {"mean": summary.loc[name, score], "low": summary.loc[name, f"{score}_low"],
+                "high": summary.loc[name, f"{score}_high"]}
+
+    numbers = {
+        "target": results[0].target,
+        "observed": TARGET_READOUT[results[0].target],
+        "n_cells": len(results),
+        "n_removals": int(table["n_genes"].sum()),
+        "precision_k": precision_k,
+        "median_rho": {p: table[f"rho_abs_{p}"].median() for p in predictors},
+        "median_rho_signed": {p: table[f"rho_signed_{p}"].median() for p in predictors},
+        "median_rho_by_type": {row["type"]: {p: row[f"rho_abs_{p}"] for p in predictors}
+                               for _, row in by_type.iterrows()},
+        "graph_beats_rank": {p: float((table[f"rho_abs_{p}"] > table["rho_abs_rank"]).mean()) for p in GRAPH_PREDICTORS},
+        "graph_beats_rank_signed": {p: float((table[f"rho_signed_{p}"] > table["rho_signed_rank"]).mean())
+                                    for p in GRAPH_PREDICTORS},
+        "predictors": {
+            name: {"median_rho_signed": summary.loc[name, "median_rho_signed"],
+                   "median_rho_abs": summary.loc[name, "median_rho_abs"],
+                   "naopc": interval(name, "naopc_deletion"),
+                   "naopc_insertion": interval(name, "naopc_insertion"),
+                   f"precision_at_{precision_k}": interval(name, "precision_at_k"),
+                   "sign_agreement": interval(name, "sign_agreement")}
+            for name in summary.index},
+        "targets": [] if comparison is None else target_table(comparison).to_dict("records"),
+    }
+    return json_ready(numbers)
 
 
 def cell_expression(adata, cells: Sequence[CellSentence], *, use_raw: bool = False, layer: str | None = None,

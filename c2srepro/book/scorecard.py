@@ -492,6 +492,11 @@ def _controls(r: _Results) -> list[dict[str, Any]]:
     return rows
 
 
+# chapter 8's orderings: the graph's, and the observed bounds that are neither graph nor baseline
+GRAPH_ORDERINGS = ("influence", "linear")
+BOUND_ORDERINGS = ("oracle", "anti-oracle")
+
+
 def _holds(test: str, holds: bool) -> str:
     return f"{test}: {'holds' if holds else 'does not hold'}"
 
@@ -539,9 +544,57 @@ def _beyond_rows(r: _Results) -> list[_Builder]:
             note = f"{what}; over {n} cells"
             if predictor != "rank" and _is_number(value) and _is_number(rank):
                 note = _join(_holds("above the rank baseline", value > rank), note)
-            return beyond(f"faithfulness_rho_{predictor}", f"median Spearman rho of {predictor} against the "
-                          "observed effect of removing each gene", "ch. 8", value, note)
+            return beyond(f"faithfulness_rho_{predictor}", f"median Spearman rho of |{predictor}| against the "
+                          "size of the observed effect of removing each gene", "ch. 8", value, note)
         return build
+
+    def _naopc(predictors: dict, name: str) -> tuple[float, float, float] | None:
+        naopc = (predictors.get(name) or {}).get("naopc") or {}
+        values = (naopc.get("mean"), naopc.get("low"), naopc.get("high"))
+        return values if all(_is_number(v) for v in values) else None
+
+    def _interval(values: tuple[float, float, float]) -> str:
+        return f"{_fmt(values[0])} [{_fmt(values[1])}, {_fmt(values[2])}]"
+
+    def naopc_graph():
+        predictors = r.json("faithfulness.json", "predictors")
+        target = r.json("faithfulness.json", "target")
+        graph = {n: _naopc(predictors, n) for n in GRAPH_ORDERINGS if _naopc(predictors, n)}
+        if not graph:
+            raise _Missing("faithfulness.json", "predictors")
+        best = max(graph, key=lambda n: graph[n][0])
+        baselines = {n: _naopc(predictors, n) for n in predictors if n not in (*GRAPH_ORDERINGS, *BOUND_ORDERINGS)}
+        baselines = {n: v for n, v in baselines.items() if v}
+
+        def beats(names: tuple[str, ...]) -> str:
+            # the graph beats a baseline when its interval lies wholly above the baseline's
+            present = [n for n in names if n in baselines]
+            if not present:
+                return ""
+            holds = all(graph[best][1] > baselines[n][2] for n in present)
+            return _holds(f"the graph beats {' and '.join(present)} (95% intervals apart)", holds)
+
+        best_baseline = max(baselines, key=lambda n: baselines[n][0]) if baselines else None
+        return beyond("faithfulness_naopc_graph", "deletion NAOPC of the graph's best gene ordering (mean over cells, "
+                      "95% bootstrap interval)", "ch. 8", graph[best][0],
+                      _join(f"{best} {_interval(graph[best])}, target {target}",
+                            f"best baseline {best_baseline} {_interval(baselines[best_baseline])}" if best_baseline else "",
+                            beats(("gradient_x_input",)), beats(("rank", "expression"))))
+
+    def rho_signed_graph():
+        predictors = r.json("faithfulness.json", "predictors")
+        signed = {n: (predictors.get(n) or {}).get("median_rho_signed") for n in predictors
+                  if n not in BOUND_ORDERINGS}
+        signed = {n: v for n, v in signed.items() if _is_number(v)}
+        if "linear" not in signed:
+            raise _Missing("faithfulness.json", "predictors")
+        baselines = {n: v for n, v in signed.items() if n not in GRAPH_ORDERINGS}
+        best = max(baselines, key=baselines.get) if baselines else None
+        return beyond("faithfulness_rho_signed_linear", "median signed Spearman rho of the graph's removal estimate "
+                      "against the observed effect of removing each gene", "ch. 8", signed["linear"],
+                      _join(_holds("at least 0.5", signed["linear"] >= 0.5),
+                            f"best baseline {best} {_fmt(baselines[best])}" if best else "",
+                            _holds("above the best baseline", signed["linear"] > baselines[best]) if best else ""))
 
     def beats_rank():
         share = r.json("faithfulness.json", "graph_beats_rank")["influence"]
@@ -582,10 +635,13 @@ def _beyond_rows(r: _Results) -> list[_Builder]:
         ("intervention_top_drop", intervention),
         *[(f"faithfulness_rho_{name}", rho(name, what)) for name, what in (
             ("influence", "the graph's gene-node influence"), ("linear", "the graph's first-order estimate"),
+            ("gradient_x_input", "gradient x input on the real model"),
             ("dla", "attention-free direct logit attribution"), ("circuit", "membership of the greedy circuit"),
             ("rank", "the gene's rank in the sentence"), ("expression", "the gene's expression"),
             ("random", "random numbers"))],
         ("faithfulness_beats_rank", beats_rank),
+        ("faithfulness_rho_signed_linear", rho_signed_graph),
+        ("faithfulness_naopc_graph", naopc_graph),
         ("cohort_significant_pairs", cohort_pairs),
         ("prerank_own_first", prerank_first),
     ]
