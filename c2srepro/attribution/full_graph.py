@@ -319,18 +319,23 @@ def _influence(normalised: Float[Tensor, "node node"], weights: Float[Tensor, "n
 
 
 def _partial_influence(
-    blocks: Sequence[Float[Tensor, "row col"]], weights: Float[Tensor, "col"], col_of_row: Int[Tensor, "row"]
+    blocks: Sequence[Float[Tensor, "row col"]],
+    weights: Float[Tensor, "col"],
+    col_of_row: Int[Tensor, "row"],
+    row_sums: Float[Tensor, "row"] | None = None,
 ) -> Float[Tensor, "col"]:
     """w N + w N^2 + ... over the columns of a partial graph, N its rows normalised as
     :func:`_normalise` does: ``blocks`` are its computed rows of A, ``col_of_row`` the column of
-    each row's node.
+    each row's node, ``row_sums`` (optional) the rows' sums of |A| (kept from one update to the next).
 
     Influence reaching a column is carried on only through that node's row, if it has one, so the
     series runs on the [row, row] block N[:, col_of_row]: with c_0 = w[col_of_row] and
     c_{k+1} = c_k N[:, col_of_row], the influence is (sum_k c_k) N, a single product with the
     rows. Equal to the series over all columns up to float rounding, without its copies of the
     [row, col] matrix (several GiB at a cap of 1024 features on Pythia-410m shapes)."""
-    row_sums = torch.cat([torch.linalg.vector_norm(b, ord=1, dim=1) for b in blocks]).clamp(min=1e-30)
+    if row_sums is None:
+        row_sums = torch.cat([b.abs().sum(dim=1) for b in blocks])
+    row_sums = row_sums.clamp(min=1e-30)
     within = torch.cat([b[:, col_of_row] for b in blocks]).abs() / row_sums[:, None]
     current = weights[col_of_row]
     carried = torch.zeros_like(current)  # sum_k c_k
@@ -556,7 +561,7 @@ def build_graph(
         return cols.feature_start[node.layer] + rep.active_index(node)
 
     # Step 1: the targets' rows; row_col[r] is the column of row r's node.
-    row_blocks, constants = [], []
+    row_blocks, constants, row_sums = [], [], []
     for start in range(0, len(resolved), batch_size):
         rows, constant = _rows(rep, [r.reading for r in resolved[start : start + batch_size]], cols)
         row_blocks.append(rows)
@@ -577,7 +582,10 @@ def build_graph(
         if cap == n_active:
             pending = unvisited
         else:
-            influence = _partial_influence(row_blocks, col_weights, torch.tensor(row_col, device=col_weights.device))
+            row_sums += [b.abs().sum(dim=1) for b in row_blocks[len(row_sums) :]]  # each block's once
+            influence = _partial_influence(
+                row_blocks, col_weights, torch.tensor(row_col, device=col_weights.device), torch.cat(row_sums)
+            )
             influence = influence[:n_active].cpu()
             queue = min(update_interval * batch_size, cap - n_features)
             order = influence[unvisited].argsort(descending=True, stable=True)
