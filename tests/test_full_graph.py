@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 
 import pandas as pd
 import pytest
@@ -212,6 +213,20 @@ def test_feature_cap_picks_what_the_influence_series_picks(rep, graph, targets, 
         col_of_row += picks.tolist()
     expected = set(graph.nodes["node_id"].iloc[features[visited[features]].numpy()])
     assert set(capped.nodes["node_id"].iloc[capped.indices("feature").numpy()]) == expected
+
+
+def test_row_major_and_column_major_decoders_give_the_same_graph(rep, targets):
+    """Rows gather decoders from W_dec as stored: rows of a row-major one, columns of a transpose."""
+    def flipped(w):
+        return w.T.contiguous().T if w.is_contiguous() else w.contiguous()
+
+    other = dataclasses.replace(
+        rep, transcoders=[dataclasses.replace(tc, W_dec=flipped(tc.W_dec)) for tc in rep.transcoders])
+    assert [tc.W_dec.is_contiguous() for tc in other.transcoders] != [tc.W_dec.is_contiguous() for tc in rep.transcoders]
+    a = build_graph(rep, targets, max_feature_nodes=25, batch_size=6)
+    b = build_graph(other, targets, max_feature_nodes=25, batch_size=6)
+    assert a.nodes["node_id"].tolist() == b.nodes["node_id"].tolist()
+    torch.testing.assert_close(a.adjacency, b.adjacency, rtol=1e-12, atol=1e-14)
 
 
 def test_pruning_keeps_targets_and_is_monotone(graph):

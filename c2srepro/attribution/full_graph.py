@@ -431,8 +431,10 @@ class _Columns:
     logit_start: int
     n_cols: int
     slots: list[tuple[Tensor, Tensor]]  # per layer: (position-major padded feature ids [pos, M], slot of each active)
-    # Row-contiguous decoders: a transcoder may store W_dec transposed, and gathering its rows
-    # strided is an order of magnitude slower than the whole backward pass's matmuls.
+    # Decoders row-major or column-major, as the transcoder stores them (W_dec may be a transpose):
+    # a gather of rows of the one or columns of the other's transpose reads memory in order, while
+    # gathering rows strided is an order of magnitude slower than the whole backward pass's
+    # matmuls, and a row-major copy of every decoder would hold 0.75 GiB at Pythia-410m shapes.
     decoders: list[Float[Tensor, "d_tc d_model"]]
 
     @classmethod
@@ -450,7 +452,8 @@ class _Columns:
         error_start = starts[-1]
         token_start = error_start + rep.n_layers * rep.n_pos
         logit_start = token_start + rep.n_pos
-        decoders = [tc.W_dec.contiguous() for tc in rep.transcoders]
+        decoders = [w if w.is_contiguous() or w.T.is_contiguous() else w.contiguous()
+                    for w in (tc.W_dec for tc in rep.transcoders)]
         return cls(starts, error_start, token_start, logit_start, logit_start + n_logits, slots, decoders)
 
 
@@ -481,13 +484,18 @@ def _rows(rep: LinearisedReplacement, readings: Sequence[Reading], cols: _Column
             # f_dec . G only for the features active at each position (a batched matmul over
             # positions): the dense [pos, d_tc] projection would cost d_tc / active-per-token more.
             ids = padded[:n_pos]
-            d_model = cols.decoders[layer].shape[1]
+            w_dec = cols.decoders[layer]
+            d_model = w_dec.shape[1]
             if gathered.numel() < ids.numel() * d_model:
                 gathered = rows.new_empty(max(ids.numel() for ids, _ in cols.slots) * d_model)
-            decoders = gathered[: ids.numel() * d_model].view(ids.numel(), d_model)
-            torch.index_select(cols.decoders[layer], 0, ids.flatten(), out=decoders)
-            decoders = decoders.view(*ids.shape, d_model)  # [pos, M, d_model]
-            projected = torch.einsum("npd,pmd->npm", grad, decoders)
+            if w_dec.is_contiguous():
+                decoders = gathered[: ids.numel() * d_model].view(ids.numel(), d_model)
+                torch.index_select(w_dec, 0, ids.flatten(), out=decoders)
+                projected = torch.einsum("npd,pmd->npm", grad, decoders.view(*ids.shape, d_model))
+            else:  # column-major: gather columns of the [d_model, d_tc] transpose
+                decoders = gathered[: ids.numel() * d_model].view(d_model, ids.numel())
+                torch.index_select(w_dec.T, 1, ids.flatten(), out=decoders)
+                projected = torch.einsum("npd,dpm->npm", grad, decoders.view(d_model, *ids.shape))
             start = cols.feature_start[layer]
             rows[:n, start + visible] = act.activation[visible] * projected[:, act.position[visible], slot[visible]]
         error_col = cols.error_start + layer * rep.n_pos
