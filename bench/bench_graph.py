@@ -15,15 +15,24 @@
    resident memory, the number of feature nodes before and after pruning, both scores, and checks
    the target row's exactness (edges + constant + capped-out features = the target's value).
 
+Rows per backward pass (``--batch-size``) and passes between influence updates (``--update-interval``)
+default to 128 and 1: the cap picks the same 128 features between updates as 32 x 4 did (the same
+graph), and a pass of 128 rows gathers each layer's decoders a quarter as often. ``--out`` also writes
+the figures as JSON with their provenance (command, packages, platform, load average);
+``--save-graph`` writes the graph (``Graph.save``) to compare two builds node for node.
+
 Usage: python bench/bench_graph.py [--preset 410m|gemma2-2b|small] [--layers N] [--n-pos 300] [--max-feature-nodes 128]
-       [--target logit|label] [--answer-tokens 6]
+       [--target logit|label] [--answer-tokens 6] [--batch-size 128] [--update-interval 1]
+       [--out bench/graph/<machine>.json] [--save-graph graph.safetensors]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
+import sys
 
 import torch
 from bench_circuit import PRESETS, random_setup, timed
@@ -47,22 +56,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="truncate the model to this many layers")
     parser.add_argument("--n-pos", type=int, default=300)
     parser.add_argument("--max-feature-nodes", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=128, help="rows per backward pass")
+    parser.add_argument("--update-interval", type=int, default=1, help="backward passes between influence updates")
     parser.add_argument("--genes", type=int, default=64)
     parser.add_argument("--tokens-per-gene", type=int, default=3)
     parser.add_argument("--firing", type=float, default=0.008, help="fraction of features firing per token")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--target", choices=("logit", "label"), default="label")
     parser.add_argument("--answer-tokens", type=int, default=6, help="answer length of the label target")
+    parser.add_argument("--out", help="also write the figures here, as JSON with their provenance")
+    parser.add_argument("--save-graph", help="also write the graph here (Graph.save)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     layers, input_ids, model, transcoders = random_setup(
-        args, f"{args.genes} genes, feature cap {args.max_feature_nodes}, batch {args.batch_size}")
+        args, f"{args.genes} genes, feature cap {args.max_feature_nodes}, batch {args.batch_size} x {args.update_interval}")
     genes = prompt_genes(args.n_pos, args.genes, args.tokens_per_gene)
 
+    load_before = os.getloadavg()
     results: dict[str, float] = {}
     rep = timed("build_replacement", lambda: build_replacement(model, transcoders, input_ids), results)
     print(f"  active features: {rep.n_active} ({rep.n_active / (layers * args.n_pos):.1f} per token per layer)")
@@ -76,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         target = LabelTarget("answer")
     graph = timed(f"build_graph ({args.target}, cap {args.max_feature_nodes})",
                   lambda: build_graph(rep, target, max_feature_nodes=args.max_feature_nodes,
-                                      batch_size=args.batch_size, genes=genes, prompt_length=prompt_length,
-                                      answers=answers), results)
+                                      batch_size=args.batch_size, update_interval=args.update_interval,
+                                      genes=genes, prompt_length=prompt_length, answers=answers), results)
     index = graph.targets[0]
     row = graph.nodes.iloc[index]
     total = float(graph.adjacency[index].sum()) + row["constant"] + row["dropped"]
@@ -101,6 +114,25 @@ def main(argv: list[str] | None = None) -> int:
     if layers != full_layers:
         factor = full_layers / layers
         print(f"EXTRAPOLATED to {full_layers} layers (x{factor:.1f}, linear in depth): {work * factor:.0f} s")
+    if args.save_graph:
+        graph.save(args.save_graph)
+    if args.out:
+        from c2srepro.book.provenance import write_result
+
+        figures = {
+            "seconds": {k: round(v, 2) for k, v in results.items()},
+            "peak_rss_gib": round(peak_gib, 2),
+            "load_average_1_5_15_before": [round(x, 2) for x in load_before],
+            "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+            "layers": layers, "n_pos": args.n_pos, "target": args.target, "batch_size": args.batch_size,
+            "update_interval": args.update_interval, "max_feature_nodes": args.max_feature_nodes,
+            "n_active": rep.n_active, "n_nodes": graph.n_nodes, "feature_nodes": n_features,
+            "pruned_nodes": pruned.n_nodes, "target_value": graph.info["targets"][0]["value"],
+            "capped_out": float(row["dropped"]), "replacement": scores["replacement"],
+            "completeness": scores["completeness"], "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+        write_result(args.out, figures, params={"command": " ".join(sys.argv[1:]), "cpu_count": os.cpu_count()})
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 
 import pandas as pd
 import pytest
@@ -19,6 +20,7 @@ from c2srepro.attribution.full_graph import (
     greedy_paths,
     prune_graph,
 )
+from c2srepro.attribution.full_graph import _partial_influence
 from c2srepro.transcoder import Transcoder, TranscoderConfig
 
 @pytest.fixture(scope="module")
@@ -165,6 +167,66 @@ def test_feature_cap_keeps_the_most_influential_rows(rep, graph, targets):
     strongest = direct[graph.indices("feature")].topk(5).indices
     strongest_ids = set(graph.nodes["node_id"].iloc[graph.indices("feature")[strongest].numpy()])
     assert strongest_ids <= set(features["node_id"])
+
+
+def _series_over_all_columns(rows, weights, col_of_row):
+    """The capped build's influence as first written: the series over every column, carried on
+    through the rows of the nodes that have one (the reference for the [row, row] shortcut)."""
+    normalised = rows.abs() / rows.abs().sum(1, keepdim=True).clamp(min=1e-30)
+    current, influence = weights[col_of_row], torch.zeros(rows.shape[1], dtype=rows.dtype)
+    while True:
+        current = current @ normalised
+        if not bool(current.any()):
+            return influence
+        influence += current
+        current = current[col_of_row]
+
+
+def test_partial_influence_equals_the_series_over_all_columns(rep, graph):
+    generator = torch.Generator().manual_seed(0)
+    computed = graph.nodes.index[graph.nodes["computed"]].to_numpy()
+    picked = torch.as_tensor(computed[torch.randperm(len(computed), generator=generator)[:40].numpy()])
+    rows = graph.adjacency[picked]
+    weights = torch.rand(graph.n_nodes, generator=generator, dtype=rows.dtype)
+    reference = _series_over_all_columns(rows, weights, picked)
+    blocks = list(rows.split(7))  # as build_graph keeps them: one block per backward pass
+    torch.testing.assert_close(_partial_influence(blocks, weights, picked), reference, rtol=1e-12, atol=1e-15)
+    assert reference[picked].abs().sum() > 0  # influence did travel on through computed rows
+
+
+@pytest.mark.parametrize(("cap", "batch_size", "update_interval"), [(30, 4, 2), (45, 3, 5)])
+def test_feature_cap_picks_what_the_influence_series_picks(rep, graph, targets, cap, batch_size, update_interval):
+    """The capped build's picks, replayed on the uncapped graph's rows with the reference series."""
+    capped = build_graph(rep, targets, target_weights=[3.0, 1.0], max_feature_nodes=cap, batch_size=batch_size,
+                         update_interval=update_interval)
+    features = graph.indices("feature")
+    col_of_row = [graph.index_of(t) for t in targets]
+    weights = graph.target_weights.abs()
+    visited = torch.zeros(graph.n_nodes, dtype=torch.bool)
+    visited[col_of_row] = True
+    while int(visited[features].sum()) < cap:
+        influence = _series_over_all_columns(graph.adjacency[col_of_row], weights, torch.tensor(col_of_row))
+        unvisited = features[~visited[features]]
+        queue = min(update_interval * batch_size, cap - int(visited[features].sum()))
+        picks = unvisited[influence[unvisited].argsort(descending=True, stable=True)[:queue]]
+        visited[picks] = True
+        col_of_row += picks.tolist()
+    expected = set(graph.nodes["node_id"].iloc[features[visited[features]].numpy()])
+    assert set(capped.nodes["node_id"].iloc[capped.indices("feature").numpy()]) == expected
+
+
+def test_row_major_and_column_major_decoders_give_the_same_graph(rep, targets):
+    """Rows gather decoders from W_dec as stored: rows of a row-major one, columns of a transpose."""
+    def flipped(w):
+        return w.T.contiguous().T if w.is_contiguous() else w.contiguous()
+
+    other = dataclasses.replace(
+        rep, transcoders=[dataclasses.replace(tc, W_dec=flipped(tc.W_dec)) for tc in rep.transcoders])
+    assert [tc.W_dec.is_contiguous() for tc in other.transcoders] != [tc.W_dec.is_contiguous() for tc in rep.transcoders]
+    a = build_graph(rep, targets, max_feature_nodes=25, batch_size=6)
+    b = build_graph(other, targets, max_feature_nodes=25, batch_size=6)
+    assert a.nodes["node_id"].tolist() == b.nodes["node_id"].tolist()
+    torch.testing.assert_close(a.adjacency, b.adjacency, rtol=1e-12, atol=1e-14)
 
 
 def test_pruning_keeps_targets_and_is_monotone(graph):

@@ -150,11 +150,22 @@ def _seed_step(rep: LinearisedReplacement, target: Node) -> int:
     return 2 * layer + 1 if target.kind == "feature" and rep.weights.mlp_reads_attention else 2 * layer
 
 
-def _seed(grad: Tensor, readings: Sequence[Reading], steps: Tensor, step: int) -> None:
-    """Add each reading's vectors at their positions (G = v there) for the readings seeded at ``step``."""
+def _seed(grad: Tensor, readings: Sequence[Reading], steps: Tensor, step: int) -> Tensor:
+    """Add each reading's vectors at their positions (G = v there) for the readings seeded at ``step``.
+
+    ``grad`` holds only the readings seeded before ``step`` (a prefix: ``readings`` are ordered by
+    step, latest first) over the positions they read up to; it is first grown, with zeros, to the
+    readings seeded by ``step`` and their positions. Rows that are not seeded yet and positions
+    after every seeded reading's last one hold zeros, so leaving them out changes no result while
+    the pass costs what the readings seeded so far need, not what the whole batch does."""
+    seeded = int((steps >= step).sum())
+    if seeded > grad.shape[0]:
+        n_pos = max(r.last_position for r in readings[:seeded]) + 1
+        grad = torch.nn.functional.pad(grad, (0, 0, 0, n_pos - grad.shape[1], 0, seeded - grad.shape[0]))
     for i in (steps == step).nonzero().flatten().tolist():
         for position, vector in zip(readings[i].positions, readings[i].vectors):
             grad[i, position] += vector
+    return grad
 
 
 def node_reading(rep: LinearisedReplacement, target: Node) -> Reading:
@@ -191,17 +202,21 @@ def _layer_transpose(
     rep: LinearisedReplacement,
     layer: int,
     grad: Float[Tensor, "target pos d_model"],
-    seed_mlp_input: Callable[[Tensor], None],
+    seed_mlp_input: Callable[[Tensor], Tensor],
 ) -> Float[Tensor, "target pos d_model"]:
     """G_{m-1} from G_m: back through ``layer``'s linear paths (skip, attention; step 1).
-    ``seed_mlp_input`` adds, in place, the targets that read the residual this layer's MLP reads
-    (r + Attn(r) where ``mlp_reads_attention``, Gemma-2; else r itself, seeded with the rest)."""
+    ``seed_mlp_input`` returns the gradient with the targets added that read the residual this
+    layer's MLP reads (r + Attn(r) where ``mlp_reads_attention``, Gemma-2; else r itself, seeded
+    with the rest), grown to their rows and positions (``_seed``)."""
     skip = _skip_transpose(rep, layer, grad)
     if skip is not None and rep.weights.mlp_reads_attention:
         grad, skip = grad + skip, None  # the skip path reads r + Attn(r): it passes attention too
-    seed_mlp_input(grad)
+    grad = seed_mlp_input(grad)
     carried = grad + _attention_transpose(rep, layer, grad)
-    return carried if skip is None else carried + skip
+    if skip is None:
+        return carried
+    grown = (0, 0, 0, grad.shape[1] - skip.shape[1], 0, grad.shape[0] - skip.shape[0])
+    return carried + torch.nn.functional.pad(skip, grown)
 
 
 def residual_gradients(
@@ -211,19 +226,26 @@ def residual_gradients(
 
     Yields (layer, G_{layer+1}) for each layer from the last one the readings read down to layer 0,
     the gradient the sources that layer writes into r_{layer+1} are read by; then (None, G_0), read by
-    the token embeddings. Positions stop at the last one read: nothing after it contributes. Each
-    reading's vectors are seeded at its positions at the step it reads the residual stream.
+    the token embeddings. Each reading's vectors are seeded at its positions at the step it reads the
+    residual stream. ``readings`` must be ordered by step, latest first (:func:`by_step`): a yielded
+    G covers only the readings seeded so far, ``readings[:len(G)]`` (the others are still 0), and
+    the positions up to the last one they read (nothing after it contributes), ``G.shape[1]``.
     """
-    n_pos = max(r.last_position for r in readings) + 1
     steps = torch.tensor([r.step for r in readings])
-    grad = rep.weights.embed.new_zeros(len(readings), n_pos, rep.weights.d_model)
+    if bool((steps[1:] > steps[:-1]).any()):
+        raise ValueError("residual_gradients needs the readings ordered by step, latest first (by_step)")
+    grad = rep.weights.embed.new_zeros(0, 0, rep.weights.d_model)
     for m in range((int(steps.max()) + 1) // 2, 0, -1):  # grad holds G_m = d value / d r_m
-        _seed(grad, readings, steps, 2 * m)
+        grad = _seed(grad, readings, steps, 2 * m)
         yield m - 1, grad  # sources written by layer m - 1 land in r_m
         # G_{m-1} = G_m + (Attn^T + Skip^T)(G_m), seeding the targets that read r_m less this layer's sources
         grad = _layer_transpose(rep, m - 1, grad, lambda g: _seed(g, readings, steps, 2 * m - 1))
-    _seed(grad, readings, steps, 0)
-    yield None, grad
+    yield None, _seed(grad, readings, steps, 0)
+
+
+def by_step(readings: Sequence[Reading]) -> list[int]:
+    """The order :func:`residual_gradients` needs: latest step first, then the given order."""
+    return sorted(range(len(readings)), key=lambda i: -readings[i].step)
 
 
 def _feature_contributions(
@@ -249,20 +271,22 @@ def attribute_many(rep: LinearisedReplacement, targets: Sequence[Node]) -> list[
     for target in targets:
         rep.check_target(target)
     n_targets, n_layers = len(targets), rep.n_layers
-    n_pos = max(t.position for t in targets) + 1
     readings = [node_reading(rep, t) for t in targets]
+    order = by_step(readings)  # the order residual_gradients needs; undone on return
+    targets, readings = [targets[i] for i in order], [readings[i] for i in order]
     error = rep.weights.embed.new_zeros(n_targets, n_layers, rep.n_pos)
     bias = error.new_zeros(n_targets, n_layers, rep.n_pos)
     embedding = error.new_zeros(n_targets, rep.n_pos)
     features = [error.new_zeros(n_targets, len(a)) for a in rep.active]
     for layer, grad in residual_gradients(rep, readings):
+        n, n_pos = grad.shape[:2]  # the targets seeded so far, the positions they read up to
         if layer is None:
-            embedding[:, :n_pos] = torch.einsum("ntd,td->nt", grad, rep.weights.embed[rep.input_ids[:n_pos]])
+            embedding[:n, :n_pos] = torch.einsum("ntd,td->nt", grad, rep.weights.embed[rep.input_ids[:n_pos]])
             continue
-        features[layer] = _feature_contributions(rep, layer, grad)
-        error[:, layer, :n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
-        bias[:, layer, :n_pos] = grad @ rep.written_bias[layer]
-    return [
+        features[layer][:n] = _feature_contributions(rep, layer, grad)
+        error[:n, layer, :n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
+        bias[:n, layer, :n_pos] = grad @ rep.written_bias[layer]
+    attributions = [
         Attribution(
             replacement=rep,
             target=target,
@@ -275,6 +299,8 @@ def attribute_many(rep: LinearisedReplacement, targets: Sequence[Node]) -> list[
         )
         for i, target in enumerate(targets)
     ]
+    back = {i: k for k, i in enumerate(order)}
+    return [attributions[back[i]] for i in range(n_targets)]
 
 
 def attribute(rep: LinearisedReplacement, target: Node) -> Attribution:
@@ -325,5 +351,5 @@ def head_contributions(rep: LinearisedReplacement, source: Node, target: Node) -
             if rep.weights.mlp_reads_attention:  # Gemma-2: attention's output passes the skip path too
                 mid = grad + through_skip
         heads[j] = rep.weights.head_transpose(rep.run, j, mid[0], s) @ u
-        grad = _layer_transpose(rep, j, grad, lambda g: None)
+        grad = _layer_transpose(rep, j, grad, lambda g: g)
     return HeadPaths(residual=float(u @ v) if s == target.position else 0.0, heads=heads, skip=skip)

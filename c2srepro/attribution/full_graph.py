@@ -67,7 +67,7 @@ from torch import Tensor
 
 from c2srepro._cache import atomic_path
 from c2srepro.attribution.circuit import beam_search, check_search
-from c2srepro.attribution.contributions import Reading, node_reading, residual_gradients
+from c2srepro.attribution.contributions import Reading, by_step, node_reading, residual_gradients
 from c2srepro.attribution.linearised import LinearisedReplacement
 from c2srepro.attribution.nodes import Node
 from c2srepro.attribution.targets import Answers, Target, as_target, check_weights
@@ -306,26 +306,53 @@ def _normalise(matrix: Float[Tensor, "node node"]) -> Float[Tensor, "node node"]
     return magnitude / magnitude.sum(dim=1, keepdim=True).clamp(min=1e-30)
 
 
-def _influence(
-    normalised: Float[Tensor, "row col"],
-    weights: Float[Tensor, "col"],
-    col_of_row: Int[Tensor, "row"] | None = None,
-) -> Float[Tensor, "col"]:
-    """w N + w N^2 + ... over the columns (the graph is a DAG over layers, so the series ends).
-
-    col_of_row: for a partial graph (rows computed for some nodes only), the column of each row's
-    node; influence reaching a column is carried on through that node's row, if it has one.
-    """
-    current = weights[col_of_row] if col_of_row is not None else weights
+def _influence(normalised: Float[Tensor, "node node"], weights: Float[Tensor, "node"]) -> Float[Tensor, "node"]:
+    """w N + w N^2 + ... (the graph is a DAG over layers, so the series ends)."""
+    current = weights
     influence = torch.zeros(normalised.shape[1], dtype=normalised.dtype, device=normalised.device)
     for _ in range(normalised.shape[0] + 1):
         current = current @ normalised
         if not bool(current.any()):
             return influence
         influence = influence + current
-        if col_of_row is not None:
-            current = current[col_of_row]
     raise RuntimeError("influence did not converge: the adjacency has a cycle, which an attribution graph cannot")
+
+
+def _partial_influence(
+    blocks: Sequence[Float[Tensor, "row col"]],
+    weights: Float[Tensor, "col"],
+    col_of_row: Int[Tensor, "row"],
+    row_sums: Float[Tensor, "row"] | None = None,
+) -> Float[Tensor, "col"]:
+    """w N + w N^2 + ... over the columns of a partial graph, N its rows normalised as
+    :func:`_normalise` does: ``blocks`` are its computed rows of A, ``col_of_row`` the column of
+    each row's node, ``row_sums`` (optional) the rows' sums of |A| (kept from one update to the next).
+
+    Influence reaching a column is carried on only through that node's row, if it has one, so the
+    series runs on the [row, row] block N[:, col_of_row]: with c_0 = w[col_of_row] and
+    c_{k+1} = c_k N[:, col_of_row], the influence is (sum_k c_k) N, a single product with the
+    rows. Equal to the series over all columns up to float rounding, without its copies of the
+    [row, col] matrix (several GiB at a cap of 1024 features on Pythia-410m shapes)."""
+    if row_sums is None:
+        row_sums = torch.cat([b.abs().sum(dim=1) for b in blocks])
+    row_sums = row_sums.clamp(min=1e-30)
+    within = torch.cat([b[:, col_of_row] for b in blocks]).abs() / row_sums[:, None]
+    current = weights[col_of_row]
+    carried = torch.zeros_like(current)  # sum_k c_k
+    for _ in range(len(current) + 2):
+        if not bool(current.any()):
+            break
+        carried += current
+        current = current @ within
+    else:
+        raise RuntimeError("influence did not converge: the adjacency has a cycle, which an attribution graph cannot")
+    scaled = carried / row_sums
+    influence = torch.zeros(blocks[0].shape[1], dtype=blocks[0].dtype, device=blocks[0].device)
+    start = 0
+    for b in blocks:
+        influence += scaled[start : start + len(b)] @ b.abs()
+        start += len(b)
+    return influence
 
 
 @dataclass(frozen=True)
@@ -404,8 +431,10 @@ class _Columns:
     logit_start: int
     n_cols: int
     slots: list[tuple[Tensor, Tensor]]  # per layer: (position-major padded feature ids [pos, M], slot of each active)
-    # Row-contiguous decoders: a transcoder may store W_dec transposed, and gathering its rows
-    # strided is an order of magnitude slower than the whole backward pass's matmuls.
+    # Decoders row-major or column-major, as the transcoder stores them (W_dec may be a transpose):
+    # a gather of rows of the one or columns of the other's transpose reads memory in order, while
+    # gathering rows strided is an order of magnitude slower than the whole backward pass's
+    # matmuls, and a row-major copy of every decoder would hold 0.75 GiB at Pythia-410m shapes.
     decoders: list[Float[Tensor, "d_tc d_model"]]
 
     @classmethod
@@ -423,21 +452,30 @@ class _Columns:
         error_start = starts[-1]
         token_start = error_start + rep.n_layers * rep.n_pos
         logit_start = token_start + rep.n_pos
-        decoders = [tc.W_dec.contiguous() for tc in rep.transcoders]
+        decoders = [w if w.is_contiguous() or w.T.is_contiguous() else w.contiguous()
+                    for w in (tc.W_dec for tc in rep.transcoders)]
         return cls(starts, error_start, token_start, logit_start, logit_start + n_logits, slots, decoders)
 
 
 @torch.no_grad()
 def _rows(rep: LinearisedReplacement, readings: Sequence[Reading], cols: _Columns) -> tuple[Tensor, Tensor]:
-    """One shared backward pass (module docstring, step 2): rows over ``cols`` and each row's constant."""
-    n, n_pos = len(readings), max(r.last_position for r in readings) + 1
-    rows = rep.weights.embed.new_zeros(n, cols.n_cols)
+    """One shared backward pass (module docstring, step 2): rows over ``cols`` and each row's
+    constant, in the order of ``readings``."""
+    order = by_step(readings)
+    readings = [readings[i] for i in order]
+    rows = rep.weights.embed.new_zeros(len(readings), cols.n_cols)
     constant = torch.tensor([r.constant for r in readings], dtype=rows.dtype, device=rows.device)
+    # One buffer for every layer's gathered decoders: a fresh [pos, M, d_model] tensor a layer
+    # (~120 MiB at Pythia-410m shapes) is a fresh mmap, and its page faults cost more than the gather.
+    gathered = rows.new_empty(0)
     for layer, grad in residual_gradients(rep, readings):
+        n, n_pos = grad.shape[:2]  # the rows seeded so far and the positions they read up to
         if layer is None:
-            rows[:, cols.token_start : cols.token_start + n_pos] = torch.einsum(
+            rows[:n, cols.token_start : cols.token_start + n_pos] = torch.einsum(
                 "ntd,td->nt", grad, rep.weights.embed[rep.input_ids[:n_pos]]
             )
+            continue
+        if not n:
             continue
         act = rep.active[layer]
         padded, slot = cols.slots[layer]
@@ -445,13 +483,28 @@ def _rows(rep: LinearisedReplacement, readings: Sequence[Reading], cols: _Column
         if len(visible):
             # f_dec . G only for the features active at each position (a batched matmul over
             # positions): the dense [pos, d_tc] projection would cost d_tc / active-per-token more.
-            decoders = cols.decoders[layer][padded[:n_pos]]  # [pos, M, d_model]
-            projected = torch.einsum("npd,pmd->npm", grad, decoders)
+            ids = padded[:n_pos]
+            w_dec = cols.decoders[layer]
+            d_model = w_dec.shape[1]
+            if gathered.numel() < ids.numel() * d_model:
+                gathered = rows.new_empty(max(ids.numel() for ids, _ in cols.slots) * d_model)
+            if w_dec.is_contiguous():
+                decoders = gathered[: ids.numel() * d_model].view(ids.numel(), d_model)
+                torch.index_select(w_dec, 0, ids.flatten(), out=decoders)
+                projected = torch.einsum("npd,pmd->npm", grad, decoders.view(*ids.shape, d_model))
+            else:  # column-major: gather columns of the [d_model, d_tc] transpose
+                decoders = gathered[: ids.numel() * d_model].view(d_model, ids.numel())
+                torch.index_select(w_dec.T, 1, ids.flatten(), out=decoders)
+                projected = torch.einsum("npd,dpm->npm", grad, decoders.view(d_model, *ids.shape))
             start = cols.feature_start[layer]
-            rows[:, start + visible] = act.activation[visible] * projected[:, act.position[visible], slot[visible]]
+            rows[:n, start + visible] = act.activation[visible] * projected[:, act.position[visible], slot[visible]]
         error_col = cols.error_start + layer * rep.n_pos
-        rows[:, error_col : error_col + n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
-        constant += (grad @ rep.written_bias[layer]).sum(dim=1)
+        rows[:n, error_col : error_col + n_pos] = torch.einsum("ntd,td->nt", grad, rep.errors[layer, :n_pos])
+        constant[:n] += (grad @ rep.written_bias[layer]).sum(dim=1)
+    if order != sorted(order):
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order)] = torch.arange(len(order))
+        rows, constant = rows[back.to(rows.device)], constant[back.to(rows.device)]
     return rows, constant
 
 
@@ -516,7 +569,7 @@ def build_graph(
         return cols.feature_start[node.layer] + rep.active_index(node)
 
     # Step 1: the targets' rows; row_col[r] is the column of row r's node.
-    row_blocks, constants = [], []
+    row_blocks, constants, row_sums = [], [], []
     for start in range(0, len(resolved), batch_size):
         rows, constant = _rows(rep, [r.reading for r in resolved[start : start + batch_size]], cols)
         row_blocks.append(rows)
@@ -537,8 +590,9 @@ def build_graph(
         if cap == n_active:
             pending = unvisited
         else:
-            influence = _influence(
-                _normalise(torch.cat(row_blocks)), col_weights, torch.tensor(row_col, device=col_weights.device)
+            row_sums += [b.abs().sum(dim=1) for b in row_blocks[len(row_sums) :]]  # each block's once
+            influence = _partial_influence(
+                row_blocks, col_weights, torch.tensor(row_col, device=col_weights.device), torch.cat(row_sums)
             )
             influence = influence[:n_active].cpu()
             queue = min(update_interval * batch_size, cap - n_features)
@@ -563,15 +617,19 @@ def build_graph(
     kept_cols = torch.cat([selected, torch.arange(n_active, cols.n_cols)])
     new_index = torch.full((cols.n_cols,), -1, dtype=torch.long)
     new_index[kept_cols] = torch.arange(len(kept_cols))
-    all_rows = torch.cat(row_blocks)
-    dropped = torch.ones(cols.n_cols, dtype=torch.bool, device=all_rows.device)
-    dropped[kept_cols.to(all_rows.device)] = False
-    dropped_sum = all_rows[:, dropped].sum(dim=1).cpu().to(torch.float64)
-    rows = all_rows[:, kept_cols.to(all_rows.device)].cpu()
-    del all_rows
-    adjacency = rows.new_zeros(len(kept_cols), len(kept_cols))
+    device = row_blocks[0].device
+    dropped = torch.ones(cols.n_cols, dtype=torch.bool, device=device)
+    dropped[kept_cols.to(device)] = False
+    adjacency = torch.zeros(len(kept_cols), len(kept_cols), dtype=row_blocks[0].dtype)
     row_index = new_index[torch.tensor(row_col)]
-    adjacency[row_index] = rows
+    # Block by block, freeing each as it is read: concatenating the rows first would copy them whole.
+    dropped_sums, start = [], 0
+    while row_blocks:
+        block = row_blocks.pop(0)
+        dropped_sums.append(block[:, dropped].sum(dim=1).cpu().to(torch.float64))
+        adjacency[row_index[start : start + len(block)]] = block[:, kept_cols.to(device)].cpu()
+        start += len(block)
+    dropped_sum = torch.cat(dropped_sums)
     constant_of = torch.full((len(kept_cols),), float("nan"), dtype=torch.float64)
     constant_of[row_index] = torch.cat(constants).cpu().to(torch.float64)
     weights = torch.zeros(len(kept_cols), dtype=adjacency.dtype)

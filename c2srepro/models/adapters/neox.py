@@ -203,13 +203,21 @@ class NeoXWeights:
     ) -> Float[Tensor, "target pos d_model"]:
         """Attn_l^T(G): the gradient the frozen attention of ``layer`` carries back to its source positions."""
         lw = self.layers[layer]
-        n_pos = grad.shape[1]
+        n, n_pos, d_model = grad.shape
+        heads, d_head = lw.W_O.shape[:2]
         pattern = run.pattern[layer, :, :n_pos, :n_pos]  # A[h, destination t, source s]
-        u = torch.einsum("ntd,hed->nhte", grad, lw.W_O)  # back through W_O^h
-        u = torch.einsum("hts,nhte->nhse", pattern, u)  # back through the pattern, t -> s
-        x = torch.einsum("nhse,hde->nsd", u, lw.W_V)  # back through W_V^h
-        x = x * lw.ln1_weight * run.ln_scale[layer, :n_pos, None]  # frozen LN1: g1 ⊙ sigma^-1[s]
-        return center(x)  # the LN1 mean-centering C
+        # Written as plain matrix products (the einsums would make the same copies, and more):
+        # back through W_O^h, as one [n t, d_model] x [d_model, h e] product.
+        u = grad.reshape(n * n_pos, d_model) @ lw.W_O.reshape(heads * d_head, d_model).T
+        # back through the pattern, t -> s, one product per head
+        u = u.view(n, n_pos, heads, d_head).permute(2, 1, 0, 3).reshape(heads, n_pos, n * d_head)
+        u = pattern.transpose(1, 2) @ u  # [h, s, n e]
+        u = u.view(heads, n_pos, n, d_head).permute(2, 1, 0, 3).reshape(n * n_pos, heads * d_head)
+        # back through W_V^h, with the frozen LN1's gain g1 and mean-centering C folded into W_V
+        # (C(g1 ⊙ sigma^-1[s] x) = sigma^-1[s] C(g1 ⊙ x), and C(g1 ⊙ .) is linear): two passes
+        # over the [n, pos, d_model] gradient fewer, a [d_model, d_model] matrix's more.
+        values = center(lw.W_V.permute(0, 2, 1).reshape(heads * d_head, d_model) * lw.ln1_weight)
+        return (u @ values).view(n, n_pos, d_model) * run.ln_scale[layer, :n_pos, None]
 
     def head_transpose(
         self, run: "ModelRun", layer: int, grad: Float[Tensor, "pos d_model"], source: int
