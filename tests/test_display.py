@@ -55,6 +55,8 @@ def test_table_p_columns_and_errors():
     assert "1.2e-09" in table(frame, p_columns=["q"]).to_html()
     with pytest.raises(ValueError, match=r"p_columns \['nope'\] are not columns"):
         table(frame, p_columns=["nope"])
+    with pytest.raises(ValueError, match=r"html_columns \['link'\] are not columns"):
+        table(frame, html_columns=["link"])
     with pytest.raises(TypeError, match="takes a pandas DataFrame or Series, got list"):
         table([1, 2])
     with pytest.raises(ValueError, match="digits must be >= 1"):

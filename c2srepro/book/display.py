@@ -150,10 +150,10 @@ def table(
     if not frame.columns.is_unique:
         raise ValueError(f"table() needs unique column names; repeated: {frame.columns[frame.columns.duplicated()].tolist()}")
     extra = set(p_columns or ())
-    unknown = sorted(map(str, (extra | set(html_columns)) - set(frame.columns)))
-    if unknown:
-        raise ValueError(f"p_columns / html_columns {unknown} are not columns of the table; "
-                         f"columns: {list(frame.columns)}")
+    for argument, named in (("p_columns", extra), ("html_columns", set(html_columns))):
+        unknown = sorted(map(str, named - set(frame.columns)))
+        if unknown:
+            raise ValueError(f"{argument} {unknown} are not columns of the table; columns: {list(frame.columns)}")
     formatters = {
         column: format_p if (column in extra or is_p_column(column)) else (lambda v: format_number(v, digits=digits))
         for column in frame.columns
