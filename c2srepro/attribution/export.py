@@ -232,26 +232,20 @@ def export_viewer_files(
     graph: Graph | str | os.PathLike,
     directory: str | os.PathLike,
     *,
-    slug: str,
-    scan: str = "c2srepro",
-    prune: bool = True,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
-    stats: Mapping[int, LayerFeatureStats] | None = None,
     examples: Mapping[tuple[int, int], Sequence[ExampleWindow]] | None = None,
-    tokenizer=None,
-    logit_probabilities: Mapping[int, float] | None = None,
-    feature_labels: Mapping[tuple[int, int], str] | None = None,
+    **viewer_options,
 ) -> Path:
     """Write ``<slug>.json``, update ``graph-metadata.json`` and write the feature files; returns the graph file.
 
     examples: :func:`c2srepro.features.example_activations` for (at least) every feature node
     the exported graph keeps (:func:`viewer_features` lists them); needs ``stats``. Without it
-    the graph opens and the feature panel stays empty. Other arguments: :func:`viewer_graph`.
+    the graph opens and the feature panel stays empty. ``viewer_options`` (``slug`` required, ``scan``,
+    ``prune``, thresholds, ``stats``, ``tokenizer``, ``logit_probabilities``, ``feature_labels``):
+    :func:`viewer_graph`'s keyword arguments.
     """
-    data = viewer_graph(graph, slug=slug, scan=scan, prune=prune, node_threshold=node_threshold,
-                        edge_threshold=edge_threshold, stats=stats, tokenizer=tokenizer,
-                        logit_probabilities=logit_probabilities, feature_labels=feature_labels)
+    data = viewer_graph(graph, **viewer_options)
+    stats = viewer_options.get("stats")
+    scan = viewer_options.get("scan", "c2srepro")
     directory = Path(directory)
     listing = _read_listing(directory / METADATA_FILENAME)
     features = _features_of(data)
@@ -267,6 +261,7 @@ def export_viewer_files(
             document = viewer_feature(layer=layer, feature=feature, windows=examples[(layer, feature)],
                                       stats=stats[layer], scan=scan)
             _write_json(directory / scan / f"{cantor_pairing(layer, feature)}.json", document)
+    slug = data["metadata"]["slug"]
     path = _write_json(directory / f"{slug}.json", data)
     listing["graphs"] = [g for g in listing["graphs"] if g.get("slug") != slug] + [data["metadata"]]
     _write_json(directory / METADATA_FILENAME, listing)

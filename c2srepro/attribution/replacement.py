@@ -131,13 +131,17 @@ class ReplacementModel:
         self,
         cell_or_prompt: CellOrPrompt,
         target: Target | Node | Sequence[Target | Node],
-        *,
-        target_weights: Sequence[float] | None = None,
-        max_feature_nodes: int | None = None,
-        batch_size: int = 64,
-        update_interval: int = 4,
+        **graph_options,
     ) -> Graph:
-        """The attribution graph of ``target`` on one cell or prompt (module docstring, step 3)."""
+        """The attribution graph of ``target`` on one cell or prompt (module docstring, step 3).
+
+        graph_options: ``target_weights``, ``max_feature_nodes``, ``batch_size``, ``update_interval``,
+        as :func:`c2srepro.attribution.full_graph.build_graph` takes them (the prompt's tokens, genes and
+        answers come from here).
+        """
+        given_here = sorted({"tokens", "genes", "prompt_length", "answers"} & set(graph_options))
+        if given_here:
+            raise TypeError(f"attribute() reads {given_here} from the cell or prompt; leave them out")
         targets = [target] if isinstance(target, (Target, Node)) else list(target)
         prompt, genes = self.prompt(cell_or_prompt)
         labels = list(dict.fromkeys(label for t in targets if isinstance(t, Target) for label in t.labels))
@@ -153,9 +157,8 @@ class ReplacementModel:
         genes = genes + [None] * (len(ids) - len(prompt))
         rep = build_replacement(self.hooked, self.transcoders, ids)
         graph = build_graph(
-            rep, targets, target_weights=target_weights, max_feature_nodes=max_feature_nodes, batch_size=batch_size,
-            update_interval=update_interval, tokens=self.tokenizer.tokens(ids), genes=genes,
-            prompt_length=len(prompt), answers=answers,
+            rep, targets, tokens=self.tokenizer.tokens(ids), genes=genes, prompt_length=len(prompt), answers=answers,
+            **graph_options,
         )
         graph.info["prompt_length"] = len(prompt)
         return graph
