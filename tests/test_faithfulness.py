@@ -13,7 +13,6 @@ from c2srepro.biology.faithfulness import (
     PREDICTORS,
     agreement,
     cell_faithfulness,
-    compare_targets,
     direct_logit_attribution,
     faithfulness_cells,
     faithfulness_numbers,
@@ -23,6 +22,7 @@ from c2srepro.biology.faithfulness import (
     median_by_type,
     predictor_summary,
     removal_estimate,
+    target_correlations,
     target_table,
 )
 from c2srepro.data.cells import CellSentence
@@ -242,10 +242,10 @@ def test_graph_target_names_each_target(tiny):
         graph_target("token", tiny, cell, label, LABELS)
 
 
-def test_compare_targets_and_the_per_target_table(tiny):
+def test_target_correlations_and_the_per_target_table(tiny):
     cell, label = CELLS[0], "CD14+ Monocyte"
     result = cell_faithfulness(tiny, cell, label, LABELS, k_max=2, k=5, depth=2)
-    rows = compare_targets(tiny, result, LABELS, ["first_token", "label"], max_feature_nodes=None)
+    rows = target_correlations(tiny, result, LABELS, ["first_token", "label"], max_feature_nodes=None)
     own = rows[(rows["target"] == "label_vs_candidates") & (rows["predictor"] == "linear")]
     assert list(own["observed"]) == ["label_vs_candidates"]
     assert own["rho_signed"].iloc[0] == pytest.approx(result.summary()["rho_signed_linear"])
@@ -261,7 +261,7 @@ def test_compare_targets_and_the_per_target_table(tiny):
     assert list(table["cells"]) == [3, 2]
     np.testing.assert_allclose(table["median_rho_signed"], [0.5, -0.1])
     np.testing.assert_allclose(table["median_rho_abs"], [0.3, 0.2])
-    with pytest.raises(ValueError, match="compare_targets"):
+    with pytest.raises(ValueError, match="target_correlations"):
         target_table(fake.drop(columns="rho_abs"))
 
 

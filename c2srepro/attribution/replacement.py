@@ -51,6 +51,10 @@ CellOrPrompt = CellSentence | Sequence[int] | torch.Tensor
 TARGET_KINDS = ("label_vs_candidates", "label", "first_token", "feature")
 
 
+class NoFeatureFires(ValueError):
+    """The feature target needs a last-layer feature firing on the final prompt token, and none does."""
+
+
 class ReplacementModel:
     """A C2S model with its transcoders and tokenizer (module docstring)."""
 
@@ -120,7 +124,7 @@ class ReplacementModel:
             rep = self.linearise(cell_or_prompt)
             top = rep.top_features(last_layer, rep.n_pos - 1, n=1)
             if not top:
-                raise ValueError(
+                raise NoFeatureFires(
                     f"no transcoder feature of layer {last_layer} fires on the final prompt token, so there is no "
                     "feature target: ask about the label instead (kind='label_vs_candidates')"
                 )

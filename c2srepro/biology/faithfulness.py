@@ -3,7 +3,7 @@ the faithfulness benchmark (:mod:`c2srepro.biology.benchmark`) per cell.
 
 For one correctly classified cell:
 
-1. The target (:func:`graph_target`), one of :data:`TARGETS`: ``label`` (the predicted label's
+1. The target (:meth:`~c2srepro.attribution.ReplacementModel.answer_target`), one of :data:`TARGETS`: ``label`` (the predicted label's
    log-probability, :class:`~c2srepro.attribution.LabelTarget` without candidates),
    ``label_vs_candidates`` (its log-probability among the candidate labels, read through their
    prefix tree: which type, not which first token), ``first_token`` (the demeaned logit of the
@@ -28,7 +28,7 @@ For one correctly classified cell:
 5. The benchmark of :func:`c2srepro.biology.benchmark.benchmark_cell` on the same readout:
    deletion and insertion curves, NAOPC, precision@k, sign agreement and the rank-shift controls;
    the single removals of step 3 are its first model call, so they are computed once.
-6. :func:`compare_targets` builds the graph of other targets on the same cell and correlates their
+6. :func:`target_correlations` builds the graph of other targets on the same cell and correlates their
    predictors with their own readout and with the label among the candidates, so the chapter shows
    the targets side by side (:func:`target_table`).
 """
@@ -47,7 +47,7 @@ from tqdm import tqdm
 from c2srepro.attribution.contributions import node_reading
 from c2srepro.attribution.full_graph import Graph
 from c2srepro.attribution.linearised import LinearisedReplacement
-from c2srepro.attribution.replacement import ReplacementModel
+from c2srepro.attribution.replacement import TARGET_KINDS, NoFeatureFires, ReplacementModel
 from c2srepro.attribution.targets import FeatureTarget, LabelTarget, LogitTarget, Target
 from c2srepro.biology.benchmark import (
     CellBenchmark,
@@ -64,13 +64,13 @@ from c2srepro.data.cells import CellSentence
 
 __all__ = [
     "PREDICTORS", "READOUTS", "SIGNED_PREDICTORS", "TARGETS", "TARGET_READOUT", "CellFaithfulness", "NoFeatureFires",
-    "agreement", "cell_expression", "cell_faithfulness", "cohort_faithfulness", "compare_targets",
+    "agreement", "cell_expression", "cell_faithfulness", "cohort_faithfulness", "target_correlations",
     "direct_logit_attribution", "faithfulness_cells", "faithfulness_numbers", "faithfulness_table", "graph_target",
     "json_ready", "median_by_type",
     "predictor_summary", "readouts", "removal_estimate", "target_table", "total_effects",
 ]
 
-TARGETS = ("label", "label_vs_candidates", "first_token", "feature")
+TARGETS = TARGET_KINDS
 READOUTS = ("label_vs_candidates", "label", "first_token")
 TARGET_READOUT = {"label": "label", "label_vs_candidates": "label_vs_candidates", "first_token": "first_token",
                   "feature": "label_vs_candidates"}
@@ -78,10 +78,6 @@ PREDICTORS = ("influence", "linear", "gradient_x_input", "dla", "circuit", "rank
 SIGNED_PREDICTORS = ("linear", "gradient_x_input", "dla")
 GRAPH_PREDICTORS = ("influence", "linear")
 TOP_N = 10
-
-
-class NoFeatureFires(ValueError):
-    """The feature target needs a last-layer feature firing on the final prompt token, and none does."""
 
 
 def _check_target(name: str) -> None:
@@ -95,19 +91,7 @@ def graph_target(name: str, replacement: ReplacementModel, cell: CellSentence, l
     _check_target(name)
     if label not in candidates:
         raise ValueError(f"predicted_label {label!r} is not among the candidates {list(candidates)}")
-    if name == "label":
-        return LabelTarget(label)
-    if name == "label_vs_candidates":
-        return LabelTarget(label, candidates=tuple(candidates))
-    if name == "first_token":
-        return LogitTarget(replacement.answer_ids(label)[0])
-    rep = replacement.linearise(cell)
-    last = rep.n_layers - 1
-    top = rep.top_features(last, rep.n_pos - 1, 1)
-    if not top:
-        raise NoFeatureFires(f"no layer-{last} transcoder feature fires on the final prompt token of cell "
-                             f"{cell.cell_id!r}: the feature target needs one; use target='first_token' or a label target")
-    return FeatureTarget(last, rep.n_pos - 1, top[0][0])
+    return replacement.answer_target(name, cell, label, candidates=candidates)
 
 
 def readouts(replacement: ReplacementModel, label: str, candidates: Sequence[str]) -> dict[str, Readout]:
@@ -255,7 +239,7 @@ def cell_faithfulness(
     )
 
 
-def compare_targets(
+def target_correlations(
     replacement: ReplacementModel,
     result: CellFaithfulness,
     candidates: Sequence[str],
@@ -301,10 +285,10 @@ def compare_targets(
 
 def target_table(comparison: pd.DataFrame) -> pd.DataFrame:
     """Median signed and unsigned rho per (target, observed readout, predictor), with the cells counted
-    (``compare_targets``' rows of every cell, concatenated)."""
+    (``target_correlations``' rows of every cell, concatenated)."""
     missing = {"target", "observed", "predictor", "rho_signed", "rho_abs", "cell"} - set(comparison.columns)
     if missing:
-        raise ValueError(f"the comparison lacks columns {sorted(missing)}: pass compare_targets(...)'s rows")
+        raise ValueError(f"the comparison lacks columns {sorted(missing)}: pass target_correlations(...)'s rows")
     grouped = comparison.groupby(["target", "observed", "predictor"], sort=False)
     table = grouped[["rho_signed", "rho_abs"]].median()
     table.insert(0, "cells", grouped["rho_abs"].count())
