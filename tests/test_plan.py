@@ -83,7 +83,9 @@ def _paper_params(**changes) -> dict:
         "02-transcoders": {"expansion_factor": 8, "training_tokens": 60_000_000},
         "03-validation": {"max_accuracy_cells": None},
         "06-circuit": {"n_rate_cells": 20, "n_random_ablations": 20, "max_feature_nodes": 512},
-        "08-faithfulness": {"max_genes": None, "n_cells": 50, "max_umap_cells": None, "max_feature_nodes": 200},
+        "08-faithfulness": {"max_genes": None, "n_cells": 50, "max_umap_cells": None, "max_feature_nodes": 200,
+                            "target": "label_vs_candidates", "compare_targets": ["first_token", "label", "feature"],
+                            "k_max": 10},
     }
     for key, value in changes.items():
         chapter, name = key.split("__")
@@ -101,13 +103,21 @@ def test_chapter_work_at_the_papers_sizes():
     assert work["05-enrichment"] == {"enrich_list": 2 * 3 * 24 * 8192}
     # four questions of the traced cell (TARGET_KINDS), then one graph per rate cell
     assert work["06-circuit"] == {"forward": heldout + 40, "replacement": 24, "graph": 24, "graph_batch": 24 * 8}
-    assert work["08-faithfulness"] == {"forward": 2 * heldout + 50 * 64, "replacement": 50, "graph": 50,
-                                       "graph_batch": 50 * math.ceil(200 / GRAPH_BATCH)}
+    # per cell: 4 targets' graphs; the sentence, 64 removals, 10 orderings' deletion and insertion
+    # curves to k = 10, two rank-shift controls; and a gradient x input (3 forwards) per graph
+    per_cell = 1 + 64 + 10 * 2 * 10 + 2 * 10 + 3 * 4
+    assert work["08-faithfulness"] == {"forward": 2 * heldout + 50 * per_cell, "replacement": 50 * 4, "graph": 50 * 4,
+                                       "graph_batch": 50 * 4 * math.ceil(200 / GRAPH_BATCH)}
     capped = {w.chapter: w.counts for w in chapter_work(
         _paper_params(**{"03_validation__max_accuracy_cells": 100, "08_faithfulness__max_genes": 10}),
         PYTHIA_410M, cells=704_296)}
     assert capped["03-validation"]["forward"] == 2 * heldout + 200
-    assert capped["08-faithfulness"]["forward"] == 2 * heldout + 500
+    assert capped["08-faithfulness"]["forward"] == 2 * heldout + 50 * (1 + 10 + 10 * 2 * 10 + 2 * 10 + 3 * 4)
+    one_target = {w.chapter: w.counts for w in chapter_work(
+        _paper_params(**{"08_faithfulness__compare_targets": ["label_vs_candidates"], "08_faithfulness__k_max": 3}),
+        PYTHIA_410M, cells=704_296)}
+    assert one_target["08-faithfulness"]["graph"] == 50
+    assert one_target["08-faithfulness"]["forward"] == 2 * heldout + 50 * (1 + 64 + 10 * 2 * 3 + 2 * 3 + 3)
 
 
 def _measurements(**seconds) -> Measurements:

@@ -42,6 +42,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from c2srepro.attribution.replacement import TARGET_KINDS
+from c2srepro.biology.faithfulness import PREDICTORS
 from c2srepro.book.runner import declared_parameters, load_profile, project_root, resolve_parameters
 
 MEASUREMENTS = Path("bench/throughput")
@@ -225,6 +226,12 @@ def chapter_work(params: Mapping[str, Mapping[str, Any]], shape: ModelShape, cel
     graphs06 = len(TARGET_KINDS) + int(p06["n_rate_cells"])  # the traced cell asked each question, then the rate cells
     removals = int(p08["max_genes"] or p01["top_k"])
     n08 = int(p08["n_cells"])
+    graphs08 = len(dict.fromkeys([p08["target"], *p08["compare_targets"]]))
+    k_max = min(int(p08["k_max"]), removals)
+    # per cell: the sentence, its single removals, each ordering's deletion and insertion curves (the
+    # predictors, the oracle and the anti-oracle), the two rank-shift controls; and per graph one
+    # gradient x input (a forward and a backward pass, about 3 forwards)
+    sentences08 = 1 + removals + (len(PREDICTORS) + 2) * 2 * k_max + 2 * k_max
     umap = capped(p08["max_umap_cells"])
     lists = BACKGROUNDS * (1 + NULLS_PER_FEATURE) * shape.n_layers * d_tc
     return [
@@ -241,10 +248,11 @@ def chapter_work(params: Mapping[str, Mapping[str, Any]], shape: ModelShape, cel
                             "graph": graphs06,
                             "graph_batch": graphs06 * math.ceil(int(p06["max_feature_nodes"] or d_tc) / GRAPH_BATCH)},
              f"predict {heldout:,} cells; {graphs06} graphs of {p06['max_feature_nodes']} feature rows"),
-        Work("08-faithfulness", {"forward": heldout + umap + n08 * removals, "replacement": n08, "graph": n08,
-                                 "graph_batch": n08 * math.ceil(int(p08["max_feature_nodes"]) / GRAPH_BATCH)},
-             f"predict {heldout:,} cells; {n08} cells x ({p08['max_feature_nodes']}-row graph + {removals} gene "
-             f"removals); UMAP of {umap:,} cells"),
+        Work("08-faithfulness", {"forward": heldout + umap + n08 * (sentences08 + 3 * graphs08),
+                                 "replacement": n08 * graphs08, "graph": n08 * graphs08,
+                                 "graph_batch": n08 * graphs08 * math.ceil(int(p08["max_feature_nodes"]) / GRAPH_BATCH)},
+             f"predict {heldout:,} cells; {n08} cells x ({graphs08} graphs of {p08['max_feature_nodes']} rows + "
+             f"{sentences08} sentences); UMAP of {umap:,} cells"),
     ]
 
 
