@@ -243,7 +243,7 @@ def test_a_graphs_features_link_to_the_cards_the_atlas_holds():
     from _tiny_neox import GENES, TOKENS, sentence_replacement
 
     from c2srepro.attribution import LogitTarget, build_graph
-    from c2srepro.book.atlas import graph_features
+    from c2srepro.book.atlas import card_links, graph_features
     from c2srepro.book.display import table
 
     rep = sentence_replacement()
@@ -263,6 +263,8 @@ def test_a_graphs_features_link_to_the_cards_the_atlas_holds():
     assert row["card"] == (f'<a href="A2-feature-atlas.html#{feature_anchor(*pairs[0])}">'
                            f"L{pairs[0][0]}/F{pairs[0][1]}</a>")
     assert row["top genes"] == "VWF, PTPRB"
+    assert card_links(pruned, live) == {pairs[0]: f"A2-feature-atlas.html#{feature_anchor(*pairs[0])}"}
+    assert card_links(pruned, {}) == {}
     assert not any(c.startswith("<a ") for c in frame.set_index(["layer", "feature"]).drop(index=pairs[0])["card"])
     html_table = table(frame, html_columns=["card"]).to_html()
     assert row["card"] in html_table  # the link stays a link

@@ -10,7 +10,7 @@ import pytest
 
 from _toy_book import write_project
 from c2srepro.book import runner as book
-from c2srepro.book.browser import check_book, find_chromium
+from c2srepro.book.browser import check_book, find_chromium, open_page
 
 FIGURE_CELL = """\
 #| label: fig-toy
@@ -30,7 +30,10 @@ INTERACTIVE_CELL = """\
 from c2srepro.attribution import Graph
 from c2srepro.attribution.plots import graph_figure
 from c2srepro.book.display import interactive
-interactive(graph_figure(Graph.load("toy-graph.safetensors"), node_threshold=1.0, edge_threshold=1.0))"""
+graph = Graph.load("toy-graph.safetensors")
+features = graph.nodes[graph.nodes["kind"] == "feature"]
+cards = {(int(layer), int(feature)): "figures.html" for layer, feature in zip(features["layer"], features["feature"])}
+interactive(graph_figure(graph, node_threshold=1.0, edge_threshold=1.0, links=cards))"""
 # A chapter that runs to the end (papermill stops on a raised error) yet shows a traceback on stderr.
 STDERR_TRACEBACK_CELL = """\
 import traceback
@@ -195,6 +198,29 @@ def test_a_figure_drawn_outside_its_figure_is_found(rendered, tmp_path):
     if renderer == "quarto":
         assert "book/chapters/figures.html: figure 'Figure 2.1: A toy figure with a caption.': " \
                "its content (img) lies outside the figure" in problems, problems
+
+
+def test_a_graph_node_opens_its_link_and_a_broken_one_is_found(toy_html, tmp_path):
+    html = tmp_path / "html"
+    shutil.copytree(toy_html, html)
+    page = html / "book" / "chapters" / "interactive.html"
+    # A click on a node carrying a URL goes there (plotly's click event, as a reader's click fires it).
+    click = """async () => {
+      const gd = document.querySelector(".js-plotly-plot");
+      const column = gd.layout.meta.click_opens;
+      const row = gd.data.flatMap(t => t.customdata || []).find(c => c[column]);
+      const point = {customdata: row.map((value, i) => i === column ? "#clicked-node" : value)};
+      gd.emit("plotly_click", {points: [point], event: {}});
+      await new Promise(resolve => setTimeout(resolve, 200));
+      return [row[column], location.hash];
+    }"""
+    opened = open_page(html, "book/chapters/interactive.html", selector=".js-plotly-plot", evaluate=click)
+    assert opened.count == 1 and opened.value == ["figures.html", "#clicked-node"], opened
+    text = page.read_text()
+    assert text.count('"figures.html"') > 0, "no node links to a card: the check below would be vacuous"
+    page.write_text(text.replace('"figures.html"', '"figures.html#no-such-card"'))
+    problems = "\n".join(check_book(html))
+    assert "book/chapters/interactive.html: link to figures.html#no-such-card, which has no such anchor" in problems
 
 
 def test_text_layout_and_anchor_problems_are_found(toy_html, tmp_path):

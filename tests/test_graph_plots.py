@@ -8,7 +8,7 @@ import pytest
 from _tiny_neox import GENES, TOKENS, sentence_replacement
 
 from c2srepro.attribution import build_graph, gene_view
-from c2srepro.attribution.plots import graph_figure, path_edges
+from c2srepro.attribution.plots import CLICK_COLUMN, graph_figure, path_edges
 from c2srepro.biology.casestudy import influential_genes
 from c2srepro.book.display import interactive
 
@@ -40,8 +40,8 @@ def test_figure_draws_the_pruned_gene_view_with_full_graph_influence(graph):
     target = graph.node(graph.targets[0]).id
     assert drawn[target][1].endswith("(target)")
     for node, row in drawn.items():
-        # hover: id, kind, layer, position, token, gene, activation, top genes, influence
-        assert len(row) == 9
+        # hover: id, kind, layer, position, token, gene, activation, top genes, influence, link hint, link
+        assert len(row) == CLICK_COLUMN + 1
         assert float(row[8]) == pytest.approx(influence[node], rel=1e-3, abs=1e-6)
     # A gene's influence is its tokens' summed influence in the token-level graph.
     tokens = graph.node_influence()
@@ -64,6 +64,21 @@ def test_top_genes_show_on_feature_nodes(graph):
     assert drawn[feature.id][7] == "CD14, LYZ"
     others = [row[7] for node, row in drawn.items() if row[1].startswith("transcoder") and node != feature.id]
     assert others and set(others) == {"unknown"}
+
+
+def test_links_make_feature_nodes_open_their_card(graph):
+    feature = next(graph.node(i) for i in graph.indices("feature").tolist())
+    fig = graph_figure(graph, node_threshold=1.0, edge_threshold=1.0,
+                       links={(feature.layer, feature.index): "A2-feature-atlas.html#card"})
+    drawn = _nodes(fig)
+    assert fig.layout.meta == {"click_opens": CLICK_COLUMN}
+    assert drawn[feature.id][CLICK_COLUMN] == "A2-feature-atlas.html#card"
+    assert drawn[feature.id][9] == "<br>click: open its card"
+    assert all(row[CLICK_COLUMN] == "" and row[9] == "" for node, row in drawn.items() if node != feature.id)
+    page = interactive(fig).figure_html()
+    assert "plotly_click" in page and f"customdata[{CLICK_COLUMN}]" in page
+    plain = graph_figure(graph, node_threshold=1.0, edge_threshold=1.0)
+    assert plain.layout.meta is None and "plotly_click" not in interactive(plain).figure_html()
 
 
 def test_the_menu_highlights_one_nodes_paths(graph):

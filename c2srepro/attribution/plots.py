@@ -19,6 +19,10 @@ static drawing for print (the paper's Figure 5) of a small graph, such as a gree
    0.1, 0.1-0.3, above 0.3), since a plotly trace has one line width; blue positive, red negative.
    Nodes are one trace per kind; hovering one shows its id, kind, layer, position, token, gene,
    activation (or logit), its feature's top genes where ``top_genes`` names them, and its influence.
+   With ``links`` ((layer, feature) -> URL, e.g. the feature's card in the book's feature atlas), a
+   feature node's hover says so and a click on it opens the URL: the URL is the node's last
+   ``customdata`` entry and ``layout.meta["click_opens"]`` names that entry, which
+   :func:`c2srepro.book.display.interactive` turns into plotly's click event.
 5. Paths: for the ``n_highlight`` most influential nodes, the edges of every path through the node
    (from its ancestors into it, and from it on to the targets) form one hidden trace; a dropdown
    (plotly's own ``updatemenus``, no hand-written JavaScript) shows one of them and dims the rest.
@@ -38,9 +42,8 @@ of tokens stays legible at page width; the tick labels keep each column's positi
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 
 import networkx as nx
 import numpy as np
@@ -57,7 +60,8 @@ KIND_NAMES = {**KIND_LABELS, "gene": "gene (its tokens merged)", "embedding": "t
 WIDTH_CLASSES = ((0.0, 0.8), (0.1, 2.0), (0.3, 4.0))  # (lower bound of |w| / max |w|, line width)
 _HOVER = ("%{customdata[0]}<br>%{customdata[1]}<br>layer %{customdata[2]}, position %{customdata[3]}"
           "<br>token %{customdata[4]}<br>gene %{customdata[5]}<br>%{customdata[6]}"
-          "<br>top genes: %{customdata[7]}<br>influence %{customdata[8]}<extra></extra>")
+          "<br>top genes: %{customdata[7]}<br>influence %{customdata[8]}%{customdata[9]}<extra></extra>")
+CLICK_COLUMN = 10  # the customdata entry holding a node's URL (module docstring, step 4)
 
 
 def _plotly():
@@ -126,12 +130,14 @@ def graph_figure(
     n_highlight: int = 25,
     height: int = 640,
     title: str | None = None,
+    links: Mapping[tuple[int, int], str] | None = None,
 ):
     """The pruned gene-level graph of ``graph`` as a ``plotly.graph_objects.Figure`` (module docstring).
 
     node_threshold / edge_threshold: influence pruning's (circuit-tracer's defaults);
     top_genes: (layer, feature) -> the feature's top genes (a string or a list), shown on hover;
-    n_highlight: how many of the most influential nodes get a "highlight its paths" entry.
+    n_highlight: how many of the most influential nodes get a "highlight its paths" entry;
+    links: (layer, feature) -> the URL a click on the feature's node opens (module docstring, step 4).
     """
     go = _plotly()
     if n_highlight < 0:
@@ -168,6 +174,7 @@ def graph_figure(
             ("logit" if d["kind"] == "logit" else "activation")
             + (f" {d['activation']:.4g}" if d["activation"] is not None else " -"),
             _top(top_genes, d), f"{d['influence']:.4g}",
+            *_link(links or {}, d),
         ] for n, d in zip(ids, data)]
         fig.add_trace(go.Scatter(
             x=[xy[n][0] for n in ids], y=[xy[n][1] for n in ids], mode="markers", name=KIND_NAMES[kind],
@@ -211,10 +218,16 @@ def graph_figure(
                "showgrid": False, "zeroline": False},
         yaxis={"tickvals": list(range(-1, n_layers + 1)), "ticktext": ["emb", *map(str, range(n_layers)), "logit"],
                "title": "layer", "range": [-1.7, n_layers + 0.7], "zeroline": False},
+        meta={"click_opens": CLICK_COLUMN} if links else None,
         updatemenus=[{"buttons": buttons, "direction": "down", "showactive": True, "x": 0.0, "xanchor": "left",
                       "y": 1.02, "yanchor": "bottom"}] if ranked else [],
     )
     return fig
+
+
+def _link(links: Mapping, data: dict) -> tuple[str, str]:
+    url = links.get((data["layer"], data["feature"]), "") if data["kind"] == "feature" else ""
+    return ("<br>click: open its card" if url else ""), url
 
 
 def _top(top_genes: Mapping, data: dict) -> str:

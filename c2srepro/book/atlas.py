@@ -101,6 +101,15 @@ def live_features(results_dir: str | os.PathLike) -> dict[int, set[int]]:
     return {layer: set(stats.live_features(threshold).tolist()) for layer, stats in feature_stats(results_dir).items()}
 
 
+def card_links(pruned, live: Mapping[int, set[int]], *, page: str = ATLAS_PAGE) -> dict[tuple[int, int], str]:
+    """(layer, feature) -> the URL of its card on the atlas page, for each transcoder feature of the
+    pruned graph that the atlas holds (``live``, :func:`live_features`): the links of chapter 6's
+    interactive graph (``graph_figure(links=...)``) and of its feature table."""
+    features = pruned.nodes[pruned.nodes["kind"] == "feature"]
+    return {(int(layer), int(feature)): f"{page}#{feature_anchor(int(layer), int(feature))}"
+            for layer, feature in zip(features["layer"], features["feature"]) if int(feature) in live.get(int(layer), ())}
+
+
 def graph_features(graph, pruned, live: Mapping[int, set[int]], *,
                    top_genes: Mapping[tuple[int, int], str] | None = None, page: str = ATLAS_PAGE) -> pd.DataFrame:
     """The pruned graph's transcoder features (targets excluded), one row per (layer, feature), most
@@ -115,12 +124,10 @@ def graph_features(graph, pruned, live: Mapping[int, set[int]], *,
     frame = (frame.groupby(["layer", "feature"], as_index=False)
              .agg(positions=("position", lambda p: ", ".join(map(str, sorted(p)))), influence=("influence", "sum"))
              .sort_values("influence", ascending=False, kind="stable").reset_index(drop=True))
-    cards = []
-    for layer, feature in zip(frame["layer"], frame["feature"]):
-        key = html.escape(f"L{layer}/F{feature}")
-        cards.append(f'<a href="{page}#{feature_anchor(layer, feature)}">{key}</a>'
-                     if feature in live.get(layer, ()) else key)
-    frame.insert(0, "card", cards)
+    links = card_links(pruned, live, page=page)
+    keys = [(int(layer), int(feature)) for layer, feature in zip(frame["layer"], frame["feature"])]
+    frame.insert(0, "card", [f'<a href="{links[key]}">{html.escape(f"L{key[0]}/F{key[1]}")}</a>' if key in links
+                             else html.escape(f"L{key[0]}/F{key[1]}") for key in keys])
     frame["top genes"] = [(top_genes or {}).get((l_, f_), "") for l_, f_ in zip(frame["layer"], frame["feature"])]
     return frame
 

@@ -25,7 +25,9 @@ problems, empty when the book is sound:
 6. Layout, at a 1280 x 900 viewport: every page has the book's sidebar; no page is wider than the
    viewport (content cut off or scrolled sideways); no image is wider than its column.
 7. Contents: every local link target (in the navigation and the text) must exist, and a link to
-   ``page.html#anchor`` must find that anchor on the page (cross-references); every content page
+   ``page.html#anchor`` must find that anchor on the page (cross-references), and so must the URL
+   an interactive figure's point opens when clicked (``layout.meta["click_opens"]``,
+   :mod:`c2srepro.book.display`: a graph node's link to its feature card); every content page
    must be listed in the navigation of ``index.html`` (Sphinx's ``genindex``/``search`` pages
    excepted). With ``chapters`` (the book's chapter list, e.g.
    :func:`c2srepro.book.runner.book_pages`), each chapter must have its page.
@@ -178,6 +180,13 @@ _READER_TEXT_JS = """
   return body.textContent;
 }
 """
+# The URLs a click on an interactive figure's points opens (c2srepro.book.display), made absolute.
+_CLICK_LINKS_JS = """els => els.flatMap(gd => {
+  const column = gd.layout && gd.layout.meta ? gd.layout.meta.click_opens : undefined;
+  if (column === undefined || column === null) return [];
+  return gd.data.flatMap(t => (t.customdata || []).map(c => c[column]).filter(u => u))
+                .map(u => new URL(u, location.href).href);
+})"""
 _LAYOUT_JS = """
 (sidebarSelector) => ({
   scrollWidth: document.documentElement.scrollWidth,
@@ -416,7 +425,8 @@ def check_book(html_dir: str | os.PathLike, *, screenshot: str | os.PathLike | N
                     problems.append(f"{name}: is wider than the viewport ({layout['scrollWidth']} px > "
                                     f"{layout['viewport']} px): content is cut off")
                 anchors[page_path.resolve()] = set(layout["ids"])
-                for href in page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)"):
+                hrefs = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
+                for href in hrefs + page.eval_on_selector_all(".js-plotly-plot", _CLICK_LINKS_JS):
                     target = local(href)
                     if target is not None:
                         fragment = unquote(urlsplit(href).fragment)

@@ -25,7 +25,9 @@ Quarto moves an HTML output that carries plotly.js (it recognises the library's 
 into the page's ``<head>``, whole: with the figure in the same output, the figure would leave its
 cell's ``<figure>`` and land at the top of the page, its caption empty. Split, the library goes to
 the head once per page and the figure stays in its figure. The element id is derived from the
-figure's content.
+figure's content. A figure whose ``layout.meta["click_opens"]`` names a ``customdata`` entry (as
+:func:`c2srepro.attribution.plots.graph_figure` does for ``links``) opens that entry's URL when a
+point carrying one is clicked, through plotly's ``plotly_click`` event in the figure's script.
 """
 
 from __future__ import annotations
@@ -95,6 +97,13 @@ def badge(text: str, *, background: str | None = None, font_size: str | None = N
     return f'<span style="{style}">{text}</span>' if style else text
 
 
+# plotly's to_html puts the figure's element id in for {plot_id}.
+_CLICK_OPENS = """document.getElementById('{plot_id}').on('plotly_click', function (event) {
+  var url = event.points.length && event.points[0].customdata && event.points[0].customdata[COLUMN];
+  if (url) { window.location.href = url; }
+});"""
+
+
 class Interactive:
     """A plotly figure for the book (module docstring): displayed as plotly.js, then the figure."""
 
@@ -110,7 +119,10 @@ class Interactive:
         return f'<script type="text/javascript">{get_plotlyjs()}</script>'
 
     def figure_html(self) -> str:
-        return self.figure.to_html(full_html=False, include_plotlyjs=False, div_id=self.div_id,
+        meta = self.figure.layout.meta
+        column = meta.get("click_opens") if isinstance(meta, dict) else None
+        opens = None if column is None else _CLICK_OPENS.replace("COLUMN", str(int(column)))
+        return self.figure.to_html(full_html=False, include_plotlyjs=False, div_id=self.div_id, post_script=opens,
                                    config={"responsive": True, "displaylogo": False})
 
     def _ipython_display_(self) -> None:
