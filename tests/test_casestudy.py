@@ -467,6 +467,18 @@ def test_the_summary_round_trips_through_json_and_names_a_missing_field(tmp_path
         CircuitSummary.from_dict(renamed)
 
 
+def test_a_question_without_answer_writes_null(tmp_path, traced_summary):
+    pieces, _ = traced_summary
+    unanswered = {"target kind": "feature", "target": None, "value": None, "note": "no feature fires"}
+    targets = pd.concat([pieces["targets"], pd.DataFrame([unanswered])], ignore_index=True)
+    summary = summarise_circuit(**{**pieces, "targets": targets})
+    row = summary.targets[-1]
+    assert row["value"] is None and row["note"] == "no feature fires"
+    assert summary.targets[0]["value"] == pytest.approx(pieces["targets"]["value"].iloc[0])
+    path = write_json_atomic(tmp_path / "circuit_summary.json", summary.to_dict())  # refuses NaN
+    assert json.loads(path.read_text())["targets"][-1]["value"] is None
+
+
 def test_summary_edge_cases(traced_summary):
     pieces, summary = traced_summary
     bare = summarise_circuit(**{**pieces, "enrichment": None, "control": None, "ablation": None, "intervention": None})

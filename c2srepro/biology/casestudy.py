@@ -742,7 +742,8 @@ def summarise_circuit(
         intervention=intervention.summary() if intervention is not None else None,
         own_type_rate=rate,
         own_type_rate_cells=len(rate_rows),
-        targets=targets.to_dict("records"),
+        # a question with no answer on the cell (its row says why) holds null, not NaN, in the JSON
+        targets=targets.astype(object).where(targets.notna(), None).to_dict("records"),
     )
 
 
