@@ -51,6 +51,7 @@ from c2srepro.features.collect import ExampleWindow
 from c2srepro.features.stats import LayerFeatureStats, feature_key
 
 METADATA_FILENAME = "graph-metadata.json"
+SCAN = "c2srepro"  # the folder of feature files a graph names (metadata.scan), by default
 VIEWER_SCHEMA_VERSION = 1  # the graph schema version circuit-tracer's viewer reads (Metadata.schema_version)
 FEATURE_TYPES = {
     "feature": "cross layer transcoder",  # the viewer's name for any transcoder feature
@@ -97,7 +98,7 @@ def viewer_graph(
     graph: Graph | str | os.PathLike,
     *,
     slug: str,
-    scan: str = "c2srepro",
+    scan: str = SCAN,
     prune: bool = True,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
@@ -208,7 +209,7 @@ def _viewer_node(row, n_layers: int, influence: float, tokens: Sequence[str], de
 
 
 def viewer_feature(
-    *, layer: int, feature: int, windows: Sequence[ExampleWindow], stats: LayerFeatureStats, scan: str = "c2srepro"
+    *, layer: int, feature: int, windows: Sequence[ExampleWindow], stats: LayerFeatureStats, scan: str = SCAN
 ) -> dict:
     """One feature file, circuit-tracer's ``feature_models.Model`` (module docstring, step 5)."""
     row = stats.features.iloc[stats.check_feature(feature)]
@@ -245,7 +246,7 @@ def export_viewer_files(
     """
     data = viewer_graph(graph, **viewer_options)
     stats = viewer_options.get("stats")
-    scan = viewer_options.get("scan", "c2srepro")
+    scan = viewer_options.get("scan", SCAN)
     directory = Path(directory)
     listing = _read_listing(directory / METADATA_FILENAME)
     features = _features_of(data)

@@ -77,6 +77,7 @@ TARGET_READOUT = {"label": "label", "label_vs_candidates": "label_vs_candidates"
 PREDICTORS = ("influence", "linear", "gradient_x_input", "dla", "circuit", "rank", "expression", "random")
 SIGNED_PREDICTORS = ("linear", "gradient_x_input", "dla")
 GRAPH_PREDICTORS = ("influence", "linear")
+COMPARED_PREDICTORS = ("influence", "linear", "gradient_x_input", "dla")  # those every target has (step 6)
 TOP_N = 10
 
 
@@ -268,10 +269,10 @@ def target_correlations(
             else:
                 predictors, _ = target_predictors(replacement, cell, graph_of, reads[TARGET_READOUT[name]],
                                                   max_feature_nodes=max_feature_nodes, seed=seed)
-                genes = predictors[["influence", "linear", "gradient_x_input", "dla"]].join(
+                genes = predictors[list(COMPARED_PREDICTORS)].join(
                     result.genes.set_index("gene")[[f"observed_{r}" for r in READOUTS]], how="inner")
         for observed in dict.fromkeys([TARGET_READOUT[name], "label_vs_candidates"]):
-            for predictor in ("influence", "linear", "gradient_x_input", "dla"):
+            for predictor in COMPARED_PREDICTORS:
                 row = {"cell": cell.cell_id, "type": cell.label, "target": name, "predictor": predictor,
                        "observed": observed, "skipped": skipped}
                 if skipped:
