@@ -216,3 +216,11 @@ def test_c2srepro_moves_tensors_to_the_host_only_where_it_returns_a_result():
     changed = {k: (found.get(k, 0), n) for k, (n, _) in HOST_MOVES.items() if found.get(k, 0) != n}
     assert not changed, f"(found, listed) host moves differ from HOST_MOVES; update the list with the reason: {changed}"
     assert all(reason.strip() for _, reason in HOST_MOVES.values())
+
+
+def test_quarto_is_not_started_when_the_device_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(book.shutil, "which", lambda name: "/usr/bin/quarto")
+    monkeypatch.setattr(book.subprocess, "run", lambda *a, **k: pytest.fail("quarto was started"))
+    with pytest.raises(ValueError, match="--set device=cuda sets device='cuda'"):
+        book.render(ROOT, "smoke", renderer="quarto", overrides=["device=cuda"])

@@ -344,6 +344,19 @@ def resolve_parameters(declared: Iterable[str], name: str, layers: list[dict[str
     return params
 
 
+def checked_parameters(
+    root: Path, profile: str, overrides: Iterable[str] = ()
+) -> tuple[list[str], list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The chapters, the profile's and ``--set``'s parameter layers and each chapter's declared
+    parameters, every override checked (``check_overrides``, ``check_devices``) before any work."""
+    chapters = chapter_files(root)
+    layers = [load_profile(root, profile), parse_overrides(overrides, chapters)]
+    declared = declared_parameters(root, chapters)
+    check_overrides(layers, declared)
+    check_devices(layers, declared, sources=[f"profile {profile!r} ({PROFILE_DIR / profile}.yml)", "--set"])
+    return chapters, layers, declared
+
+
 def execute_chapters(
     root: Path, profile: str, *, overrides: Iterable[str] = (), only: list[str] | None = None,
     terminal: Terminal | None = None,
@@ -355,11 +368,7 @@ def execute_chapters(
     from c2srepro._cache import sha256_file, short_hash, write_json_atomic
 
     terminal = terminal or Terminal()
-    chapters = chapter_files(root)
-    layers = [load_profile(root, profile), parse_overrides(overrides, chapters)]
-    declared_by_chapter = declared_parameters(root, chapters)
-    check_overrides(layers, declared_by_chapter)
-    check_devices(layers, declared_by_chapter, sources=[f"profile {profile!r} ({PROFILE_DIR / profile}.yml)", "--set"])
+    chapters, layers, declared_by_chapter = checked_parameters(root, profile, overrides)
     results = root / "results" / profile
     out_root = results / "book"
     notebooks = [c for c in chapters if c.endswith(".ipynb")]
@@ -746,6 +755,7 @@ def render(root: Path, profile: str, *, renderer: str = "auto", overrides: Itera
         if not quarto:
             raise FileNotFoundError("quarto is not on PATH: install Quarto (https://quarto.org/docs/get-started/) "
                                     "or use --renderer jupyter-book")
+        checked_parameters(root, profile, overrides)  # refused here, once, before Quarto starts
         env = {**os.environ, SET_ENV: json.dumps(list(overrides)), CHAPTERS_ENV: json.dumps(only)}
         env.setdefault("QUARTO_PYTHON", sys.executable)
         subprocess.run([quarto, "render", "--profile", profile], cwd=root, env=env, check=True)
