@@ -141,23 +141,23 @@ HOST_MOVES = {
     "attribution/intervene.py:SplicedModel.run": (2, "the clean and edited log-likelihoods of the returned result"),
     "features/collect.py:collect_feature_stats": (12, "the six per-layer statistics, once after the last batch"),
     "features/collect.py:_DensePairSums.result": (4, "the (feature, gene) sums, read once after the last batch"),
-    "features/anndata.py:_reduced_activations": (4, "each batch's rows of the [cell, d_tc] host result, which need not fit "
-                                                    "on the device; the firing counts once at the end"),
+    "features/anndata.py:_reduced_activations": (4, ("each batch's rows of the [cell, d_tc] host result, which need not "
+                                                     "fit on the device; the firing counts once at the end")),
     "features/collect.py:example_activations": (2, "each batch's activations of the asked-for features, the returned windows"),
     "transcoder/train.py:_Trainer.export": (1, "the trained transcoders, returned on the host as saved ones load"),
     "transcoder/harvest.py:model_fingerprint": (1, "a hash: the sums are taken on the host so it is alike on any device"),
     # By design on the host: storage, files and figures.
-    "features/collect.py:_SparsePairSums.add": (4, "the sparse (feature, gene) buffer lives in host memory "
-                                                   "(2.5e8 pairs at the paper's scale)"),
+    "features/collect.py:_SparsePairSums.add": (4, ("the sparse (feature, gene) buffer lives in host memory "
+                                                    "(2.5e8 pairs at the paper's scale)")),
     "transcoder/model.py:Transcoder.save": (1, "a safetensors file"),
     "transcoder/formats.py:_tensors": (1, "an export file (SAELens, circuit-tracer)"),
     "transcoder/train.py:_Trainer.save": (5, "a checkpoint file"),
     "attribution/full_graph.py:Graph.save": (2, "a safetensors file"),
     "attribution/plots.py:_drawn_graph": (2, "a networkx figure"),
     # The attribution graph is a host object (adjacency and node table): build_graph assembles it.
-    "attribution/full_graph.py:build_graph": (8, "the adjacency, constants and node-table columns of the returned Graph, "
-                                                 "block by block so each frees device memory; and the influence estimate "
-                                                 "that picks the next rows in the host loop over Node objects"),
+    "attribution/full_graph.py:build_graph": (8, ("the adjacency, constants and node-table columns of the returned Graph, "
+                                                  "block by block so each frees device memory; and the influence estimate "
+                                                  "that picks the next rows in the host loop over Node objects")),
     "attribution/full_graph.py:_feature_nodes": (3, "the active features' node-table columns, once per graph"),
     "attribution/full_graph.py:Graph.subgraph": (1, "a host Graph's kept rows of its pandas node table"),
     "attribution/full_graph.py:gene_view": (1, "a host Graph's influence column of the returned table"),
@@ -177,8 +177,8 @@ def host_moves(source: str) -> Counter:
         if call.func.attr in ("cpu", "numpy"):
             return not call.args
         if call.func.attr == "to":
-            cpu = lambda v: isinstance(v, ast.Constant) and v.value == "cpu"  # noqa: E731
-            return any(cpu(a) for a in call.args[:1]) or any(k.arg == "device" and cpu(k.value) for k in call.keywords)
+            values = [*call.args[:1], *(k.value for k in call.keywords if k.arg == "device")]
+            return any(isinstance(v, ast.Constant) and v.value == "cpu" for v in values)
         return False
 
     def visit(node: ast.AST, scope: list[str]) -> None:
