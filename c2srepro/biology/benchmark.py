@@ -466,15 +466,15 @@ def readout_scores(
     by_length: dict[int, list[int]] = {}
     for row, ids in enumerate(prompts.input_ids):
         by_length.setdefault(len(ids), []).append(row)
-    scores = torch.zeros(len(prompts), len(readouts), dtype=torch.float64)
+    scores = torch.zeros(len(prompts), len(readouts), dtype=torch.float64, device=device)  # moved once, at the end
     for rows in by_length.values():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             ids = torch.tensor([prompts.input_ids[r] for r in chunk], device=device)
             ids = torch.cat([ids, tail.expand(len(chunk), -1)], dim=1)
             logits = model(input_ids=ids, logits_to_keep=len(answer)).logits
-            scores[chunk] = torch.stack([r(logits).double().cpu() for r in readouts.values()], dim=1)
-    return pd.DataFrame(scores.numpy(), columns=list(readouts))
+            scores[chunk] = torch.stack([r(logits).double() for r in readouts.values()], dim=1)
+    return pd.DataFrame(scores.cpu().numpy(), columns=list(readouts))
 
 
 def answer_scores(

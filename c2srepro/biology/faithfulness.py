@@ -113,7 +113,7 @@ def direct_logit_attribution(rep: LinearisedReplacement, target, genes: Sequence
     if target.kind != "logit":
         raise ValueError(f"direct logit attribution needs a logit target, got {target.id}")
     reading = node_reading(rep, target).vectors[0]
-    values = (rep.weights.embed[rep.input_ids] @ reading).to(torch.float64).numpy()
+    values = (rep.weights.embed[rep.input_ids] @ reading).to(torch.float64).cpu().numpy()  # the result, on the host
     frame = pd.DataFrame({"gene": list(genes), "value": values}).dropna(subset=["gene"])
     order = list(dict.fromkeys(g for g in genes if g is not None))
     return frame.groupby("gene")["value"].sum().reindex(order)

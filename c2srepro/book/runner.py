@@ -11,7 +11,8 @@ profile (``quarto render --profile smoke``; ``default`` otherwise), then Quarto 
    {name: ...}``), then ``--set key=value`` / ``--set chapter.key=value``. Every override is
    checked against the declared parameters before any chapter runs: unknown names, values of
    another type (from the default, or the annotation ``cell: "Union[int, str]" = ...``) and values
-   out of the declared range are errors. A range opens the parameter's comment:
+   out of the declared range are errors, and so is a ``device`` this machine lacks (``device:
+   cuda`` without CUDA: ``check_devices``). A range opens the parameter's comment:
    ``top_k = 64  # in [1, inf); ...`` (an interval, ``[``/``]`` closed, ``(``/``)`` open, ``inf``
    unbounded) or ``positions = "all"  # in {"all", "genes"}; ...`` (the allowed values); None
    passes a range. ``results_dir`` is passed relative to the checkout (chapters run there), so no
@@ -303,6 +304,35 @@ def _same_kind(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
+def check_devices(layers: list[dict[str, Any]], declared: dict[str, dict[str, Any]], *, sources: list[str]) -> None:
+    """Refuse, before any chapter runs, a ``device`` this machine lacks (``device: cuda`` without
+    CUDA), naming the chapters it reaches, where it was set (``sources``: one name per layer, the
+    profile's file and ``--set``) and the fix. None passes: each chapter then picks cuda when
+    available, else cpu (``c2srepro._device``)."""
+    from c2srepro._device import FIX, device_problem
+
+    refused: dict[tuple[str, str], list[str]] = {}  # (where it was set, problem) -> chapters
+    for chapter, params in declared.items():
+        if "device" not in params:
+            continue
+        value, where = params["device"].default, f"the {chapter} notebook's default"
+        for layer, source in zip(layers, sources):
+            for scope in ("all", chapter):
+                values = layer["all"] if scope == "all" else layer["chapters"].get(chapter, {})
+                if "device" in values:
+                    value = values["device"]
+                    if source == "--set":
+                        where = f"--set {'' if scope == 'all' else chapter + '.'}device={value}"
+                    else:
+                        where = f"{source} under {'all:' if scope == 'all' else f'chapters: {chapter}:'}"
+        problem = device_problem(value)
+        if problem is not None:
+            refused.setdefault((f"{where} sets device={str(value)!r}", problem), []).append(chapter)
+    if refused:
+        raise ValueError("; ".join(f"{where} for chapter(s) {', '.join(chapters)}, but {problem}"
+                                   for (where, problem), chapters in refused.items()) + f": {FIX}")
+
+
 def resolve_parameters(declared: Iterable[str], name: str, layers: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge parameter layers for one chapter, keeping only parameters the chapter declares
     (``check_overrides`` has refused unknown names before any chapter runs)."""
@@ -312,6 +342,19 @@ def resolve_parameters(declared: Iterable[str], name: str, layers: list[dict[str
         params.update({k: v for k, v in layer["all"].items() if k in declared})
         params.update({k: v for k, v in layer["chapters"].get(name, {}).items() if k in declared})
     return params
+
+
+def checked_parameters(
+    root: Path, profile: str, overrides: Iterable[str] = ()
+) -> tuple[list[str], list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The chapters, the profile's and ``--set``'s parameter layers and each chapter's declared
+    parameters, every override checked (``check_overrides``, ``check_devices``) before any work."""
+    chapters = chapter_files(root)
+    layers = [load_profile(root, profile), parse_overrides(overrides, chapters)]
+    declared = declared_parameters(root, chapters)
+    check_overrides(layers, declared)
+    check_devices(layers, declared, sources=[f"profile {profile!r} ({PROFILE_DIR / profile}.yml)", "--set"])
+    return chapters, layers, declared
 
 
 def execute_chapters(
@@ -325,10 +368,7 @@ def execute_chapters(
     from c2srepro._cache import sha256_file, short_hash, write_json_atomic
 
     terminal = terminal or Terminal()
-    chapters = chapter_files(root)
-    layers = [load_profile(root, profile), parse_overrides(overrides, chapters)]
-    declared_by_chapter = declared_parameters(root, chapters)
-    check_overrides(layers, declared_by_chapter)
+    chapters, layers, declared_by_chapter = checked_parameters(root, profile, overrides)
     results = root / "results" / profile
     out_root = results / "book"
     notebooks = [c for c in chapters if c.endswith(".ipynb")]
@@ -715,6 +755,7 @@ def render(root: Path, profile: str, *, renderer: str = "auto", overrides: Itera
         if not quarto:
             raise FileNotFoundError("quarto is not on PATH: install Quarto (https://quarto.org/docs/get-started/) "
                                     "or use --renderer jupyter-book")
+        checked_parameters(root, profile, overrides)  # refused here, once, before Quarto starts
         env = {**os.environ, SET_ENV: json.dumps(list(overrides)), CHAPTERS_ENV: json.dumps(only)}
         env.setdefault("QUARTO_PYTHON", sys.executable)
         subprocess.run([quarto, "render", "--profile", profile], cwd=root, env=env, check=True)

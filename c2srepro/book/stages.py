@@ -78,8 +78,10 @@ def stage_fingerprints(model, split: CellSplit) -> dict[str, str]:
     return {"model": model_fingerprint(model), "split": split.fingerprint()}
 
 
-def model_stage(results_dir: str | os.PathLike, *, device: str = "cpu") -> ModelStage:
-    """Chapter 1's model, tokenizer and split, refused when they are no longer what it evaluated."""
+def model_stage(results_dir: str | os.PathLike, *, device: str | None = None) -> ModelStage:
+    """Chapter 1's model, tokenizer and split, refused when they are no longer what it evaluated;
+    the model on ``device`` (a chapter's ``device`` parameter; None: cuda when available, else cpu)
+    in chapter 1's ``dtype``."""
     from c2srepro._cache import CorruptFileError
 
     summary = read_result(results_dir, MODEL_RESULT, made_by="01-model")
@@ -134,8 +136,9 @@ def transcoder_set_fingerprint(directory: str | os.PathLike) -> str:
     return short_hash({name: json.loads(path.read_text()) if path.is_file() else None for name, path in checksums.items()})
 
 
-def transcoders(results_dir: str | os.PathLike, *, device: str = "cpu", model=None, stage: ModelStage | None = None):
-    """Chapter 2's transcoders. With ``model`` (or ``stage``, chapter 1's from ``model_stage``) they
+def transcoders(results_dir: str | os.PathLike, *, device: str | None = None, model=None,
+                stage: ModelStage | None = None):
+    """Chapter 2's transcoders, on ``device`` (None: cuda when available, else cpu). With ``model`` (or ``stage``, chapter 1's from ``model_stage``) they
     must fit it layer for layer and carry its fingerprint: transcoders left by an earlier run on
     another model, or with layers missing or to spare, are refused with the chapter to rerun. With
     ``stage``, ``transcoders.json`` must also record chapter 1's model and split and this set."""

@@ -195,9 +195,9 @@ def _reduced_activations(
     model.eval()
     try:
         for batch in tqdm(batches, desc=f"feature activations, layer {layer}", disable=not progress):
-            block = harvest_batch(model, prompt_set, batch, [layer], dtype=dtype)
-            keep = torch.from_numpy(np.concatenate([counted[i] for i in batch]))
-            z = transcoder.encode(block.mlp_in[0][keep].to(device))  # eq. 1, [row, d_tc]
+            block = harvest_batch(model, prompt_set, batch, [layer], dtype=dtype, device=device)
+            keep = torch.from_numpy(np.concatenate([counted[i] for i in batch])).to(device)
+            z = transcoder.encode(block.mlp_in[0][keep])  # eq. 1, [row, d_tc]
             n_fire += (z > 0).sum(dim=0)
             lengths = torch.tensor([int(counted[i].sum()) for i in batch], device=device)
             values[batch] = _reduce(z, lengths, reduce).float().cpu().numpy()

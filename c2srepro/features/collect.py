@@ -236,7 +236,7 @@ def collect_feature_stats(
         layer: _LayerAccumulator(tc.cfg.d_tc, len(genes), top_k, device, dense_pairs_limit)
         for layer, tc in by_layer.items()
     }
-    gene_occurrences = np.zeros(len(genes), dtype=np.int64)
+    gene_occurrences = torch.zeros(len(genes), dtype=torch.long, device=device)  # moved once, at the end
 
     order = sorted(range(len(prompts.input_ids)), key=lambda i: len(prompts.input_ids[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -249,7 +249,7 @@ def collect_feature_stats(
                 continue
             ids, mask, keep, code, occurrence, occurrence_gene = (t.to(device) for t in rows)
             record = hooked.cache(ids, names.values(), attention_mask=mask)
-            gene_occurrences += np.bincount(occurrence_gene.cpu().numpy(), minlength=len(genes))
+            gene_occurrences += torch.bincount(occurrence_gene, minlength=len(genes))
             for layer, tc in by_layer.items():
                 x = record[names[layer]][keep].to(tc.W_enc.device, tc.W_enc.dtype)  # [row, d_model]
                 with torch.no_grad():
@@ -273,7 +273,7 @@ def collect_feature_stats(
             act_sum=acc.act_sum.cpu().numpy(),
             act_max=acc.act_max.cpu().numpy(),
             genes=genes,
-            gene_occurrences=gene_occurrences,
+            gene_occurrences=gene_occurrences.cpu().numpy(),
             pair_feature=keys // max(len(genes), 1),
             pair_gene=keys % max(len(genes), 1),
             pair_fire_occurrences=np.rint(values[:, 0]).astype(np.int64),

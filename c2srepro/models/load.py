@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from c2srepro._cache import verify_checksums
+from c2srepro._device import resolve_device
 from c2srepro.data.tokenizer import BUNDLED, VOCAB_MAP_FILENAME, CellTokenizer
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def load_c2s_model(
     source: str | os.PathLike,
     *,
     tokenizer: str | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
     dtype: torch.dtype | str | None = None,
     local_files_only: bool | None = None,
 ):
@@ -43,12 +44,15 @@ def load_c2s_model(
     is read from the local Hugging Face cache only (``HF_HUB_OFFLINE=1`` also forces this).
     ``tokenizer`` defaults to the model's own tokenizer files, else the bundled Pythia BPE.
     ``dtype`` (a ``torch.dtype`` or its name, e.g. ``"bfloat16"``) defaults to float32.
+    ``device``: where the model runs; None is cuda when available, else cpu (``c2srepro._device``),
+    and a device this machine lacks is refused before any weight is read.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from c2srepro.models.adapters import ADAPTERS, supported_architectures
 
     dtype = model_dtype(dtype)
+    device = resolve_device(device)
     source = str(source)
     is_dir = Path(source).is_dir()
     if local_files_only is None:

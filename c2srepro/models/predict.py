@@ -110,11 +110,11 @@ def score_labels(
         by_length.setdefault(len(ids), []).append(row)
     per_pass = max(1, batch_size // len(candidates))  # prompts per pass: each continues into every candidate
     chunks = [rows[i : i + per_pass] for rows in by_length.values() for i in range(0, len(rows), per_pass)]
-    scores = np.zeros((len(prompts), len(candidates)))
+    scores = torch.zeros(len(prompts), len(candidates), dtype=torch.float64, device=device)  # moved once, at the end
     for rows in tqdm(chunks, desc="label scores", disable=not progress if progress is not None else len(chunks) < 50):
         prompt = torch.tensor([prompts.input_ids[r] for r in rows], device=device)  # [rows, pos], one length
-        scores[rows] = label_log_likelihoods(model, prompt, answer_ids, answer_mask).to(torch.float64).cpu().numpy()
-    return scores
+        scores[rows] = label_log_likelihoods(model, prompt, answer_ids, answer_mask).to(torch.float64)
+    return scores.cpu().numpy()
 
 
 def predict_labels(model, tokenizer, sentences, candidates, **prompt_options) -> list[str]:

@@ -162,16 +162,20 @@ def harvest_batch(
     layers: Sequence[int],
     *,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> ActivationBlock:
-    """Run the prompts ``indices`` as one padded batch; their MLP rows (steps 2-3)."""
+    """Run the prompts ``indices`` as one padded batch; their MLP rows (steps 2-3), in ``dtype`` on
+    ``device``: the host for a harvest (its shards and shuffle buffer live there), the device of
+    the transcoders that read them at once (``c2srepro.features.anndata``). The row indices
+    (prompt, position, cell, token) stay on the host."""
     hooked = as_hooked(model)
     ids, mask = pad_right([prompts.input_ids[i] for i in indices])
     names = {layer: (hook_name(layer, "hook_mlp_in"), hook_name(layer, "hook_mlp_out")) for layer in layers}
     cache = hooked.cache(ids, [name for pair in names.values() for name in pair], attention_mask=mask)
-    keep = mask.bool().to(hooked.device)  # [batch, pos]; boolean indexing keeps prompt-major order
-    mlp_in = torch.stack([cache[names[layer][0]][keep] for layer in layers]).to("cpu", dtype)  # [L, row, d]
-    mlp_out = torch.stack([cache[names[layer][1]][keep] for layer in layers]).to("cpu", dtype)  # [L, row, d]
-    keep = keep.cpu()
+    keep = mask.bool()  # [batch, pos]; boolean indexing keeps prompt-major order
+    on_model = keep.to(hooked.device)
+    mlp_in = torch.stack([cache[names[layer][0]][on_model] for layer in layers]).to(device, dtype)  # [L, row, d]
+    mlp_out = torch.stack([cache[names[layer][1]][on_model] for layer in layers]).to(device, dtype)  # [L, row, d]
     index = torch.as_tensor(list(indices), dtype=torch.long)
     cells = torch.as_tensor([prompts.cell_index[i] for i in indices], dtype=torch.long)
     position = torch.arange(ids.shape[1]).expand_as(ids)

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from c2srepro._cache import CorruptFileError, atomic_directory, atomic_path, record_checksums, verify_checksums, write_json_atomic
+from c2srepro._device import resolve_device
 from c2srepro.transcoder.config import THRESHOLD_ACTIVATIONS, TrainConfig, TranscoderConfig
 
 WEIGHTS_FILENAME = "transcoder.safetensors"
@@ -150,8 +151,10 @@ class Transcoder(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> "Transcoder":
-        """The transcoder ``save`` wrote in ``directory``: same weights, configs and dtype."""
+    def load(cls, directory: str | os.PathLike, *, device: str | torch.device | None = "cpu") -> "Transcoder":
+        """The transcoder ``save`` wrote in ``directory``: same weights, configs and dtype, on
+        ``device`` (None: cuda when available, else cpu)."""
+        device = resolve_device(device)
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILENAME, directory / WEIGHTS_FILENAME
         for path in (config_path, weights_path):
@@ -206,9 +209,10 @@ def save_transcoders(
 
 
 def load_transcoders(
-    directory: str | os.PathLike, *, layers: Sequence[int] | None = None, device: str | torch.device = "cpu"
+    directory: str | os.PathLike, *, layers: Sequence[int] | None = None, device: str | torch.device | None = "cpu"
 ) -> dict[int, Transcoder]:
-    """{layer: Transcoder} from ``directory/layer_XX`` (all layers found there by default)."""
+    """{layer: Transcoder} from ``directory/layer_XX`` (all layers found there by default), on
+    ``device`` (None: cuda when available, else cpu)."""
     directory = Path(directory)
     found = {int(p.name.split("_")[1]): p for p in directory.glob("layer_*") if (p / CONFIG_FILENAME).is_file()}
     if not found:

@@ -121,6 +121,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from c2srepro._cache import CorruptFileError, atomic_path, record_checksums, remove_temporaries, verify_checksums
+from c2srepro._device import resolve_device
 from c2srepro._checkpoint import CheckpointClock
 from c2srepro._schedule import linear_warmup, warmup_cosine
 from c2srepro.transcoder.config import TOPK_ACTIVATIONS, TrainConfig, TranscoderConfig, check_k
@@ -547,7 +548,7 @@ def train_transcoders(
     if missing or not chosen:
         raise ValueError(f"layers {missing or '[]'} are not among the harvested layers {list(source.layers)}")
     select = torch.as_tensor([source.layers.index(layer) for layer in chosen])
-    device = torch.device(tcfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(tcfg.device, parameter="TrainConfig.device")
     batch_tokens, total = tcfg.tokens_per_batch, tcfg.total_steps
 
     trainer = _Trainer(tcfg, chosen, d_model=source.d_model, device=device, provenance=_provenance(source))
