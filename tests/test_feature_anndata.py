@@ -10,7 +10,7 @@ import torch
 from c2srepro.data.cells import cell_sentences
 from c2srepro.data.prompts import encode_prompts
 from c2srepro.data.tokenizer import CellTokenizer
-from c2srepro.features import feature_activations
+from c2srepro.features import feature_activations, feature_activations_by_layer
 from c2srepro.transcoder import Transcoder, TranscoderConfig
 from tests._tc_models import VOCAB, small_model
 
@@ -152,6 +152,34 @@ def test_neighbors_umap_and_a_feature_umap_plot_run(setup):
     assert result.obsm["X_umap"].shape == (adata.n_obs, 2) and np.isfinite(result.obsm["X_umap"]).all()
     first = result.var_names[result.var["cell_frequency"].to_numpy() > 0][0]
     sc.pl.umap(result, color=[first, "cell_type"], show=False)
+
+
+def test_every_layer_from_one_pass_equals_each_layer_alone(setup):
+    adata, model, tokenizer, transcoder = setup
+    other = Transcoder(TranscoderConfig(d_model=64, d_transcoder=96, layer=0), seed=5).double()
+    with torch.no_grad():
+        other.b_enc.copy_(-0.2 + 0.2 * torch.randn(other.cfg.d_tc, generator=torch.Generator().manual_seed(6)))
+    transcoders = {0: other, LAYER: transcoder}
+    forwards = []
+    hook = model.gpt_neox.layers[0].register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        both = feature_activations_by_layer(adata, model, tokenizer, transcoders, top_k=6, batch_size=5,
+                                            min_occurrences=1, progress=False)
+    finally:
+        hook.remove()
+    batches = -(-adata.n_obs // 5)
+    assert len(forwards) == 2 * batches, "one pass for the activations and one for the top genes, each layer at once"
+    assert sorted(both) == [0, LAYER]
+    for layer, alone in ((layer, feature_activations(adata, model, tokenizer, transcoders, layer=layer, top_k=6,
+                                                     batch_size=5, min_occurrences=1, progress=False))
+                         for layer in transcoders):
+        assert both[layer].shape == (adata.n_obs, transcoders[layer].cfg.d_tc)
+        np.testing.assert_array_equal(both[layer].X, alone.X)
+        pd.testing.assert_frame_equal(both[layer].var, alone.var)
+        assert both[layer].uns["feature_activations"] == alone.uns["feature_activations"]
+    only = feature_activations_by_layer(adata, model, tokenizer, transcoders, layers=[0], top_k=6, n_top_genes=0,
+                                        progress=False)
+    assert list(only) == [0]
 
 
 def test_bad_arguments_are_named(setup):

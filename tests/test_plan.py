@@ -99,7 +99,7 @@ def test_chapter_work_at_the_papers_sizes():
     assert work["01-model"] == {"forward": 2000}
     assert work["02-transcoders"] == {"harvest_token": 60_000_000, "train_token": 60_000_000}
     assert work["03-validation"] == {"replacement": heldout, "forward": 4 * heldout}
-    assert work["04-features"] == {"replacement": 704_296 - heldout}
+    assert work["04-features"] == {"replacement": 704_296}  # the training prompts' statistics, the held-out cells' atlas activations
     assert work["05-enrichment"] == {"enrich_list": 2 * 3 * 24 * 8192}
     # four questions of the traced cell (TARGET_KINDS), then one graph per rate cell
     assert work["06-circuit"] == {"forward": heldout + 40, "replacement": 24, "graph": 24, "graph_batch": 24 * 8}

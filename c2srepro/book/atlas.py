@@ -60,20 +60,18 @@ def heldout_activations(stage, transcoders: Mapping[int, Any], stats: Mapping[in
     """{layer: held-out cells x features AnnData} (module docstring, step 1)."""
     from c2srepro.book.sources import resolve_dataset
     from c2srepro.data.datasets import load_dataset
-    from c2srepro.features import feature_activations
+    from c2srepro.features import feature_activations_by_layer
 
     split = stage.split_parameters
     adata = load_dataset(resolve_dataset(split["dataset"]))
     heldout = stage.split.cells("heldout")
-    out = {}
-    for layer in sorted(transcoders):
-        cells = feature_activations(
-            adata, stage.model, stage.tokenizer, transcoders, layer=layer, positions=positions, reduce="max",
-            top_k=split["top_k"], seed=split["seed"], use_raw=split["use_raw"], symbol_column=split["symbol_column"],
-            cells=[c.cell_index for c in heldout], stats=stats[layer], progress=False,
-        )
+    out = feature_activations_by_layer(
+        adata, stage.model, stage.tokenizer, transcoders, positions=positions, reduce="max",
+        top_k=split["top_k"], seed=split["seed"], use_raw=split["use_raw"], symbol_column=split["symbol_column"],
+        cells=[c.cell_index for c in heldout], stats=stats, progress=False,
+    )
+    for cells in out.values():
         cells.obs[GROUPBY] = pd.Categorical([c.label for c in heldout])
-        out[layer] = cells
     return out
 
 

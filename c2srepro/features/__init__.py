@@ -1,7 +1,7 @@
 """Interpretation of transcoder features: corpus statistics, Table 3, Table 4 and Figure 3, the
 features of cells as an AnnData for scanpy, and the searchable feature atlas."""
 
-from c2srepro.features.anndata import feature_activations, feature_name
+from c2srepro.features.anndata import feature_activations, feature_activations_by_layer, feature_name
 from c2srepro.features.atlas import (
     FeatureAtlas,
     feature_anchor,
@@ -66,6 +66,7 @@ __all__ = [
     "enrich_layer",
     "example_activations",
     "feature_activations",
+    "feature_activations_by_layer",
     "feature_anchor",
     "feature_atlas",
     "feature_card_url",
