@@ -62,6 +62,7 @@ _HOVER = ("%{customdata[0]}<br>%{customdata[1]}<br>layer %{customdata[2]}, posit
           "<br>token %{customdata[4]}<br>gene %{customdata[5]}<br>%{customdata[6]}"
           "<br>top genes: %{customdata[7]}<br>influence %{customdata[8]}%{customdata[9]}<extra></extra>")
 CLICK_COLUMN = 10  # the customdata entry holding a node's URL (module docstring, step 4)
+MENU_ROW = 50  # pixels between the legend and the node menu above it
 
 
 def _plotly():
@@ -211,7 +212,8 @@ def graph_figure(
     n_layers = graph.n_layers
     fig.update_layout(
         title=title, height=height, autosize=True, template="plotly_white", hovermode="closest",
-        margin={"l": 50, "r": 10, "t": 100 if title else 70, "b": 120},
+        # the node menu sits above the legend, which wraps to a second row on a narrow page
+        margin={"l": 50, "r": 10, "t": (100 if title else 70) + (MENU_ROW if ranked else 0), "b": 120},
         legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1.0, "xanchor": "right"},
         xaxis={"tickvals": [columns[p] for p in positions], "ticktext": labels, "tickangle": -90,
                "tickfont": {"size": 9}, "title": "prompt position: token [gene] (positions drawn only)",
@@ -220,7 +222,7 @@ def graph_figure(
                "title": "layer", "range": [-1.7, n_layers + 0.7], "zeroline": False},
         meta={"click_opens": CLICK_COLUMN} if links else None,
         updatemenus=[{"buttons": buttons, "direction": "down", "showactive": True, "x": 0.0, "xanchor": "left",
-                      "y": 1.02, "yanchor": "bottom"}] if ranked else [],
+                      "y": 1.02, "yanchor": "bottom", "pad": {"b": MENU_ROW}}] if ranked else [],
     )
     return fig
 
