@@ -1,8 +1,10 @@
 """When a long training loop checkpoints: shared by the mini-C2S and the transcoders.
 
 1. A run of ``total_steps`` steps checkpoints after every ``every_fraction`` of its steps
-   (rounded, at least 1 step), so that any run, short or long, holds checkpoints within its
-   length; ``every_steps`` adds a fixed step interval.
+   (rounded), so that a long run holds checkpoints along its length; a run whose fraction rounds
+   to no step at all (fewer than about ``1 / every_fraction`` steps) checkpoints only by rules 2
+   and 3, not after every step (at the paper's shapes each checkpoint of the transcoders is
+   gigabytes); ``every_steps`` adds a fixed step interval.
 2. It also checkpoints when ``every_seconds`` of wall time have passed since the last
    checkpoint (or the start), so that a long run never loses more than that.
 3. It checkpoints at the step where a call stops (``stop``), finished or paused.
@@ -36,8 +38,8 @@ class CheckpointClock:
         if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):
             raise ValueError(f"checkpoint_every_steps must be an integer >= 1 or None, got {every_steps!r}")
         intervals = [every_steps] if every_steps else []
-        if every_fraction is not None:
-            intervals.append(max(1, round(every_fraction * total_steps)))
+        if every_fraction is not None and round(every_fraction * total_steps) >= 1:
+            intervals.append(round(every_fraction * total_steps))
         self.intervals = intervals
         self.every_seconds = every_seconds
         self.stop = total_steps if stop is None else stop

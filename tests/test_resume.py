@@ -116,6 +116,10 @@ def test_checkpoint_rules():
     timed = CheckpointClock(40, every_fraction=None, every_seconds=1e-9)
     assert timed.due(1) and timed.due(2)
     assert not CheckpointClock(1000, every_fraction=0.1, every_seconds=3600).due(1)
+    short = CheckpointClock(3, every_fraction=0.1, every_seconds=3600)  # a tenth of 3 steps rounds to none
+    assert [step for step in range(1, 4) if short.due(step)] == [3]
+    every = CheckpointClock(6, every_fraction=0.1, every_seconds=None)  # 0.6 of a step rounds to every step
+    assert [step for step in range(1, 7) if every.due(step)] == [1, 2, 3, 4, 5, 6]
     with pytest.raises(ValueError, match=r"checkpoint_every_fraction must lie in \(0, 1\] or be None, got 0"):
         TrainConfig(checkpoint_every_fraction=0)
     with pytest.raises(ValueError, match="checkpoint_every_seconds must be > 0 or None"):
