@@ -287,3 +287,40 @@ def test_labels_name_genes_type_and_term_for_another_viewer(planted):
     assert any("type " in t for t in labels.values())  # the planted NK and B cell features
     with pytest.raises(ValueError, match="n_genes must be >= 1"):
         atlas.labels(n_genes=0)
+
+
+def test_chapter4_keeps_a_seeded_sample_of_the_heldout_cells(monkeypatch):
+    import types
+
+    import c2srepro.book.sources
+    import c2srepro.data.datasets
+    import c2srepro.features
+    from c2srepro.book.atlas import heldout_activations
+
+    heldout = [types.SimpleNamespace(cell_index=10 + i, label=f"type{i % 3}") for i in range(9)]
+    stage = types.SimpleNamespace(
+        split_parameters={"dataset": "d", "top_k": 4, "seed": 0, "use_raw": False, "symbol_column": None},
+        split=types.SimpleNamespace(cells=lambda which: heldout), model=None, tokenizer=None,
+    )
+    asked = []
+
+    def activations(adata, model, tokenizer, transcoders, *, cells, **options):
+        asked.append(list(cells))
+        return {layer: ad.AnnData(np.zeros((len(cells), 2), dtype=np.float32)) for layer in transcoders}
+
+    monkeypatch.setattr(c2srepro.features, "feature_activations_by_layer", activations)
+    monkeypatch.setattr(c2srepro.book.sources, "resolve_dataset", lambda name: name)
+    monkeypatch.setattr(c2srepro.data.datasets, "load_dataset", lambda name: None)
+    everything = heldout_activations(stage, {0: None, 1: None}, {}, positions="all")
+    assert asked[-1] == list(range(10, 19)) and sorted(everything) == [0, 1]
+    sample = heldout_activations(stage, {0: None}, {}, positions="all", max_cells=4, seed=3)
+    kept = asked[-1]
+    assert len(kept) == 4 and kept == sorted(kept) and set(kept) <= set(range(10, 19))
+    assert list(sample[0].obs["cell_type"]) == [f"type{(c - 10) % 3}" for c in kept]  # labels follow the sample
+    assert heldout_activations(stage, {0: None}, {}, positions="all", max_cells=4, seed=3) and asked[-1] == kept
+    heldout_activations(stage, {0: None}, {}, positions="all", max_cells=4, seed=4)
+    assert asked[-1] != kept, "another seed, another sample"
+    heldout_activations(stage, {0: None}, {}, positions="all", max_cells=50)
+    assert asked[-1] == list(range(10, 19))
+    with pytest.raises(ValueError, match="max_cells must be >= 1 or None, got 0"):
+        heldout_activations(stage, {0: None}, {}, positions="all", max_cells=0)

@@ -82,6 +82,7 @@ def _paper_params(**changes) -> dict:
         "01-model": {"heldout_fraction": 0.1, "max_eval_cells": 2000, "top_k": 64},
         "02-transcoders": {"expansion_factor": 8, "training_tokens": 60_000_000},
         "03-validation": {"max_accuracy_cells": None},
+        "04-features": {"max_atlas_cells": 2000},
         "06-circuit": {"n_rate_cells": 20, "n_random_ablations": 20, "max_feature_nodes": 512},
         "08-faithfulness": {"max_genes": None, "n_cells": 50, "max_umap_cells": None, "max_feature_nodes": 200,
                             "target": "label_vs_candidates", "compare_targets": ["first_token", "label", "feature"],
@@ -99,7 +100,7 @@ def test_chapter_work_at_the_papers_sizes():
     assert work["01-model"] == {"forward": 2000}
     assert work["02-transcoders"] == {"harvest_token": 60_000_000, "train_token": 60_000_000}
     assert work["03-validation"] == {"replacement": heldout, "forward": 4 * heldout}
-    assert work["04-features"] == {"replacement": 704_296}  # the training prompts' statistics, the held-out cells' atlas activations
+    assert work["04-features"] == {"replacement": 704_296 - heldout + 2000}  # training prompts, max_atlas_cells
     assert work["05-enrichment"] == {"enrich_list": 2 * 3 * 24 * 8192}
     # four questions of the traced cell (TARGET_KINDS), then one graph per rate cell
     assert work["06-circuit"] == {"forward": heldout + 40, "replacement": 24, "graph": 24, "graph_batch": 24 * 8}

@@ -1,8 +1,9 @@
 """The feature atlas in the book (appendix A2): what chapter 4 adds for it, how the appendix reads
 the chapters' results, and the page: one searchable table and one card per feature.
 
-1. Chapter 4 writes ``feature_cells/layer_XX.h5ad``: the held-out cells' activation of every
-   feature of every layer (:func:`c2srepro.features.feature_activations`, the maximum over the
+1. Chapter 4 writes ``feature_cells/layer_XX.h5ad``: the held-out cells' (at most its
+   ``max_atlas_cells``, a seeded sample) activation of every feature of every layer, from one pass
+   of the model (:func:`c2srepro.features.feature_activations_by_layer`, the maximum over the
    cell's counted tokens, chapter 4's ``positions``), the cell type in ``obs["cell_type"]``, with
    ``feature_cells/provenance.json`` recording the model, split and transcoders it used.
 2. :func:`book_atlas` builds :func:`c2srepro.features.feature_atlas` from chapter 4's statistics
@@ -31,6 +32,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from c2srepro.book.display import format_p
@@ -56,8 +58,11 @@ CARD_STYLE = ("border: 1px solid #ddd; border-radius: 4px; padding: 0.5em 0.8em;
               "font-size: 0.85em; scroll-margin-top: 4em; content-visibility: auto; contain-intrinsic-size: auto 320px")
 
 
-def heldout_activations(stage, transcoders: Mapping[int, Any], stats: Mapping[int, Any], *, positions: str) -> dict:
-    """{layer: held-out cells x features AnnData} (module docstring, step 1)."""
+def heldout_activations(stage, transcoders: Mapping[int, Any], stats: Mapping[int, Any], *, positions: str,
+                        max_cells: int | None = None, seed: int = 0) -> dict:
+    """{layer: held-out cells x features AnnData} (module docstring, step 1): every held-out cell, or
+    a seeded sample of ``max_cells`` of them (in the split's order), since every layer's dense cells
+    x features matrix is held at once (70,430 x 8,192 x 24 float32 would be 55 GB)."""
     from c2srepro.book.sources import resolve_dataset
     from c2srepro.data.datasets import load_dataset
     from c2srepro.features import feature_activations_by_layer
@@ -65,6 +70,12 @@ def heldout_activations(stage, transcoders: Mapping[int, Any], stats: Mapping[in
     split = stage.split_parameters
     adata = load_dataset(resolve_dataset(split["dataset"]))
     heldout = stage.split.cells("heldout")
+    if max_cells is not None:
+        if max_cells < 1:
+            raise ValueError(f"max_cells must be >= 1 or None, got {max_cells}")
+        if max_cells < len(heldout):
+            keep = np.sort(np.random.default_rng(seed).choice(len(heldout), size=max_cells, replace=False))
+            heldout = [heldout[i] for i in keep]
     out = feature_activations_by_layer(
         adata, stage.model, stage.tokenizer, transcoders, positions=positions, reduce="max",
         top_k=split["top_k"], seed=split["seed"], use_raw=split["use_raw"], symbol_column=split["symbol_column"],

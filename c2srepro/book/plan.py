@@ -219,10 +219,12 @@ def chapter_work(params: Mapping[str, Mapping[str, Any]], shape: ModelShape, cel
     def capped(value) -> int:
         return heldout if value is None else min(int(value), heldout)
 
-    p02, p03, p06, p08 = params["02-transcoders"], params["03-validation"], params["06-circuit"], params["08-faithfulness"]
+    p02, p03, p04 = params["02-transcoders"], params["03-validation"], params["04-features"]
+    p06, p08 = params["06-circuit"], params["08-faithfulness"]
     d_tc = int(p02["expansion_factor"]) * shape.d_model
     tokens = int(p02["training_tokens"])
     accuracy_cells = capped(p03["max_accuracy_cells"])
+    atlas_cells = capped(p04["max_atlas_cells"])
     graphs06 = len(TARGET_KINDS) + int(p06["n_rate_cells"])  # the traced cell asked each question, then the rate cells
     removals = int(p08["max_genes"] or p01["top_k"])
     n08 = int(p08["n_cells"])
@@ -241,8 +243,8 @@ def chapter_work(params: Mapping[str, Mapping[str, Any]], shape: ModelShape, cel
              f"harvest and train on {tokens:,} tokens, {shape.n_layers} layers, d_tc {d_tc:,}"),
         Work("03-validation", {"replacement": heldout, "forward": 2 * heldout + 2 * accuracy_cells},
              f"replacement on {heldout:,} held-out prompts (3 passes), accuracy on {accuracy_cells:,} cells x 2"),
-        Work("04-features", {"replacement": train + heldout},
-             f"feature statistics on {train:,} training prompts, atlas activations of {heldout:,} held-out cells"),
+        Work("04-features", {"replacement": train + atlas_cells},
+             f"feature statistics on {train:,} training prompts, atlas activations of {atlas_cells:,} held-out cells"),
         Work("05-enrichment", {"enrich_list": lists},
              f"{lists:,} gene lists ({shape.n_layers} x {d_tc:,} features, with 2 nulls, 2 backgrounds)"),
         Work("06-circuit", {"forward": heldout + 2 * int(p06["n_random_ablations"]), "replacement": graphs06,
