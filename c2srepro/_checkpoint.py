@@ -38,8 +38,9 @@ class CheckpointClock:
         if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):
             raise ValueError(f"checkpoint_every_steps must be an integer >= 1 or None, got {every_steps!r}")
         intervals = [every_steps] if every_steps else []
-        if every_fraction is not None and round(every_fraction * total_steps) >= 1:
-            intervals.append(round(every_fraction * total_steps))
+        fraction_steps = round(every_fraction * total_steps) if every_fraction is not None else 0
+        if fraction_steps >= 1:
+            intervals.append(fraction_steps)
         self.intervals = intervals
         self.every_seconds = every_seconds
         self.stop = total_steps if stop is None else stop
